@@ -1,0 +1,12 @@
+//! pullproxy: makes container image pulls local on every node. A cgroup/connect eBPF program
+//! redirects the container runtime's registry connections to this proxy, which serves manifests
+//! and blobs from the cluster's hub, a local cache, or the real upstream.
+//!
+//! This crate touches eBPF and raw sockets, so it allows `unsafe` where a syscall needs it; each
+//! use carries a `SAFETY:` comment.
+
+pub mod config;
+pub mod original_dst;
+pub mod redirect;
+pub mod server;
+pub mod telemetry;

@@ -1,0 +1,301 @@
+//! cgroup v2: where it is mounted, what a cgroup's id is, which cgroups hold container runtimes.
+
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+/// Systemd units of the container runtimes pullproxy serves, found anywhere in the top levels of
+/// the cgroup tree (`system.slice/containerd.service`, ...).
+pub const RUNTIME_UNITS: &[&str] = &[
+    "containerd.service",
+    "docker.service",
+    "crio.service",
+    "k3s.service",
+    "k3s-agent.service",
+    "rke2-server.service",
+    "rke2-agent.service",
+];
+
+/// Process names of the runtimes; their cgroups are targets even without systemd. k3s and rke2
+/// run an embedded `containerd`, which this also finds.
+pub const RUNTIME_COMMS: &[&str] = &["containerd", "dockerd", "crio"];
+
+/// How deep below the root the unit scan looks (`system.slice/x.service` is depth 2).
+const UNIT_SCAN_DEPTH: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error(
+        "no cgroup v2 hierarchy is mounted (none in /proc/self/mountinfo); pullproxy needs the unified \
+         hierarchy (boot with systemd.unified_cgroup_hierarchy=1, or mount -t cgroup2 none /sys/fs/cgroup)"
+    )]
+    NoCgroup2,
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cgroup {path} does not exist under {mount}")]
+    Missing { path: String, mount: PathBuf },
+    #[error("{path} is not a cgroup path: it must be absolute and must not contain `..`")]
+    BadPath { path: String },
+}
+
+/// The cgroup v2 mount. Paths handed to it are cgroup paths (`/system.slice/x.service`), as in
+/// `/proc/<pid>/cgroup`, not filesystem paths.
+#[derive(Debug, Clone)]
+pub struct Cgroup2 {
+    mount: PathBuf,
+}
+
+impl Cgroup2 {
+    /// Finds the cgroup v2 mount from `/proc/self/mountinfo` (on hybrid hosts it is
+    /// `/sys/fs/cgroup/unified`, on most nodes `/sys/fs/cgroup`).
+    pub fn discover() -> Result<Self, CgroupError> {
+        let path = Path::new("/proc/self/mountinfo");
+        let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_mountinfo(&text)
+    }
+
+    /// Parses mountinfo text; the first `cgroup2` mount wins.
+    pub fn from_mountinfo(text: &str) -> Result<Self, CgroupError> {
+        text.lines()
+            .find_map(|line| {
+                // `36 35 0:30 / /sys/fs/cgroup rw,... shared:9 - cgroup2 cgroup2 rw`
+                let (left, right) = line.split_once(" - ")?;
+                let fstype = right.split_whitespace().next()?;
+                let mount = left.split_whitespace().nth(4)?;
+                (fstype == "cgroup2").then(|| Self {
+                    mount: PathBuf::from(unescape_mountinfo(mount)),
+                })
+            })
+            .ok_or(CgroupError::NoCgroup2)
+    }
+
+    /// A cgroup v2 tree rooted at `mount` (tests).
+    pub fn at(mount: impl Into<PathBuf>) -> Self {
+        Self {
+            mount: mount.into(),
+        }
+    }
+
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+
+    /// Filesystem path of a cgroup path.
+    pub fn dir(&self, cgroup: &str) -> Result<PathBuf, CgroupError> {
+        let rel = cgroup
+            .strip_prefix('/')
+            .ok_or_else(|| CgroupError::BadPath {
+                path: cgroup.into(),
+            })?;
+        if rel.split('/').any(|c| c == "..") {
+            return Err(CgroupError::BadPath {
+                path: cgroup.into(),
+            });
+        }
+        Ok(self.mount.join(rel))
+    }
+
+    /// The cgroup's id: the inode number of its directory, as `bpf_get_current_cgroup_id()`
+    /// reports it.
+    pub fn id(&self, cgroup: &str) -> Result<u64, CgroupError> {
+        let dir = self.dir(cgroup)?;
+        match fs::metadata(&dir) {
+            Ok(m) => Ok(m.ino()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(CgroupError::Missing {
+                path: cgroup.into(),
+                mount: self.mount.clone(),
+            }),
+            Err(source) => Err(CgroupError::Read { path: dir, source }),
+        }
+    }
+
+    /// Finds the runtimes' cgroups: known systemd units near the top of the tree, and the cgroups
+    /// of processes named like a runtime under `proc_root`. The root cgroup is never returned:
+    /// targeting it would redirect every process on the node.
+    pub fn detect_runtimes(&self, proc_root: &Path) -> BTreeSet<String> {
+        let mut found = BTreeSet::new();
+        self.scan_units(Path::new("/"), 0, &mut found);
+        for pid in pids(proc_root) {
+            let dir = proc_root.join(pid.to_string());
+            let Ok(comm) = fs::read_to_string(dir.join("comm")) else {
+                continue;
+            };
+            if !RUNTIME_COMMS.contains(&comm.trim_end()) {
+                continue;
+            }
+            if let Ok(text) = fs::read_to_string(dir.join("cgroup"))
+                && let Some(path) = unified_path(&text)
+                && path != "/"
+            {
+                found.insert(path.to_owned());
+            }
+        }
+        found
+    }
+
+    fn scan_units(&self, cgroup: &Path, depth: usize, found: &mut BTreeSet<String>) {
+        if depth >= UNIT_SCAN_DEPTH {
+            return;
+        }
+        let Ok(entries) = fs::read_dir(self.mount.join(cgroup.strip_prefix("/").unwrap_or(cgroup)))
+        else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = entry.file_name();
+            let child = cgroup.join(&name);
+            if RUNTIME_UNITS.iter().any(|u| name == *u) {
+                found.insert(child.to_string_lossy().into_owned());
+            } else {
+                self.scan_units(&child, depth + 1, found);
+            }
+        }
+    }
+}
+
+/// The cgroup v2 path in `/proc/<pid>/cgroup` text (`0::/path`).
+pub fn unified_path(proc_cgroup: &str) -> Option<&str> {
+    proc_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::trim_end)
+}
+
+/// This process's cgroup v2 path.
+pub fn own_cgroup() -> Result<String, CgroupError> {
+    let path = Path::new("/proc/self/cgroup");
+    let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.into(),
+        source,
+    })?;
+    unified_path(&text)
+        .map(str::to_owned)
+        .ok_or(CgroupError::NoCgroup2)
+}
+
+fn pids(proc_root: &Path) -> impl Iterator<Item = u32> {
+    fs::read_dir(proc_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(oct) = s.get(i + 1..i + 4)
+            && let Ok(v) = u8::from_str_radix(oct, 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn finds_the_unified_mount_on_a_hybrid_host() {
+        let cg = Cgroup2::from_mountinfo(HYBRID).unwrap();
+        assert_eq!(cg.mount(), Path::new("/sys/fs/cgroup/unified"));
+    }
+
+    #[test]
+    fn optional_fields_and_escapes_are_handled() {
+        let text = "36 35 0:30 / /sys/fs/my\\040cgroup rw,nosuid shared:9 master:2 - cgroup2 cgroup2 rw,nsdelegate\n";
+        let cg = Cgroup2::from_mountinfo(text).unwrap();
+        assert_eq!(cg.mount(), Path::new("/sys/fs/my cgroup"));
+    }
+
+    #[test]
+    fn no_cgroup2_is_a_clear_error() {
+        let err = Cgroup2::from_mountinfo("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("no cgroup v2"), "{err}");
+    }
+
+    #[test]
+    fn cgroup_paths_must_be_absolute_and_stay_inside() {
+        let cg = Cgroup2::at("/sys/fs/cgroup");
+        assert_eq!(
+            cg.dir("/system.slice/containerd.service").unwrap(),
+            Path::new("/sys/fs/cgroup/system.slice/containerd.service")
+        );
+        assert!(cg.dir("system.slice").is_err());
+        assert!(cg.dir("/a/../../etc").is_err());
+    }
+
+    #[test]
+    fn proc_cgroup_v2_line_is_parsed() {
+        let text = "4:memory:/x\n0::/system.slice/containerd.service\n";
+        assert_eq!(unified_path(text), Some("/system.slice/containerd.service"));
+        assert_eq!(unified_path("4:memory:/x\n"), None);
+    }
+
+    #[test]
+    fn detects_units_and_runtime_processes_but_never_the_root() {
+        let tmp = tempdir();
+        let cg = tmp.join("cg");
+        fs::create_dir_all(cg.join("system.slice/containerd.service")).unwrap();
+        fs::create_dir_all(cg.join("system.slice/sshd.service")).unwrap();
+        fs::create_dir_all(cg.join("kubepods.slice/x")).unwrap();
+        let proc_root = tmp.join("proc");
+        for (pid, comm, cgroup) in [
+            (10, "dockerd", "/custom/docker"),
+            (11, "bash", "/user.slice"),
+            (12, "crio", "/"),
+        ] {
+            let d = proc_root.join(pid.to_string());
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("comm"), format!("{comm}\n")).unwrap();
+            fs::write(d.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+        }
+        let found = Cgroup2::at(&cg).detect_runtimes(&proc_root);
+        assert_eq!(
+            found.into_iter().collect::<Vec<_>>(),
+            vec!["/custom/docker", "/system.slice/containerd.service"]
+        );
+        fs::remove_dir_all(tmp).unwrap();
+    }
+
+    fn tempdir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "pullproxy-cgroup-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

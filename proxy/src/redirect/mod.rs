@@ -1,0 +1,611 @@
+//! The kernel redirect: loads the programs embedded in this binary, attaches them at a stable
+//! ancestor cgroup, pins maps and links under the pin directory so a restarted proxy resumes
+//! without re-attaching, and keeps the target cgroup ids current as runtimes restart.
+
+pub mod bpf_sys;
+pub mod cgroup;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io,
+    net::IpAddr,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, Program, SockOps, links::FdLink},
+    util::KernelVersion,
+};
+use ipnet::IpNet;
+use proxy_common::{CgroupRole, Counter, maps, programs};
+use tracing::{debug, info, warn};
+
+use self::cgroup::{Cgroup2, CgroupError};
+use crate::original_dst::KernelOriginalDst;
+
+/// The kernel object built from `proxy-ebpf`.
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pullproxy"));
+
+/// Oldest kernel with everything used here: bounded loops, BPF links for cgroups, sk lookup and
+/// ancestor cgroup ids from sock_addr programs.
+pub const MIN_KERNEL: (u8, u8) = (5, 8);
+
+/// Filesystem magic of bpffs (`BPF_FS_MAGIC`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Which cgroups' connections are redirected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Targets {
+    /// The container runtimes found on this node (systemd units and runtime processes).
+    Auto,
+    /// Exactly these cgroup paths.
+    Paths(Vec<String>),
+}
+
+/// What the redirect needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct RedirectSettings {
+    /// Cgroup path where the programs are attached; every target must be at or below it.
+    pub attach_cgroup: String,
+    /// bpffs directory for the pinned maps and links.
+    pub pin_dir: PathBuf,
+    /// Destination ports that are redirected.
+    pub ports: Vec<u16>,
+    /// The proxy's listening port on 127.0.0.1 and ::1.
+    pub proxy_port: u16,
+    /// Destinations that always go direct.
+    pub exclude: Vec<IpNet>,
+    pub targets: Targets,
+    /// How often target cgroups are re-resolved (a restarted runtime gets a new cgroup id).
+    pub rescan_interval: Duration,
+    /// Kernel-side debug logging through aya-log (costs on every connect).
+    pub kernel_log: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("kernel {found} is too old: pullproxy needs Linux {}.{} or newer", MIN_KERNEL.0, MIN_KERNEL.1)]
+    KernelTooOld { found: String },
+    #[error(
+        "no permission to load BPF programs ({source}): run as root, or grant CAP_BPF, CAP_NET_ADMIN, \
+         CAP_SYS_ADMIN and CAP_PERFMON"
+    )]
+    NoPermission {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("loading the kernel programs failed: {0}")]
+    Load(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(
+        "cannot attach {program} at cgroup {cgroup}: another BPF program is attached there or above \
+         in exclusive (non-multi) mode (EPERM); detach it (bpftool cgroup tree) or set \
+         redirect.attach_cgroup to a cgroup below it"
+    )]
+    Conflict {
+        program: &'static str,
+        cgroup: String,
+    },
+    #[error("attaching {program} at cgroup {cgroup}: {source}")]
+    Attach {
+        program: &'static str,
+        cgroup: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("bpffs at {path}: {source}")]
+    Bpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "pullproxy runs in cgroup {cgroup}, which is a redirect target: its own upstream connections \
+         would loop. Run it in a cgroup of its own (for example `systemd-run --scope`)"
+    )]
+    ProxyInTarget { cgroup: String },
+}
+
+/// The installed redirect: the maps user space writes and reads. Programs and links live on in
+/// bpffs after this is dropped; [`uninstall`] removes them.
+pub struct Redirector {
+    cgroup2: Cgroup2,
+    settings: RedirectSettings,
+    cgroups: HashMap<MapData, u64, u32>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Cgroup path -> id as last applied, to log changes once.
+    applied: BTreeMap<u64, (CgroupRole, String)>,
+    /// Keeps the aya-log reader alive when kernel logging is on.
+    _ebpf: Ebpf,
+}
+
+/// The pinned link of each program, with how to attach it.
+const PROGRAMS: [&str; 5] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+    programs::SOCKOPS,
+];
+
+impl Redirector {
+    /// Loads and attaches the programs (or swaps them into the pinned links of an earlier run),
+    /// and writes the ports and exclusions. Returns the redirector and the original-destination
+    /// source the proxy reads on accept.
+    pub fn install(settings: RedirectSettings) -> Result<(Self, KernelOriginalDst), LoaderError> {
+        check_kernel()?;
+        let cgroup2 = Cgroup2::discover()?;
+        let attach_dir = cgroup2.dir(&settings.attach_cgroup)?;
+        let attach_id = cgroup2.id(&settings.attach_cgroup)?;
+        let attach_fd = fs::File::open(&attach_dir).map_err(|source| CgroupError::Read {
+            path: attach_dir.clone(),
+            source,
+        })?;
+        ensure_bpffs(&settings.pin_dir)?;
+        let map_dir = settings.pin_dir.join("maps");
+        let link_dir = settings.pin_dir.join("links");
+        for dir in [&map_dir, &link_dir] {
+            fs::create_dir_all(dir).map_err(|source| LoaderError::Bpffs {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+
+        let log_level: u8 = if settings.kernel_log { 0xff } else { 0 };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&map_dir)
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .load(KERNEL_OBJECT)
+            .map_err(|e| classify_load_error(Box::new(e)))?;
+        if settings.kernel_log {
+            start_kernel_log(&mut ebpf);
+        }
+
+        for name in PROGRAMS {
+            let program = ebpf.program_mut(name).ok_or_else(|| {
+                LoaderError::Load(format!("program {name} missing from the object").into())
+            })?;
+            load_program(program).map_err(|e| classify_load_error(e.into()))?;
+            let pin = link_dir.join(name);
+            if swap_into_pinned_link(program, &pin, attach_id, name)? {
+                continue;
+            }
+            attach_and_pin(program, &attach_fd, &pin).map_err(|source| {
+                if is_errno(source.as_ref(), libc::EPERM) {
+                    LoaderError::Conflict {
+                        program: name,
+                        cgroup: settings.attach_cgroup.clone(),
+                    }
+                } else {
+                    LoaderError::Attach {
+                        program: name,
+                        cgroup: settings.attach_cgroup.clone(),
+                        source,
+                    }
+                }
+            })?;
+            info!(program = name, cgroup = %settings.attach_cgroup, "attached");
+        }
+
+        let mut ports: HashMap<MapData, u16, u16> = take_map(&mut ebpf, maps::PORTS)?;
+        let desired: BTreeMap<u16, u16> = settings
+            .ports
+            .iter()
+            .map(|p| (*p, settings.proxy_port))
+            .collect();
+        sync_hash(&mut ports, &desired, maps::PORTS)?;
+        let mut v4: LpmTrie<MapData, [u8; 4], u8> = take_map(&mut ebpf, maps::EXCLUDE_V4)?;
+        let mut v6: LpmTrie<MapData, [u8; 16], u8> = take_map(&mut ebpf, maps::EXCLUDE_V6)?;
+        sync_excludes(&mut v4, &mut v6, &settings.exclude)?;
+
+        let by_tuple = take_map(&mut ebpf, maps::BY_TUPLE)?;
+        let mut redirector = Self {
+            cgroups: take_map(&mut ebpf, maps::CGROUPS)?,
+            counters: take_map(&mut ebpf, maps::COUNTERS)?,
+            cgroup2,
+            settings,
+            applied: BTreeMap::new(),
+            _ebpf: ebpf,
+        };
+        redirector.refresh_targets()?;
+        Ok((redirector, KernelOriginalDst::new(by_tuple)))
+    }
+
+    /// Re-resolves target and bypass cgroups and writes the changes to the kernel map.
+    pub fn refresh_targets(&mut self) -> Result<(), LoaderError> {
+        let mut desired: BTreeMap<u64, (CgroupRole, String)> = BTreeMap::new();
+        let paths: BTreeSet<String> = match &self.settings.targets {
+            Targets::Auto => self.cgroup2.detect_runtimes(Path::new("/proc")),
+            Targets::Paths(p) => p.iter().cloned().collect(),
+        };
+        for path in paths {
+            match self.cgroup2.id(&path) {
+                Ok(id) => {
+                    desired.insert(id, (CgroupRole::Target, path));
+                }
+                Err(CgroupError::Missing { .. }) => {
+                    debug!(cgroup = %path, "target cgroup does not exist (yet)")
+                }
+                Err(e) => warn!(cgroup = %path, error = %e, "cannot resolve target cgroup"),
+            }
+        }
+        let own = cgroup::own_cgroup()?;
+        let own_id = self.cgroup2.id(&own)?;
+        if desired.contains_key(&own_id) {
+            return Err(LoaderError::ProxyInTarget { cgroup: own });
+        }
+        desired.insert(own_id, (CgroupRole::Bypass, own));
+
+        if desired == self.applied {
+            return Ok(());
+        }
+        for (id, (role, path)) in &desired {
+            if self.applied.get(id).map(|(r, _)| r) != Some(role) {
+                self.cgroups
+                    .insert(id, &(*role as u32), 0)
+                    .map_err(|source| LoaderError::Map {
+                        map: maps::CGROUPS,
+                        source,
+                    })?;
+                info!(cgroup = %path, id, role = ?role, "cgroup marked");
+            }
+        }
+        // Entries of earlier runs or of cgroups that are gone.
+        let stale: Vec<u64> = self
+            .cgroups
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !desired.contains_key(id))
+            .collect();
+        for id in stale {
+            let _ = self.cgroups.remove(&id);
+            if let Some((_, path)) = self.applied.get(&id) {
+                info!(cgroup = %path, id, "cgroup unmarked");
+            }
+        }
+        if !desired.values().any(|(r, _)| *r == CgroupRole::Target) {
+            warn!("no target cgroup found: nothing is redirected until a container runtime starts");
+        }
+        self.applied = desired;
+        Ok(())
+    }
+
+    /// Re-resolves targets every `rescan_interval`, so a runtime restarted into a new cgroup is
+    /// redirected again without restarting pullproxy.
+    pub async fn watch_targets(this: Arc<Mutex<Self>>) {
+        let interval = this
+            .lock()
+            .expect("redirector lock")
+            .settings
+            .rescan_interval;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mut guard = this.lock().expect("redirector lock");
+            if let Err(e) = guard.refresh_targets() {
+                warn!(error = %e, "refreshing target cgroups failed");
+            }
+        }
+    }
+
+    /// The kernel's counters, summed over CPUs.
+    pub fn counters(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let total = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (*c, total)
+            })
+            .collect()
+    }
+
+    /// Ids of the cgroups currently marked as targets.
+    pub fn target_cgroups(&self) -> Vec<(String, u64)> {
+        self.applied
+            .iter()
+            .filter(|(_, (r, _))| *r == CgroupRole::Target)
+            .map(|(id, (_, p))| (p.clone(), *id))
+            .collect()
+    }
+}
+
+/// Removes every pin under `pin_dir`: the links (which detaches the programs) and the maps.
+/// Returns what was removed.
+pub fn uninstall(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let path = entry?.path();
+            fs::remove_file(&path)?;
+            removed.push(path);
+        }
+        fs::remove_dir(&dir)?;
+    }
+    match fs::remove_dir(pin_dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    Ok(removed)
+}
+
+fn check_kernel() -> Result<(), LoaderError> {
+    // An unreadable version is not a reason to refuse: loading will tell.
+    if let Ok(v) = KernelVersion::current()
+        && v < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0)
+    {
+        return Err(LoaderError::KernelTooOld {
+            found: format!("{v:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// Makes sure `pin_dir` is on bpffs, mounting bpffs at `/sys/fs/bpf` when nothing is there.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoaderError> {
+    let root = Path::new("/sys/fs/bpf");
+    let probe = if pin_dir.starts_with(root) {
+        root
+    } else {
+        pin_dir.parent().unwrap_or(pin_dir)
+    };
+    if fs_magic(probe) == Some(BPF_FS_MAGIC) {
+        return Ok(());
+    }
+    if probe == root {
+        mount_bpffs(root).map_err(|source| LoaderError::Bpffs {
+            path: root.into(),
+            source,
+        })?;
+        info!(path = %root.display(), "mounted bpffs");
+        return Ok(());
+    }
+    Err(LoaderError::Bpffs {
+        path: probe.into(),
+        source: io::Error::other("not a bpffs mount"),
+    })
+}
+
+fn fs_magic(path: &Path) -> Option<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statfs is plain old data; all zeroes is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a writable statfs.
+    let ret = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    (ret == 0).then_some(st.f_type)
+}
+
+fn mount_bpffs(at: &Path) -> io::Result<()> {
+    let target = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())?;
+    // SAFETY: all pointers are valid C strings; data is null.
+    let ret = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn load_program(program: &mut Program) -> Result<(), aya::programs::ProgramError> {
+    match program {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        other => unreachable!("unexpected program type {:?}", other.prog_type()),
+    }
+}
+
+/// If a link from an earlier run is pinned at `pin` and attached to the same cgroup, swaps this
+/// program into it in place and returns true. A link on another cgroup (the attach point changed)
+/// is removed.
+fn swap_into_pinned_link(
+    program: &mut Program,
+    pin: &Path,
+    attach_id: u64,
+    name: &'static str,
+) -> Result<bool, LoaderError> {
+    let link = match bpf_sys::obj_get(pin) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => {
+            return Err(LoaderError::Bpffs {
+                path: pin.into(),
+                source,
+            });
+        }
+    };
+    let info = bpf_sys::cgroup_link_info(link.as_fd()).map_err(|source| LoaderError::Bpffs {
+        path: pin.into(),
+        source,
+    })?;
+    if info.link_type != bpf_sys::LINK_TYPE_CGROUP || info.cgroup_id != attach_id {
+        warn!(
+            program = name,
+            "pinned link is attached elsewhere; re-attaching"
+        );
+        fs::remove_file(pin).map_err(|source| LoaderError::Bpffs {
+            path: pin.into(),
+            source,
+        })?;
+        return Ok(false);
+    }
+    let fd = program.fd().map_err(|e| LoaderError::Load(Box::new(e)))?;
+    bpf_sys::link_update(link.as_fd(), fd).map_err(|source| LoaderError::Attach {
+        program: name,
+        cgroup: format!("id {attach_id}"),
+        source: Box::new(source),
+    })?;
+    info!(
+        program = name,
+        link_id = info.id,
+        "swapped into pinned link"
+    );
+    Ok(true)
+}
+
+fn attach_and_pin(
+    program: &mut Program,
+    cgroup: &fs::File,
+    pin: &Path,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // Links are always multi-attach; `Single` is the mode aya accepts with links (the explicit
+    // multi modes return EINVAL).
+    let link: FdLink = match program {
+        Program::CgroupSockAddr(p) => {
+            let id = CgroupSockAddr::attach(p, cgroup, CgroupAttachMode::Single)?;
+            p.take_link(id)?.try_into()?
+        }
+        Program::SockOps(p) => {
+            let id = SockOps::attach(p, cgroup, CgroupAttachMode::Single)?;
+            p.take_link(id)?.try_into()?
+        }
+        other => unreachable!("unexpected program type {:?}", other.prog_type()),
+    };
+    link.pin(pin)?;
+    Ok(())
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoaderError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoaderError::Map {
+        map: name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(|source| LoaderError::Map { map: name, source })
+}
+
+fn sync_hash(
+    map: &mut HashMap<MapData, u16, u16>,
+    desired: &BTreeMap<u16, u16>,
+    name: &'static str,
+) -> Result<(), LoaderError> {
+    let stale: Vec<u16> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !desired.contains_key(k))
+        .collect();
+    for k in stale {
+        let _ = map.remove(&k);
+    }
+    for (k, v) in desired {
+        map.insert(k, v, 0)
+            .map_err(|source| LoaderError::Map { map: name, source })?;
+    }
+    Ok(())
+}
+
+fn sync_excludes(
+    v4: &mut LpmTrie<MapData, [u8; 4], u8>,
+    v6: &mut LpmTrie<MapData, [u8; 16], u8>,
+    exclude: &[IpNet],
+) -> Result<(), LoaderError> {
+    let old4: Vec<Key<[u8; 4]>> = v4.keys().filter_map(Result::ok).collect();
+    for k in old4 {
+        let _ = v4.remove(&k);
+    }
+    let old6: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
+    for k in old6 {
+        let _ = v6.remove(&k);
+    }
+    for net in exclude {
+        let prefix = u32::from(net.prefix_len());
+        let result = match net.network() {
+            IpAddr::V4(a) => v4.insert(&Key::new(prefix, a.octets()), &1u8, 0),
+            IpAddr::V6(a) => v6.insert(&Key::new(prefix, a.octets()), &1u8, 0),
+        };
+        result.map_err(|source| LoaderError::Map {
+            map: if net.addr().is_ipv4() {
+                maps::EXCLUDE_V4
+            } else {
+                maps::EXCLUDE_V6
+            },
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Forwards aya-log records from the kernel to `tracing` (through the `log` bridge).
+fn start_kernel_log(ebpf: &mut Ebpf) {
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => {
+            // SAFETY: the logger owns its ring buffer fd and keeps it open for as long as the
+            // AsyncFd (which owns the logger) exists.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    logger,
+                    tokio::io::Interest::READABLE,
+                )
+            };
+            match registered {
+                Ok(mut fd) => {
+                    tokio::spawn(async move {
+                        loop {
+                            let Ok(mut guard) = fd.readable_mut().await else {
+                                break;
+                            };
+                            guard.get_inner_mut().flush();
+                            guard.clear_ready();
+                        }
+                    });
+                }
+                Err(e) => warn!(error = %e, "kernel log reader"),
+            }
+        }
+        Err(e) => warn!(error = %e, "kernel logging requested but unavailable"),
+    }
+}
+
+fn classify_load_error(e: Box<dyn std::error::Error + Send + Sync>) -> LoaderError {
+    // Only EPERM: the verifier reports a rejected program with EACCES too.
+    if is_errno(e.as_ref(), libc::EPERM) {
+        LoaderError::NoPermission { source: e }
+    } else {
+        LoaderError::Load(e)
+    }
+}
+
+/// Whether an `io::Error` with this errno is anywhere in the error's source chain.
+fn is_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && io.raw_os_error() == Some(errno)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
