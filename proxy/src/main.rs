@@ -100,6 +100,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         warn!("redirect.enabled is false: no connection is redirected to the proxy");
         Arc::new(MemoryOriginalDst::default())
     };
+    info!("ready");
     tokio::select! {
         () = server::serve(listeners, records) => {
             error!("all listeners stopped");

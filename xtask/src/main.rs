@@ -1,1 +1,148 @@
-fn main() {}
+//! `cargo xtask <command>`: sets up a fresh machine, builds, runs, lints and tests pullproxy.
+#![forbid(unsafe_code)]
+
+mod cmd;
+mod setup;
+
+use std::{os::unix::process::CommandExt as _, process::Command};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+use crate::cmd::{cmd, ebpf_cmd, is_root, root, run, say};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test pullproxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build needs (eBPF nightly, rust-src, bpf-linker); with --test, also the
+    /// Debian packages the tests use.
+    Setup {
+        #[arg(long)]
+        test: bool,
+    },
+    /// Build the pullproxy binary (kernel programs embedded).
+    Build {
+        /// Debug build instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build and run pullproxy as root with the embedded default configuration; arguments after
+    /// `--` go to pullproxy (e.g. `cargo xtask run -- --config my.yaml`).
+    Run {
+        #[arg(long)]
+        debug: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt check and clippy (-D warnings) on every crate, the eBPF crate with its nightly.
+    Lint,
+    /// Install what the tests need, lint, and run every test; privileged tests run as root.
+    /// Arguments after `--` go to `cargo test` (e.g. a test name filter).
+    Test {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup { test } => {
+            setup::build_deps()?;
+            if test {
+                setup::test_deps()?;
+            }
+            Ok(())
+        }
+        Task::Build { debug } => build(debug).map(drop),
+        Task::Run { debug, args } => run_pullproxy(debug, &args),
+        Task::Lint => lint(),
+        Task::Test { args } => test(&args),
+    }
+}
+
+/// Builds `pullproxy` and returns the binary's path.
+fn build(debug: bool) -> anyhow::Result<std::path::PathBuf> {
+    setup::build_deps()?;
+    let mut c = cmd("cargo");
+    c.args(["build", "--package", "proxy", "--bin", "pullproxy"]);
+    if !debug {
+        c.arg("--release");
+    }
+    run(&mut c)?;
+    Ok(root()
+        .join("target")
+        .join(if debug { "debug" } else { "release" })
+        .join("pullproxy"))
+}
+
+fn run_pullproxy(debug: bool, args: &[String]) -> anyhow::Result<()> {
+    let binary = build(debug)?;
+    let mut c = if is_root() {
+        Command::new(&binary)
+    } else {
+        say("pullproxy loads eBPF programs and needs root: re-running it through sudo");
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(&binary);
+        c
+    };
+    c.args(args);
+    // Replace this process so signals (Ctrl-C) go straight to pullproxy.
+    let err = c.exec();
+    Err(err).with_context(|| format!("executing {}", binary.display()))
+}
+
+fn lint() -> anyhow::Result<()> {
+    setup::build_deps()?;
+    run(cmd("cargo").args(["fmt", "--all", "--check"]))?;
+    run(cmd("cargo").args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "proxy-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The kernel crate only builds for the BPF target with its nightly (picked up from
+    // proxy-ebpf/rust-toolchain.toml because cargo runs in that directory).
+    run(ebpf_cmd("cargo").args([
+        "clippy",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--bins",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    if ci && !is_root() {
+        bail!("CI=true but not running as root: the privileged end-to-end tests cannot run");
+    }
+    setup::build_deps()?;
+    setup::test_deps()?;
+    lint()?;
+    // Built here (as the invoking user) so the test harness does not build it under sudo.
+    let pullproxy = build(true)?;
+    let mut c = cmd("cargo");
+    c.args(["test", "--workspace", "--exclude", "proxy-ebpf"]);
+    c.env("PULLPROXY_BIN", &pullproxy);
+    c.args(args);
+    if !is_root() {
+        say("privileged tests need root: test binaries will run through `sudo -E`");
+        c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    run(&mut c)
+}

@@ -146,6 +146,7 @@ impl Redirector {
     /// source the proxy reads on accept.
     pub fn install(settings: RedirectSettings) -> Result<(Self, KernelOriginalDst), LoaderError> {
         check_kernel()?;
+        check_privileges()?;
         let cgroup2 = Cgroup2::discover()?;
         let attach_dir = cgroup2.dir(&settings.attach_cgroup)?;
         let attach_id = cgroup2.id(&settings.attach_cgroup)?;
@@ -303,17 +304,7 @@ impl Redirector {
 
     /// The kernel's counters, summed over CPUs.
     pub fn counters(&self) -> Vec<(Counter, u64)> {
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                let total = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
-                (*c, total)
-            })
-            .collect()
+        sum_counters(&self.counters)
     }
 
     /// Ids of the cgroups currently marked as targets.
@@ -324,6 +315,44 @@ impl Redirector {
             .map(|(id, (_, p))| (p.clone(), *id))
             .collect()
     }
+}
+
+/// The kernel counters of an installed redirect, read from its pins (also while pullproxy is
+/// down).
+pub fn pinned_counters(pin_dir: &Path) -> Result<Vec<(Counter, u64)>, LoaderError> {
+    let map_err = |source| LoaderError::Map {
+        map: maps::COUNTERS,
+        source,
+    };
+    let data = MapData::from_pin(pin_dir.join("maps").join(maps::COUNTERS)).map_err(map_err)?;
+    let map = aya::maps::Map::from_map_data(data).map_err(map_err)?;
+    Ok(sum_counters(&PerCpuArray::try_from(map).map_err(map_err)?))
+}
+
+/// The pinned link of each program, if any: its link id, program id and cgroup.
+pub fn pinned_links(pin_dir: &Path) -> Vec<(&'static str, Option<bpf_sys::CgroupLinkInfo>)> {
+    PROGRAMS
+        .iter()
+        .map(|name| {
+            let info = bpf_sys::obj_get(&pin_dir.join("links").join(name))
+                .and_then(|fd| bpf_sys::cgroup_link_info(fd.as_fd()))
+                .ok();
+            (*name, info)
+        })
+        .collect()
+}
+
+fn sum_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(Counter, u64)> {
+    Counter::ALL
+        .iter()
+        .map(|c| {
+            let total = map
+                .get(&(*c as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0);
+            (*c, total)
+        })
+        .collect()
 }
 
 /// Removes every pin under `pin_dir`: the links (which detaches the programs) and the maps.
@@ -353,14 +382,58 @@ pub fn uninstall(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
 
 fn check_kernel() -> Result<(), LoaderError> {
     // An unreadable version is not a reason to refuse: loading will tell.
-    if let Ok(v) = KernelVersion::current()
-        && v < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0)
-    {
+    match KernelVersion::current() {
+        Ok(v) => check_kernel_version(v),
+        Err(_) => Ok(()),
+    }
+}
+
+fn check_kernel_version(v: KernelVersion) -> Result<(), LoaderError> {
+    if v < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0) {
         return Err(LoaderError::KernelTooOld {
             found: format!("{v:?}"),
         });
     }
     Ok(())
+}
+
+/// Capabilities the loader needs: BPF and perfmon to load, net admin for cgroup socket programs,
+/// sys admin for bpffs and the cgroup attach.
+const NEEDED_CAPS: [(u32, &str); 4] = [
+    (39, "CAP_BPF"),
+    (38, "CAP_PERFMON"),
+    (12, "CAP_NET_ADMIN"),
+    (21, "CAP_SYS_ADMIN"),
+];
+
+/// Fails early, naming the missing capabilities, instead of a bare EPERM from a syscall later.
+fn check_privileges() -> Result<(), LoaderError> {
+    let Ok(status) = fs::read_to_string("/proc/self/status") else {
+        return Ok(());
+    };
+    let missing = missing_caps(&status);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(LoaderError::NoPermission {
+        source: format!("missing {}", missing.join(", ")).into(),
+    })
+}
+
+/// Needed capabilities absent from the `CapEff` line of `/proc/<pid>/status` text.
+fn missing_caps(status: &str) -> Vec<&'static str> {
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(u64::MAX);
+    // CAP_SYS_ADMIN implies CAP_BPF and CAP_PERFMON on kernels that predate them.
+    let sys_admin = eff & (1 << 21) != 0;
+    NEEDED_CAPS
+        .iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0 && !(sys_admin && matches!(bit, 38 | 39)))
+        .map(|(_, name)| *name)
+        .collect()
 }
 
 /// Makes sure `pin_dir` is on bpffs, mounting bpffs at `/sys/fs/bpf` when nothing is there.
@@ -608,4 +681,46 @@ fn is_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
         cur = err.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_kernels_are_refused_by_name() {
+        let err = check_kernel_version(KernelVersion::new(5, 4, 0)).unwrap_err();
+        assert!(err.to_string().contains("too old"), "{err}");
+        assert!(err.to_string().contains("5.8"), "{err}");
+        check_kernel_version(KernelVersion::new(5, 8, 0)).unwrap();
+        check_kernel_version(KernelVersion::new(6, 18, 44)).unwrap();
+    }
+
+    #[test]
+    fn missing_capabilities_are_named() {
+        // root: everything
+        assert!(missing_caps("CapEff:\t000001ffffffffff\n").is_empty());
+        // nobody
+        let missing = missing_caps("Name: x\nCapEff:\t0000000000000000\n");
+        assert_eq!(
+            missing,
+            vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"]
+        );
+        // CAP_BPF + CAP_NET_ADMIN only
+        let missing = missing_caps(&format!("CapEff:\t{:016x}\n", (1u64 << 39) | (1 << 12)));
+        assert_eq!(missing, vec!["CAP_PERFMON", "CAP_SYS_ADMIN"]);
+    }
+
+    #[test]
+    fn errors_are_classified_by_errno_anywhere_in_the_chain() {
+        let e: Box<dyn std::error::Error + Send + Sync> =
+            Box::new(io::Error::from_raw_os_error(libc::EPERM));
+        assert!(matches!(
+            classify_load_error(e),
+            LoaderError::NoPermission { .. }
+        ));
+        let e: Box<dyn std::error::Error + Send + Sync> =
+            Box::new(io::Error::from_raw_os_error(libc::EACCES));
+        assert!(matches!(classify_load_error(e), LoaderError::Load(_)));
+    }
 }

@@ -1,0 +1,26 @@
+//! The end-to-end test harness: network namespaces, cgroups and processes that clean up after
+//! themselves (guards with `Drop`, also when a test panics), and handles on real `pullproxy`
+//! processes. Tests here need root; [`require_root!`] skips them loudly outside CI and fails
+//! them in CI.
+//!
+//! `unsafe` appears only where a child must join a namespace and a cgroup between fork and exec
+//! (`process.rs`) or a thread must enter a network namespace (`netns.rs`).
+
+pub mod cgroup;
+pub mod netns;
+pub mod origin;
+pub mod privileged;
+pub mod probe;
+pub mod process;
+pub mod pullproxy;
+
+/// A short unique suffix for names of namespaces, cgroups and pin directories.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}

@@ -1,0 +1,106 @@
+//! Child processes placed in a test's network namespace and cgroup, killed on drop.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    os::{fd::AsRawFd, unix::ffi::OsStrExt, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use crate::{cgroup::Cgroup, netns::NetNs};
+
+/// A running child, killed (and reaped) when dropped.
+pub struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    /// Spawns `cmd` after moving it into `cgroup` and entering `netns` (between fork and exec,
+    /// so the process is never briefly elsewhere).
+    pub fn spawn(mut cmd: Command, netns: Option<&NetNs>, cgroup: Option<&Cgroup>) -> Self {
+        let ns = netns.map(|n| File::open(n.path()).expect("open netns"));
+        let procs = cgroup.map(|c| {
+            CString::new(c.dir().join("cgroup.procs").as_os_str().as_bytes()).expect("path")
+        });
+        // SAFETY: the closure only makes async-signal-safe syscalls (open, write, close, setns)
+        // on data prepared before the fork; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(procs) = &procs {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // "0" means the writing process itself.
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                    if written != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(ns) = &ns
+                    && libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {:?}: {e}", cmd.get_program()));
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// SIGKILL and reap: a crash, as far as the process is concerned.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 10 seconds.
+    pub fn terminate(&mut self) {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.exited() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A binary built next to the running test binary (`target/<profile>/<name>`).
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary in target/<profile>/deps");
+    dir.join(name)
+}

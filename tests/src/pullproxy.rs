@@ -1,0 +1,154 @@
+//! A real `pullproxy` process under test: started with the embedded default configuration plus
+//! `PULLPROXY_*` environment overrides, JSON logs collected for assertions.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{
+    cgroup::Cgroup,
+    netns::NetNs,
+    process::{Proc, sibling_binary},
+};
+
+/// The binary under test: `$PULLPROXY_BIN` when set (`cargo xtask test` builds it first),
+/// otherwise built here, once per test process, so a plain `cargo test` never runs a stale
+/// pullproxy (cargo does not rebuild another package's binary for these tests).
+pub fn binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("PULLPROXY_BIN") {
+            return PathBuf::from(path);
+        }
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "proxy",
+                "--bin",
+                "pullproxy",
+            ])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("running cargo build for pullproxy");
+        assert!(status.success(), "building pullproxy failed");
+        let path = sibling_binary("pullproxy");
+        assert!(path.exists(), "{} missing after the build", path.display());
+        path
+    })
+    .clone()
+}
+
+/// A running pullproxy.
+pub struct Pullproxy {
+    proc: Proc,
+    logs: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Pullproxy {
+    /// Starts pullproxy in `netns` and `cgroup` with these `PULLPROXY_*` overrides and waits for
+    /// its "ready" line. Panics with the collected logs if it exits or is not ready in 20 s.
+    pub fn start(netns: &NetNs, cgroup: &Cgroup, env: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(binary());
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("PULLPROXY_LOG__FORMAT", "json")
+            .env("PULLPROXY_LOG__LEVEL", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut proc = Proc::spawn(cmd, Some(netns), Some(cgroup));
+        let stderr = proc.child_mut().stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                sink.lock().expect("logs").push(value);
+            }
+        });
+        let mut me = Self { proc, logs };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while me.find("ready").is_none() {
+            if me.proc.exited() || Instant::now() > deadline {
+                // Give the reader a moment to collect the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("pullproxy did not become ready:\n{}", me.dump());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        me
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// The first log record whose message is `message`.
+    pub fn find(&self, message: &str) -> Option<Value> {
+        self.all(message).into_iter().next()
+    }
+
+    /// Every log record whose message is `message`.
+    pub fn all(&self, message: &str) -> Vec<Value> {
+        self.logs
+            .lock()
+            .expect("logs")
+            .iter()
+            .filter(|v| v["message"] == message)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits up to `timeout` for a record with `message` that `pred` accepts.
+    pub fn wait_for(
+        &self,
+        message: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.all(message).into_iter().find(|v| pred(v)) {
+                return Some(v);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything logged so far, one record per line (for panic messages).
+    pub fn dump(&self) -> String {
+        self.logs
+            .lock()
+            .expect("logs")
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// SIGKILL: the proxy crashes.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// SIGTERM: a clean stop.
+    pub fn stop(&mut self) {
+        self.proc.terminate();
+    }
+}

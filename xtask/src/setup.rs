@@ -1,0 +1,183 @@
+//! Installs what a fresh machine lacks: the eBPF nightly (with `rust-src`), `bpf-linker` built
+//! against that nightly's LLVM, and, for the tests, Debian packages. Each step says what it does
+//! and is skipped when already done.
+
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd::{cmd, ebpf_cmd, is_root, output, run, say};
+
+/// bpf-linker release used to link the kernel programs.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages the tests drive, each with a file that proves it is installed.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("docker-registry", "/usr/bin/docker-registry"),
+    ("containerd", "/usr/bin/containerd"),
+    ("runc", "/usr/sbin/runc"),
+    ("skopeo", "/usr/bin/skopeo"),
+    ("podman", "/usr/bin/podman"),
+    ("apache2-utils", "/usr/bin/htpasswd"),
+    ("nginx-light", "/usr/sbin/nginx"),
+    ("prometheus", "/usr/bin/promtool"),
+    ("iproute2", "/usr/sbin/ip"),
+    ("util-linux", "/usr/bin/nsenter"),
+    ("ca-certificates", "/usr/sbin/update-ca-certificates"),
+    ("curl", "/usr/bin/curl"),
+];
+
+/// Toolchains and bpf-linker: everything `cargo build` of the workspace needs.
+pub fn build_deps() -> anyhow::Result<()> {
+    // `rustup toolchain install` without a name installs what rust-toolchain.toml in the current
+    // directory asks for (channel and components); it is a no-op when present.
+    if output(Command::new("rustup").arg("--version")).is_none() {
+        bail!("rustup is required (https://rustup.rs): pullproxy pins its toolchains with it");
+    }
+    let sysroot = nightly_sysroot();
+    if sysroot
+        .as_ref()
+        .is_none_or(|s| !s.join("lib/rustlib/src").exists())
+    {
+        say(
+            "installing the eBPF toolchain pinned in proxy-ebpf/rust-toolchain.toml (nightly + rust-src)",
+        );
+        run(ebpf_cmd("rustup").args(["toolchain", "install"]))?;
+    }
+    let sysroot = nightly_sysroot().context("the eBPF nightly has no sysroot")?;
+    ensure_bpf_linker(&sysroot)
+}
+
+/// Debian packages for the tests and benchmarks.
+pub fn test_deps() -> anyhow::Result<()> {
+    let missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .filter(|(_, file)| !Path::new(file).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if output(Command::new("apt-get").arg("--version")).is_none() {
+        bail!(
+            "the tests need these Debian packages, and apt-get is not available to install them: {}",
+            missing.join(" ")
+        );
+    }
+    say(format!(
+        "installing Debian packages the tests use: {}",
+        missing.join(" ")
+    ));
+    let sudo = |args: &[&str]| {
+        let mut c = if is_root() {
+            Command::new(args[0])
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg(args[0]);
+            c
+        };
+        c.args(&args[1..]).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    run(&mut sudo(&["apt-get", "update", "-q"]))?;
+    let mut install = sudo(&["apt-get", "install", "-y", "-q", "--no-install-recommends"]);
+    install.args(&missing);
+    run(&mut install)
+}
+
+fn nightly_sysroot() -> Option<PathBuf> {
+    output(ebpf_cmd("rustc").args(["--print", "sysroot"])).map(|s| PathBuf::from(s.trim()))
+}
+
+/// The nightly's libLLVM (e.g. `lib/libLLVM.so.23.1-rust-1.100.0-nightly`).
+fn nightly_llvm(sysroot: &Path) -> anyhow::Result<PathBuf> {
+    let lib = sysroot.join("lib");
+    fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        })
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", lib.display()))
+}
+
+/// bpf-linker must load the same LLVM that compiles the eBPF crate; a plain
+/// `cargo install bpf-linker` links whatever LLVM the system has. Build it with `LLVM_PREFIX`
+/// pointing at a directory whose `lib/` holds the nightly's libLLVM.
+fn ensure_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
+    let llvm = nightly_llvm(sysroot)?;
+    let llvm_name = llvm
+        .file_name()
+        .expect("file")
+        .to_string_lossy()
+        .into_owned();
+    if bpf_linker_links(&llvm)? {
+        return Ok(());
+    }
+    let toolchain = sysroot
+        .file_name()
+        .expect("toolchain dir")
+        .to_string_lossy()
+        .into_owned();
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let prefix = Path::new(&home)
+        .join(".cache/pullproxy")
+        .join(format!("llvm-{toolchain}"));
+    let lib = prefix.join("lib");
+    fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
+    for name in ["libLLVM.so", llvm_name.as_str()] {
+        let link = lib.join(name);
+        let _ = fs::remove_file(&link);
+        symlink(&llvm, &link).with_context(|| format!("linking {}", link.display()))?;
+    }
+    say(format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against {llvm_name} (the eBPF nightly's LLVM); takes a minute"
+    ));
+    run(cmd("cargo")
+        .args(["install", "--locked", "--force"])
+        .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+        .env("LLVM_PREFIX", &prefix))?;
+    if !bpf_linker_links(&llvm)? {
+        bail!(
+            "bpf-linker was installed but does not load {}",
+            llvm.display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether the `bpf-linker` on PATH runs and loads exactly `llvm`.
+fn bpf_linker_links(llvm: &Path) -> anyhow::Result<bool> {
+    let Some(path) = output(Command::new("sh").args(["-c", "command -v bpf-linker"])) else {
+        return Ok(false);
+    };
+    let path = path.trim();
+    if output(Command::new(path).arg("--version")).is_none() {
+        say(format!("{path} does not run; rebuilding it"));
+        return Ok(false);
+    }
+    let want = fs::canonicalize(llvm)?;
+    let ldd = output(Command::new("ldd").arg(path)).unwrap_or_default();
+    let loads = ldd.lines().filter(|l| l.contains("libLLVM")).any(|l| {
+        l.split("=>")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|p| fs::canonicalize(p).ok())
+            .is_some_and(|p| p == want)
+    });
+    if !loads {
+        say(format!(
+            "{path} links another LLVM than {}; rebuilding it",
+            want.display()
+        ));
+    }
+    Ok(loads)
+}
