@@ -21,13 +21,13 @@ pub const ENV_PREFIX: &str = "PULLPROXY_";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{origin}: {source}")]
+    #[error("{origin}")]
     Yaml {
         origin: String,
         #[source]
@@ -180,6 +180,19 @@ impl Config {
             );
         }
         self.targets()?;
+        if !r.pin_dir.is_absolute()
+            || r.pin_dir
+                .components()
+                .any(|c| c.as_os_str().to_string_lossy().contains('.'))
+        {
+            return invalid(
+                "redirect.pin_dir",
+                format!(
+                    "{} must be an absolute path without `.` in any name (bpffs refuses such names)",
+                    r.pin_dir.display()
+                ),
+            );
+        }
         if r.rescan_interval < Duration::from_millis(100) {
             return invalid("redirect.rescan_interval", "must be at least 100ms".into());
         }
@@ -276,9 +289,9 @@ mod tests {
     #[test]
     fn unknown_keys_are_named_with_their_line() {
         let text = DEFAULT_YAML.replace("  kernel_log: false", "  kernel_logs: false");
-        let err = Config::from_yaml(&text, "x.yaml", no_env())
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_yaml(&text, "x.yaml", no_env()).unwrap_err();
+        let err = crate::telemetry::error_chain(&err);
+        assert!(err.starts_with("x.yaml: "), "{err}");
         assert!(err.contains("kernel_logs") && err.contains("line"), "{err}");
     }
 
@@ -289,6 +302,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("redirect.targets"), "{err}");
+        let env = vec![(
+            "PULLPROXY_REDIRECT__PIN_DIR".to_owned(),
+            "/sys/fs/bpf/a.b".to_owned(),
+        )];
+        let err = Config::from_yaml(DEFAULT_YAML, "x.yaml", env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("redirect.pin_dir"), "{err}");
         let text = DEFAULT_YAML.replace("  - 127.0.0.1", "  - 10.0.0.1");
         let err = Config::from_yaml(&text, "x.yaml", no_env())
             .unwrap_err()

@@ -16,3 +16,16 @@ pub fn init(log: &Log) {
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
+
+/// An error and its causes on one line (`a: b: c`), for log fields. Error messages never repeat
+/// their source, so this is the full story exactly once.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(cause) = cur {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        cur = cause.source();
+    }
+    out
+}

@@ -46,6 +46,53 @@ pub fn binary() -> PathBuf {
     .clone()
 }
 
+/// Runs `pullproxy run` (optionally behind `wrapper`, e.g. `setpriv ...`) expecting it to exit
+/// with an error; returns its stderr. Panics if it becomes ready instead or hangs.
+pub fn run_expecting_failure(
+    netns: &NetNs,
+    cgroup: &Cgroup,
+    env: &[(&str, String)],
+    wrapper: &[&str],
+) -> String {
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(binary());
+            c
+        }
+        None => Command::new(binary()),
+    };
+    cmd.arg("run")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut proc = Proc::spawn(cmd, Some(netns), Some(cgroup));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !proc.exited() {
+        assert!(Instant::now() < deadline, "pullproxy did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = proc.child_mut().wait().expect("wait");
+    let mut stderr = String::new();
+    use std::io::Read;
+    proc.child_mut()
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    assert!(
+        !status.success(),
+        "pullproxy was expected to fail:\n{stderr}"
+    );
+    stderr
+}
+
 /// A running pullproxy.
 pub struct Pullproxy {
     proc: Proc,

@@ -315,3 +315,69 @@ fn recreated_target_cgroup_is_redirected_again_within_five_seconds() {
     );
     assert!(!w.origins.is_empty());
 }
+
+#[test]
+fn an_exclusive_program_on_an_ancestor_is_a_clear_error() {
+    require_root!();
+    let w = World::new();
+    // Borrow a loaded connect4 program from a first pullproxy...
+    let first = w.start_proxy(&[]);
+    let prog_id = redirect::pinned_links(&w.pins.0)
+        .into_iter()
+        .find(|(n, _)| *n == "pp_connect4")
+        .and_then(|(_, l)| l)
+        .expect("pinned connect4 link")
+        .prog_id;
+    // ...and attach it in exclusive (non-multi) mode where the second one wants to go.
+    let blocker = w.root.child("blocker");
+    let status = std::process::Command::new("bpftool")
+        .args(["cgroup", "attach"])
+        .arg(blocker.dir())
+        .args(["cgroup_inet4_connect", "id", &prog_id.to_string()])
+        .status()
+        .expect("bpftool");
+    assert!(status.success(), "bpftool cgroup attach failed");
+    let below = blocker.child("below");
+    let pins = Pins(PathBuf::from(format!("{}-second", w.pins.0.display())));
+    let mut env = w.env();
+    env.push(("PULLPROXY_REDIRECT__ATTACH_CGROUP", below.path().to_owned()));
+    env.push(("PULLPROXY_REDIRECT__PIN_DIR", pins.0.display().to_string()));
+    env.push(("PULLPROXY_LISTEN__PORT", "15444".to_owned()));
+    let stderr = harness::pullproxy::run_expecting_failure(&w.ns, &w.proxy_cg, &env, &[]);
+    assert!(
+        stderr.contains("exclusive (non-multi) mode (EPERM)") && stderr.contains(below.path()),
+        "{stderr}"
+    );
+    let _ = std::process::Command::new("bpftool")
+        .args(["cgroup", "detach"])
+        .arg(blocker.dir())
+        .args(["cgroup_inet4_connect", "id", &prog_id.to_string()])
+        .status();
+    drop(first);
+}
+
+#[test]
+fn missing_privileges_are_named() {
+    require_root!();
+    let w = World::new();
+    let stderr = harness::pullproxy::run_expecting_failure(
+        &w.ns,
+        &w.proxy_cg,
+        &w.env(),
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ],
+    );
+    assert!(
+        stderr.contains("no permission to load BPF programs") && stderr.contains("CAP_BPF"),
+        "{stderr}"
+    );
+    assert!(
+        !w.pins.0.exists(),
+        "nothing may be pinned by a refused start"
+    );
+}

@@ -33,7 +33,7 @@ pub enum CgroupError {
          hierarchy (boot with systemd.unified_cgroup_hierarchy=1, or mount -t cgroup2 none /sys/fs/cgroup)"
     )]
     NoCgroup2,
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: PathBuf,
         #[source]

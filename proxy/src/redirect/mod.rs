@@ -26,7 +26,7 @@ use proxy_common::{CgroupRole, Counter, maps, programs};
 use tracing::{debug, info, warn};
 
 use self::cgroup::{Cgroup2, CgroupError};
-use crate::original_dst::KernelOriginalDst;
+use crate::{original_dst::KernelOriginalDst, telemetry::error_chain};
 
 /// The kernel object built from `proxy-ebpf`.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pullproxy"));
@@ -74,14 +74,11 @@ pub enum LoaderError {
     #[error("kernel {found} is too old: pullproxy needs Linux {}.{} or newer", MIN_KERNEL.0, MIN_KERNEL.1)]
     KernelTooOld { found: String },
     #[error(
-        "no permission to load BPF programs ({source}): run as root, or grant CAP_BPF, CAP_NET_ADMIN, \
+        "no permission to load BPF programs ({detail}): run as root, or grant CAP_BPF, CAP_NET_ADMIN, \
          CAP_SYS_ADMIN and CAP_PERFMON"
     )]
-    NoPermission {
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("loading the kernel programs failed: {0}")]
+    NoPermission { detail: String },
+    #[error("loading the kernel programs failed")]
     Load(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(
         "cannot attach {program} at cgroup {cgroup}: another BPF program is attached there or above \
@@ -92,20 +89,20 @@ pub enum LoaderError {
         program: &'static str,
         cgroup: String,
     },
-    #[error("attaching {program} at cgroup {cgroup}: {source}")]
+    #[error("attaching {program} at cgroup {cgroup}")]
     Attach {
         program: &'static str,
         cgroup: String,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("bpffs at {path}: {source}")]
+    #[error("bpffs at {path}")]
     Bpffs {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("map {map}: {source}")]
+    #[error("map {map}")]
     Map {
         map: &'static str,
         #[source]
@@ -239,7 +236,9 @@ impl Redirector {
                 Err(CgroupError::Missing { .. }) => {
                     debug!(cgroup = %path, "target cgroup does not exist (yet)")
                 }
-                Err(e) => warn!(cgroup = %path, error = %e, "cannot resolve target cgroup"),
+                Err(e) => {
+                    warn!(cgroup = %path, error = error_chain(&e), "cannot resolve target cgroup")
+                }
             }
         }
         let own = cgroup::own_cgroup()?;
@@ -297,7 +296,7 @@ impl Redirector {
             tick.tick().await;
             let mut guard = this.lock().expect("redirector lock");
             if let Err(e) = guard.refresh_targets() {
-                warn!(error = %e, "refreshing target cgroups failed");
+                warn!(error = error_chain(&e), "refreshing target cgroups failed");
             }
         }
     }
@@ -416,7 +415,7 @@ fn check_privileges() -> Result<(), LoaderError> {
         return Ok(());
     }
     Err(LoaderError::NoPermission {
-        source: format!("missing {}", missing.join(", ")).into(),
+        detail: format!("missing {}", missing.join(", ")),
     })
 }
 
@@ -663,7 +662,9 @@ fn start_kernel_log(ebpf: &mut Ebpf) {
 fn classify_load_error(e: Box<dyn std::error::Error + Send + Sync>) -> LoaderError {
     // Only EPERM: the verifier reports a rejected program with EACCES too.
     if is_errno(e.as_ref(), libc::EPERM) {
-        LoaderError::NoPermission { source: e }
+        LoaderError::NoPermission {
+            detail: crate::telemetry::error_chain(e.as_ref()),
+        }
     } else {
         LoaderError::Load(e)
     }
