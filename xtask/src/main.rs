@@ -42,6 +42,12 @@ enum Task {
     },
     /// rustfmt check and clippy (-D warnings) on every crate, the eBPF crate with its nightly.
     Lint,
+    /// Run the benchmarks (as root) and write their reports under `results/`.
+    Bench {
+        /// Rounds per measurement (min/median/max are reported over rounds).
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
+    },
     /// Install what the tests need, lint, and run every test; privileged tests run as root.
     /// Arguments after `--` go to `cargo test` (e.g. a test name filter).
     Test {
@@ -63,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         Task::Run { debug, args } => run_pullproxy(debug, &args),
         Task::Lint => lint(),
         Task::Test { args } => test(&args),
+        Task::Bench { rounds } => bench(rounds),
     }
 }
 
@@ -95,6 +102,42 @@ fn run_pullproxy(debug: bool, args: &[String]) -> anyhow::Result<()> {
     // Replace this process so signals (Ctrl-C) go straight to pullproxy.
     let err = c.exec();
     Err(err).with_context(|| format!("executing {}", binary.display()))
+}
+
+fn bench(rounds: usize) -> anyhow::Result<()> {
+    setup::build_deps()?;
+    run(cmd("cargo").args([
+        "build",
+        "--release",
+        "--package",
+        "pullproxy-tests",
+        "--bin",
+        "pp-hookbench",
+    ]))?;
+    let results = root().join("results");
+    std::fs::create_dir_all(&results)?;
+    let bin = root().join("target/release/pp-hookbench");
+    let mut c = if is_root() {
+        Command::new(&bin)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(&bin);
+        c
+    };
+    c.args(["--rounds", &rounds.to_string()]);
+    say(format!("running {} (kernel hook cost)", bin.display()));
+    let out = c.output().context("running pp-hookbench")?;
+    if !out.status.success() {
+        bail!(
+            "pp-hookbench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let path = results.join("hook.json");
+    std::fs::write(&path, &out.stdout)?;
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    say(format!("wrote {}", path.display()));
+    Ok(())
 }
 
 fn lint() -> anyhow::Result<()> {

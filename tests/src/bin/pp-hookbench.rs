@@ -1,0 +1,254 @@
+//! Benchmark of the kernel hook's cost, run by `cargo xtask bench` (as root):
+//!
+//! - connect()+accept() rate of connections the hook does not redirect, with and without the
+//!   programs attached (rounds alternate, so both see the same machine state);
+//! - connect() latency of a redirected connection vs a direct connect to the same listener with
+//!   no programs attached.
+//!
+//! Everything happens inside a network namespace and cgroups of its own; the redirect is
+//! installed with pullproxy's own loader. Prints JSON (ratios with min/median/max over rounds).
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use harness::{cgroup::Cgroup, netns::NetNs};
+use pullproxy::{
+    original_dst::{ClientAddr, ListenAddr, OriginalDstSource},
+    redirect::{self, RedirectSettings, Redirector, Targets},
+};
+use serde_json::json;
+
+const PROXY_PORT: u16 = 15443;
+const REGISTRY: &str = "10.203.0.1:443";
+const OTHER_PORT: &str = "10.203.0.1:8080";
+
+struct Args {
+    rounds: usize,
+    connections: usize,
+}
+
+fn main() {
+    assert!(
+        harness::privileged::is_root(),
+        "pp-hookbench needs root (BPF, namespaces, cgroups)"
+    );
+    let mut args = Args {
+        rounds: 7,
+        connections: 20_000,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    for pair in argv.chunks(2) {
+        let value = pair
+            .get(1)
+            .and_then(|v| v.parse().ok())
+            .expect("numeric value");
+        match pair[0].as_str() {
+            "--rounds" => args.rounds = value,
+            "--connections" => args.connections = value,
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let ns = NetNs::new("pp-hookbench");
+    ns.add_addr("10.203.0.1/32");
+    let report = ns.run_in(|| bench(&args));
+    println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+}
+
+/// Moves the process back to the cgroup it started in when dropped: declared after the bench's
+/// cgroups, it drops before their guards, which kill whatever is still inside.
+struct ReturnHome(PathBuf);
+
+impl Drop for ReturnHome {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("cgroup.procs"), std::process::id().to_string());
+    }
+}
+
+fn bench(args: &Args) -> serde_json::Value {
+    let home = pullproxy::redirect::cgroup::own_cgroup().expect("own cgroup");
+    let home = pullproxy::redirect::cgroup::Cgroup2::discover()
+        .expect("cgroup2")
+        .dir(&home)
+        .expect("cgroup path");
+    let root = Cgroup::new_root("pp-hookbench");
+    let setup = root.child("setup");
+    let other = root.child("other");
+    let client = root.child("client");
+    let _home = ReturnHome(home);
+    move_self(&setup);
+    let pins = PathBuf::from("/sys/fs/bpf").join(root.path().trim_start_matches('/'));
+    let settings = RedirectSettings {
+        attach_cgroup: root.path().to_owned(),
+        pin_dir: pins.clone(),
+        ports: vec![443, 80],
+        proxy_port: PROXY_PORT,
+        exclude: Vec::new(),
+        targets: Targets::Paths(vec![client.path().to_owned()]),
+        rescan_interval: Duration::from_secs(3600),
+        kernel_log: false,
+    };
+
+    for addr in [REGISTRY, OTHER_PORT] {
+        sink(TcpListener::bind(addr).expect("bind"), None);
+    }
+    let proxy_listener = TcpListener::bind(("127.0.0.1", PROXY_PORT)).expect("bind proxy port");
+    let records: Arc<std::sync::Mutex<Option<Arc<dyn OriginalDstSource>>>> = Default::default();
+    sink(proxy_listener, Some(records.clone()));
+
+    let attach = |on: bool| {
+        if on {
+            let (redirector, source) = Redirector::install(settings.clone()).expect("install");
+            *records.lock().expect("records") = Some(Arc::new(source));
+            Some(redirector)
+        } else {
+            *records.lock().expect("records") = None;
+            redirect::uninstall(&pins).expect("uninstall");
+            None
+        }
+    };
+
+    let mut rate_other_port = Vec::new();
+    let mut rate_registry_port = Vec::new();
+    let mut redirected = Vec::new();
+    let mut direct = Vec::new();
+    for round in 0..args.rounds {
+        eprintln!("round {}/{}", round + 1, args.rounds);
+        // Alternate the order so neither mode always runs first.
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        let mut rates = [[0.0; 2]; 2];
+        for on in order {
+            let _redirector = attach(on);
+            move_self(&other);
+            rates[0][usize::from(on)] = rate(OTHER_PORT, args.connections);
+            rates[1][usize::from(on)] = rate(REGISTRY, args.connections);
+            move_self(&client);
+            if on {
+                redirected.extend(latencies(REGISTRY, args.connections));
+            } else {
+                direct.extend(latencies(
+                    &format!("127.0.0.1:{PROXY_PORT}"),
+                    args.connections,
+                ));
+            }
+            move_self(&setup);
+            drop(_redirector);
+            let _ = redirect::uninstall(&pins);
+        }
+        rate_other_port.push(rates[0]);
+        rate_registry_port.push(rates[1]);
+    }
+    let _ = redirect::uninstall(&pins);
+
+    let ratio = |v: &[[f64; 2]]| spread(v.iter().map(|r| r[1] / r[0]).collect());
+    let base = |v: &[[f64; 2]]| spread(v.iter().map(|r| r[0]).collect());
+    let redirected_med = percentile(&mut redirected, 0.5);
+    let direct_med = percentile(&mut direct, 0.5);
+    json!({
+        "connections_per_round": args.connections,
+        "rounds": args.rounds,
+        "non_matching_port": {
+            "what": "connect()+accept() rate to 10.203.0.1:8080 from a non-target cgroup, programs attached vs none",
+            "baseline_rate_per_s": base(&rate_other_port),
+            "ratio_with_programs": ratio(&rate_other_port),
+        },
+        "registry_port_not_target": {
+            "what": "connect()+accept() rate to 10.203.0.1:443 from a non-target cgroup (walks the cgroup ancestry), attached vs none",
+            "baseline_rate_per_s": base(&rate_registry_port),
+            "ratio_with_programs": ratio(&rate_registry_port),
+        },
+        "redirected_connect": {
+            "what": "connect() latency to 10.203.0.1:443 redirected to 127.0.0.1:15443, vs a direct connect to 127.0.0.1:15443 with no programs",
+            "direct_us": { "p50": direct_med, "p99": percentile(&mut direct, 0.99) },
+            "redirected_us": { "p50": redirected_med, "p99": percentile(&mut redirected, 0.99) },
+            "added_us_p50": redirected_med - direct_med,
+        },
+    })
+}
+
+/// Moves this whole process into `cgroup`.
+fn move_self(cgroup: &Cgroup) {
+    std::fs::write(
+        cgroup.dir().join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .expect("move into cgroup");
+}
+
+/// Accepts and drops connections; for the proxy port, also takes the kernel record as pullproxy
+/// does on accept, so the tuple map stays as small as in production.
+fn sink(
+    listener: TcpListener,
+    records: Option<Arc<std::sync::Mutex<Option<Arc<dyn OriginalDstSource>>>>>,
+) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            if let Some(records) = &records
+                && let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr())
+                && let Some(source) = records.lock().expect("records").clone()
+            {
+                let _ = source.take(ClientAddr(peer), ListenAddr(local));
+            }
+        }
+    });
+}
+
+/// Connects `n` times (closing with RST so no TIME_WAIT piles up); connections per second.
+fn rate(dst: &str, n: usize) -> f64 {
+    let dst: SocketAddr = dst.parse().expect("addr");
+    let started = Instant::now();
+    for _ in 0..n {
+        close_with_reset(TcpStream::connect(dst).expect("connect"));
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The duration of each of `n` connect() calls, in microseconds.
+fn latencies(dst: &str, n: usize) -> Vec<f64> {
+    let dst: SocketAddr = dst.parse().expect("addr");
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let s = TcpStream::connect(dst).expect("connect");
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            close_with_reset(s);
+            us
+        })
+        .collect()
+}
+
+fn close_with_reset(s: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a live socket with a correctly sized linger struct.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(s);
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn spread(mut v: Vec<f64>) -> serde_json::Value {
+    let median = percentile(&mut v, 0.5);
+    json!({ "min": v[0], "median": median, "max": v[v.len() - 1] })
+}
