@@ -24,6 +24,9 @@ use pullproxy::{
 use serde_json::json;
 
 const PROXY_PORT: u16 = 15443;
+
+/// The kernel record source while the programs are installed, shared with the accept thread.
+type SharedRecords = Arc<std::sync::Mutex<Option<Arc<dyn OriginalDstSource>>>>;
 const REGISTRY: &str = "10.203.0.1:443";
 const OTHER_PORT: &str = "10.203.0.1:8080";
 
@@ -97,7 +100,7 @@ fn bench(args: &Args) -> serde_json::Value {
         sink(TcpListener::bind(addr).expect("bind"), None);
     }
     let proxy_listener = TcpListener::bind(("127.0.0.1", PROXY_PORT)).expect("bind proxy port");
-    let records: Arc<std::sync::Mutex<Option<Arc<dyn OriginalDstSource>>>> = Default::default();
+    let records: SharedRecords = Default::default();
     sink(proxy_listener, Some(records.clone()));
 
     let attach = |on: bool| {
@@ -185,10 +188,7 @@ fn move_self(cgroup: &Cgroup) {
 
 /// Accepts and drops connections; for the proxy port, also takes the kernel record as pullproxy
 /// does on accept, so the tuple map stays as small as in production.
-fn sink(
-    listener: TcpListener,
-    records: Option<Arc<std::sync::Mutex<Option<Arc<dyn OriginalDstSource>>>>>,
-) {
+fn sink(listener: TcpListener, records: Option<SharedRecords>) {
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             if let Some(records) = &records
