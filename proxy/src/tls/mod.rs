@@ -2,16 +2,22 @@
 //! leaf certificates, verified TLS towards the real upstream, and the `pullproxy ca` commands that
 //! put the node CA into the system trust store.
 
+pub mod ca;
 pub mod client_hello;
 pub mod hosts;
+pub mod mint;
+pub mod upstream;
 
 use std::{path::PathBuf, sync::Arc};
 
 use rustls::crypto::CryptoProvider;
 
 pub use self::{
+    ca::{CaNotice, CaOrigin, NodeCa},
     client_hello::{ClientHelloPeek, PEEK_LIMIT, parse_client_hello, peek_client_hello},
     hosts::{DEFAULT_REGISTRY_HOSTS, HostPattern, InterceptSet},
+    mint::{LeafMinter, server_config},
+    upstream::{UpstreamRoots, upstream_client_config},
 };
 
 /// File name of the generated node CA certificate inside the state directory.
@@ -143,13 +149,18 @@ pub enum TlsError {
          file is configured"
     )]
     NoUpstreamRoots,
-    #[error(
-        "no system trust store under {root}: looked for {looked_for}; install ca-certificates or \
-         point --root at the host's root directory"
-    )]
-    NoTrustStore { root: PathBuf, looked_for: String },
-    #[error("reading {path}: {reason}")]
-    Proc { path: PathBuf, reason: String },
-    #[error("node CA trust is incomplete: {problems} problem(s) listed above")]
-    TrustIncomplete { problems: usize },
+}
+
+impl TlsError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io {
+            action,
+            path,
+            source,
+        }
+    }
 }
