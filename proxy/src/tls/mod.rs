@@ -3,9 +3,12 @@
 //! put the node CA into the system trust store.
 
 pub mod ca;
+pub mod cli;
 pub mod client_hello;
 pub mod hosts;
 pub mod mint;
+pub mod runtimes;
+pub mod trust_store;
 pub mod upstream;
 
 use std::{path::PathBuf, sync::Arc};
@@ -14,9 +17,12 @@ use rustls::crypto::CryptoProvider;
 
 pub use self::{
     ca::{CaNotice, CaOrigin, NodeCa},
+    cli::CaCommand,
     client_hello::{ClientHelloPeek, PEEK_LIMIT, parse_client_hello, peek_client_hello},
     hosts::{DEFAULT_REGISTRY_HOSTS, HostPattern, InterceptSet},
     mint::{LeafMinter, server_config},
+    runtimes::{ProcFs, TrustReport},
+    trust_store::TrustStore,
     upstream::{UpstreamRoots, upstream_client_config},
 };
 
@@ -149,6 +155,15 @@ pub enum TlsError {
          file is configured"
     )]
     NoUpstreamRoots,
+    #[error(
+        "no system trust store under {root}: looked for {looked_for}; install ca-certificates or \
+         point --root at the host's root directory"
+    )]
+    NoTrustStore { root: PathBuf, looked_for: String },
+    #[error("reading {path}: {reason}")]
+    Proc { path: PathBuf, reason: String },
+    #[error("node CA trust is incomplete: {problems} problem(s) listed above")]
+    TrustIncomplete { problems: usize },
 }
 
 impl TlsError {
