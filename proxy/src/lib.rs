@@ -10,3 +10,4 @@ pub mod original_dst;
 pub mod redirect;
 pub mod server;
 pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,181 @@
+//! TLS for registry connections: which server names are terminated, the node CA that mints their
+//! leaf certificates, verified TLS towards the real upstream, and the `pullproxy ca` commands that
+//! put the node CA into the system trust store.
+
+pub mod ca;
+pub mod cli;
+pub mod client_hello;
+pub mod hosts;
+pub mod mint;
+pub mod runtimes;
+pub mod trust_store;
+pub mod upstream;
+
+use std::{path::PathBuf, sync::Arc};
+
+use rustls::crypto::CryptoProvider;
+
+pub use self::{
+    ca::{CaNotice, CaOrigin, NodeCa},
+    cli::CaCommand,
+    client_hello::{ClientHelloPeek, PEEK_LIMIT, parse_client_hello, peek_client_hello},
+    hosts::{DEFAULT_REGISTRY_HOSTS, HostPattern, InterceptSet},
+    mint::{LeafMinter, server_config},
+    runtimes::{ProcFs, TrustReport},
+    trust_store::TrustStore,
+    upstream::{UpstreamRoots, upstream_client_config},
+};
+
+/// File name of the generated node CA certificate inside the state directory.
+pub const CA_CERT_FILE: &str = "node-ca.crt";
+/// File name of the generated node CA key inside the state directory.
+pub const CA_KEY_FILE: &str = "node-ca.key";
+
+/// What the TLS layer needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// Directory for pullproxy's own TLS state; the generated node CA lives here.
+    pub state_dir: PathBuf,
+    /// The node CA certificate (PEM). `None`: [`CA_CERT_FILE`] in `state_dir`.
+    pub ca_cert: Option<PathBuf>,
+    /// The node CA private key (PEM, PKCS#8). `None`: [`CA_KEY_FILE`] in `state_dir`.
+    pub ca_key: Option<PathBuf>,
+    /// The CA was supplied by the operator (files, a mounted Secret): pullproxy never rewrites
+    /// it, and minting for a host its name constraints do not cover is an error. Otherwise
+    /// pullproxy generates the CA and regenerates it when the intercepted hosts outgrow it.
+    pub ca_supplied: bool,
+    /// Hosts to intercept in addition to [`DEFAULT_REGISTRY_HOSTS`]: exact names, `*.suffix`, or
+    /// `"*"` for every server name.
+    pub intercept_hosts: Vec<String>,
+    /// PEM files of CAs trusted for upstream connections in addition to the system roots.
+    pub extra_upstream_cas: Vec<PathBuf>,
+}
+
+impl TlsSettings {
+    /// Settings with a generated CA under `state_dir`, the default hosts and no extra CAs.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            ca_cert: None,
+            ca_key: None,
+            ca_supplied: false,
+            intercept_hosts: Vec::new(),
+            extra_upstream_cas: Vec::new(),
+        }
+    }
+
+    /// Where the node CA certificate is read from (and written to, when generated).
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.ca_cert
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(CA_CERT_FILE))
+    }
+
+    /// Where the node CA key is read from (and written to, when generated).
+    pub fn ca_key_path(&self) -> PathBuf {
+        self.ca_key
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(CA_KEY_FILE))
+    }
+
+    /// The intercepted hosts: the defaults plus `intercept_hosts`.
+    pub fn intercept_set(&self) -> Result<InterceptSet, TlsError> {
+        InterceptSet::with_defaults(&self.intercept_hosts)
+    }
+}
+
+/// The one crypto provider of this crate. Named explicitly everywhere so that nothing depends on
+/// a process-wide default being installed.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Errors of the TLS layer.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "unprotected private key file {path}: mode {mode:04o} lets group or others read it; \
+         run `chmod 600 {path}`"
+    )]
+    KeyPermissions { path: PathBuf, mode: u32 },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error(
+        "{path}: not a usable private key ({source}); pullproxy reads PKCS#8 (\"BEGIN PRIVATE \
+         KEY\"): convert with `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pk8`"
+    )]
+    Key {
+        path: PathBuf,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("{path}: {reason}")]
+    BadCa { path: PathBuf, reason: String },
+    #[error("{key} is not the private key of {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("node CA {path} expired at {not_after}")]
+    CaExpired { path: PathBuf, not_after: String },
+    #[error(
+        "the node CA was supplied by the operator but {what} is not configured; set both the \
+         certificate and the key path"
+    )]
+    SuppliedCaPath { what: &'static str },
+    #[error(
+        "the operator-supplied node CA {path} cannot mint for {host}: its name constraints do not \
+         cover it; add {host} to the CA's permitted DNS subtrees or drop it from the intercepted \
+         hosts"
+    )]
+    NotCovered { path: PathBuf, host: String },
+    #[error("{host} is not an intercepted host")]
+    NotIntercepted { host: String },
+    #[error("intercepted host {pattern:?}: {reason}")]
+    HostPattern {
+        pattern: String,
+        reason: &'static str,
+    },
+    #[error("generating a certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("minting a certificate for {host}: {source}")]
+    Mint {
+        host: String,
+        #[source]
+        source: Arc<TlsError>,
+    },
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error(
+        "no trusted roots for upstream connections: the system store is empty and no extra CA \
+         file is configured"
+    )]
+    NoUpstreamRoots,
+    #[error(
+        "no system trust store under {root}: looked for {looked_for}; install ca-certificates or \
+         point --root at the host's root directory"
+    )]
+    NoTrustStore { root: PathBuf, looked_for: String },
+    #[error("reading {path}: {reason}")]
+    Proc { path: PathBuf, reason: String },
+    #[error("node CA trust is incomplete: {problems} problem(s) listed above")]
+    TrustIncomplete { problems: usize },
+}
+
+impl TlsError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}
