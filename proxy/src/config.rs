@@ -44,7 +44,129 @@ pub enum ConfigError {
 pub struct Config {
     pub listen: Listen,
     pub redirect: Redirect,
+    pub registries: Registries,
+    pub hub: Hub,
+    pub cache: Cache,
+    pub tls: Tls,
+    pub upstream: Upstream,
     pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registries {
+    /// Server names whose TLS is terminated, besides the well-known public registries and the
+    /// hosts named in `hub.mapping.overrides`; `"*"` terminates every server name.
+    pub intercept: Vec<String>,
+    /// Registries spoken to in plain HTTP (`host` or `host:port`).
+    pub insecure: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hub {
+    /// Base URL of the cluster's registry; `null` disables the hub.
+    pub url: Option<String>,
+    /// When true, an unreachable hub does not make pullproxy unready.
+    pub optional: bool,
+    pub username: Option<String>,
+    /// Inline password (prefer `password_file` or `dockerconfigjson`).
+    pub password: Option<String>,
+    /// File holding the password; re-read when it changes.
+    pub password_file: Option<PathBuf>,
+    /// A `kubernetes.io/dockerconfigjson` Secret file; re-read when it changes.
+    pub dockerconfigjson: Option<PathBuf>,
+    pub mapping: HubMapping,
+    /// Deadline for a hub lookup (manifest HEAD/GET, blob HEAD).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubMapping {
+    /// Repository on the hub for an image `{host}/{repo}`; the sealos convention is `{repo}`.
+    pub default: String,
+    /// Per registry host, e.g. `quay.io: "quay.io/{repo}"`.
+    pub overrides: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cache {
+    pub dir: PathBuf,
+    /// Size limit of the cached blobs: `20GiB`, `512MiB`, or bytes.
+    pub max_size: ByteSize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// pullproxy's TLS state; the generated node CA lives here.
+    pub state_dir: PathBuf,
+    /// An operator-supplied node CA (certificate and PKCS#8 key, both or neither).
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    /// CA files trusted for upstream connections besides the system roots.
+    pub extra_upstream_cas: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Deadline for a whole manifest (and tags, `/v2/`) exchange.
+    #[serde(with = "humantime_serde")]
+    pub manifest_timeout: Duration,
+    /// Longest silence allowed inside a blob download (no total deadline: blobs can be huge).
+    #[serde(with = "humantime_serde")]
+    pub blob_idle_timeout: Duration,
+}
+
+/// A size in bytes, written as `20GiB`, `512MiB`, `64KiB`, `10GB` or a plain number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Number(u64),
+            Text(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Number(n) => Ok(ByteSize(n)),
+            Repr::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,6 +318,69 @@ impl Config {
         if r.rescan_interval < Duration::from_millis(100) {
             return invalid("redirect.rescan_interval", "must be at least 100ms".into());
         }
+        if let Some(url) = &self.hub.url {
+            let uri: http::Uri = url.parse().map_err(|e| ConfigError::Invalid {
+                key: "hub.url",
+                message: format!("{url:?}: {e}"),
+            })?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return invalid(
+                    "hub.url",
+                    format!("{url:?} must be http://host[:port] or https://host[:port]"),
+                );
+            }
+        }
+        let sources = [
+            self.hub.password.is_some(),
+            self.hub.password_file.is_some(),
+            self.hub.dockerconfigjson.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() > 1 {
+            return invalid(
+                "hub.password",
+                "set at most one of hub.password, hub.password_file and hub.dockerconfigjson"
+                    .into(),
+            );
+        }
+        for (host, template) in std::iter::once((&"default".to_owned(), &self.hub.mapping.default))
+            .chain(&self.hub.mapping.overrides)
+        {
+            if !template.contains("{repo}") {
+                return invalid(
+                    "hub.mapping",
+                    format!("{host}: {template:?} must contain {{repo}}"),
+                );
+            }
+            let rest = template.replace("{repo}", "").replace("{host}", "");
+            if rest.contains('{') || rest.contains('}') {
+                return invalid(
+                    "hub.mapping",
+                    format!("{host}: {template:?}: only {{host}} and {{repo}} may be used"),
+                );
+            }
+        }
+        if self.tls.ca_cert.is_some() != self.tls.ca_key.is_some() {
+            return invalid(
+                "tls.ca_cert",
+                "set both tls.ca_cert and tls.ca_key, or neither".into(),
+            );
+        }
+        if self.cache.max_size.0 < 1 << 20 {
+            return invalid("cache.max_size", "must be at least 1MiB".into());
+        }
+        for (key, d) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.manifest_timeout", self.upstream.manifest_timeout),
+            (
+                "upstream.blob_idle_timeout",
+                self.upstream.blob_idle_timeout,
+            ),
+            ("hub.timeout", self.hub.timeout),
+        ] {
+            if d.is_zero() {
+                return invalid(key, "must be longer than 0s".into());
+            }
+        }
         Ok(())
     }
 
@@ -218,6 +403,43 @@ impl Config {
                 None => Ok(Targets::Paths(p.clone())),
             },
         }
+    }
+
+    /// What the TLS layer needs: every host the configuration names is intercepted too.
+    pub fn tls_settings(&self) -> crate::tls::TlsSettings {
+        let mut hosts = self.registries.intercept.clone();
+        hosts.extend(self.hub.mapping.overrides.keys().cloned());
+        crate::tls::TlsSettings {
+            state_dir: self.tls.state_dir.clone(),
+            ca_cert: self.tls.ca_cert.clone(),
+            ca_key: self.tls.ca_key.clone(),
+            ca_supplied: self.tls.ca_cert.is_some(),
+            intercept_hosts: hosts,
+            extra_upstream_cas: self.tls.extra_upstream_cas.clone(),
+        }
+    }
+
+    /// What the hub client needs; `None` when no hub is configured.
+    pub fn hub_settings(&self) -> Option<crate::hub::HubSettings> {
+        use crate::hub::PasswordSource;
+        let h = &self.hub;
+        let url = h.url.as_ref()?.parse().expect("validated at load");
+        let password = match (&h.password, &h.password_file, &h.dockerconfigjson) {
+            (Some(p), _, _) => PasswordSource::Inline(p.clone()),
+            (_, Some(f), _) => PasswordSource::File(f.clone()),
+            (_, _, Some(f)) => PasswordSource::DockerConfigJson(f.clone()),
+            _ => PasswordSource::None,
+        };
+        Some(crate::hub::HubSettings {
+            url,
+            username: h.username.clone(),
+            password,
+            mapping: crate::hub::Mapping {
+                default: h.mapping.default.clone(),
+                overrides: h.mapping.overrides.clone(),
+            },
+            timeout: h.timeout,
+        })
     }
 
     /// What the kernel redirect needs.
@@ -348,5 +570,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("PULLPROXY_LISTEN__PORT"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::ByteSize;
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!("20GiB".parse::<ByteSize>().unwrap().0, 20 << 30);
+        assert_eq!("512MiB".parse::<ByteSize>().unwrap().0, 512 << 20);
+        assert_eq!("10GB".parse::<ByteSize>().unwrap().0, 10_000_000_000);
+        assert_eq!("4096".parse::<ByteSize>().unwrap().0, 4096);
+        assert!("12 parsecs".parse::<ByteSize>().is_err());
+        assert!("GiB".parse::<ByteSize>().is_err());
+        assert!("99999999999TiB".parse::<ByteSize>().is_err());
     }
 }

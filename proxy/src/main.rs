@@ -9,10 +9,16 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use pullproxy::{
+    client::{self, Connector, KnownAddrs},
     config::Config,
+    hub::HubClient,
     original_dst::{MemoryOriginalDst, OriginalDstSource},
     redirect::{self, Redirector},
-    server, telemetry,
+    registry::RegistryProxy,
+    server::{self, Server},
+    telemetry,
+    tls::{self, CaCommand, LeafMinter, NodeCa},
+    upstream::Upstream,
 };
 use tracing::{error, info, warn};
 
@@ -41,6 +47,9 @@ enum Command {
     },
     /// Detach the kernel programs and remove everything pinned under the pin directory.
     Uninstall,
+    /// The node CA: print it, install it into the system trust store, or check who trusts it.
+    #[command(subcommand)]
+    Ca(CaCommand),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +58,9 @@ fn main() -> ExitCode {
         Command::Run => run(cli.config),
         Command::CheckConfig { file } => check_config(file),
         Command::Uninstall => uninstall(cli.config),
+        Command::Ca(cmd) => Config::load(cli.config.as_deref())
+            .map_err(anyhow::Error::from)
+            .and_then(|c| Ok(tls::cli::run(cmd, &c.tls_settings())?)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -89,6 +101,40 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let tls_settings = config.tls_settings();
+    let intercept = tls_settings.intercept_set()?;
+    let (ca, notices) = NodeCa::load_or_generate(&tls_settings, &intercept)?;
+    for notice in notices {
+        warn!("{notice}");
+    }
+    let ca = Arc::new(ca);
+    let minter = Arc::new(LeafMinter::new(ca.clone(), Arc::new(intercept)));
+    let (client_tls, roots) =
+        tls::upstream_client_config(&tls_settings.extra_upstream_cas, Some(&ca))?;
+    info!(
+        system = roots.system,
+        extra = roots.extra,
+        node_ca_skipped = roots.node_ca_skipped,
+        "upstream trust roots"
+    );
+    let known = KnownAddrs::default();
+    let http = client::build(Connector::new(
+        client_tls,
+        known.clone(),
+        config.upstream.connect_timeout,
+    ));
+    let hub = config
+        .hub_settings()
+        .map(|s| HubClient::new(http.clone(), s));
+    let _ = hub;
+    let proxy = Arc::new(RegistryProxy {
+        upstream: Upstream::new(
+            http,
+            config.upstream.manifest_timeout,
+            config.upstream.blob_idle_timeout,
+        ),
+    });
+
     let listeners = server::bind(&config.listen.addresses, config.listen.port)?;
     info!(port = config.listen.port, "listening");
     let records: Arc<dyn OriginalDstSource> = if config.redirect.enabled {
@@ -100,9 +146,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         warn!("redirect.enabled is false: no connection is redirected to the proxy");
         Arc::new(MemoryOriginalDst::default())
     };
+    let server = Arc::new(Server {
+        records,
+        acceptor: tokio_rustls::TlsAcceptor::from(tls::server_config(minter.clone())),
+        minter,
+        insecure: config.registries.insecure.clone(),
+        known,
+        proxy,
+    });
     info!("ready");
     tokio::select! {
-        () = server::serve(listeners, records) => {
+        () = server.serve(listeners) => {
             error!("all listeners stopped");
             anyhow::bail!("listeners stopped")
         }

@@ -1,19 +1,38 @@
-//! The proxy's listeners and accept loop: every accepted connection is matched with its kernel
-//! record (where it was going, who opened it) and handed on.
+//! The proxy's listeners and what happens to each accepted connection: it is matched with its
+//! kernel record (where it was going, who opened it), then either terminated (TLS to a registry
+//! host, with a leaf minted by the node CA; or plain HTTP to a configured insecure registry) and
+//! served by the registry proxy, or spliced byte for byte to where it was going.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use http::uri::{Authority, Scheme};
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
 use tokio::{
     io::copy_bidirectional,
     net::{TcpListener, TcpSocket, TcpStream},
     task::JoinSet,
 };
-use tracing::{debug, info, warn};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
 
-use crate::original_dst::{ClientAddr, ListenAddr, OriginalDst, OriginalDstSource};
+use crate::{
+    client::KnownAddrs,
+    original_dst::{ClientAddr, ListenAddr, OriginalDst, OriginalDstSource},
+    registry::{ConnContext, RegistryProxy},
+    tls::{ClientHelloPeek, LeafMinter, peek_client_hello},
+    upstream::Origin,
+};
 
 /// How long connecting to an original destination may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send its ClientHello or request head.
+const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest plain-HTTP request head looked at for the Host header.
+const HTTP_PEEK_LIMIT: usize = 16 << 10;
 /// Listen backlog: a node pulling many images opens many connections at once.
 const BACKLOG: u32 = 1024;
 
@@ -37,48 +56,215 @@ pub fn bind(addresses: &[std::net::IpAddr], port: u16) -> std::io::Result<Vec<Tc
         .collect()
 }
 
-/// Accepts on every listener until the task is dropped.
-pub async fn serve(listeners: Vec<TcpListener>, records: Arc<dyn OriginalDstSource>) {
-    let mut tasks = JoinSet::new();
-    for listener in listeners {
-        let records = records.clone();
-        tasks.spawn(accept_loop(listener, records));
-    }
-    while tasks.join_next().await.is_some() {}
+/// Everything a connection needs.
+pub struct Server {
+    pub records: Arc<dyn OriginalDstSource>,
+    pub minter: Arc<LeafMinter>,
+    pub acceptor: TlsAcceptor,
+    /// Registries spoken to in plain HTTP (`host` or `host:port`).
+    pub insecure: Vec<String>,
+    pub known: KnownAddrs,
+    pub proxy: Arc<RegistryProxy>,
 }
 
-async fn accept_loop(listener: TcpListener, records: Arc<dyn OriginalDstSource>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+impl Server {
+    /// Accepts on every listener until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>) {
+        let mut tasks = JoinSet::new();
+        for listener in listeners {
+            tasks.spawn(self.clone().accept_loop(listener));
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(local) = stream.local_addr() else {
                 continue;
+            };
+            let orig = self.records.take(ClientAddr(peer), ListenAddr(local));
+            tokio::spawn(self.clone().connection(stream, ClientAddr(peer), orig));
+        }
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: ClientAddr,
+        orig: Option<OriginalDst>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        if let Some(o) = &orig {
+            debug!(
+                dst = %o.addr,
+                pid = o.process.pid,
+                comm = %o.process.comm,
+                cgroup_id = o.process.cgroup_id,
+                "redirected connection"
+            );
+        }
+        let dst_port = orig.as_ref().map(|o| o.addr.0.port());
+        match peek_client_hello(&stream, PEEK_TIMEOUT).await {
+            Ok(ClientHelloPeek::Sni(name)) if self.minter.intercepts(&name) => {
+                // Minting first means a host the CA cannot cover is spliced, not broken.
+                match self.minter.certified_key(&name) {
+                    Ok(_) => {
+                        let origin = origin("https", &name, dst_port, 443);
+                        self.terminate_tls(stream, peer, orig, origin).await
+                    }
+                    Err(e) => {
+                        warn!(server_name = %name, error = %e, "cannot mint; splicing instead");
+                        splice(stream, orig).await
+                    }
+                }
+            }
+            Ok(ClientHelloPeek::NotTls) => match peek_http_host(&stream).await {
+                Some(host) if self.is_insecure_registry(&host, dst_port) => {
+                    let (name, port) = split_host_port(&host);
+                    let origin = origin("http", name, port.or(dst_port), 80);
+                    self.serve_http(TokioIo::new(stream), peer, orig, origin)
+                        .await
+                }
+                _ => splice(stream, orig).await,
+            },
+            Ok(other) => {
+                debug!(peek = ?other, "not an intercepted TLS server name; splicing");
+                splice(stream, orig).await
+            }
+            Err(e) => {
+                debug!(error = %e, "no client hello; splicing");
+                splice(stream, orig).await
+            }
+        }
+    }
+
+    fn is_insecure_registry(&self, host: &str, dst_port: Option<u16>) -> bool {
+        let (name, port) = split_host_port(host);
+        let port = port.or(dst_port).unwrap_or(80);
+        self.insecure.iter().any(|entry| {
+            let (e_name, e_port) = split_host_port(entry);
+            e_name.eq_ignore_ascii_case(name) && e_port.unwrap_or(80) == port
+        })
+    }
+
+    async fn terminate_tls(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: ClientAddr,
+        orig: Option<OriginalDst>,
+        origin: Origin,
+    ) {
+        let tls = match self.acceptor.accept(stream).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(registry = %origin.authority, error = %e, "TLS handshake with the client failed");
+                return;
             }
         };
-        let Ok(local) = stream.local_addr() else {
-            continue;
-        };
-        match records.take(ClientAddr(peer), ListenAddr(local)) {
-            Some(orig) => {
-                tokio::spawn(splice(stream, orig));
-            }
-            None => debug!(%peer, "connection without a redirect record; closing"),
+        self.serve_http(TokioIo::new(tls), peer, orig, origin).await
+    }
+
+    async fn serve_http<I>(
+        self: Arc<Self>,
+        io: TokioIo<I>,
+        peer: ClientAddr,
+        orig: Option<OriginalDst>,
+        origin: Origin,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        if let Some(o) = &orig {
+            self.known.learn(origin.host(), o.addr.0);
+        }
+        let ctx = Arc::new(ConnContext { origin, orig, peer });
+        let proxy = self.proxy.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            let ctx = ctx.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy.handle(&ctx, req).await) }
+        });
+        if let Err(e) = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service)
+            .await
+        {
+            debug!(error = %crate::telemetry::error_chain(e.as_ref()), "connection ended with an error");
         }
     }
 }
 
-/// Relays bytes between the client and its original destination, untouched.
-pub async fn splice(mut client: TcpStream, orig: OriginalDst) {
-    info!(
-        dst = %orig.addr,
-        pid = orig.process.pid,
-        comm = %orig.process.comm,
-        cgroup_id = orig.process.cgroup_id,
-        "redirected connection"
-    );
+/// An upstream origin for `host`; the port is kept when the client used a non-default one.
+fn origin(scheme: &'static str, host: &str, port: Option<u16>, default_port: u16) -> Origin {
+    let authority = match port {
+        Some(p) if p != default_port => format!("{host}:{p}"),
+        _ => host.to_owned(),
+    };
+    Origin {
+        scheme: Scheme::try_from(scheme).expect("http or https"),
+        authority: Authority::try_from(authority.as_str())
+            .unwrap_or_else(|_| Authority::from_static("invalid.invalid")),
+    }
+}
+
+/// `host[:port]` -> (host, port). IPv6 literals keep their brackets.
+fn split_host_port(s: &str) -> (&str, Option<u16>) {
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !p.contains(']') => match p.parse() {
+            Ok(port) => (h, Some(port)),
+            Err(_) => (s, None),
+        },
+        _ => (s, None),
+    }
+}
+
+/// The Host header of a plain-HTTP request, read without consuming anything.
+async fn peek_http_host(stream: &TcpStream) -> Option<String> {
+    let mut buf = vec![0u8; HTTP_PEEK_LIMIT];
+    let peek = async {
+        loop {
+            let n = stream.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf[..n]) {
+                Ok(httparse::Status::Complete(_)) => {
+                    return req
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("host"))
+                        .and_then(|h| std::str::from_utf8(h.value).ok())
+                        .map(|h| h.trim().to_ascii_lowercase());
+                }
+                Ok(httparse::Status::Partial) if n < buf.len() => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                _ => return None,
+            }
+        }
+    };
+    tokio::time::timeout(PEEK_TIMEOUT, peek)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Relays bytes between the client and its original destination, untouched. Without a kernel
+/// record there is nowhere to go: the connection is closed.
+pub async fn splice(mut client: TcpStream, orig: Option<OriginalDst>) {
+    let Some(orig) = orig else {
+        debug!("connection without a redirect record and nothing to serve; closing");
+        return;
+    };
     let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(orig.addr.0))
         .await
     {
@@ -92,8 +278,39 @@ pub async fn splice(mut client: TcpStream, orig: OriginalDst) {
             return;
         }
     };
+    debug!(dst = %orig.addr, "splicing");
     let mut upstream = upstream;
     if let Err(e) = copy_bidirectional(&mut client, &mut upstream).await {
         debug!(dst = %orig.addr, error = %e, "splice ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_split() {
+        assert_eq!(
+            split_host_port("sealos.hub:5000"),
+            ("sealos.hub", Some(5000))
+        );
+        assert_eq!(split_host_port("quay.io"), ("quay.io", None));
+        assert_eq!(split_host_port("[::1]:80"), ("[::1]", Some(80)));
+        assert_eq!(split_host_port("[::1]"), ("[::1]", None));
+        assert_eq!(split_host_port("x:notaport"), ("x:notaport", None));
+    }
+
+    #[test]
+    fn origins_keep_non_default_ports() {
+        assert_eq!(
+            origin("https", "quay.io", Some(443), 443).authority,
+            "quay.io"
+        );
+        assert_eq!(
+            origin("https", "quay.io", Some(8443), 443).authority,
+            "quay.io:8443"
+        );
+        assert_eq!(origin("http", "hub", Some(5000), 80).authority, "hub:5000");
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
@@ -11,21 +11,22 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{
-    cgroup::Cgroup,
-    netns::NetNs,
-    process::{Proc, sibling_binary},
-};
+use crate::{cgroup::Cgroup, netns::NetNs, process::Proc};
 
-/// The binary under test: `$PULLPROXY_BIN` when set (`cargo xtask test` builds it first),
-/// otherwise built here, once per test process, so a plain `cargo test` never runs a stale
-/// pullproxy (cargo does not rebuild another package's binary for these tests).
+/// The binary under test: `$PULLPROXY_BIN` when set, otherwise built here once per test
+/// process, so a plain `cargo test` never runs a stale pullproxy (cargo does not rebuild another
+/// package's binary for these tests). The build uses its own target directory, `target/harness`
+/// (`cargo xtask test` pre-builds into the same place): `cargo build -p proxy` and
+/// `cargo test -p pullproxy-tests` resolve features differently and would otherwise keep
+/// invalidating each other's artifacts.
 pub fn binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Some(path) = std::env::var_os("PULLPROXY_BIN") {
             return PathBuf::from(path);
         }
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let target = workspace.join("target/harness");
         let status = Command::new(env!("CARGO"))
             .args([
                 "build",
@@ -35,13 +36,13 @@ pub fn binary() -> PathBuf {
                 "--bin",
                 "pullproxy",
             ])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .arg("--target-dir")
+            .arg(&target)
+            .current_dir(&workspace)
             .status()
             .expect("running cargo build for pullproxy");
         assert!(status.success(), "building pullproxy failed");
-        let path = sibling_binary("pullproxy");
-        assert!(path.exists(), "{} missing after the build", path.display());
-        path
+        target.join("debug/pullproxy")
     })
     .clone()
 }
@@ -108,7 +109,7 @@ impl Pullproxy {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("PULLPROXY_LOG__FORMAT", "json")
-            .env("PULLPROXY_LOG__LEVEL", "info")
+            .env("PULLPROXY_LOG__LEVEL", "info,pullproxy=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

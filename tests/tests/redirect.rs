@@ -84,6 +84,14 @@ impl World {
                 self.pins.0.display().to_string(),
             ),
             ("PULLPROXY_REDIRECT__RESCAN_INTERVAL", "250ms".to_owned()),
+            (
+                "PULLPROXY_TLS__STATE_DIR",
+                std::env::temp_dir()
+                    .join(self.root.path().trim_start_matches('/'))
+                    .display()
+                    .to_string(),
+            ),
+            ("PULLPROXY_HUB__URL", "null".to_owned()),
         ]
     }
 
@@ -225,9 +233,7 @@ fn the_proxys_own_upstream_connections_are_never_redirected() {
     // pullproxy runs *below* the target cgroup: without the bypass mark its own connection to
     // the origin would be redirected back to itself.
     let inner = w.target.child("pullproxy");
-    let mut env = w.env();
-    env.push(("PULLPROXY_LOG__LEVEL", "info".to_owned()));
-    let proxy = Pullproxy::start(&w.ns, &inner, &env);
+    let proxy = Pullproxy::start(&w.ns, &inner, &w.env());
     let p = w.probe(&w.target, ORIGIN_V4);
     assert_redirected_to_origin(&p, ORIGIN_V4);
     std::thread::sleep(Duration::from_millis(300));

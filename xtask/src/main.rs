@@ -177,8 +177,20 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     setup::build_deps()?;
     setup::test_deps()?;
     lint()?;
-    // Built here (as the invoking user) so the test harness does not build it under sudo.
-    let pullproxy = build(true)?;
+    // Built here as the invoking user (not under sudo), into the directory the test harness
+    // builds into (tests/src/pullproxy.rs explains why it is a separate one).
+    let target = root().join("target/harness");
+    run(cmd("cargo")
+        .args([
+            "build",
+            "--package",
+            "proxy",
+            "--bin",
+            "pullproxy",
+            "--target-dir",
+        ])
+        .arg(&target))?;
+    let pullproxy = target.join("debug/pullproxy");
     let mut c = cmd("cargo");
     c.args(["test", "--workspace", "--exclude", "proxy-ebpf"]);
     c.env("PULLPROXY_BIN", &pullproxy);
