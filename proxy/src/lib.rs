@@ -6,6 +6,7 @@
 //! use carries a `SAFETY:` comment.
 
 pub mod config;
+pub mod oci;
 pub mod original_dst;
 pub mod redirect;
 pub mod server;
