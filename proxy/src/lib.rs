@@ -5,6 +5,7 @@
 //! This crate touches eBPF and raw sockets, so it allows `unsafe` where a syscall needs it; each
 //! use carries a `SAFETY:` comment.
 
+pub mod cache;
 pub mod config;
 pub mod oci;
 pub mod original_dst;
