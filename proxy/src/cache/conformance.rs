@@ -158,7 +158,10 @@ pub(super) async fn least_recently_used_is_evicted(store: Arc<dyn BlobStore>) {
     let c = put(&*store, &data(1024, 12)).await;
     assert!(store.open(&a).await.unwrap().is_some());
     let d = put(&*store, &data(1024, 13)).await;
-    assert!(store.open(&b).await.unwrap().is_none(), "b was least recently used");
+    assert!(
+        store.open(&b).await.unwrap().is_none(),
+        "b was least recently used"
+    );
     for kept in [&a, &c, &d] {
         assert!(store.open(kept).await.unwrap().is_some());
     }

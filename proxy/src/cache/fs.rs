@@ -30,8 +30,8 @@ use tracing::{debug, info, warn};
 use super::{
     CacheError,
     store::{
-        BlobIngest, BlobRead, BlobStore, StoreUsage, StoredBlob, Tally, check_proof,
-        kib_capacity, kib_weight,
+        BlobIngest, BlobRead, BlobStore, StoreUsage, StoredBlob, Tally, check_proof, kib_capacity,
+        kib_weight,
     },
 };
 use crate::oci::{Algorithm, Digest, Verified};
@@ -567,10 +567,7 @@ mod tests {
         let store = FsBlobStore::open(dir.path(), 1 << 20).unwrap();
         let bytes = data(3000, 1);
         let digest = put(&store, &bytes).await;
-        let path = dir
-            .path()
-            .join("blobs/sha256")
-            .join(digest.encoded());
+        let path = dir.path().join("blobs/sha256").join(digest.encoded());
         assert_eq!(store.path_of(&digest), path);
         assert_eq!(fs::read(&path).unwrap(), bytes);
         assert!(files_in(&dir.path().join("tmp")).is_empty());
@@ -624,7 +621,10 @@ mod tests {
         let root = dir.path();
         let (a, b) = {
             let store = FsBlobStore::open(root, 1 << 20).unwrap();
-            (put(&store, &data(3000, 1)).await, put(&store, &data(5000, 2)).await)
+            (
+                put(&store, &data(3000, 1)).await,
+                put(&store, &data(5000, 2)).await,
+            )
         };
         // What a crash or a stranger could leave behind.
         fs::write(root.join("tmp/sha256-abc.1.2"), b"partial").unwrap();
@@ -638,14 +638,11 @@ mod tests {
         let store = FsBlobStore::open(root, 1 << 20).unwrap();
         assert!(files_in(&root.join("tmp")).is_empty());
         assert_eq!(files_in(&root.join("blobs")), ["sha256", "sha512"]);
-        assert_eq!(
-            files_in(&root.join("blobs/sha256")),
-            {
-                let mut v = vec![a.encoded().to_owned(), b.encoded().to_owned()];
-                v.sort();
-                v
-            }
-        );
+        assert_eq!(files_in(&root.join("blobs/sha256")), {
+            let mut v = vec![a.encoded().to_owned(), b.encoded().to_owned()];
+            v.sort();
+            v
+        });
         assert!(files_in(&root.join("blobs/sha512")).is_empty());
         let usage = store.usage();
         assert_eq!((usage.bytes, usage.entries), (8000, 2));
@@ -715,7 +712,10 @@ mod tests {
         assert!(!store.path_of(&digest).exists());
         let other = put(&store, &data(4000, 2)).await;
         fs::remove_file(store.path_of(&other)).unwrap();
-        assert!(store.open(&other).await.unwrap().is_none(), "deleted behind our back");
+        assert!(
+            store.open(&other).await.unwrap().is_none(),
+            "deleted behind our back"
+        );
         assert_eq!(store.usage().entries, 0);
     }
 

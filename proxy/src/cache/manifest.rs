@@ -7,11 +7,7 @@ use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use super::{
-    CacheError, READ_CHUNK,
-    records::RecordDir,
-    store::BlobStore,
-};
+use super::{CacheError, READ_CHUNK, records::RecordDir, store::BlobStore};
 use crate::oci::{Digest, RepositoryName, Tag};
 
 /// Largest manifest cached (the limit distribution registries apply to manifests they accept).
@@ -163,12 +159,7 @@ impl TagIndex {
     }
 
     /// Where the tag pointed last time. Registry hosts compare case-insensitively.
-    pub fn get(
-        &self,
-        registry: &str,
-        repository: &RepositoryName,
-        tag: &Tag,
-    ) -> Option<TagTarget> {
+    pub fn get(&self, registry: &str, repository: &RepositoryName, tag: &Tag) -> Option<TagTarget> {
         let key = tag_key(registry, repository, tag).ok()?;
         let record = self.records.get(&key)?;
         Some(TagTarget {
@@ -217,7 +208,8 @@ mod tests {
     use crate::cache::{Cache, CacheSettings};
     use crate::oci::media_type::{OCI_INDEX, OCI_MANIFEST};
 
-    const MANIFEST: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+    const MANIFEST: &[u8] =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
 
     async fn open(dir: &std::path::Path) -> Cache {
         Cache::open(&CacheSettings {
@@ -246,7 +238,10 @@ mod tests {
         }
         let cache = open(dir.path()).await;
         let m = cache.manifests().get(&digest).await.unwrap();
-        assert_eq!((m.media_type.as_str(), &m.bytes[..]), (OCI_MANIFEST, MANIFEST));
+        assert_eq!(
+            (m.media_type.as_str(), &m.bytes[..]),
+            (OCI_MANIFEST, MANIFEST)
+        );
         // Manifests are blobs too: the same bytes are served by digest from the blob cache.
         assert_eq!(
             cache.blobs().lookup(&digest).await,
@@ -334,10 +329,18 @@ mod tests {
             media_type: OCI_MANIFEST.into(),
         };
         for host in ["", "a/b", "a b", "évil", "a\0"] {
-            let err = cache.tags().put(host, &repo, &tag, &target).await.unwrap_err();
+            let err = cache
+                .tags()
+                .put(host, &repo, &tag, &target)
+                .await
+                .unwrap_err();
             assert!(matches!(err, CacheError::InvalidRegistry), "{host:?}");
         }
-        cache.tags().put("[::1]:5000", &repo, &tag, &target).await.unwrap();
+        cache
+            .tags()
+            .put("[::1]:5000", &repo, &tag, &target)
+            .await
+            .unwrap();
         assert_eq!(cache.tags().get("[::1]:5000", &repo, &tag), Some(target));
     }
 }

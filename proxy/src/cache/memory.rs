@@ -14,8 +14,8 @@ use moka::{notification::RemovalCause, policy::EvictionPolicy, sync::Cache};
 use super::{
     CacheError,
     store::{
-        BlobIngest, BlobRead, BlobStore, StoreUsage, StoredBlob, Tally, check_proof,
-        kib_capacity, kib_weight,
+        BlobIngest, BlobRead, BlobStore, StoreUsage, StoredBlob, Tally, check_proof, kib_capacity,
+        kib_weight,
     },
 };
 use crate::oci::{Digest, Verified};
@@ -118,7 +118,9 @@ struct Committed(Bytes);
 
 impl BlobRead for Committed {
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'static, io::Result<Bytes>> {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(self.0.len());
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(self.0.len());
         let end = start.saturating_add(len).min(self.0.len());
         futures_util::future::ready(Ok(self.0.slice(start..end))).boxed()
     }

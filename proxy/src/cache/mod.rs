@@ -35,7 +35,7 @@ use std::{io, path::PathBuf, sync::Arc};
 
 pub use flight::{
     BlobBody, BlobCache, BlobResponse, BlobSource, BodyRange, CacheStats, FlightError,
-    FlightOutcome, READ_CHUNK, UpstreamBlob,
+    FlightOutcome, Outcome, READ_CHUNK, UpstreamBlob,
 };
 pub use fs::FsBlobStore;
 pub use manifest::{MAX_MANIFEST_BYTES, Manifest, ManifestStore, TagIndex, TagTarget};

@@ -137,7 +137,11 @@ impl Tally {
 }
 
 /// Checks a commit proof against what an ingest wrote.
-pub(super) fn check_proof(digest: &Digest, written: u64, proof: &Verified) -> Result<(), CacheError> {
+pub(super) fn check_proof(
+    digest: &Digest,
+    written: u64,
+    proof: &Verified,
+) -> Result<(), CacheError> {
     if proof.digest() != digest || proof.len() != written {
         return Err(CacheError::Unverified {
             digest: digest.clone(),
