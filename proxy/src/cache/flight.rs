@@ -252,6 +252,7 @@ struct Inner {
 }
 
 impl BlobCache {
+    /// A cache over `store`; flights are tracked per `BlobCache`, so share one (it clones).
     pub fn new(store: Arc<dyn BlobStore>) -> Self {
         Self::with_reader_stall(store, READER_STALL)
     }
@@ -1752,5 +1753,109 @@ mod tests {
         assert!(drain_ok(r.body).await.is_empty());
         assert_eq!(r.outcome.wait().await, Some(FlightOutcome::Cached));
         assert_eq!(store.open(&digest).await.unwrap().unwrap().len, 0);
+    }
+
+    #[tokio::test]
+    async fn a_registered_flight_finds_a_blob_stored_meanwhile() {
+        let (store, cache) = memory_cache();
+        let blob = data(10_000, 18);
+        // As if another flight committed between this request's miss and its registration.
+        let (slot, leading) = cache.inner.join_or_register(&Digest::sha256_of(&blob));
+        assert!(leading);
+        let digest = put(&*store, &blob).await;
+        let joiner = cache.get_or_fetch(&digest, range("bytes=0-9"), never);
+        let r = cache.lead(slot, None, never).await.unwrap();
+        assert_eq!(r.source, BlobSource::Hit);
+        assert_eq!(
+            r.outcome.clone().wait().await,
+            Some(FlightOutcome::AlreadyCached)
+        );
+        assert_eq!(drain_ok(r.body).await, blob);
+        assert_eq!(drain_ok(joiner.await.unwrap().body).await, &blob[..10]);
+        assert_eq!(cache.stats().fetches, 0);
+    }
+
+    /// `cargo test --release -p proxy --lib hit_throughput -- --ignored --nocapture`: streams a
+    /// 256 MiB cached blob and reports the rate and how much the peak RSS grew.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "benchmark; run by hand in release mode"]
+    async fn hit_throughput() {
+        fn peak_rss_kib() -> u64 {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = fs_cache(dir.path());
+        let len = 256 * 1024 * 1024;
+        // Written in pieces so the blob itself never sits in memory.
+        let piece: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let pieces = len / piece.len();
+        let digest = {
+            let mut v = Digest::sha256_of(b"").verifier();
+            (0..pieces).for_each(|_| v.update(&piece));
+            v.finish().unwrap_err().actual
+        };
+        let mut ingest = cache.store().ingest(&digest).await.unwrap();
+        let mut v = digest.verifier();
+        for _ in 0..pieces {
+            v.update(&piece);
+            ingest
+                .write(vec![Bytes::copy_from_slice(&piece)])
+                .await
+                .unwrap();
+        }
+        ingest.commit(v.finish().unwrap()).await.unwrap();
+        let before = peak_rss_kib();
+        for _ in 0..3 {
+            let start = std::time::Instant::now();
+            let r = cache.get_or_fetch(&digest, None, never).await.unwrap();
+            let mut body = r.body;
+            let mut n = 0;
+            while let Some(chunk) = body.next().await {
+                n += chunk.unwrap().len();
+            }
+            assert_eq!(n, len);
+            let secs = start.elapsed().as_secs_f64();
+            println!("256 MiB hit: {:.0} MiB/s", 256.0 / secs);
+        }
+        println!(
+            "peak RSS grew by {} KiB while streaming",
+            peak_rss_kib() - before
+        );
+
+        // Cold: upstream in 64 KiB chunks, written, hashed and streamed at once.
+        let dir = tempfile::tempdir().unwrap();
+        let cache = fs_cache(dir.path());
+        let small: Vec<Bytes> = piece
+            .chunks(64 * 1024)
+            .map(Bytes::copy_from_slice)
+            .collect();
+        let chunks: Vec<Bytes> = (0..pieces).flat_map(|_| small.iter().cloned()).collect();
+        let start = std::time::Instant::now();
+        let upstream = UpstreamBlob::new(
+            Some(len as u64),
+            futures_util::stream::iter(chunks.into_iter().map(Ok)),
+        );
+        let r = cache
+            .get_or_fetch(&digest, None, || ready(upstream))
+            .await
+            .unwrap();
+        let outcome = r.outcome.clone();
+        let mut body = r.body;
+        let mut n = 0;
+        while let Some(chunk) = body.next().await {
+            n += chunk.unwrap().len();
+        }
+        assert_eq!(n, len);
+        println!(
+            "256 MiB cold fetch, served: {:.0} MiB/s",
+            256.0 / start.elapsed().as_secs_f64()
+        );
+        assert_eq!(outcome.wait().await, Some(FlightOutcome::Cached));
+        println!(
+            "... and cached: {:.0} MiB/s",
+            256.0 / start.elapsed().as_secs_f64()
+        );
     }
 }

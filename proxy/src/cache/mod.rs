@@ -7,11 +7,13 @@
 //!   tests), then [`Cache::blobs`], [`Cache::manifests`], [`Cache::tags`].
 //! - [`BlobCache::lookup`]`(&Digest) -> Option<u64>`: length of a cached blob (for `HEAD`).
 //! - [`BlobCache::get_or_fetch`]`(&Digest, Option<ByteRange>, fetch) -> Result<BlobResponse, E>`,
-//!   where `fetch: FnOnce() -> impl Future<Output = Result<UpstreamBlob, E>>` is only called
-//!   when this request has to fetch. [`BlobResponse`] tells the [`BlobSource`] (hit, fetched,
-//!   joined), the blob's length if known, the [`BodyRange`] (200, 206 or 416) and carries the
-//!   [`BlobBody`] (`Stream<Item = io::Result<Bytes>>`); [`BlobResponse::outcome`] tells how the
-//!   download ended (cached, digest mismatch, write failed...).
+//!   where `fetch: FnOnce() -> impl Future<Output = Result<UpstreamBlob, E>>` runs only if this
+//!   request has to fetch (it should send this client's credentials and follow redirects).
+//!   `Err(E)` is only ever this caller's own fetch error, unchanged (a 401 to relay, say).
+//!   [`BlobResponse`] has the [`BlobSource`] (hit, fetched, joined), the blob's length if known,
+//!   the [`BodyRange`] (200, 206 or 416), the [`BlobBody`] (`Stream<Item = io::Result<Bytes>>`)
+//!   and an [`Outcome`] to learn how the download ended (cached, digest mismatch, write
+//!   failed...) without reading the body.
 //! - [`ManifestStore::get`]`(&Digest) -> Option<Manifest>` and
 //!   [`ManifestStore::put`]`(&Digest, media_type, Bytes)`.
 //! - [`TagIndex::get`]`(registry, &RepositoryName, &Tag) -> Option<TagTarget>` and
@@ -19,7 +21,9 @@
 //! - [`BlobCache::stats`]`() -> CacheStats` for metrics.
 //!
 //! On disk, under `dir`: `blobs/<algo>/<hex>` (blobs and manifests), `tmp/` (partial writes,
-//! emptied at start), `media-types/` and `tags/` (one small JSON record per entry).
+//! emptied at start), `media-types/` and `tags/` (one small JSON record per entry). See
+//! `flight.rs` for how downloads are shared and what happens when the disk fails, `fs.rs` for
+//! start-up and verification.
 
 mod flight;
 mod fs;
@@ -147,14 +151,17 @@ impl Cache {
         }
     }
 
+    /// Blobs: lookups and single-flight fetches.
     pub fn blobs(&self) -> &BlobCache {
         &self.blobs
     }
 
+    /// Manifests by digest, with their media type.
     pub fn manifests(&self) -> &ManifestStore {
         &self.manifests
     }
 
+    /// Where tags pointed when last seen.
     pub fn tags(&self) -> &TagIndex {
         &self.tags
     }

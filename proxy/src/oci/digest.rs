@@ -108,6 +108,7 @@ impl Digest {
         hasher.finish()
     }
 
+    /// The hash function named before the colon.
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
     }
@@ -192,6 +193,7 @@ impl fmt::Debug for DigestVerifier {
 }
 
 impl DigestVerifier {
+    /// Hashes the next bytes of the stream.
     pub fn update(&mut self, data: &[u8]) {
         self.hasher.update(data);
         self.len += data.len() as u64;
@@ -232,10 +234,12 @@ pub struct Verified {
 }
 
 impl Verified {
+    /// The digest the bytes matched.
     pub fn digest(&self) -> &Digest {
         &self.digest
     }
 
+    /// How many bytes matched.
     pub fn len(&self) -> u64 {
         self.len
     }

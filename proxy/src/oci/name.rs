@@ -30,6 +30,7 @@ pub enum NameError {
 pub struct RepositoryName(Box<str>);
 
 impl RepositoryName {
+    /// The name as it appears in the request path.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -117,6 +118,7 @@ pub enum TagError {
 pub struct Tag(Box<str>);
 
 impl Tag {
+    /// The tag as it appears in the request path.
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -106,6 +106,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code as the spec spells it in `errors[].code`.
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
