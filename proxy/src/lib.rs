@@ -5,9 +5,11 @@
 //! This crate touches eBPF and raw sockets, so it allows `unsafe` where a syscall needs it; each
 //! use carries a `SAFETY:` comment.
 
+pub mod cache;
 pub mod client;
 pub mod config;
 pub mod hub;
+pub mod oci;
 pub mod original_dst;
 pub mod redirect;
 pub mod registry;

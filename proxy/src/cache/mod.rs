@@ -1,0 +1,168 @@
+//! The node-local cache: content-addressed blobs and manifests on disk under a size-bounded LRU
+//! index, one upstream fetch per blob however many clients ask, and a persistent tag index.
+//!
+//! What the HTTP handler uses:
+//!
+//! - [`Cache::open`]`(&CacheSettings) -> Result<Cache, CacheError>` (or [`Cache::in_memory`] in
+//!   tests), then [`Cache::blobs`], [`Cache::manifests`], [`Cache::tags`].
+//! - [`BlobCache::lookup`]`(&Digest) -> Option<u64>`: length of a cached blob (for `HEAD`).
+//! - [`BlobCache::get_or_fetch`]`(&Digest, Option<ByteRange>, fetch) -> Result<BlobResponse, E>`,
+//!   where `fetch: FnOnce() -> impl Future<Output = Result<UpstreamBlob, E>>` runs only if this
+//!   request has to fetch (it should send this client's credentials and follow redirects).
+//!   `Err(E)` is only ever this caller's own fetch error, unchanged (a 401 to relay, say).
+//!   [`BlobResponse`] has the [`BlobSource`] (hit, fetched, joined), the blob's length if known,
+//!   the [`BodyRange`] (200, 206 or 416), the [`BlobBody`] (`Stream<Item = io::Result<Bytes>>`)
+//!   and an [`Outcome`] to learn how the download ended (cached, digest mismatch, write
+//!   failed...) without reading the body.
+//! - [`ManifestStore::get`]`(&Digest) -> Option<Manifest>` and
+//!   [`ManifestStore::put`]`(&Digest, media_type, Bytes)`.
+//! - [`TagIndex::get`]`(registry, &RepositoryName, &Tag) -> Option<TagTarget>` and
+//!   [`TagIndex::put`].
+//! - [`BlobCache::stats`]`() -> CacheStats` for metrics.
+//!
+//! On disk, under `dir`: `blobs/<algo>/<hex>` (blobs and manifests), `tmp/` (partial writes,
+//! emptied at start), `media-types/` and `tags/` (one small JSON record per entry). See
+//! `flight.rs` for how downloads are shared and what happens when the disk fails, `fs.rs` for
+//! start-up and verification.
+
+mod flight;
+mod fs;
+mod manifest;
+mod memory;
+mod records;
+mod store;
+
+#[cfg(test)]
+mod conformance;
+
+use std::{io, path::PathBuf, sync::Arc};
+
+pub use flight::{
+    BlobBody, BlobCache, BlobResponse, BlobSource, BodyRange, CacheStats, FlightError,
+    FlightOutcome, Outcome, READ_CHUNK, UpstreamBlob,
+};
+pub use fs::FsBlobStore;
+pub use manifest::{MAX_MANIFEST_BYTES, Manifest, ManifestStore, TagIndex, TagTarget};
+pub use memory::MemoryBlobStore;
+pub use store::{BlobIngest, BlobRead, BlobStore, StoreUsage, StoredBlob};
+
+use crate::oci::{Digest, DigestMismatch};
+use records::RecordDir;
+
+/// Where the cache lives and how big it may grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// The cache directory; created if missing. One proxy process per directory.
+    pub dir: PathBuf,
+    /// Bytes of blobs and manifests kept before the least recently used are evicted.
+    pub max_bytes: u64,
+}
+
+/// Errors of the cache layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("blocking cache task failed: {0}")]
+    Task(String),
+    #[error(
+        "refusing to commit {digest}: {written} bytes were written but the proof is for \
+         {proven} ({proven_len} bytes)"
+    )]
+    Unverified {
+        digest: Digest,
+        written: u64,
+        proven: Digest,
+        proven_len: u64,
+    },
+    #[error(transparent)]
+    DigestMismatch(#[from] DigestMismatch),
+    #[error("manifest is {len} bytes; at most {max} are cached")]
+    ManifestTooLarge { len: usize, max: usize },
+    #[error("media type must be 1 to 255 visible ascii characters")]
+    InvalidMediaType,
+    #[error("registry host must be 1 to 255 characters of [a-z0-9.-_:[]]")]
+    InvalidRegistry,
+}
+
+/// The blob cache, manifest store and tag index over one store.
+pub struct Cache {
+    blobs: BlobCache,
+    manifests: ManifestStore,
+    tags: TagIndex,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("stats", &self.blobs.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cache {
+    /// Opens the cache in `settings.dir`: rebuilds the index from disk, loads the tag and
+    /// media-type records, and starts verifying the blobs found on disk in the background.
+    pub async fn open(settings: &CacheSettings) -> Result<Cache, CacheError> {
+        let settings = settings.clone();
+        let (store, media_types, tags) = tokio::task::spawn_blocking(move || {
+            let store = FsBlobStore::open(&settings.dir, settings.max_bytes)?;
+            let tmp = settings.dir.join("tmp");
+            let media_types = RecordDir::open(settings.dir.join("media-types"), tmp.clone())?;
+            let tags = RecordDir::open(settings.dir.join("tags"), tmp)?;
+            Ok::<_, CacheError>((store, media_types, tags))
+        })
+        .await
+        .map_err(|e| CacheError::Task(e.to_string()))??;
+        let verifier = store.clone();
+        tokio::spawn(async move {
+            let corrupt = verifier.verify_pending().await;
+            if corrupt > 0 {
+                tracing::warn!(corrupt, "dropped cached blobs that failed verification");
+            }
+        });
+        Ok(Cache::with_parts(Arc::new(store), media_types, tags))
+    }
+
+    /// A cache in memory (a [`MemoryBlobStore`]), for tests of the layers above.
+    pub fn in_memory(max_bytes: u64) -> Cache {
+        Cache::with_store(Arc::new(MemoryBlobStore::new(max_bytes)))
+    }
+
+    /// A cache over any store, with tag and media-type records kept in memory only.
+    pub fn with_store(store: Arc<dyn BlobStore>) -> Cache {
+        Cache::with_parts(store, RecordDir::in_memory(), RecordDir::in_memory())
+    }
+
+    fn with_parts(
+        store: Arc<dyn BlobStore>,
+        media_types: RecordDir<String>,
+        tags: RecordDir<manifest::TagRecord>,
+    ) -> Cache {
+        Cache {
+            blobs: BlobCache::new(store.clone()),
+            manifests: ManifestStore::new(store, media_types),
+            tags: TagIndex::new(tags),
+        }
+    }
+
+    /// Blobs: lookups and single-flight fetches.
+    pub fn blobs(&self) -> &BlobCache {
+        &self.blobs
+    }
+
+    /// Manifests by digest, with their media type.
+    pub fn manifests(&self) -> &ManifestStore {
+        &self.manifests
+    }
+
+    /// Where tags pointed when last seen.
+    pub fn tags(&self) -> &TagIndex {
+        &self.tags
+    }
+}
