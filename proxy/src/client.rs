@@ -18,7 +18,7 @@ use std::{
 use bytes::Bytes;
 use http::Uri;
 use http_body::{Body, Frame};
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::{
     client::legacy::{
         Client,
@@ -36,7 +36,7 @@ use tokio_rustls::TlsConnector;
 /// Boxed error of bodies and clients.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of outbound requests and of every response pullproxy sends.
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 /// The pooled client.
 pub type HttpClient = Client<Connector, ProxyBody>;
 
@@ -233,14 +233,14 @@ pub fn build(connector: Connector) -> HttpClient {
 pub fn empty() -> ProxyBody {
     http_body_util::Empty::new()
         .map_err(|never| match never {})
-        .boxed()
+        .boxed_unsync()
 }
 
 /// A body holding `bytes`.
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     http_body_util::Full::new(bytes.into())
         .map_err(|never| match never {})
-        .boxed()
+        .boxed_unsync()
 }
 
 use http_body_util::BodyExt as _;

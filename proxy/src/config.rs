@@ -419,6 +419,14 @@ impl Config {
         }
     }
 
+    /// Where the cache lives and how big it may grow.
+    pub fn cache_settings(&self) -> crate::cache::CacheSettings {
+        crate::cache::CacheSettings {
+            dir: self.cache.dir.clone(),
+            max_bytes: self.cache.max_size.0,
+        }
+    }
+
     /// What the hub client needs; `None` when no hub is configured.
     pub fn hub_settings(&self) -> Option<crate::hub::HubSettings> {
         use crate::hub::PasswordSource;

@@ -9,6 +9,7 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use pullproxy::{
+    cache::Cache,
     client::{self, Connector, KnownAddrs},
     config::Config,
     hub::HubClient,
@@ -126,14 +127,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let hub = config
         .hub_settings()
         .map(|s| HubClient::new(http.clone(), s));
-    let _ = hub;
-    let proxy = Arc::new(RegistryProxy {
-        upstream: Upstream::new(
+    let cache_settings = config.cache_settings();
+    let cache = Cache::open(&cache_settings)
+        .await
+        .with_context(|| format!("opening the cache in {}", cache_settings.dir.display()))?;
+    let proxy = Arc::new(RegistryProxy::new(
+        hub,
+        Upstream::new(
             http,
             config.upstream.manifest_timeout,
             config.upstream.blob_idle_timeout,
         ),
-    });
+        cache,
+        config.upstream.blob_idle_timeout,
+    ));
 
     let listeners = server::bind(&config.listen.addresses, config.listen.port)?;
     info!(port = config.listen.port, "listening");

@@ -14,7 +14,10 @@ use http::{
 use http_body_util::{BodyExt as _, Limited};
 use hyper::body::Incoming;
 
-use crate::client::{self, BoxError, HttpClient, IdleTimeout, ProxyBody};
+use crate::{
+    cache::MAX_MANIFEST_BYTES,
+    client::{self, BoxError, HttpClient, IdleTimeout, ProxyBody},
+};
 
 /// Client request headers passed to the upstream on registry reads.
 const FORWARDED: [HeaderName; 4] = [
@@ -25,8 +28,6 @@ const FORWARDED: [HeaderName; 4] = [
 ];
 /// Redirect hops followed for one blob or manifest.
 const MAX_REDIRECTS: usize = 5;
-/// Manifests larger than this are refused (the distribution spec suggests 4 MiB).
-pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 
 /// Which registry an intercepted connection talks to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,7 +154,7 @@ impl Upstream {
             reason: format!("no answer within {:?}", self.manifest_timeout),
         })??;
         let idle = self.blob_idle_timeout;
-        Ok(head.map(|body| IdleTimeout::new(body, idle).boxed()))
+        Ok(head.map(|body| IdleTimeout::new(body, idle).boxed_unsync()))
     }
 
     /// Sends a GET/HEAD with the forwarded client headers, following redirects.
@@ -227,7 +228,7 @@ impl Upstream {
         parts.uri = origin.uri(&path);
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
-        let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
+        let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
         let resp = self
             .client
             .request(req)
@@ -241,7 +242,7 @@ impl Upstream {
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(
             parts,
-            IdleTimeout::new(body, idle).boxed(),
+            IdleTimeout::new(body, idle).boxed_unsync(),
         ))
     }
 }

@@ -1,0 +1,227 @@
+//! Responses: relayed ones (hop-by-hop headers dropped), locally built ones with the exact
+//! registry headers, OCI error bodies, and the one log line per request, written when the body
+//! has been sent (so it carries the bytes and the duration).
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt as _;
+use tracing::info;
+
+use crate::{
+    client::{self, BoxError, IdleTimeout, ProxyBody},
+    oci::{ErrorCode, error_body},
+    upstream::strip_hop_by_hop,
+};
+
+/// Where a response's content came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The cluster's hub.
+    Hub,
+    /// The local cache, after the upstream confirmed (or recently confirmed) access.
+    Cache,
+    /// The local cache because the upstream could not be asked (stale-if-error).
+    Stale,
+    /// The upstream registry.
+    Upstream,
+    /// Forwarded untouched (writes, unknown paths).
+    Passthrough,
+    /// Answered by pullproxy itself (errors, `/v2/` while the upstream is down).
+    Local,
+}
+
+impl Source {
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Hub => "hub",
+            Source::Cache => "cache",
+            Source::Stale => "stale",
+            Source::Upstream => "upstream",
+            Source::Passthrough => "passthrough",
+            Source::Local => "local",
+        }
+    }
+}
+
+/// What kind of registry request it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Manifest,
+    Blob,
+    Other,
+}
+
+impl Kind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Manifest => "manifest",
+            Kind::Blob => "blob",
+            Kind::Other => "other",
+        }
+    }
+}
+
+/// The facts of one request, logged once its body is done.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub registry: String,
+    pub repository: String,
+    /// Tag or digest (empty for other requests).
+    pub reference: String,
+    pub method: http::Method,
+    pub kind: Kind,
+    pub comm: String,
+    pub pid: u32,
+    pub started: Instant,
+}
+
+impl RequestRecord {
+    /// Writes the request's line.
+    fn finish(&self, source: Source, status: StatusCode, bytes: u64, error: Option<&str>) {
+        info!(
+            registry = %self.registry,
+            repository = %self.repository,
+            reference = %self.reference,
+            method = %self.method,
+            kind = self.kind.label(),
+            source = source.label(),
+            status = status.as_u16(),
+            bytes,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            comm = %self.comm,
+            pid = self.pid,
+            error,
+            "pull"
+        );
+    }
+}
+
+/// Wraps `resp` so its request is logged when the body ends (or is dropped unfinished).
+pub fn logged(
+    record: RequestRecord,
+    source: Source,
+    resp: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    let status = resp.status();
+    resp.map(|body| {
+        Logged {
+            inner: body,
+            record: Some(record),
+            source,
+            status,
+            bytes: 0,
+        }
+        .boxed_unsync()
+    })
+}
+
+/// Counts bytes and writes the request's log line once.
+struct Logged {
+    inner: ProxyBody,
+    record: Option<RequestRecord>,
+    source: Source,
+    status: StatusCode,
+    bytes: u64,
+}
+
+impl Logged {
+    fn done(&mut self, error: Option<&str>) {
+        if let Some(record) = self.record.take() {
+            record.finish(self.source, self.status, self.bytes, error);
+        }
+    }
+}
+
+impl Body for Logged {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.done(None);
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let e = crate::telemetry::error_chain(e.as_ref());
+                this.done(Some(&e));
+            }
+            Poll::Ready(None) => this.done(None),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if self.record.is_some() {
+            // HEAD responses and empty bodies end without a frame; a client that hung up
+            // mid-body ends here too.
+            let unfinished = (self.bytes > 0 || !self.inner.is_end_stream())
+                .then_some("client went away before the body was sent");
+            self.done(unfinished);
+        }
+    }
+}
+
+/// Relays a hub or upstream response: status and headers as they came, hop-by-hop headers
+/// dropped, the body streamed with the idle timeout.
+pub fn relay<B>(resp: Response<B>, idle: std::time::Duration) -> Response<ProxyBody>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, IdleTimeout::new(body, idle).boxed_unsync())
+}
+
+/// An OCI error response (`{"errors":[...]}`).
+pub fn oci_error(status: StatusCode, code: ErrorCode, message: &str) -> Response<ProxyBody> {
+    json(status, error_body(code, message))
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut r = Response::new(client::full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    api_version(r)
+}
+
+/// Adds `Docker-Distribution-API-Version: registry/2.0`, which clients look for.
+pub fn api_version(mut r: Response<ProxyBody>) -> Response<ProxyBody> {
+    r.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    r
+}
