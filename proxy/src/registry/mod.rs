@@ -203,7 +203,7 @@ impl RegistryProxy {
             Err(e) => debug!(error = %e, "upstream tag list failed"),
         }
         match self
-            .from_hub(ctx, req.method(), name, "tags", "list", HeaderMap::new())
+            .hub_lookup(ctx, req.method(), name, "tags", "list", HeaderMap::new())
             .await
         {
             Some(resp) => (Source::Hub, relay(resp, self.idle_timeout)),
@@ -235,7 +235,7 @@ impl RegistryProxy {
                 .unwrap_or_else(|| HeaderValue::from_static(media_type::MANIFEST_ACCEPT)),
         );
         if let Some(resp) = self
-            .from_hub(
+            .hub_lookup(
                 ctx,
                 method,
                 name,
@@ -306,7 +306,7 @@ impl RegistryProxy {
         reference: &Reference,
         method: &Method,
         s: &Small,
-    ) -> Result<(), Response<ProxyBody>> {
+    ) -> Result<(), DigestDisagrees> {
         let content_type = s
             .headers
             .get(header::CONTENT_TYPE)
@@ -329,11 +329,7 @@ impl RegistryProxy {
                 && *expected != computed
             {
                 warn!(registry, repository = %name, %reference, %computed, "upstream manifest does not match its digest; not cached");
-                return Err(oci_error(
-                    StatusCode::BAD_GATEWAY,
-                    ErrorCode::ManifestInvalid,
-                    "the upstream manifest does not match its digest",
-                ));
+                return Err(DigestDisagrees);
             }
             let digest = match reference {
                 Reference::Digest(d) => d.clone(),
@@ -392,7 +388,7 @@ impl RegistryProxy {
             hub_headers.insert(header::RANGE, range.clone());
         }
         if let Some(resp) = self
-            .from_hub(ctx, method, name, "blobs", &digest.to_string(), hub_headers)
+            .hub_lookup(ctx, method, name, "blobs", &digest.to_string(), hub_headers)
             .await
         {
             return (Source::Hub, relay(resp, self.idle_timeout));
@@ -514,7 +510,7 @@ impl RegistryProxy {
 
     /// The hub's response if it has the content; hub trouble is logged (rate-limited) and
     /// falls through to the cache and the upstream.
-    async fn from_hub(
+    async fn hub_lookup(
         &self,
         ctx: &ConnContext,
         method: &Method,
@@ -554,6 +550,9 @@ impl RegistryProxy {
                 .is_ok()
     }
 }
+
+/// An upstream manifest whose bytes do not hash to the digest it was asked for (or announced).
+struct DigestDisagrees;
 
 /// Whether a client may be served cached content.
 enum Access {
