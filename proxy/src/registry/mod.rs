@@ -268,11 +268,18 @@ impl RegistryProxy {
         match upstream {
             Ok(s) if s.status.is_success() => {
                 self.access.approve(registry, name.as_str(), req.headers());
-                if let Err(resp) = self
+                if let Err(DigestDisagrees) = self
                     .remember_manifest(registry, name, reference, method, &s)
                     .await
                 {
-                    return (Source::Upstream, resp);
+                    return (
+                        Source::Upstream,
+                        oci_error(
+                            StatusCode::BAD_GATEWAY,
+                            ErrorCode::ManifestInvalid,
+                            "the upstream manifest does not match its digest",
+                        ),
+                    );
                 }
                 (Source::Upstream, small_response(s))
             }
