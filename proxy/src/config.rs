@@ -43,6 +43,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub listen: Listen,
+    pub admin: Admin,
     pub redirect: Redirect,
     pub registries: Registries,
     pub hub: Hub,
@@ -50,6 +51,16 @@ pub struct Config {
     pub tls: Tls,
     pub upstream: Upstream,
     pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    pub listen: std::net::SocketAddr,
+    /// How often the hub is checked for `/readyz` and `pullproxy_hub_up`.
+    #[serde(with = "humantime_serde")]
+    pub hub_check_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

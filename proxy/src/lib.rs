@@ -5,6 +5,8 @@
 //! This crate touches eBPF and raw sockets, so it allows `unsafe` where a syscall needs it; each
 //! use carries a `SAFETY:` comment.
 
+pub mod admin;
+pub mod app;
 pub mod cache;
 pub mod client;
 pub mod config;

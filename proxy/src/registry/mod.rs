@@ -54,7 +54,7 @@ pub struct ConnContext {
 
 /// Serves registry requests.
 pub struct RegistryProxy {
-    pub hub: Option<HubClient>,
+    pub hub: Option<std::sync::Arc<HubClient>>,
     pub upstream: Upstream,
     pub cache: Cache,
     pub access: AccessCache,
@@ -75,7 +75,7 @@ enum FetchError {
 
 impl RegistryProxy {
     pub fn new(
-        hub: Option<HubClient>,
+        hub: Option<std::sync::Arc<HubClient>>,
         upstream: Upstream,
         cache: Cache,
         idle_timeout: Duration,

@@ -1,0 +1,192 @@
+//! `pullproxy run`: builds every part from the configuration, in the order that keeps a failed
+//! start harmless (nothing is attached before the proxy can serve), and runs until a signal.
+
+use std::{
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
+
+use prometheus_client::{metrics::info::Info, registry::Registry};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::{self, Readiness},
+    cache::{Cache, CacheError},
+    client::{self, Connector, KnownAddrs},
+    config::Config,
+    hub::{HubClient, HubOutcome},
+    original_dst::{MemoryOriginalDst, OriginalDstSource},
+    redirect::{LoaderError, Redirector},
+    registry::RegistryProxy,
+    server::{self, Server},
+    tls::{self, LeafMinter, NodeCa, TlsError},
+    upstream::Upstream,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("setting up TLS")]
+    Tls(#[from] TlsError),
+    #[error("opening the cache in {dir}")]
+    Cache {
+        dir: std::path::PathBuf,
+        #[source]
+        source: CacheError,
+    },
+    #[error("binding the listeners")]
+    Bind(#[source] std::io::Error),
+    #[error("installing the kernel redirect")]
+    Redirect(#[from] LoaderError),
+    #[error("waiting for signals")]
+    Signal(#[source] std::io::Error),
+    #[error("all proxy listeners stopped")]
+    ListenersStopped,
+}
+
+/// Runs the proxy until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let mut registry = Registry::with_prefix("pullproxy");
+    registry.register(
+        "build",
+        "pullproxy build information",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
+    let readiness = Arc::new(Readiness {
+        hub_optional: config.hub.optional || config.hub.url.is_none(),
+        ..Readiness::default()
+    });
+
+    let tls_settings = config.tls_settings();
+    let intercept = tls_settings.intercept_set()?;
+    let (ca, notices) = NodeCa::load_or_generate(&tls_settings, &intercept)?;
+    for notice in notices {
+        warn!("{notice}");
+    }
+    let ca = Arc::new(ca);
+    let minter = Arc::new(LeafMinter::new(ca.clone(), Arc::new(intercept)));
+    let (client_tls, roots) =
+        tls::upstream_client_config(&tls_settings.extra_upstream_cas, Some(&ca))?;
+    info!(
+        system = roots.system,
+        extra = roots.extra,
+        node_ca_skipped = roots.node_ca_skipped,
+        "upstream trust roots"
+    );
+    let known = KnownAddrs::default();
+    let http = client::build(Connector::new(
+        client_tls,
+        known.clone(),
+        config.upstream.connect_timeout,
+    ));
+    let hub = config
+        .hub_settings()
+        .map(|s| Arc::new(HubClient::new(http.clone(), s)));
+    let cache_settings = config.cache_settings();
+    let cache = Cache::open(&cache_settings)
+        .await
+        .map_err(|source| RunError::Cache {
+            dir: cache_settings.dir.clone(),
+            source,
+        })?;
+    let proxy = Arc::new(RegistryProxy::new(
+        hub.clone(),
+        Upstream::new(
+            http,
+            config.upstream.manifest_timeout,
+            config.upstream.blob_idle_timeout,
+        ),
+        cache,
+        config.upstream.blob_idle_timeout,
+    ));
+
+    let admin_listener = admin::bind(config.admin.listen)
+        .await
+        .map_err(RunError::Bind)?;
+    let listeners =
+        server::bind(&config.listen.addresses, config.listen.port).map_err(RunError::Bind)?;
+    readiness.listening.store(true, Ordering::Relaxed);
+    info!(port = config.listen.port, admin = %config.admin.listen, "listening");
+
+    let records: Arc<dyn OriginalDstSource> = if config.redirect.enabled {
+        let (redirector, records) = Redirector::install(config.redirect_settings())?;
+        let redirector = Arc::new(Mutex::new(redirector));
+        tokio::spawn(Redirector::watch_targets(redirector));
+        Arc::new(records)
+    } else {
+        warn!("redirect.enabled is false: no connection is redirected to the proxy");
+        Arc::new(MemoryOriginalDst::default())
+    };
+    readiness.attached.store(true, Ordering::Relaxed);
+
+    match hub {
+        Some(hub) => {
+            tokio::spawn(watch_hub(
+                hub,
+                readiness.clone(),
+                config.admin.hub_check_interval,
+            ));
+        }
+        None => readiness.hub_up.store(true, Ordering::Relaxed),
+    }
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::new(registry),
+        readiness.clone(),
+    ));
+
+    let server = Arc::new(Server {
+        records,
+        acceptor: tokio_rustls::TlsAcceptor::from(tls::server_config(minter.clone())),
+        minter,
+        insecure: config.registries.insecure.clone(),
+        known,
+        proxy,
+    });
+    info!("ready");
+    tokio::select! {
+        () = server.serve(listeners) => {
+            error!("all listeners stopped");
+            Err(RunError::ListenersStopped)
+        }
+        signal = shutdown_signal() => {
+            signal.map_err(RunError::Signal)?;
+            info!("shutting down; the kernel programs stay pinned and fail open while pullproxy is down");
+            Ok(())
+        }
+    }
+}
+
+/// Keeps `readiness.hub_up` current, logging when the hub's state changes.
+async fn watch_hub(hub: Arc<HubClient>, readiness: Arc<Readiness>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    let mut last: Option<&'static str> = None;
+    loop {
+        tick.tick().await;
+        let outcome = hub.ping().await;
+        let up = matches!(outcome, HubOutcome::Found(_));
+        readiness.hub_up.store(up, Ordering::Relaxed);
+        if last != Some(outcome.label()) {
+            match &outcome {
+                HubOutcome::Found(_) => info!(hub = %hub.url(), "hub reachable"),
+                HubOutcome::Refused(s) => {
+                    warn!(hub = %hub.url(), status = s.as_u16(), "the hub refuses pullproxy's credentials")
+                }
+                HubOutcome::NotFound => warn!(hub = %hub.url(), "the hub has no /v2/ API"),
+                HubOutcome::Unreachable(reason) => {
+                    warn!(hub = %hub.url(), %reason, "hub unreachable")
+                }
+            }
+            last = Some(outcome.label());
+        }
+    }
+}
+
+async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
