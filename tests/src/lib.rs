@@ -4,9 +4,10 @@
 //! them in CI.
 //!
 //! `unsafe` appears only where a child must join a namespace and a cgroup between fork and exec
-//! (`process.rs`) or a thread must enter a network namespace (`netns.rs`).
+//! (`process.rs`, `mountns.rs`) or a thread must enter a network namespace (`netns.rs`).
 
 pub mod cgroup;
+pub mod mountns;
 pub mod netns;
 pub mod origin;
 pub mod privileged;
