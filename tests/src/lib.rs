@@ -14,6 +14,7 @@ pub mod privileged;
 pub mod probe;
 pub mod process;
 pub mod pullproxy;
+pub mod testca;
 
 /// A short unique suffix for names of namespaces, cgroups and pin directories.
 pub fn unique(prefix: &str) -> String {
