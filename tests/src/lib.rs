@@ -7,6 +7,7 @@
 //! (`process.rs`, `mountns.rs`) or a thread must enter a network namespace (`netns.rs`).
 
 pub mod cgroup;
+pub mod images;
 pub mod mountns;
 pub mod netns;
 pub mod origin;
