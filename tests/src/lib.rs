@@ -4,7 +4,8 @@
 //! them in CI.
 //!
 //! `unsafe` appears only where a child must join a namespace and a cgroup between fork and exec
-//! (`process.rs`, `mountns.rs`) or a thread must enter a network namespace (`netns.rs`).
+//! (`process.rs`, `mountns.rs`) or a thread must enter a network namespace (`netns.rs`,
+//! `registry_client.rs`).
 
 pub mod cgroup;
 pub mod images;
@@ -15,6 +16,8 @@ pub mod privileged;
 pub mod probe;
 pub mod process;
 pub mod pullproxy;
+pub mod registry;
+pub mod registry_client;
 pub mod testca;
 
 /// A short unique suffix for names of namespaces, cgroups and pin directories.
