@@ -382,6 +382,15 @@ fn pull_through_registry_fetches_from_the_fake_upstream() {
 #[ignore = "timing of a 256 MiB fixture; run with --ignored"]
 fn big_image_fixture_timing() {
     require_root!();
+    let started = Instant::now();
+    images::busybox(Format::Oci);
+    eprintln!("timing: built the busybox image in {:?}", started.elapsed());
+    let started = Instant::now();
+    images::multi_layer(Format::Oci, 4, 4 << 20, 100);
+    eprintln!(
+        "timing: built a 4 x 4 MiB multi-layer image in {:?}",
+        started.elapsed()
+    );
     let up = Upstream::start();
     let dir = tempfile::tempdir().unwrap();
     let started = Instant::now();
