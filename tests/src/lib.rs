@@ -3,16 +3,28 @@
 //! processes. Tests here need root; [`require_root!`] skips them loudly outside CI and fails
 //! them in CI.
 //!
+//! On top of those: real registries (`registry`, Debian's docker-registry), a registry client
+//! (`registry_client`), image content built in Rust (`images`), test CAs (`testca`), and
+//! unmodified clients (`skopeo`) that see fake registries through a private mount namespace
+//! (`mountns`: hosts file and CA bundle).
+//!
 //! `unsafe` appears only where a child must join a namespace and a cgroup between fork and exec
-//! (`process.rs`) or a thread must enter a network namespace (`netns.rs`).
+//! (`process.rs`, `mountns.rs`) or a thread must enter a network namespace (`netns.rs`,
+//! `registry_client.rs`).
 
 pub mod cgroup;
+pub mod images;
+pub mod mountns;
 pub mod netns;
 pub mod origin;
 pub mod privileged;
 pub mod probe;
 pub mod process;
 pub mod pullproxy;
+pub mod registry;
+pub mod registry_client;
+pub mod skopeo;
+pub mod testca;
 
 /// A short unique suffix for names of namespaces, cgroups and pin directories.
 pub fn unique(prefix: &str) -> String {

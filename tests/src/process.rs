@@ -1,4 +1,5 @@
-//! Child processes placed in a test's network namespace and cgroup, killed on drop.
+//! Child processes placed in a test's network namespace, cgroup and (optionally) private mount
+//! namespace, killed on drop.
 
 use std::{
     ffi::CString,
@@ -9,7 +10,41 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{cgroup::Cgroup, netns::NetNs};
+use crate::{cgroup::Cgroup, mountns::MountSpec, netns::NetNs};
+
+/// Where a child runs: a network namespace, a cgroup and a private mount namespace, each
+/// optional. Holds paths, not guards, so a long-lived helper (a registry that is stopped and
+/// started again) can keep it; the guards must outlive every spawn.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// A network namespace file (`/run/netns/<name>`).
+    pub netns: Option<PathBuf>,
+    /// A cgroup directory in the cgroup filesystem.
+    pub cgroup: Option<PathBuf>,
+    /// A private mount namespace with its own hosts file and CA bundle.
+    pub mounts: Option<MountSpec>,
+}
+
+impl Placement {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn netns(mut self, netns: &NetNs) -> Self {
+        self.netns = Some(netns.path());
+        self
+    }
+
+    pub fn cgroup(mut self, cgroup: &Cgroup) -> Self {
+        self.cgroup = Some(cgroup.dir().to_owned());
+        self
+    }
+
+    pub fn mounts(mut self, mounts: MountSpec) -> Self {
+        self.mounts = Some(mounts);
+        self
+    }
+}
 
 /// A running child, killed (and reaped) when dropped.
 pub struct Proc {
@@ -19,13 +54,27 @@ pub struct Proc {
 impl Proc {
     /// Spawns `cmd` after moving it into `cgroup` and entering `netns` (between fork and exec,
     /// so the process is never briefly elsewhere).
-    pub fn spawn(mut cmd: Command, netns: Option<&NetNs>, cgroup: Option<&Cgroup>) -> Self {
-        let ns = netns.map(|n| File::open(n.path()).expect("open netns"));
-        let procs = cgroup.map(|c| {
-            CString::new(c.dir().join("cgroup.procs").as_os_str().as_bytes()).expect("path")
+    pub fn spawn(cmd: Command, netns: Option<&NetNs>, cgroup: Option<&Cgroup>) -> Self {
+        let mut at = Placement::new();
+        at.netns = netns.map(NetNs::path);
+        at.cgroup = cgroup.map(|c| c.dir().to_owned());
+        Self::spawn_at(cmd, &at)
+    }
+
+    /// Spawns `cmd` in `at`: between fork and exec the child joins the cgroup, then the network
+    /// namespace, then unshares its mount namespace and applies the mounts. The order matters:
+    /// the cgroup must be joined through the host's cgroup filesystem, before any mount changes.
+    pub fn spawn_at(mut cmd: Command, at: &Placement) -> Self {
+        let ns = at
+            .netns
+            .as_ref()
+            .map(|p| File::open(p).unwrap_or_else(|e| panic!("open netns {}: {e}", p.display())));
+        let procs = at.cgroup.as_ref().map(|dir| {
+            CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).expect("path")
         });
-        // SAFETY: the closure only makes async-signal-safe syscalls (open, write, close, setns)
-        // on data prepared before the fork; it allocates nothing.
+        let mounts = at.mounts.as_ref().map(MountSpec::prepare);
+        // SAFETY: the closure only makes async-signal-safe syscalls (open, write, close, setns,
+        // unshare, mount) on data prepared before the fork; it allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
                 if let Some(procs) = &procs {
@@ -44,6 +93,9 @@ impl Proc {
                     && libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(mounts) = &mounts {
+                    mounts.apply()?;
                 }
                 Ok(())
             });

@@ -30,6 +30,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "/usr/bin/nsenter"),
     ("ca-certificates", "/usr/sbin/update-ca-certificates"),
     ("curl", "/usr/bin/curl"),
+    // The runnable test images are built from this static binary (tests/src/images.rs).
+    ("busybox-static", "/bin/busybox"),
 ];
 
 /// Toolchains and bpf-linker: everything `cargo build` of the workspace needs.
