@@ -45,6 +45,9 @@ pub enum RunError {
 
 /// Runs the proxy until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    if config.redirect.enabled {
+        crate::redirect::preflight()?;
+    }
     let mut registry = Registry::with_prefix("pullproxy");
     registry.register(
         "build",

@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod images;
 pub mod mountns;
 pub mod netns;
+pub mod node;
 pub mod origin;
 pub mod privileged;
 pub mod probe;

@@ -11,7 +11,11 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{cgroup::Cgroup, netns::NetNs, process::Proc};
+use crate::{
+    cgroup::Cgroup,
+    netns::NetNs,
+    process::{Placement, Proc},
+};
 
 /// The binary under test: `$PULLPROXY_BIN` when set, otherwise built here once per test
 /// process, so a plain `cargo test` never runs a stale pullproxy (cargo does not rebuild another
@@ -101,9 +105,10 @@ pub struct Pullproxy {
 }
 
 impl Pullproxy {
-    /// Starts pullproxy in `netns` and `cgroup` with these `PULLPROXY_*` overrides and waits for
-    /// its "ready" line. Panics with the collected logs if it exits or is not ready in 20 s.
-    pub fn start(netns: &NetNs, cgroup: &Cgroup, env: &[(&str, String)]) -> Self {
+    /// Starts pullproxy at `at` (network namespace, cgroup, optional mounts) with these
+    /// `PULLPROXY_*` overrides and waits for its "ready" line. Panics with the collected logs if
+    /// it exits or is not ready in 20 s.
+    pub fn start(at: &Placement, env: &[(&str, String)]) -> Self {
         let mut cmd = Command::new(binary());
         cmd.arg("run")
             .env_clear()
@@ -116,7 +121,7 @@ impl Pullproxy {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut proc = Proc::spawn(cmd, Some(netns), Some(cgroup));
+        let mut proc = Proc::spawn_at(cmd, at);
         let stderr = proc.child_mut().stderr.take().expect("stderr");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let sink = logs.clone();

@@ -10,9 +10,10 @@ use std::{
 
 use harness::{
     cgroup::Cgroup,
-    netns::NetNs,
+    node::{Node, PinDir},
     origin::Origin,
     probe::{self, Probe},
+    process::Placement,
     pullproxy::Pullproxy,
     require_root,
 };
@@ -24,95 +25,36 @@ const ORIGIN_V4: &str = "10.203.0.1:443";
 /// An IPv6 one.
 const ORIGIN_V6: &str = "[fd00:203::1]:443";
 
-/// One test's world. Fields drop in declaration order: processes first, cgroups children before
-/// parents, the pins, then the namespace.
+/// One test's world: a node and two "registries" (plain TCP origins) inside it. Fields drop in
+/// declaration order: the origins before the node.
 struct World {
     origins: Vec<Origin>,
-    target: Cgroup,
-    other: Cgroup,
-    proxy_cg: Cgroup,
-    root: Cgroup,
-    pins: Pins,
-    ns: NetNs,
-}
-
-/// Removes the test's pin directory (detaching its programs) on drop.
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = redirect::uninstall(&self.0);
-    }
+    node: Node,
 }
 
 impl World {
     fn new() -> Self {
-        let ns = NetNs::new("pp-redirect");
-        ns.add_addr("10.203.0.1/32");
-        ns.add_addr("fd00:203::1/128");
-        let root = Cgroup::new_root("pp-redirect");
-        let pins = Pins(PathBuf::from("/sys/fs/bpf").join(root.path().trim_start_matches('/')));
+        let node = Node::new("pp-redirect");
+        node.ns.add_addr("10.203.0.1/32");
+        node.ns.add_addr("fd00:203::1/128");
         let origins = vec![
-            Origin::start(&ns, ORIGIN_V4.parse().unwrap()),
-            Origin::start(&ns, ORIGIN_V6.parse().unwrap()),
+            Origin::start(&node.ns, ORIGIN_V4.parse().unwrap()),
+            Origin::start(&node.ns, ORIGIN_V6.parse().unwrap()),
         ];
-        Self {
-            origins,
-            target: root.child("runtime"),
-            other: root.child("other"),
-            proxy_cg: root.child("pullproxy"),
-            root,
-            pins,
-            ns,
-        }
-    }
-
-    /// Overrides that confine pullproxy to this world: attach at the world's cgroup, target the
-    /// "runtime" cgroup, pins in the world's own directory.
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            (
-                "PULLPROXY_REDIRECT__ATTACH_CGROUP",
-                self.root.path().to_owned(),
-            ),
-            (
-                "PULLPROXY_REDIRECT__TARGETS",
-                format!("[{}]", self.target.path()),
-            ),
-            (
-                "PULLPROXY_REDIRECT__PIN_DIR",
-                self.pins.0.display().to_string(),
-            ),
-            ("PULLPROXY_REDIRECT__RESCAN_INTERVAL", "250ms".to_owned()),
-            (
-                "PULLPROXY_TLS__STATE_DIR",
-                std::env::temp_dir()
-                    .join(self.root.path().trim_start_matches('/'))
-                    .display()
-                    .to_string(),
-            ),
-            ("PULLPROXY_HUB__URL", "null".to_owned()),
-        ]
+        Self { origins, node }
     }
 
     fn start_proxy(&self, extra: &[(&'static str, String)]) -> Pullproxy {
-        let mut env = self.env();
-        env.extend_from_slice(extra);
-        Pullproxy::start(&self.ns, &self.proxy_cg, &env)
+        self.node.start_proxy(extra)
     }
 
     fn probe(&self, from: &Cgroup, dst: &str) -> Probe {
-        probe::connect(&self.ns, from, dst.parse().unwrap())
+        probe::connect(&self.node.ns, from, dst.parse().unwrap())
             .unwrap_or_else(|e| panic!("probe to {dst} from {} failed: {e}", from.path()))
     }
 
     fn counter(&self, which: Counter) -> u64 {
-        redirect::pinned_counters(&self.pins.0)
-            .expect("pinned counters")
-            .into_iter()
-            .find(|(c, _)| *c == which)
-            .map(|(_, v)| v)
-            .unwrap()
+        self.node.counter(which)
     }
 }
 
@@ -140,7 +82,7 @@ fn ipv4_is_redirected_and_the_proxy_learns_pid_and_comm() {
     require_root!();
     let w = World::new();
     let proxy = w.start_proxy(&[]);
-    let p = w.probe(&w.target, ORIGIN_V4);
+    let p = w.probe(&w.node.runtime, ORIGIN_V4);
     assert_redirected_to_origin(&p, ORIGIN_V4);
     let rec = proxy
         .wait_for("redirected connection", Duration::from_secs(5), |_| true)
@@ -148,7 +90,7 @@ fn ipv4_is_redirected_and_the_proxy_learns_pid_and_comm() {
     assert_eq!(rec["dst"], ORIGIN_V4);
     assert_eq!(rec["pid"], u64::from(p.pid), "{rec}");
     assert_eq!(rec["comm"], "pp-probe", "{rec}");
-    assert_eq!(rec["cgroup_id"], w.target.id(), "{rec}");
+    assert_eq!(rec["cgroup_id"], w.node.runtime.id(), "{rec}");
     assert!(w.counter(Counter::Redirected) >= 1);
     assert!(w.counter(Counter::Rekeyed) >= 1);
     assert!(w.counter(Counter::PeerRestored) >= 1);
@@ -160,7 +102,7 @@ fn v4_mapped_destination_on_a_dual_stack_socket_is_redirected() {
     let w = World::new();
     let proxy = w.start_proxy(&[]);
     let dst = "[::ffff:10.203.0.1]:443";
-    let p = w.probe(&w.target, dst);
+    let p = w.probe(&w.node.runtime, dst);
     assert!(p.redirected(), "{p:?}");
     assert_eq!(p.local.ip().to_string(), "::ffff:127.0.0.1", "{p:?}");
     assert_eq!(p.peer, dst.parse::<SocketAddr>().unwrap());
@@ -184,7 +126,7 @@ fn ipv6_is_redirected_to_the_v6_listener() {
     require_root!();
     let w = World::new();
     let proxy = w.start_proxy(&[]);
-    let p = w.probe(&w.target, ORIGIN_V6);
+    let p = w.probe(&w.node.runtime, ORIGIN_V6);
     assert_redirected_to_origin(&p, ORIGIN_V6);
     assert_eq!(p.local.ip().to_string(), "::1", "{p:?}");
     assert!(
@@ -208,8 +150,8 @@ fn excluded_cidr_goes_direct() {
         "PULLPROXY_REDIRECT__EXCLUDE",
         "[10.203.0.0/24, fd00:203::/64]".to_owned(),
     )]);
-    assert_direct(&w.probe(&w.target, ORIGIN_V4), ORIGIN_V4);
-    assert_direct(&w.probe(&w.target, ORIGIN_V6), ORIGIN_V6);
+    assert_direct(&w.probe(&w.node.runtime, ORIGIN_V4), ORIGIN_V4);
+    assert_direct(&w.probe(&w.node.runtime, ORIGIN_V6), ORIGIN_V6);
     assert_eq!(w.counter(Counter::Excluded), 2);
     assert_eq!(w.counter(Counter::Redirected), 0);
 }
@@ -219,10 +161,10 @@ fn process_outside_the_target_cgroups_goes_direct() {
     require_root!();
     let w = World::new();
     let _proxy = w.start_proxy(&[]);
-    assert_direct(&w.probe(&w.other, ORIGIN_V4), ORIGIN_V4);
+    assert_direct(&w.probe(&w.node.other, ORIGIN_V4), ORIGIN_V4);
     assert!(w.counter(Counter::NotTarget) >= 1);
     // A cgroup below a target is a target too (runtimes put helpers in child cgroups).
-    let below = w.target.child("shim");
+    let below = w.node.runtime.child("shim");
     assert_redirected_to_origin(&w.probe(&below, ORIGIN_V4), ORIGIN_V4);
 }
 
@@ -232,9 +174,12 @@ fn the_proxys_own_upstream_connections_are_never_redirected() {
     let w = World::new();
     // pullproxy runs *below* the target cgroup: without the bypass mark its own connection to
     // the origin would be redirected back to itself.
-    let inner = w.target.child("pullproxy");
-    let proxy = Pullproxy::start(&w.ns, &inner, &w.env());
-    let p = w.probe(&w.target, ORIGIN_V4);
+    let inner = w.node.runtime.child("pullproxy");
+    let proxy = Pullproxy::start(
+        &Placement::new().netns(&w.node.ns).cgroup(&inner),
+        &w.node.env(),
+    );
+    let p = w.probe(&w.node.runtime, ORIGIN_V4);
     assert_redirected_to_origin(&p, ORIGIN_V4);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -255,18 +200,18 @@ fn stopped_proxy_fails_open_and_a_restart_resumes_without_reattaching() {
     require_root!();
     let w = World::new();
     let mut proxy = w.start_proxy(&[]);
-    assert_redirected_to_origin(&w.probe(&w.target, ORIGIN_V4), ORIGIN_V4);
-    let links_before = redirect::pinned_links(&w.pins.0);
+    assert_redirected_to_origin(&w.probe(&w.node.runtime, ORIGIN_V4), ORIGIN_V4);
+    let links_before = redirect::pinned_links(w.node.pins());
     assert!(
         links_before.iter().all(|(_, l)| l.is_some()),
         "{links_before:?}"
     );
 
     proxy.kill();
-    let p = w.probe(&w.target, ORIGIN_V4);
+    let p = w.probe(&w.node.runtime, ORIGIN_V4);
     assert_direct(&p, ORIGIN_V4);
     assert!(w.counter(Counter::NoListener) >= 1);
-    let p6 = w.probe(&w.target, ORIGIN_V6);
+    let p6 = w.probe(&w.node.runtime, ORIGIN_V6);
     assert_direct(&p6, ORIGIN_V6);
 
     let proxy = w.start_proxy(&[]);
@@ -277,7 +222,7 @@ fn stopped_proxy_fails_open_and_a_restart_resumes_without_reattaching() {
         proxy.dump()
     );
     assert!(proxy.find("attached").is_none(), "{}", proxy.dump());
-    let links_after = redirect::pinned_links(&w.pins.0);
+    let links_after = redirect::pinned_links(w.node.pins());
     for ((name, before), (_, after)) in links_before.iter().zip(&links_after) {
         let (before, after) = (before.unwrap(), after.unwrap());
         assert_eq!(
@@ -289,7 +234,7 @@ fn stopped_proxy_fails_open_and_a_restart_resumes_without_reattaching() {
             "{name}: the new program is swapped in"
         );
     }
-    assert_redirected_to_origin(&w.probe(&w.target, ORIGIN_V4), ORIGIN_V4);
+    assert_redirected_to_origin(&w.probe(&w.node.runtime, ORIGIN_V4), ORIGIN_V4);
 }
 
 #[test]
@@ -297,13 +242,17 @@ fn recreated_target_cgroup_is_redirected_again_within_five_seconds() {
     require_root!();
     let w = World::new();
     let _proxy = w.start_proxy(&[]);
-    assert_redirected_to_origin(&w.probe(&w.target, ORIGIN_V4), ORIGIN_V4);
-    let old_id = w.target.id();
-    w.target.recreate();
-    assert_ne!(w.target.id(), old_id, "a recreated cgroup gets a new id");
+    assert_redirected_to_origin(&w.probe(&w.node.runtime, ORIGIN_V4), ORIGIN_V4);
+    let old_id = w.node.runtime.id();
+    w.node.runtime.recreate();
+    assert_ne!(
+        w.node.runtime.id(),
+        old_id,
+        "a recreated cgroup gets a new id"
+    );
     let started = Instant::now();
     loop {
-        let p = w.probe(&w.target, ORIGIN_V4);
+        let p = w.probe(&w.node.runtime, ORIGIN_V4);
         if p.redirected() {
             assert_redirected_to_origin(&p, ORIGIN_V4);
             break;
@@ -328,14 +277,14 @@ fn an_exclusive_program_on_an_ancestor_is_a_clear_error() {
     let w = World::new();
     // Borrow a loaded connect4 program from a first pullproxy...
     let first = w.start_proxy(&[]);
-    let prog_id = redirect::pinned_links(&w.pins.0)
+    let prog_id = redirect::pinned_links(w.node.pins())
         .into_iter()
         .find(|(n, _)| *n == "pp_connect4")
         .and_then(|(_, l)| l)
         .expect("pinned connect4 link")
         .prog_id;
     // ...and attach it in exclusive (non-multi) mode where the second one wants to go.
-    let blocker = w.root.child("blocker");
+    let blocker = w.node.root.child("blocker");
     let status = std::process::Command::new("bpftool")
         .args(["cgroup", "attach"])
         .arg(blocker.dir())
@@ -344,12 +293,13 @@ fn an_exclusive_program_on_an_ancestor_is_a_clear_error() {
         .expect("bpftool");
     assert!(status.success(), "bpftool cgroup attach failed");
     let below = blocker.child("below");
-    let pins = Pins(PathBuf::from(format!("{}-second", w.pins.0.display())));
-    let mut env = w.env();
+    let pins = PinDir(PathBuf::from(format!("{}-second", w.node.pins().display())));
+    let mut env = w.node.env();
     env.push(("PULLPROXY_REDIRECT__ATTACH_CGROUP", below.path().to_owned()));
     env.push(("PULLPROXY_REDIRECT__PIN_DIR", pins.0.display().to_string()));
     env.push(("PULLPROXY_LISTEN__PORT", "15444".to_owned()));
-    let stderr = harness::pullproxy::run_expecting_failure(&w.ns, &w.proxy_cg, &env, &[]);
+    env.push(("PULLPROXY_ADMIN__LISTEN", "127.0.0.1:15091".to_owned()));
+    let stderr = harness::pullproxy::run_expecting_failure(&w.node.ns, &w.node.proxy_cg, &env, &[]);
     assert!(
         stderr.contains("exclusive (non-multi) mode (EPERM)") && stderr.contains(below.path()),
         "{stderr}"
@@ -367,9 +317,9 @@ fn missing_privileges_are_named() {
     require_root!();
     let w = World::new();
     let stderr = harness::pullproxy::run_expecting_failure(
-        &w.ns,
-        &w.proxy_cg,
-        &w.env(),
+        &w.node.ns,
+        &w.node.proxy_cg,
+        &w.node.env(),
         &[
             "setpriv",
             "--reuid=65534",
@@ -383,7 +333,7 @@ fn missing_privileges_are_named() {
         "{stderr}"
     );
     assert!(
-        !w.pins.0.exists(),
+        !w.node.pins().exists(),
         "nothing may be pinned by a refused start"
     );
 }

@@ -61,7 +61,7 @@ pub struct CacheSettings {
 /// Errors of the cache layer.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,

@@ -142,8 +142,7 @@ impl Redirector {
     /// and writes the ports and exclusions. Returns the redirector and the original-destination
     /// source the proxy reads on accept.
     pub fn install(settings: RedirectSettings) -> Result<(Self, KernelOriginalDst), LoaderError> {
-        check_kernel()?;
-        check_privileges()?;
+        preflight()?;
         let cgroup2 = Cgroup2::discover()?;
         let attach_dir = cgroup2.dir(&settings.attach_cgroup)?;
         let attach_id = cgroup2.id(&settings.attach_cgroup)?;
@@ -377,6 +376,15 @@ pub fn uninstall(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
         _ => {}
     }
     Ok(removed)
+}
+
+/// The checks that need no change to the system: kernel version, privileges, cgroup v2. Run
+/// first at start, so a node that cannot redirect says why before anything is created.
+pub fn preflight() -> Result<(), LoaderError> {
+    check_kernel()?;
+    check_privileges()?;
+    Cgroup2::discover()?;
+    Ok(())
 }
 
 fn check_kernel() -> Result<(), LoaderError> {

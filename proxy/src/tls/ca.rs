@@ -502,9 +502,9 @@ fn read_private_key(path: &Path) -> Result<KeyPair, TlsError> {
         path: path.to_owned(),
         message: format!("no private key: {e}"),
     })?;
-    KeyPair::try_from(&der).map_err(|source| TlsError::Key {
+    KeyPair::try_from(&der).map_err(|cause| TlsError::Key {
         path: path.to_owned(),
-        source,
+        cause,
     })
 }
 

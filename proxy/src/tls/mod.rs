@@ -93,7 +93,7 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 /// Errors of the TLS layer.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -108,14 +108,10 @@ pub enum TlsError {
     #[error("{path}: {message}")]
     Pem { path: PathBuf, message: String },
     #[error(
-        "{path}: not a usable private key ({source}); pullproxy reads PKCS#8 (\"BEGIN PRIVATE \
+        "{path}: not a usable private key ({cause}); pullproxy reads PKCS#8 (\"BEGIN PRIVATE \
          KEY\"): convert with `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pk8`"
     )]
-    Key {
-        path: PathBuf,
-        #[source]
-        source: rcgen::Error,
-    },
+    Key { path: PathBuf, cause: rcgen::Error },
     #[error("{path}: {reason}")]
     BadCa { path: PathBuf, reason: String },
     #[error("{key} is not the private key of {cert}")]
@@ -140,15 +136,15 @@ pub enum TlsError {
         pattern: String,
         reason: &'static str,
     },
-    #[error("generating a certificate: {0}")]
+    #[error("generating a certificate")]
     Certificate(#[from] rcgen::Error),
-    #[error("minting a certificate for {host}: {source}")]
+    #[error("minting a certificate for {host}")]
     Mint {
         host: String,
         #[source]
         source: Arc<TlsError>,
     },
-    #[error("tls: {0}")]
+    #[error("TLS configuration")]
     Rustls(#[from] rustls::Error),
     #[error(
         "no trusted roots for upstream connections: the system store is empty and no extra CA \
