@@ -226,14 +226,18 @@ impl RegistryProxy {
         reference: &Reference,
     ) -> (Source, Response<ProxyBody>) {
         let method = req.method();
+        // Every Accept line the client sent (Go clients send one per media type): a registry
+        // that sees only some of them converts the manifest (down to schema 1, even).
         let mut hub_headers = HeaderMap::new();
-        hub_headers.insert(
-            header::ACCEPT,
-            req.headers()
-                .get(header::ACCEPT)
-                .cloned()
-                .unwrap_or_else(|| HeaderValue::from_static(media_type::MANIFEST_ACCEPT)),
-        );
+        for accept in req.headers().get_all(header::ACCEPT) {
+            hub_headers.append(header::ACCEPT, accept.clone());
+        }
+        if hub_headers.is_empty() {
+            hub_headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static(media_type::MANIFEST_ACCEPT),
+            );
+        }
         if let Some(resp) = self
             .hub_lookup(
                 ctx,

@@ -1,0 +1,605 @@
+//! The pull proxy with real registries and real clients: `docker-registry` as the sealos hub
+//! (htpasswd), `docker-registry` behind TLS as Docker Hub and as a private quay.io, and an
+//! unmodified `skopeo` whose connections the kernel redirects to pullproxy. Some tests also talk
+//! to the proxy port directly (many concurrent clients, exact ranges, hostile requests).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use harness::{
+    images::{self, Digest, Format, Image},
+    mountns::MountSpec,
+    node::Node,
+    process::Placement,
+    pullproxy::Pullproxy,
+    registry::Registry,
+    registry_client::{Body, RegistryClient},
+    require_root,
+    skopeo::{Skopeo, verify_dir_copy},
+    testca::{self, TestCa, ca_bundle},
+};
+use serde_json::Value;
+
+/// The fake Docker Hub (and registry.k8s.io), inside the test namespace only.
+const UPSTREAM_IP: &str = "10.204.0.1";
+/// The fake sealos hub.
+const HUB_IP: &str = "10.204.0.2";
+/// A private quay.io that wants credentials.
+const PRIVATE_IP: &str = "10.204.0.3";
+const HUB_USER: &str = "admin";
+const HUB_PASSWORD: &str = "hub-secret-1";
+const PRIVATE_USER: &str = "alice";
+const PRIVATE_PASSWORD: &str = "wonderland";
+const PUBLIC_HOSTS: &[&str] = &[
+    "registry-1.docker.io",
+    "index.docker.io",
+    "docker.io",
+    "registry.k8s.io",
+];
+
+/// Fields drop in declaration order: pullproxy, the registries, then the node.
+struct World {
+    proxy: Pullproxy,
+    hub: Registry,
+    upstream: Registry,
+    private: Registry,
+    hub_password_file: PathBuf,
+    bundle: PathBuf,
+    /// Keeps the upstream CA files alive.
+    _ca: TestCa,
+    node: Node,
+}
+
+impl World {
+    fn new() -> Self {
+        let node = Node::new("pp-proxy");
+        for ip in [UPSTREAM_IP, HUB_IP, PRIVATE_IP] {
+            node.ns.add_addr(&format!("{ip}/32"));
+        }
+        let ca = TestCa::new("upstream");
+        let upstream = Registry::builder(SocketAddr::new(ip(UPSTREAM_IP), 443))
+            .netns(&node.ns)
+            .tls(&ca.leaf(PUBLIC_HOSTS))
+            .start();
+        let private = Registry::builder(SocketAddr::new(ip(PRIVATE_IP), 443))
+            .netns(&node.ns)
+            .server_name("quay.io")
+            .tls(&ca.leaf(&["quay.io"]))
+            .htpasswd(PRIVATE_USER, PRIVATE_PASSWORD)
+            .start();
+        let hub = Registry::builder(SocketAddr::new(ip(HUB_IP), 5000))
+            .netns(&node.ns)
+            .server_name("sealos.hub")
+            .htpasswd(HUB_USER, HUB_PASSWORD)
+            .start();
+        let hub_password_file = node.state().join("hub-password");
+        std::fs::write(&hub_password_file, format!("{HUB_PASSWORD}\n")).unwrap();
+        let proxy = node.start_proxy_with_mounts(
+            hosts(),
+            &[
+                ("PULLPROXY_HUB__URL", format!("http://{HUB_IP}:5000")),
+                ("PULLPROXY_HUB__USERNAME", HUB_USER.to_owned()),
+                (
+                    "PULLPROXY_HUB__PASSWORD_FILE",
+                    hub_password_file.display().to_string(),
+                ),
+                (
+                    "PULLPROXY_TLS__EXTRA_UPSTREAM_CAS",
+                    format!("[{}]", ca.cert_path().display()),
+                ),
+            ],
+        );
+        // Clients trust the node CA (pullproxy generated it at start) and the upstream CA (for
+        // when they reach the upstream directly).
+        let bundle = ca_bundle(
+            &node.state().join("bundle.pem"),
+            &[&node.node_ca_pem(), &ca.cert_pem()],
+        );
+        Self {
+            proxy,
+            hub,
+            upstream,
+            private,
+            hub_password_file,
+            bundle,
+            _ca: ca,
+            node,
+        }
+    }
+
+    /// skopeo as a container runtime would run it: in the target cgroup (so the kernel redirects
+    /// it), resolving registry names to the test's addresses.
+    fn skopeo(&self) -> Skopeo {
+        Skopeo::new(
+            Placement::new()
+                .netns(&self.node.ns)
+                .cgroup(&self.node.runtime)
+                .mounts(hosts().ca_bundle(&self.bundle)),
+        )
+    }
+
+    /// A client talking to the proxy port directly as `registry-1.docker.io`.
+    fn direct(&self) -> RegistryClient {
+        RegistryClient::new("registry-1.docker.io", "127.0.0.1:15443".parse().unwrap())
+            .netns(&self.node.ns)
+            .tls(testca::client_config(&[&self.node.node_ca_pem()]))
+            .anonymous()
+            .timeout(Duration::from_secs(30))
+    }
+
+    /// The proxy's per-request log records ("pull") for a repository.
+    fn pulls(&self, repository: &str) -> Vec<Value> {
+        self.proxy
+            .all("pull")
+            .into_iter()
+            .filter(|r| r["repository"] == repository)
+            .collect()
+    }
+
+    fn sources(&self, repository: &str, kind: &str) -> Vec<String> {
+        self.pulls(repository)
+            .iter()
+            .filter(|r| r["kind"] == kind)
+            .map(|r| r["source"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// Waits until every request of `repository` has written its log line.
+    fn settle(&self) {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// /etc/hosts for clients and pullproxy: the public names at the fake Docker Hub, quay.io at the
+/// private registry, sealos.hub at the hub.
+fn hosts() -> MountSpec {
+    MountSpec::new()
+        .hosts(PUBLIC_HOSTS, ip(UPSTREAM_IP))
+        .hosts(&["quay.io"], ip(PRIVATE_IP))
+        .hosts(&["sealos.hub"], ip(HUB_IP))
+}
+
+fn copy(
+    world: &World,
+    image: &str,
+    creds: Option<(&str, &str)>,
+) -> (tempfile::TempDir, harness::skopeo::SkopeoOutput) {
+    let dest = tempfile::tempdir().unwrap();
+    let out = world.skopeo().copy_to_dir(image, dest.path(), creds, false);
+    (dest, out)
+}
+
+#[test]
+fn hub_hit_is_served_from_the_hub_with_the_upstream_down() {
+    require_root!();
+    let mut w = World::new();
+    let image = images::busybox(Format::Docker);
+    w.hub
+        .client()
+        .push_image("library/busybox", "latest", &image);
+    w.upstream.stop();
+
+    let (dir, out) = copy(
+        &w,
+        "docker://registry-1.docker.io/library/busybox:latest",
+        None,
+    );
+    out.expect_success();
+    verify_dir_copy(dir.path(), &image).unwrap();
+    w.settle();
+    let manifests = w.sources("library/busybox", "manifest");
+    let blobs = w.sources("library/busybox", "blob");
+    assert!(
+        !manifests.is_empty() && manifests.iter().all(|s| s == "hub"),
+        "{manifests:?}"
+    );
+    assert_eq!(blobs.len(), image.layers.len() + 1, "{blobs:?}");
+    assert!(blobs.iter().all(|s| s == "hub"), "{blobs:?}");
+    // Hub lookups used the sealos mapping and pullproxy's credentials.
+    assert!(
+        w.hub.count(
+            "GET",
+            &format!("/v2/library/busybox/blobs/{}", image.layers[0].digest)
+        ) >= 1
+    );
+}
+
+#[test]
+fn hub_miss_is_fetched_upstream_cached_and_served_when_the_upstream_is_gone() {
+    require_root!();
+    let mut w = World::new();
+    let image = images::multi_layer(Format::Oci, 3, 1 << 20, 31);
+    w.upstream.client().push_image("library/app", "1.0", &image);
+    let src = "docker://registry-1.docker.io/library/app:1.0";
+
+    let (dir, out) = copy(&w, src, None);
+    out.expect_success();
+    verify_dir_copy(dir.path(), &image).unwrap();
+    for blob in image.blobs() {
+        let path = format!("/v2/library/app/blobs/{}", blob.digest);
+        w.upstream
+            .wait_count("GET", &path, 1, Duration::from_secs(5));
+        assert_eq!(w.upstream.blob_fetches("library/app", &blob.digest), 1);
+    }
+
+    // Again: the tag is re-validated upstream, the blobs come from the cache.
+    let (dir, out) = copy(&w, src, None);
+    out.expect_success();
+    verify_dir_copy(dir.path(), &image).unwrap();
+    for blob in image.blobs() {
+        assert_eq!(
+            w.upstream.blob_fetches("library/app", &blob.digest),
+            1,
+            "a cached blob must not be fetched again"
+        );
+    }
+
+    // The upstream goes away: the cached tag mapping is served (stale-if-error), and the blobs
+    // come from the cache (the upstream approved these credentials for this repository minutes
+    // ago).
+    w.settle();
+    let before = w.pulls("library/app").len();
+    w.upstream.stop();
+    let (dir, out) = copy(&w, src, None);
+    out.expect_success();
+    verify_dir_copy(dir.path(), &image).unwrap();
+    w.settle();
+    let last: Vec<Value> = w.pulls("library/app").into_iter().skip(before).collect();
+    let by_kind = |kind: &str| -> Vec<String> {
+        last.iter()
+            .filter(|r| r["kind"] == kind)
+            .map(|r| r["source"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let manifests = by_kind("manifest");
+    assert!(
+        !manifests.is_empty() && manifests.iter().all(|s| s == "stale"),
+        "{manifests:?}"
+    );
+    let blobs = by_kind("blob");
+    assert_eq!(blobs.len(), image.layers.len() + 1, "{blobs:?}");
+    assert!(blobs.iter().all(|s| s == "cache"), "{blobs:?}");
+}
+
+#[test]
+fn private_images_need_the_clients_own_credentials_even_when_cached() {
+    require_root!();
+    let w = World::new();
+    let image = images::multi_layer(Format::Docker, 1, 256 << 10, 77);
+    w.private.client().push_image("team/secret", "1", &image);
+    let src = "docker://quay.io/team/secret:1";
+
+    let (dir, out) = copy(&w, src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
+    out.expect_success();
+    verify_dir_copy(dir.path(), &image).unwrap();
+
+    // Every blob is cached now; still, no credentials or wrong ones get nothing.
+    let (_, out) = copy(&w, src, None);
+    let err = out.expect_failure();
+    assert!(
+        err.contains("401") || err.to_lowercase().contains("unauthorized"),
+        "{err}"
+    );
+    let (_, out) = copy(&w, src, Some((PRIVATE_USER, "wrong")));
+    out.expect_failure();
+
+    // Not even a single cached blob by digest, asked for directly.
+    let client = RegistryClient::new("quay.io", "127.0.0.1:15443".parse().unwrap())
+        .netns(&w.node.ns)
+        .tls(testca::client_config(&[&w.node.node_ca_pem()]))
+        .anonymous();
+    let resp = client
+        .get_blob("team/secret", &image.layers[0].digest, None)
+        .unwrap();
+    assert_eq!(
+        resp.status,
+        401,
+        "a refused client got {} bytes",
+        resp.body.len()
+    );
+    assert!(
+        resp.header("www-authenticate").is_some(),
+        "the challenge is relayed"
+    );
+    assert!(resp.body.len() < 1024, "no blob bytes for a refused client");
+
+    // And the right credentials still work, from the cache.
+    let (dir, out) = copy(&w, src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
+    out.expect_success();
+    verify_dir_copy(dir.path(), &image).unwrap();
+}
+
+#[test]
+fn sixty_four_concurrent_cold_gets_fetch_the_blob_once() {
+    require_root!();
+    let w = Arc::new(World::new());
+    let layer = images::random_layer(24 << 20, 0xc0ffee);
+    let image = Image::build(
+        Format::Docker,
+        images::Platform::linux_amd64(),
+        None,
+        &[layer],
+    );
+    w.upstream.client().push_image("library/big", "1", &image);
+    let blob = image.layers[0].clone();
+    let barrier = Arc::new(std::sync::Barrier::new(64));
+    let handles: Vec<_> = (0..64)
+        .map(|_| {
+            let (w, barrier, digest) = (w.clone(), barrier.clone(), blob.digest.clone());
+            std::thread::spawn(move || {
+                let client = w.direct();
+                barrier.wait();
+                client
+                    .get_blob("library/big", &digest, None)
+                    .expect("GET through pullproxy")
+            })
+        })
+        .collect();
+    for h in handles {
+        let resp = h.join().unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(
+            Digest::of(&resp.body),
+            blob.digest,
+            "every client gets the exact bytes"
+        );
+    }
+    let path = format!("/v2/library/big/blobs/{}", blob.digest);
+    w.upstream
+        .wait_count("GET", &path, 1, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        w.upstream.blob_fetches("library/big", &blob.digest),
+        1,
+        "64 concurrent clients, one upstream fetch"
+    );
+}
+
+#[test]
+fn a_corrupted_upstream_blob_is_never_cached() {
+    require_root!();
+    let w = World::new();
+    let image = images::multi_layer(Format::Docker, 1, 2 << 20, 5);
+    w.upstream.client().push_image("library/bad", "1", &image);
+    let layer = image.layers[1].clone();
+    // Flip bytes in the upstream's stored copy, keeping its size.
+    let data = w
+        .upstream
+        .storage()
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&layer.digest.hex()[..2])
+        .join(layer.digest.hex())
+        .join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    for b in bytes.iter_mut().skip(1000).take(64) {
+        *b ^= 0xff;
+    }
+    std::fs::write(&data, &bytes).unwrap();
+
+    for attempt in 1..=2 {
+        let resp = w.direct().get_blob("library/bad", &layer.digest, None);
+        if let Ok(resp) = &resp {
+            assert!(
+                resp.status != 200 || Digest::of(&resp.body) != layer.digest,
+                "the client must get an error or bytes it will reject"
+            );
+            assert!(
+                resp.body.len() < layer.size as usize,
+                "the corrupt blob is never delivered whole"
+            );
+        }
+        let path = format!("/v2/library/bad/blobs/{}", layer.digest);
+        w.upstream
+            .wait_count("GET", &path, attempt, Duration::from_secs(5));
+    }
+    // Nothing cached: the second GET went upstream again, and the cache has no file for it.
+    assert_eq!(w.upstream.blob_fetches("library/bad", &layer.digest), 2);
+    let cached = w
+        .node
+        .cache_dir()
+        .join("blobs/sha256")
+        .join(layer.digest.hex());
+    assert!(!cached.exists(), "{} must not exist", cached.display());
+    assert!(
+        w.proxy
+            .wait_for(
+                "upstream blob does not match its digest: not cached, clients got an error",
+                Duration::from_secs(5),
+                |_| true
+            )
+            .is_some(),
+        "{}",
+        w.proxy.dump()
+    );
+}
+
+#[test]
+fn ranges_and_open_ended_ranges_are_exact_cold_and_cached() {
+    require_root!();
+    let w = World::new();
+    let image = images::multi_layer(Format::Docker, 1, 1 << 20, 9);
+    w.upstream
+        .client()
+        .push_image("library/ranged", "1", &image);
+    let layer = image.layers[1].clone();
+    let full = layer.bytes();
+    let len = full.len();
+    for round in ["cold", "cached"] {
+        let resp = w
+            .direct()
+            .get_blob("library/ranged", &layer.digest, Some("bytes=10-99"))
+            .unwrap();
+        assert_eq!(resp.status, 206, "{round}: {}", resp.text());
+        assert_eq!(
+            resp.header("content-range"),
+            Some(format!("bytes 10-99/{len}").as_str()),
+            "{round}"
+        );
+        assert_eq!(resp.body, &full[10..100], "{round}");
+
+        let resp = w
+            .direct()
+            .get_blob("library/ranged", &layer.digest, Some("bytes=1000-"))
+            .unwrap();
+        assert_eq!(resp.status, 206, "{round}");
+        assert_eq!(
+            resp.header("content-range"),
+            Some(format!("bytes 1000-{}/{len}", len - 1).as_str())
+        );
+        assert_eq!(resp.body, &full[1000..], "{round}");
+        assert_eq!(
+            resp.header("content-length"),
+            Some((len - 1000).to_string().as_str())
+        );
+
+        let past = format!("bytes={}-", len + 10);
+        let resp = w
+            .direct()
+            .get_blob("library/ranged", &layer.digest, Some(&past))
+            .unwrap();
+        assert_eq!(resp.status, 416, "{round}");
+        assert_eq!(
+            resp.header("content-range"),
+            Some(format!("bytes */{len}").as_str())
+        );
+    }
+    assert_eq!(w.upstream.blob_fetches("library/ranged", &layer.digest), 1);
+}
+
+#[test]
+fn malformed_requests_get_a_4xx_and_never_reach_the_disk_or_crash_the_proxy() {
+    require_root!();
+    let mut w = World::new();
+    let image = images::busybox(Format::Docker);
+    w.upstream.client().push_image("library/ok", "1", &image);
+    let client = w.direct();
+    let cache_before = dir_listing(&w.node.cache_dir());
+    for path in [
+        "/v2/../../etc/passwd/manifests/latest",
+        "/v2/library/%2e%2e/%2e%2e/etc/manifests/latest",
+        "/v2/library/ok%2fx/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        "/v2/library/ok/blobs/sha256:1234",
+        "/v2/library/ok/blobs/md5:d41d8cd98f00b204e9800998ecf8427e",
+        "/v2/library/ok/blobs/sha256:../../../../etc/passwd",
+        "/v2/Library/OK/manifests/latest",
+        "/v2/library/ok/manifests/bad:tag",
+        "/v2/library/ok//manifests/latest",
+        "/v2/library/ok/manifests/..",
+    ] {
+        let resp = client.request("GET", path, &[], Body::Empty).unwrap();
+        assert!(
+            (400..500).contains(&resp.status),
+            "{path}: got {} {}",
+            resp.status,
+            resp.text()
+        );
+        let json: Value = serde_json::from_slice(&resp.body)
+            .unwrap_or_else(|_| panic!("{path}: an OCI error body, got {}", resp.text()));
+        assert!(json["errors"][0]["code"].is_string(), "{path}: {json}");
+    }
+    // Huge headers are refused, not buffered without limit.
+    let huge = "x".repeat(512 << 10);
+    let resp = client.request(
+        "GET",
+        "/v2/library/ok/manifests/1",
+        &[("X-Huge", &huge)],
+        Body::Empty,
+    );
+    assert!(
+        resp.as_ref()
+            .map_or(true, |r| r.status == 431 || r.status >= 400),
+        "{:?}",
+        resp.map(|r| r.status)
+    );
+    // The proxy still serves, and nothing was written for the hostile requests.
+    let resp = client.get_manifest("library/ok", "1").unwrap();
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(w.proxy.find("invalid registry request refused").is_some());
+    let after: Vec<_> = dir_listing(&w.node.cache_dir())
+        .into_iter()
+        .filter(|p| !cache_before.contains(p))
+        .collect();
+    assert!(
+        after
+            .iter()
+            .all(|p| p.starts_with(w.node.cache_dir().join("blobs"))
+                || p.starts_with(w.node.cache_dir().join("media-types"))
+                || p.starts_with(w.node.cache_dir().join("tags"))),
+        "{after:?}"
+    );
+    w.upstream.stop();
+}
+
+#[test]
+fn a_rotated_hub_password_is_used_on_the_next_request() {
+    require_root!();
+    let mut w = World::new();
+    let image = images::busybox(Format::Oci);
+    w.hub.client().push_image("library/rotate", "1", &image);
+    let src = "docker://registry-1.docker.io/library/rotate:1";
+    copy(&w, src, None).1.expect_success();
+    w.settle();
+    assert!(
+        w.sources("library/rotate", "manifest")
+            .iter()
+            .all(|s| s == "hub")
+    );
+
+    // The hub's password changes; pullproxy's file still has the old one: the hub refuses, and
+    // the upstream does not have the image.
+    w.hub.set_password("hub-secret-2");
+    copy(&w, src, None).1.expect_failure();
+    assert!(
+        w.proxy
+            .wait_for(
+                "the hub refused pullproxy's credentials; check hub.username and the password source",
+                Duration::from_secs(5),
+                |_| true
+            )
+            .is_some(),
+        "{}",
+        w.proxy.dump()
+    );
+
+    // The credentials file is updated (as a Secret update would): the next pull uses it.
+    std::fs::write(&w.hub_password_file, "hub-secret-2\n").unwrap();
+    let before = w.pulls("library/rotate").len();
+    let (dir, out) = copy(&w, src, None);
+    out.expect_success();
+    verify_dir_copy(dir.path(), &image).unwrap();
+    w.settle();
+    let after: Vec<_> = w.pulls("library/rotate").into_iter().skip(before).collect();
+    assert!(
+        !after.is_empty() && after.iter().all(|r| r["source"] == "hub"),
+        "{after:?}"
+    );
+    // No credential value ever reaches the logs.
+    let logs = w.proxy.dump();
+    for secret in [HUB_PASSWORD, "hub-secret-2"] {
+        assert!(!logs.contains(secret), "a password leaked into the logs");
+    }
+}
+
+fn dir_listing(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
