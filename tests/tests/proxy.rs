@@ -603,3 +603,130 @@ fn dir_listing(dir: &std::path::Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// `GET /metrics` from the admin listener inside the node (classic text format, as curl gets).
+fn scrape(w: &World) -> String {
+    let admin = RegistryClient::new("127.0.0.1", "127.0.0.1:15090".parse().unwrap())
+        .netns(&w.node.ns)
+        .anonymous();
+    let resp = admin.request("GET", "/metrics", &[], Body::Empty).unwrap();
+    assert_eq!(resp.status, 200);
+    resp.text()
+}
+
+/// The value of the sample whose name and labels start with `prefix`, summed over matches.
+fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn metrics_follow_real_pulls_pass_promtool_and_never_hold_credentials() {
+    require_root!();
+    let w = World::new();
+    let hub_image = images::busybox(Format::Docker);
+    w.hub.client().push_image("library/onhub", "1", &hub_image);
+    let up_image = images::multi_layer(Format::Oci, 2, 128 << 10, 41);
+    w.upstream
+        .client()
+        .push_image("library/upstream", "1", &up_image);
+    let private = images::multi_layer(Format::Docker, 1, 64 << 10, 42);
+    w.private.client().push_image("team/secret", "1", &private);
+
+    copy(&w, "docker://registry-1.docker.io/library/onhub:1", None)
+        .1
+        .expect_success();
+    copy(&w, "docker://registry-1.docker.io/library/upstream:1", None)
+        .1
+        .expect_success();
+    copy(&w, "docker://registry-1.docker.io/library/upstream:1", None)
+        .1
+        .expect_success();
+    copy(
+        &w,
+        "docker://quay.io/team/secret:1",
+        Some((PRIVATE_USER, PRIVATE_PASSWORD)),
+    )
+    .1
+    .expect_success();
+    copy(&w, "docker://quay.io/team/secret:1", None)
+        .1
+        .expect_failure();
+    let bad = w
+        .direct()
+        .request("GET", "/v2/library/x/blobs/sha256:00", &[], Body::Empty)
+        .unwrap();
+    assert_eq!(bad.status, 400);
+    w.settle();
+
+    let text = scrape(&w);
+    let docker = r#"registry="registry-1.docker.io""#;
+    for (prefix, at_least) in [
+        (format!("pullproxy_requests_total{{{docker},kind=\"manifest\",source=\"hub\",status=\"200\"}}"), 1.0),
+        (format!("pullproxy_requests_total{{{docker},kind=\"blob\",source=\"hub\",status=\"200\"}}"), 2.0),
+        (format!("pullproxy_requests_total{{{docker},kind=\"blob\",source=\"upstream\",status=\"200\"}}"), 3.0),
+        (format!("pullproxy_requests_total{{{docker},kind=\"blob\",source=\"cache\",status=\"200\"}}"), 3.0),
+        ("pullproxy_requests_total{registry=\"quay.io\",kind=\"manifest\",source=\"upstream\",status=\"401\"}".to_owned(), 1.0),
+        ("pullproxy_served_bytes_total{source=\"hub\"}".to_owned(), hub_image.blob_bytes() as f64),
+        ("pullproxy_served_bytes_total{source=\"cache\"}".to_owned(), 1.0),
+        ("pullproxy_request_duration_seconds_count{kind=\"blob\",source=\"upstream\"}".to_owned(), 3.0),
+        ("pullproxy_hub_lookups_total{outcome=\"found\"}".to_owned(), 3.0),
+        ("pullproxy_hub_lookups_total{outcome=\"not_found\"}".to_owned(), 3.0),
+        (format!("pullproxy_upstream_fetches_total{{{docker},outcome=\"cached\"}}"), 3.0),
+        ("pullproxy_redirect_connections_total{outcome=\"redirected\"}".to_owned(), 5.0),
+        ("pullproxy_redirect_connections_total{outcome=\"rekeyed\"}".to_owned(), 5.0),
+        ("pullproxy_connections_total{decision=\"terminated\"}".to_owned(), 5.0),
+        ("pullproxy_tls_certificates_minted_total".to_owned(), 2.0),
+        ("pullproxy_cache_entries".to_owned(), 3.0),
+        ("pullproxy_cache_hits_total".to_owned(), 3.0),
+        ("pullproxy_invalid_requests_total{reason=\"digest\"}".to_owned(), 1.0),
+        ("pullproxy_hub_up".to_owned(), 1.0),
+        ("pullproxy_redirect_target_cgroups".to_owned(), 1.0),
+        ("pullproxy_build_info{version=".to_owned(), 1.0),
+    ] {
+        let v = sample(&text, &prefix);
+        assert!(v >= at_least, "{prefix} is {v}, expected at least {at_least}\n{text}");
+    }
+    assert_eq!(sample(&text, "pullproxy_digest_mismatches_total"), 0.0);
+
+    // The exposition is valid Prometheus text.
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // No credential, nor its base64 form, anywhere in logs or metrics.
+    let haystack = format!("{}\n{text}", w.proxy.dump());
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for secret in [
+        PRIVATE_PASSWORD.to_owned(),
+        HUB_PASSWORD.to_owned(),
+        b64(&format!("{PRIVATE_USER}:{PRIVATE_PASSWORD}")),
+        b64(&format!("{HUB_USER}:{HUB_PASSWORD}")),
+    ] {
+        assert!(
+            !haystack.contains(&secret),
+            "a credential leaked into logs or metrics"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod bpf_sys;
 pub mod cgroup;
+pub mod metrics;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
