@@ -30,6 +30,10 @@ const UPSTREAM_IP: &str = "10.204.0.1";
 const HUB_IP: &str = "10.204.0.2";
 /// A private quay.io that wants credentials.
 const PRIVATE_IP: &str = "10.204.0.3";
+/// A plain-HTTP registry on port 80, configured as insecure.
+const INSECURE_IP: &str = "10.204.0.4";
+/// A TLS site that is not a registry: its connections are spliced untouched.
+const SITE_IP: &str = "10.204.0.5";
 const HUB_USER: &str = "admin";
 const HUB_PASSWORD: &str = "hub-secret-1";
 const PRIVATE_USER: &str = "alice";
@@ -44,6 +48,8 @@ const PUBLIC_HOSTS: &[&str] = &[
 /// Fields drop in declaration order: pullproxy, the registries, then the node.
 struct World {
     proxy: Pullproxy,
+    insecure: Registry,
+    site: Registry,
     hub: Registry,
     upstream: Registry,
     private: Registry,
@@ -57,7 +63,7 @@ struct World {
 impl World {
     fn new() -> Self {
         let node = Node::new("pp-proxy");
-        for ip in [UPSTREAM_IP, HUB_IP, PRIVATE_IP] {
+        for ip in [UPSTREAM_IP, HUB_IP, PRIVATE_IP, INSECURE_IP, SITE_IP] {
             node.ns.add_addr(&format!("{ip}/32"));
         }
         let ca = TestCa::new("upstream");
@@ -76,6 +82,15 @@ impl World {
             .server_name("sealos.hub")
             .htpasswd(HUB_USER, HUB_PASSWORD)
             .start();
+        let insecure = Registry::builder(SocketAddr::new(ip(INSECURE_IP), 80))
+            .netns(&node.ns)
+            .server_name("insecure.registry")
+            .start();
+        let site = Registry::builder(SocketAddr::new(ip(SITE_IP), 443))
+            .netns(&node.ns)
+            .server_name("site.example")
+            .tls(&ca.leaf(&["site.example"]))
+            .start();
         let hub_password_file = node.state().join("hub-password");
         std::fs::write(&hub_password_file, format!("{HUB_PASSWORD}\n")).unwrap();
         let proxy = node.start_proxy_with_mounts(
@@ -91,6 +106,10 @@ impl World {
                     "PULLPROXY_TLS__EXTRA_UPSTREAM_CAS",
                     format!("[{}]", ca.cert_path().display()),
                 ),
+                (
+                    "PULLPROXY_REGISTRIES__INSECURE",
+                    "[insecure.registry]".to_owned(),
+                ),
             ],
         );
         // Clients trust the node CA (pullproxy generated it at start) and the upstream CA (for
@@ -101,6 +120,8 @@ impl World {
         );
         Self {
             proxy,
+            insecure,
+            site,
             hub,
             upstream,
             private,
@@ -165,6 +186,8 @@ fn hosts() -> MountSpec {
         .hosts(PUBLIC_HOSTS, ip(UPSTREAM_IP))
         .hosts(&["quay.io"], ip(PRIVATE_IP))
         .hosts(&["sealos.hub"], ip(HUB_IP))
+        .hosts(&["insecure.registry"], ip(INSECURE_IP))
+        .hosts(&["site.example"], ip(SITE_IP))
 }
 
 fn copy(
@@ -729,4 +752,91 @@ fn metrics_follow_real_pulls_pass_promtool_and_never_hold_credentials() {
             "a credential leaked into logs or metrics"
         );
     }
+}
+
+#[test]
+fn a_configured_insecure_registry_is_served_over_plain_http_and_cached() {
+    require_root!();
+    let w = World::new();
+    let image = images::multi_layer(Format::Docker, 1, 256 << 10, 51);
+    w.insecure.client().push_image("team/plain", "1", &image);
+    let src = "docker://insecure.registry/team/plain:1";
+    for _ in 0..2 {
+        let dest = tempfile::tempdir().unwrap();
+        w.skopeo()
+            .insecure()
+            .copy_to_dir(src, dest.path(), None, false)
+            .expect_success();
+        verify_dir_copy(dest.path(), &image).unwrap();
+    }
+    w.settle();
+    let blobs = w.sources("team/plain", "blob");
+    assert_eq!(blobs.len(), 2 * (image.layers.len() + 1), "{blobs:?}");
+    assert!(
+        blobs.iter().any(|s| s == "upstream") && blobs.iter().any(|s| s == "cache"),
+        "{blobs:?}"
+    );
+    for blob in image.blobs() {
+        assert_eq!(w.insecure.blob_fetches("team/plain", &blob.digest), 1);
+    }
+}
+
+#[test]
+fn tls_to_a_host_that_is_not_a_registry_is_spliced_untouched() {
+    require_root!();
+    let w = World::new();
+    // curl in the target cgroup (so the kernel redirects it), trusting only the site's own CA:
+    // the handshake succeeds only if pullproxy did not terminate it.
+    let mut curl = std::process::Command::new("curl");
+    curl.args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{remote_ip}",
+        "--cacert",
+    ])
+    .arg(w._ca.cert_path())
+    .arg("https://site.example/v2/")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let mut proc = harness::process::Proc::spawn_at(
+        curl,
+        &Placement::new()
+            .netns(&w.node.ns)
+            .cgroup(&w.node.runtime)
+            .mounts(hosts()),
+    );
+    let out = proc.child_mut().wait().unwrap();
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    use std::io::Read;
+    proc.child_mut()
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    proc.child_mut()
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(out.success(), "curl: {stdout} {stderr}");
+    assert!(stdout.starts_with("200 "), "{stdout}");
+    // It did go through pullproxy (the kernel redirected it) and was spliced, not served.
+    assert!(
+        w.proxy
+            .wait_for(
+                "redirected connection",
+                Duration::from_secs(5),
+                |r| r["dst"] == format!("{SITE_IP}:443")
+            )
+            .is_some(),
+        "{}",
+        w.proxy.dump()
+    );
+    assert!(w.site.count("GET", "/v2/") >= 1);
+    assert!(w.pulls("").iter().all(|r| r["registry"] != "site.example"));
 }
