@@ -110,6 +110,7 @@ impl World {
                     "PULLPROXY_REGISTRIES__INSECURE",
                     "[insecure.registry]".to_owned(),
                 ),
+                ("PULLPROXY_ADMIN__HUB_CHECK_INTERVAL", "200ms".to_owned()),
             ],
         );
         // Clients trust the node CA (pullproxy generated it at start) and the upstream CA (for
@@ -592,8 +593,15 @@ fn a_rotated_hub_password_is_used_on_the_next_request() {
         w.proxy.dump()
     );
 
+    // The hub now refuses pullproxy: not ready (the hub is not optional), still healthy.
+    let why = ready_becomes(&w, 503);
+    assert!(why.contains("hub"), "{why}");
+    assert_eq!(admin_get(&w, "/healthz").0, 200);
+    assert_eq!(sample(&scrape(&w), "pullproxy_hub_up"), 0.0);
+
     // The credentials file is updated (as a Secret update would): the next pull uses it.
     std::fs::write(&w.hub_password_file, "hub-secret-2\n").unwrap();
+    ready_becomes(&w, 200);
     let before = w.pulls("library/rotate").len();
     let (dir, out) = copy(&w, src, None);
     out.expect_success();
@@ -627,14 +635,36 @@ fn dir_listing(dir: &std::path::Path) -> Vec<PathBuf> {
     out
 }
 
-/// `GET /metrics` from the admin listener inside the node (classic text format, as curl gets).
-fn scrape(w: &World) -> String {
+/// `GET` a path of the admin listener inside the node: (status, body).
+fn admin_get(w: &World, path: &str) -> (u16, String) {
     let admin = RegistryClient::new("127.0.0.1", "127.0.0.1:15090".parse().unwrap())
         .netns(&w.node.ns)
         .anonymous();
-    let resp = admin.request("GET", "/metrics", &[], Body::Empty).unwrap();
-    assert_eq!(resp.status, 200);
-    resp.text()
+    let resp = admin.request("GET", path, &[], Body::Empty).unwrap();
+    (resp.status, resp.text())
+}
+
+/// `/metrics` in the classic text format, as curl gets it.
+fn scrape(w: &World) -> String {
+    let (status, text) = admin_get(w, "/metrics");
+    assert_eq!(status, 200);
+    text
+}
+
+/// Polls `/readyz` until it answers `status` (or 5 s pass); returns the body.
+fn ready_becomes(w: &World, status: u16) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (got, body) = admin_get(w, "/readyz");
+        if got == status {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz stayed {got}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The value of the sample whose name and labels start with `prefix`, summed over matches.
