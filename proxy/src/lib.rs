@@ -15,6 +15,7 @@ pub mod oci;
 pub mod original_dst;
 pub mod redirect;
 pub mod registry;
+pub mod runtimes;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -7,21 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// Systemd units of the container runtimes pullproxy serves, found anywhere in the top levels of
-/// the cgroup tree (`system.slice/containerd.service`, ...).
-pub const RUNTIME_UNITS: &[&str] = &[
-    "containerd.service",
-    "docker.service",
-    "crio.service",
-    "k3s.service",
-    "k3s-agent.service",
-    "rke2-server.service",
-    "rke2-agent.service",
-];
-
-/// Process names of the runtimes; their cgroups are targets even without systemd. k3s and rke2
-/// run an embedded `containerd`, which this also finds.
-pub const RUNTIME_COMMS: &[&str] = &["containerd", "dockerd", "crio"];
+use crate::runtimes::{self, RUNTIME_UNITS};
 
 /// How deep below the root the unit scan looks (`system.slice/x.service` is depth 2).
 const UNIT_SCAN_DEPTH: usize = 3;
@@ -125,15 +111,8 @@ impl Cgroup2 {
     pub fn detect_runtimes(&self, proc_root: &Path) -> BTreeSet<String> {
         let mut found = BTreeSet::new();
         self.scan_units(Path::new("/"), 0, &mut found);
-        for pid in pids(proc_root) {
-            let dir = proc_root.join(pid.to_string());
-            let Ok(comm) = fs::read_to_string(dir.join("comm")) else {
-                continue;
-            };
-            if !RUNTIME_COMMS.contains(&comm.trim_end()) {
-                continue;
-            }
-            if let Ok(text) = fs::read_to_string(dir.join("cgroup"))
+        for process in runtimes::running(proc_root) {
+            if let Ok(text) = fs::read_to_string(process.dir.join("cgroup"))
                 && let Some(path) = unified_path(&text)
                 && path != "/"
             {
@@ -184,14 +163,6 @@ pub fn own_cgroup() -> Result<String, CgroupError> {
     unified_path(&text)
         .map(str::to_owned)
         .ok_or(CgroupError::NoCgroup2)
-}
-
-fn pids(proc_root: &Path) -> impl Iterator<Item = u32> {
-    fs::read_dir(proc_root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
