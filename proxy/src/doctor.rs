@@ -196,12 +196,17 @@ pub async fn diagnose(config: &Config, args: &DoctorArgs) -> DoctorReport {
     report
 }
 
-/// `pullproxy doctor`: prints the report to `out`; `Ok(true)` when nothing needs fixing.
-pub fn run(config: &Config, args: &DoctorArgs, out: &mut dyn Write) -> io::Result<bool> {
+/// [`diagnose`] on a runtime of its own, for callers without one.
+pub fn diagnose_blocking(config: &Config, args: &DoctorArgs) -> io::Result<DoctorReport> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let report = runtime.block_on(diagnose(config, args));
+    Ok(runtime.block_on(diagnose(config, args)))
+}
+
+/// `pullproxy doctor`: prints the report to `out`; `Ok(true)` when nothing needs fixing.
+pub fn run(config: &Config, args: &DoctorArgs, out: &mut dyn Write) -> io::Result<bool> {
+    let report = diagnose_blocking(config, args)?;
     report.write(out, args.verbose)?;
     Ok(report.healthy())
 }
