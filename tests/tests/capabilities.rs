@@ -3,6 +3,8 @@
 //! so effective set (what `capabilities: {drop: [ALL], add: [...]}` gives a root container), on a
 //! Node fixture, and must load, pin, attach, redirect and serve; without any one of them it must
 //! not start. `pullproxy uninstall` must work with no capability at all (the hook runs that way).
+//! As in the DaemonSet's container, pullproxy also runs in a cgroup namespace of its own with the
+//! cgroup v2 tree mounted read-only.
 //!
 //! pullproxy's preflight (`check_privileges` in proxy/src/redirect/mod.rs) refuses to start
 //! without a fixed list before the kernel is asked. To measure what the kernel itself enforces,
@@ -45,13 +47,24 @@ fn chart_caps() -> Vec<String> {
         .collect()
 }
 
-/// `setpriv` arguments for uid 0 with exactly `caps` (Kubernetes names: `NET_ADMIN`).
-fn setpriv(caps: &[String]) -> Vec<String> {
+/// The command prefix that puts pullproxy where the DaemonSet does: a cgroup namespace of its own,
+/// the cgroup v2 tree read-only, then uid 0 with exactly `caps` (Kubernetes names: `NET_ADMIN`).
+/// The namespaces are made while the prefix still holds every capability.
+fn pod_like(caps: &[String]) -> Vec<String> {
     let list: String = caps
         .iter()
         .map(|c| format!(",+{}", c.to_ascii_lowercase()))
         .collect();
+    let cgroup = pullproxy::redirect::cgroup::Cgroup2::discover().expect("cgroup v2");
     vec![
+        "unshare".into(),
+        "--cgroup".into(),
+        "--mount".into(),
+        "--propagation=slave".into(),
+        "sh".into(),
+        "-c".into(),
+        r#"mount -o remount,bind,ro "$0" && exec "$@""#.into(),
+        cgroup.mount().display().to_string(),
         "setpriv".into(),
         format!("--inh-caps=-all{list}"),
         format!("--bounding-set=-all{list}"),
@@ -81,7 +94,7 @@ struct Running {
 /// Starts `pullproxy run` on `node` with exactly `caps`; Ok when it logs "ready", Err(stderr)
 /// when it exits first.
 fn start(node: &Node, caps: &[String], preflight: Preflight) -> Result<Running, String> {
-    let wrapper = setpriv(caps);
+    let wrapper = pod_like(caps);
     let mut cmd = Command::new(&wrapper[0]);
     cmd.args(&wrapper[1..])
         .arg(binary())
@@ -193,7 +206,23 @@ fn the_chart_set_is_enough_for_the_kernel_and_each_capability_is_needed() {
             proxy.logs.lock().unwrap().join("\n")
         );
         assert!(healthz(&node).starts_with("HTTP/1.1 200"));
-        eprintln!("measured: {caps:?} loads, pins, attaches, redirects and serves");
+        // In its own cgroup namespace pullproxy sees itself at "/" (see the report on
+        // cgroup::own_cgroup); connections from outside the targets still go direct.
+        let other = probe::connect(&node.ns, &node.other, ORIGIN.parse().unwrap()).expect("probe");
+        assert!(!other.redirected(), "{other:?}");
+        let own: Vec<String> = proxy
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == "cgroup marked" && v["role"] == "Bypass")
+            .map(|v| v["cgroup"].to_string())
+            .collect();
+        eprintln!(
+            "measured: {caps:?} loads, pins, attaches, redirects and serves (own cgroup as seen \
+             from its cgroup namespace: {own:?})"
+        );
     }
     // The uninstall hook runs with no capability: removing root's pins detaches the programs.
     let said = uninstall_without_capabilities(&node);
