@@ -285,3 +285,40 @@ fn pullproxy_starts_with_exactly_the_chart_set() {
     let p = probe::connect(&node.ns, &node.runtime, ORIGIN.parse().unwrap()).expect("probe");
     assert!(p.redirected() && p.reply.starts_with("origin"), "{p:?}");
 }
+
+#[test]
+fn the_trust_init_container_needs_no_capability() {
+    require_root!();
+    // The host's trust store as the init container sees it: only the two directories the chart
+    // mounts below /host, no update-ca-certificates to run.
+    let host = tempfile::tempdir().expect("tempdir");
+    let anchors = host.path().join("usr/local/share/ca-certificates");
+    let certs = host.path().join("etc/ssl/certs");
+    std::fs::create_dir_all(&anchors).unwrap();
+    std::fs::create_dir_all(&certs).unwrap();
+    let bundle = certs.join("ca-certificates.crt");
+    std::fs::copy("/etc/ssl/certs/ca-certificates.crt", &bundle).expect("system bundle");
+    let state = host.path().join("state");
+    let out = Command::new("setpriv")
+        .args(["--inh-caps=-all", "--bounding-set=-all"])
+        .arg(binary())
+        .args(["ca", "install", "--root"])
+        .arg(host.path())
+        .env_clear()
+        .env("PULLPROXY_TLS__STATE_DIR", &state)
+        .output()
+        .expect("pullproxy ca install");
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    let ca = std::fs::read_to_string(state.join(pullproxy::tls::CA_CERT_FILE)).expect("node CA");
+    let ca_body: String = ca.lines().filter(|l| !l.starts_with("-----")).collect();
+    let in_bundle: String = std::fs::read_to_string(&bundle)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    assert!(in_bundle.contains(&ca_body), "{said}");
+    assert!(anchors.join("pullproxy-node-ca.crt").exists(), "{said}");
+    eprintln!("measured: `pullproxy ca install --root` with no capability: {said}");
+}

@@ -354,7 +354,11 @@ fn daemonset_runs_on_the_host_with_only_the_measured_capabilities() {
             (path.to_string(), Some("Directory".into()))
         );
         assert_eq!(mount(trust, &name).0, format!("/host{path}"));
+        // The daemon sees the same store read-only, for `pullproxy doctor`.
+        let (at, ro, _, _) = mount(main, &name);
+        assert_eq!((at, ro), (format!("/host{path}"), true));
     }
+    assert_eq!(env(main, "PULLPROXY_HOST_ROOT"), Some("/host"));
 }
 
 #[test]
