@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build needs (eBPF nightly, rust-src, bpf-linker); with --test, also the
-    /// Debian packages the tests use.
+    /// Debian packages the tests use and helm.
     Setup {
         #[arg(long)]
         test: bool,
@@ -65,6 +65,7 @@ fn main() -> anyhow::Result<()> {
             setup::build_deps()?;
             if test {
                 setup::test_deps()?;
+                setup::ensure_helm()?;
             }
             Ok(())
         }
