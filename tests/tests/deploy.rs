@@ -790,3 +790,76 @@ fn values_document_every_config_key_pullproxy_has() {
     keys(&default, "", &mut b);
     assert_eq!(a, b);
 }
+
+/// Parses `v` as `T` and serializes it again: a field the typed object does not know (a typo, a
+/// field of another API version) is dropped on the way and shows up as a difference.
+fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(v: &Value) -> Value {
+    let typed: T = serde_json::from_value(v.clone()).unwrap_or_else(|e| {
+        panic!("{}/{}: {e}", v["kind"], v["metadata"]["name"]);
+    });
+    serde_json::to_value(typed).expect("serialize")
+}
+
+#[test]
+fn every_object_has_only_fields_kubernetes_knows() {
+    use k8s_openapi::api::{
+        core::v1::ServiceAccount,
+        rbac::v1::{Role, RoleBinding},
+    };
+    let helm = require_helm!();
+    let everything = [
+        "--set",
+        "hubCredentials.password=x",
+        "--set",
+        "nodeCA.cert=c",
+        "--set",
+        "nodeCA.key=k",
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.podMonitor.enabled=true",
+        "--set",
+        "hostPID=true",
+    ];
+    let mut checked = BTreeSet::new();
+    for args in [&[][..], &everything[..]] {
+        for doc in &Objects::render(&helm, args).0 {
+            let kind = doc["kind"].as_str().expect("kind");
+            let again = match kind {
+                "DaemonSet" => round_trip::<DaemonSet>(doc),
+                "Job" => round_trip::<Job>(doc),
+                "ConfigMap" => round_trip::<ConfigMap>(doc),
+                "Secret" => round_trip::<Secret>(doc),
+                "Service" => round_trip::<Service>(doc),
+                "ServiceAccount" => round_trip::<ServiceAccount>(doc),
+                "Role" => round_trip::<Role>(doc),
+                "RoleBinding" => round_trip::<RoleBinding>(doc),
+                // prometheus-operator CRDs: no typed model here.
+                "ServiceMonitor" | "PodMonitor" => continue,
+                other => panic!("unexpected kind {other}"),
+            };
+            assert_eq!(
+                &again, doc,
+                "{kind} {} has fields Kubernetes does not know",
+                doc["metadata"]["name"]
+            );
+            checked.insert(kind.to_owned());
+        }
+    }
+    assert!(checked.len() >= 8, "{checked:?}");
+
+    // And the chart passes helm's own linter with everything switched on.
+    let out = Command::new(&helm)
+        .args(["lint", "--strict", "deploy/helm/pullproxy"])
+        .args(everything)
+        .current_dir(workspace())
+        .output()
+        .expect("helm lint");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
