@@ -10,6 +10,7 @@ pub mod app;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod hub;
 pub mod oci;
 pub mod original_dst;
