@@ -206,8 +206,8 @@ fn the_chart_set_is_enough_for_the_kernel_and_each_capability_is_needed() {
             proxy.logs.lock().unwrap().join("\n")
         );
         assert!(healthz(&node).starts_with("HTTP/1.1 200"));
-        // In its own cgroup namespace pullproxy sees itself at "/" (see the report on
-        // cgroup::own_cgroup); connections from outside the targets still go direct.
+        // In its own cgroup namespace /proc/self/cgroup says "/": pullproxy must still find and
+        // mark its real cgroup, and connections from outside the targets still go direct.
         let other = probe::connect(&node.ns, &node.other, ORIGIN.parse().unwrap()).expect("probe");
         assert!(!other.redirected(), "{other:?}");
         let own: Vec<String> = proxy
@@ -219,9 +219,10 @@ fn the_chart_set_is_enough_for_the_kernel_and_each_capability_is_needed() {
             .filter(|v| v["message"] == "cgroup marked" && v["role"] == "Bypass")
             .map(|v| v["cgroup"].to_string())
             .collect();
-        eprintln!(
-            "measured: {caps:?} loads, pins, attaches, redirects and serves (own cgroup as seen \
-             from its cgroup namespace: {own:?})"
+        assert_eq!(
+            own,
+            vec![format!("\"{}\"", node.proxy_cg.path())],
+            "the bypass mark must be pullproxy's own cgroup, not the namespace root"
         );
     }
     // The uninstall hook runs with no capability: removing root's pins detaches the programs.
@@ -271,9 +272,6 @@ fn the_preflight_names_each_missing_capability() {
 }
 
 #[test]
-#[ignore = "check_privileges() in proxy/src/redirect/mod.rs still demands CAP_SYS_ADMIN, which the \
-            kernel does not need once bpffs is mounted (measured above); un-ignore when it asks \
-            for CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN only"]
 fn pullproxy_starts_with_exactly_the_chart_set() {
     require_root!();
     let caps = chart_caps();

@@ -73,11 +73,9 @@ impl Drop for ReturnHome {
 }
 
 fn bench(args: &Args) -> serde_json::Value {
-    let home = pullproxy::redirect::cgroup::own_cgroup().expect("own cgroup");
-    let home = pullproxy::redirect::cgroup::Cgroup2::discover()
-        .expect("cgroup2")
-        .dir(&home)
-        .expect("cgroup path");
+    let cgroup2 = pullproxy::redirect::cgroup::Cgroup2::discover().expect("cgroup2");
+    let home = pullproxy::redirect::cgroup::own_cgroup(&cgroup2, None).expect("own cgroup");
+    let home = cgroup2.dir(&home).expect("cgroup path");
     let root = Cgroup::new_root("pp-hookbench");
     let setup = root.child("setup");
     let other = root.child("other");
