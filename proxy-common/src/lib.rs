@@ -6,7 +6,7 @@
 /// Version of the map layout. Maps are pinned under `<pin dir>/maps-<version>/`, so a pullproxy
 /// whose maps differ never reuses an older, incompatible pinned map: it creates its own and
 /// swaps its programs into the pinned links. Bump it whenever a map's type, key or value changes.
-pub const MAPS_LAYOUT: &str = "v2";
+pub const MAPS_LAYOUT: &str = "v3";
 
 /// Names of the maps, as pinned under `<pin dir>/maps-<MAPS_LAYOUT>/`.
 pub mod maps {
@@ -30,6 +30,9 @@ pub mod maps {
     /// LRU cache: cgroup id -> [`super::CachedRole`], so a connect() does not walk the caller's
     /// cgroup ancestry every time.
     pub const ROLE_CACHE: &str = "PP_ROLE_CACHE";
+    /// LRU: tgid -> `u64` (unused) of processes that rejected the node CA's certificate (they
+    /// started before it was installed). Their connections go direct until they restart.
+    pub const UNTRUSTED: &str = "PP_UNTRUSTED";
 }
 
 /// Names of the globals set at load time.
@@ -59,6 +62,8 @@ pub const MAX_EXCLUDES: u32 = 256;
 pub const PORT_SLOTS: u32 = 65_536;
 /// Capacity of the cgroup decision cache.
 pub const MAX_CACHED_ROLES: u32 = 16_384;
+/// Capacity of the map of processes that do not trust the node CA.
+pub const MAX_UNTRUSTED: u32 = 4_096;
 /// How many cgroup levels above the caller's own cgroup are checked for a target or bypass mark.
 /// A runtime that puts helpers in child cgroups of its unit is still matched.
 pub const MAX_CGROUP_DEPTH: i32 = 16;
@@ -146,8 +151,9 @@ pub enum Counter {
     Rekeyed = 7,
     /// `getpeername()` answered with the original destination.
     PeerRestored = 8,
-    /// Not a TCP socket.
-    NotTcp = 9,
+    /// The process rejected the node CA's certificate before (it does not trust it yet): its
+    /// connections go direct until it restarts.
+    Untrusted = 9,
 }
 
 impl Counter {
@@ -162,7 +168,7 @@ impl Counter {
         Counter::RecordFailed,
         Counter::Rekeyed,
         Counter::PeerRestored,
-        Counter::NotTcp,
+        Counter::Untrusted,
     ];
     /// Size of the counter array.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -179,7 +185,7 @@ impl Counter {
             Counter::RecordFailed => "record_failed",
             Counter::Rekeyed => "rekeyed",
             Counter::PeerRestored => "peer_restored",
-            Counter::NotTcp => "not_tcp",
+            Counter::Untrusted => "untrusted_client",
         }
     }
 }

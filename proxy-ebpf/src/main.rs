@@ -33,7 +33,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use proxy_common::{
     CachedRole, CgroupRole, Counter, FAMILY_V4, FAMILY_V6, MAX_CACHED_ROLES, MAX_CGROUP_DEPTH,
-    MAX_CGROUPS, MAX_EXCLUDES, MAX_PENDING, OrigDst, PORT_SLOTS, TupleKey,
+    MAX_CGROUPS, MAX_EXCLUDES, MAX_PENDING, MAX_UNTRUSTED, OrigDst, PORT_SLOTS, TupleKey,
 };
 
 /// The proxy's port, set at load (`proxy_common::globals::PROXY_PORT`).
@@ -60,6 +60,8 @@ static PP_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
 static PP_GENERATION: Array<u64> = Array::pinned(1, 0);
 #[map]
 static PP_ROLE_CACHE: LruHashMap<u64, CachedRole> = LruHashMap::pinned(MAX_CACHED_ROLES, 0);
+#[map]
+static PP_UNTRUSTED: LruHashMap<u32, u64> = LruHashMap::pinned(MAX_UNTRUSTED, 0);
 
 const SOCK_STREAM: u32 = 1;
 const AF_INET: u32 = 2;
@@ -277,8 +279,8 @@ fn proxy_port(port: u16) -> Option<u16> {
         .filter(|proxy| *proxy != 0)
 }
 
-/// Whether the calling task's cgroup, or the deepest marked cgroup above it, is a target.
-/// Counts the reason when it is not.
+/// Whether the calling task's cgroup, or the deepest marked cgroup above it, is a target, and the
+/// calling process has not rejected the node CA before. Counts the reason when it is not.
 #[inline(always)]
 fn should_redirect_from_here() -> bool {
     // SAFETY: helper without arguments.
@@ -300,7 +302,14 @@ fn should_redirect_from_here() -> bool {
         }
     };
     match role {
-        r if r == CgroupRole::Target as u32 => true,
+        r if r == CgroupRole::Target as u32 => {
+            let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            if PP_UNTRUSTED.get_ptr(&tgid).is_some() {
+                count(Counter::Untrusted);
+                return false;
+            }
+            true
+        }
         0 => {
             count(Counter::NotTarget);
             false

@@ -24,7 +24,7 @@ use crate::{
     original_dst::{MemoryOriginalDst, OriginalDstSource},
     redirect::{LoaderError, Redirector},
     registry::RegistryProxy,
-    server::{self, Server, ServerMetrics},
+    server::{self, OnDistrust, Server, ServerMetrics},
     tls::{self, LeafMinter, NodeCa, TlsError},
     upstream::Upstream,
 };
@@ -123,15 +123,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     readiness.listening.store(true, Ordering::Relaxed);
     info!(port = config.listen.port, admin = %config.admin.listen, "listening");
 
-    let records: Arc<dyn OriginalDstSource> = if config.redirect.enabled {
+    let (records, on_distrust): (Arc<dyn OriginalDstSource>, OnDistrust) = if config
+        .redirect
+        .enabled
+    {
         let (redirector, records) = Redirector::install(config.redirect_settings())?;
         let redirector = Arc::new(Mutex::new(redirector));
         crate::redirect::metrics::register(&mut registry, redirector.clone());
-        tokio::spawn(Redirector::watch_targets(redirector));
-        Arc::new(records)
+        tokio::spawn(Redirector::watch_targets(redirector.clone()));
+        let on_distrust: OnDistrust = Box::new(move |pid| {
+            if let Err(e) = redirector.lock().expect("redirector lock").distrust(pid) {
+                warn!(pid, error = %crate::telemetry::error_chain(&e), "cannot stop redirecting a client that distrusts the node CA");
+            }
+        });
+        (Arc::new(records), on_distrust)
     } else {
         warn!("redirect.enabled is false: no connection is redirected to the proxy");
-        Arc::new(MemoryOriginalDst::default())
+        (Arc::new(MemoryOriginalDst::default()), Box::new(|_| {}))
     };
     readiness.attached.store(true, Ordering::Relaxed);
 
@@ -160,6 +168,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let server = Arc::new(Server {
         metrics: server_metrics,
+        on_distrust,
         records,
         acceptor: tokio_rustls::TlsAcceptor::from(tls::server_config(minter.clone())),
         minter,

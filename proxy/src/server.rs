@@ -71,7 +71,8 @@ impl ServerMetrics {
         reg.register(
             "connections",
             "Accepted connections by decision: terminated (served by pullproxy), spliced \
-             (relayed untouched to the original destination), closed (nowhere to go)",
+             (relayed untouched to the original destination), closed (nowhere to go), \
+             client_rejected_ca (the client does not trust the node CA yet)",
             self.connections.clone(),
         );
     }
@@ -83,9 +84,15 @@ impl ServerMetrics {
     }
 }
 
+/// Called with the pid of a client that rejected the node CA's certificate.
+pub type OnDistrust = Box<dyn Fn(u32) + Send + Sync>;
+
 /// Everything a connection needs.
 pub struct Server {
     pub metrics: Arc<ServerMetrics>,
+    /// Stops redirecting a process that does not trust the node CA (it started before the CA was
+    /// installed): its later connections go direct, so its pulls work until it restarts.
+    pub on_distrust: OnDistrust,
     pub records: Arc<dyn OriginalDstSource>,
     pub minter: Arc<LeafMinter>,
     pub acceptor: TlsAcceptor,
@@ -203,7 +210,23 @@ impl Server {
         let tls = match self.acceptor.accept(stream).await {
             Ok(s) => s,
             Err(e) => {
-                debug!(registry = %origin.authority, error = %e, "TLS handshake with the client failed");
+                match (&orig, rejected_our_certificate(&e)) {
+                    (Some(o), true) => {
+                        self.metrics.decided("client_rejected_ca");
+                        warn!(
+                            registry = %origin.authority,
+                            pid = o.process.pid,
+                            comm = %o.process.comm,
+                            "the client does not trust the node CA (it started before the CA was \
+                             installed): its connections go direct until it restarts; run \
+                             `pullproxy ca status`"
+                        );
+                        (self.on_distrust)(o.process.pid);
+                    }
+                    _ => {
+                        debug!(registry = %origin.authority, error = %e, "TLS handshake with the client failed")
+                    }
+                }
                 return;
             }
         };
@@ -236,6 +259,19 @@ impl Server {
             debug!(error = %crate::telemetry::error_chain(e.as_ref()), "connection ended with an error");
         }
     }
+}
+
+/// Whether a failed handshake is the client refusing our certificate (the alert a client sends
+/// when the chain does not verify: Go sends `bad_certificate`, OpenSSL and rustls `unknown_ca`).
+fn rejected_our_certificate(e: &std::io::Error) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(
+            A::BadCertificate | A::UnknownCA | A::CertificateUnknown | A::UnsupportedCertificate
+        ))
+    )
 }
 
 /// An upstream origin for `host`; the port is kept when the client used a non-default one.

@@ -870,3 +870,101 @@ fn tls_to_a_host_that_is_not_a_registry_is_spliced_untouched() {
     assert!(w.site.count("GET", "/v2/") >= 1);
     assert!(w.pulls("").iter().all(|r| r["registry"] != "site.example"));
 }
+
+/// Runs curl in the target cgroup (so the kernel redirects it) with the test's hosts file;
+/// returns (pid, stdout).
+fn curl_in_runtime(w: &World, args: &[&str]) -> (u32, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut proc = harness::process::Proc::spawn_at(
+        cmd,
+        &Placement::new()
+            .netns(&w.node.ns)
+            .cgroup(&w.node.runtime)
+            .mounts(hosts()),
+    );
+    let pid = proc.pid();
+    let mut out = String::new();
+    use std::io::Read;
+    proc.child_mut()
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let _ = proc.child_mut().wait();
+    (pid, out)
+}
+
+#[test]
+fn a_client_that_does_not_trust_the_node_ca_goes_direct_until_it_restarts() {
+    require_root!();
+    let w = World::new();
+    let upstream_ca = w._ca.cert_path().display().to_string();
+    let url = "https://registry-1.docker.io/v2/";
+    // One process, two requests: like a runtime that started before the node CA was installed,
+    // it trusts only the real registry's CA. The first attempt meets pullproxy's leaf and fails;
+    // the second goes direct.
+    let (pid, out) = curl_in_runtime(
+        &w,
+        &[
+            "-sS",
+            "--rate",
+            "3/s",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            "--cacert",
+            &upstream_ca,
+            url,
+            url,
+        ],
+    );
+    let codes: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        codes,
+        ["000", "200"],
+        "first refused by the client, then served direct"
+    );
+    let warning = w
+        .proxy
+        .wait_for(
+            "the client does not trust the node CA (it started before the CA was installed): its connections go direct until it restarts; run `pullproxy ca status`",
+            Duration::from_secs(5),
+            |r| r["pid"] == u64::from(pid),
+        );
+    assert!(warning.is_some(), "{}", w.proxy.dump());
+    assert!(w.node.counter(proxy_common::Counter::Untrusted) >= 1);
+
+    // A new process (a restarted runtime, now trusting the node CA) is redirected again.
+    let node_ca = w.node.state().join("node-ca.pem");
+    std::fs::write(&node_ca, w.node.node_ca_pem()).unwrap();
+    let (_, out) = curl_in_runtime(
+        &w,
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            &node_ca.display().to_string(),
+            url,
+        ],
+    );
+    assert_eq!(out, "200");
+    w.settle();
+    assert!(
+        w.proxy
+            .all("pull")
+            .iter()
+            .any(|r| r["kind"] == "other" && r["comm"] == "curl"),
+        "the new process must be served by pullproxy:\n{}",
+        w.proxy.dump()
+    );
+}

@@ -124,6 +124,8 @@ pub struct Redirector {
     cgroups: HashMap<MapData, u64, u32>,
     /// Bumped after every change to `cgroups`: invalidates the kernel's decision cache.
     generation: Array<MapData, u64>,
+    /// Processes that rejected the node CA: not redirected until they restart.
+    untrusted: HashMap<MapData, u32, u64>,
     counters: PerCpuArray<MapData, u64>,
     /// Cgroup path -> id as last applied, to log changes once.
     applied: BTreeMap<u64, (CgroupRole, String)>,
@@ -215,6 +217,7 @@ impl Redirector {
         let mut redirector = Self {
             cgroups: take_map(&mut ebpf, maps::CGROUPS)?,
             generation: take_map(&mut ebpf, maps::GENERATION)?,
+            untrusted: take_map(&mut ebpf, maps::UNTRUSTED)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             cgroup2,
             settings,
@@ -293,6 +296,18 @@ impl Redirector {
         }
         self.applied = desired;
         Ok(())
+    }
+
+    /// Stops redirecting process `pid`: it rejected the node CA's certificate, so it started
+    /// before the CA was installed and will not trust it until it restarts (a restarted process
+    /// has a new pid and is redirected again). Until then its pulls go direct instead of failing.
+    pub fn distrust(&mut self, pid: u32) -> Result<(), LoaderError> {
+        self.untrusted
+            .insert(&pid, &crate::telemetry::unix_secs(), 0)
+            .map_err(|source| LoaderError::Map {
+                map: maps::UNTRUSTED,
+                source,
+            })
     }
 
     /// Re-resolves targets every `rescan_interval`, so a runtime restarted into a new cgroup is
