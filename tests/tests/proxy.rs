@@ -678,7 +678,7 @@ fn sample(text: &str, prefix: &str) -> f64 {
 #[test]
 fn metrics_follow_real_pulls_pass_promtool_and_never_hold_credentials() {
     require_root!();
-    let w = World::new();
+    let mut w = World::new();
     let hub_image = images::busybox(Format::Docker);
     w.hub.client().push_image("library/onhub", "1", &hub_image);
     let up_image = images::multi_layer(Format::Oci, 2, 128 << 10, 41);
@@ -713,6 +713,14 @@ fn metrics_follow_real_pulls_pass_promtool_and_never_hold_credentials() {
         .unwrap();
     assert_eq!(bad.status, 400);
     w.settle();
+    // An upstream that cannot be reached, for a blob nobody has: counted as an upstream error.
+    w.upstream.stop();
+    let missing = Digest::of(b"never pushed");
+    let resp = w
+        .direct()
+        .get_blob("library/upstream", &missing, None)
+        .unwrap();
+    assert!(resp.status >= 500, "{}", resp.status);
 
     let text = scrape(&w);
     let docker = r#"registry="registry-1.docker.io""#;
@@ -736,6 +744,7 @@ fn metrics_follow_real_pulls_pass_promtool_and_never_hold_credentials() {
         ("pullproxy_cache_hits_total".to_owned(), 3.0),
         ("pullproxy_invalid_requests_total{reason=\"digest\"}".to_owned(), 1.0),
         ("pullproxy_hub_up".to_owned(), 1.0),
+        (format!("pullproxy_upstream_errors_total{{{docker},reason=\"unreachable\"}}"), 1.0),
         ("pullproxy_redirect_target_cgroups".to_owned(), 1.0),
         ("pullproxy_build_info{version=".to_owned(), 1.0),
     ] {
@@ -743,6 +752,37 @@ fn metrics_follow_real_pulls_pass_promtool_and_never_hold_credentials() {
         assert!(v >= at_least, "{prefix} is {v}, expected at least {at_least}\n{text}");
     }
     assert_eq!(sample(&text, "pullproxy_digest_mismatches_total"), 0.0);
+
+    // Every metric the Grafana dashboard queries exists in a real scrape.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/pullproxy.json"
+    ))
+    .unwrap();
+    let mut queried: Vec<&str> = dashboard
+        .match_indices("pullproxy_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .map(|m| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .fold(m, |m, suffix| m.strip_suffix(suffix).unwrap_or(m))
+        })
+        .collect();
+    queried.sort_unstable();
+    queried.dedup();
+    assert!(queried.len() > 10, "{queried:?}");
+    for metric in queried {
+        assert!(
+            text.contains(&format!("# TYPE {metric} ")),
+            "the dashboard queries {metric}, which pullproxy does not export"
+        );
+    }
 
     // The exposition is valid Prometheus text.
     let mut promtool = std::process::Command::new("promtool")
