@@ -212,6 +212,9 @@ async fn watch_hub(
                     warn!(hub = %hub.url(), status = s.as_u16(), "the hub refuses pullproxy's credentials")
                 }
                 HubOutcome::NotFound => warn!(hub = %hub.url(), "the hub has no /v2/ API"),
+                HubOutcome::NoCredentials(reason) => {
+                    warn!(hub = %hub.url(), %reason, "cannot read the hub credentials")
+                }
                 HubOutcome::Unreachable(reason) => {
                     warn!(hub = %hub.url(), %reason, "hub unreachable")
                 }

@@ -612,6 +612,10 @@ async fn check_hub(report: &mut DoctorReport, config: &Config) {
             Check::Hub,
             format!("hub {shown} unreachable: {reason}{optional}"),
         ),
+        HubOutcome::NoCredentials(reason) => report.problem(
+            Check::Hub,
+            format!("cannot read the hub credentials: {reason}{optional}"),
+        ),
     }
 }
 

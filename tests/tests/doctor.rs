@@ -207,7 +207,7 @@ fn a_missing_hub_is_unreachable() {
     let text = printed(&report);
     assert!(
         text.contains(&format!(
-            "reading hub credentials from {}",
+            "cannot read the hub credentials: reading hub credentials from {}",
             missing.display()
         )),
         "{text}"

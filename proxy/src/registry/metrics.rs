@@ -108,7 +108,8 @@ impl RegistryMetrics {
         );
         reg.register(
             "hub_lookups",
-            "Hub lookups by outcome: found, not_found, unreachable, refused (credentials)",
+            "Hub lookups by outcome: found, not_found, unreachable, refused (our credentials), \
+             no_credentials (unreadable credentials file)",
             self.hub_lookups.clone(),
         );
         reg.register(

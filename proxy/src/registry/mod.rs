@@ -611,6 +611,9 @@ impl RegistryProxy {
             HubOutcome::Unreachable(reason) if self.may_warn_about_hub() => {
                 warn!(hub = %hub.url(), %reason, "hub unreachable; serving from the cache and upstream")
             }
+            HubOutcome::NoCredentials(reason) if self.may_warn_about_hub() => {
+                warn!(hub = %hub.url(), %reason, "cannot read the hub credentials; serving from the cache and upstream")
+            }
             HubOutcome::Refused(status) if self.may_warn_about_hub() => warn!(
                 hub = %hub.url(),
                 status = status.as_u16(),
