@@ -494,12 +494,24 @@ fn pullproxy_killed_in_the_middle_of_a_blob_the_pull_resumes_direct() {
 
     let out = std::thread::scope(|s| {
         let pull = s.spawn(|| f.ctd.pull(name, None));
-        // pullproxy is streaming the layer (into its cache's temp file, and to ctr): crash it.
+        // pullproxy is streaming the layer (into its cache's temp file, and to ctr), and has
+        // served the config: crash it. (A request that has not got its response headers when
+        // the proxy dies fails the pull: containerd resumes a blob it is reading, but does not
+        // retry opening one. So the kill waits until the layer is the only request in flight.)
+        let config = image.config.digest.to_string();
         let started = Instant::now();
-        while !dir_holds_a_file_over(&tmp, 8 << 20) {
+        loop {
+            let config_served =
+                f.w.proxy
+                    .all("pull")
+                    .iter()
+                    .any(|r| r["reference"] == config.as_str() && r["status"] == 200);
+            if config_served && dir_holds_a_file_over(&tmp, 8 << 20) {
+                break;
+            }
             assert!(
                 started.elapsed() < Duration::from_secs(60),
-                "pullproxy never started caching the layer:\n{}",
+                "pullproxy never got to the middle of the layer:\n{}",
                 f.w.proxy.dump()
             );
             std::thread::sleep(Duration::from_millis(2));
@@ -508,21 +520,34 @@ fn pullproxy_killed_in_the_middle_of_a_blob_the_pull_resumes_direct() {
         pull.join().expect("pull thread")
     });
 
-    // containerd re-opened the blob where it stopped (a Range request), and with no listener
-    // the kernel let that connection go straight to the upstream: the pull succeeded.
-    out.expect_success();
-    let stored = f.ctd.image(CTR_NAMESPACE, name).expect("pulled");
-    assert_eq!(stored.digest, image.digest().as_str());
-    assert!(f.w.node.counter(Counter::NoListener) > no_listener);
+    // Usually containerd re-opens the blob where it stopped (a Range request) and, with no
+    // listener, the kernel lets that connection go straight to the upstream: the pull succeeds.
+    // In about one run in ten here containerd 1.6 ends the read with "failed to read expected
+    // number of bytes: unexpected EOF" and does not reconnect; then the pull fails, and the
+    // next attempt (the kubelet retries with a back-off) goes direct.
     let path = format!("/v2/library/big/blobs/{}", layer.digest);
-    let resumed: Vec<_> =
+    let direct = |status: u16| {
         f.w.upstream
             .requests()
             .into_iter()
-            .filter(|r| r.method == "GET" && r.path() == path && r.status == 206)
-            .collect();
-    assert_eq!(resumed.len(), 1, "{:#?}", f.w.upstream.requests());
-    assert!(resumed[0].bytes > 0 && resumed[0].bytes < layer.size);
+            .filter(|r| r.method == "GET" && r.path() == path && r.status == status)
+            .count()
+    };
+    if out.success() {
+        assert_eq!(direct(206), 1, "{:#?}", f.w.upstream.requests());
+    } else {
+        let err = out.expect_failure().to_owned();
+        eprintln!("the interrupted pull failed ({err}); pulling again, as the kubelet would");
+        f.ctd.pull(name, None).expect_success();
+        assert!(
+            direct(206) + direct(200) >= 2,
+            "{:#?}",
+            f.w.upstream.requests()
+        );
+    }
+    let stored = f.ctd.image(CTR_NAMESPACE, name).expect("pulled");
+    assert_eq!(stored.digest, image.digest().as_str());
+    assert!(f.w.node.counter(Counter::NoListener) > no_listener);
 
     // A restarted pullproxy starts from a clean cache: the half-written layer is gone and was
     // never indexed.
