@@ -5,19 +5,23 @@
 //!
 //! On top of those: real registries (`registry`, Debian's docker-registry), a registry client
 //! (`registry_client`), image content built in Rust (`images`), test CAs (`testca`), and
-//! unmodified clients (`skopeo`) that see fake registries through a private mount namespace
-//! (`mountns`: hosts file and CA bundle).
+//! unmodified clients (`skopeo`, `podman`, `containerd` with `ctr` and a CRI client in `cri`)
+//! that see fake registries through a private mount namespace (`mountns`: hosts file and CA
+//! bundle). `world` puts a node, the hub, the fake upstreams and pullproxy together.
 //!
 //! `unsafe` appears only where a child must join a namespace and a cgroup between fork and exec
 //! (`process.rs`, `mountns.rs`) or a thread must enter a network namespace (`netns.rs`,
 //! `registry_client.rs`).
 
 pub mod cgroup;
+pub mod containerd;
+pub mod cri;
 pub mod images;
 pub mod mountns;
 pub mod netns;
 pub mod node;
 pub mod origin;
+pub mod podman;
 pub mod privileged;
 pub mod probe;
 pub mod process;
@@ -26,6 +30,7 @@ pub mod registry;
 pub mod registry_client;
 pub mod skopeo;
 pub mod testca;
+pub mod world;
 
 /// A short unique suffix for names of namespaces, cgroups and pin directories.
 pub fn unique(prefix: &str) -> String {
