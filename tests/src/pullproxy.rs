@@ -133,12 +133,23 @@ impl Pullproxy {
             }
         });
         let mut me = Self { proc, logs };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Start-up takes well under a second; the margin is for a machine loaded by parallel
+        // builds and tests.
+        let started = Instant::now();
         while me.find("ready").is_none() {
-            if me.proc.exited() || Instant::now() > deadline {
+            if me.proc.exited() || started.elapsed() > Duration::from_secs(60) {
                 // Give the reader a moment to collect the last lines.
                 std::thread::sleep(Duration::from_millis(100));
-                panic!("pullproxy did not become ready:\n{}", me.dump());
+                panic!(
+                    "pullproxy did not become ready ({} after {:?}):\n{}",
+                    if me.proc.exited() {
+                        "exited"
+                    } else {
+                        "still running"
+                    },
+                    started.elapsed(),
+                    me.dump()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

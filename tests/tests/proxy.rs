@@ -116,6 +116,10 @@ fn hub_miss_is_fetched_upstream_cached_and_served_when_the_upstream_is_gone() {
     let blobs = by_kind("blob");
     assert_eq!(blobs.len(), image.layers.len() + 1, "{blobs:?}");
     assert!(blobs.iter().all(|s| s == "cache"), "{blobs:?}");
+    // Every request of these successful pulls was sent whole: none is logged as abandoned.
+    let pulls = w.pulls("library/app");
+    let abandoned: Vec<&Value> = pulls.iter().filter(|r| !r["error"].is_null()).collect();
+    assert!(abandoned.is_empty(), "{abandoned:?}");
 }
 
 #[test]

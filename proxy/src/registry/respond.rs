@@ -120,6 +120,15 @@ pub fn logged(
     resp: Response<ProxyBody>,
 ) -> Response<ProxyBody> {
     let status = resp.status();
+    // What a complete response body holds: nothing for HEAD, else the announced length if any.
+    let expected = if record.method == http::Method::HEAD {
+        Some(0)
+    } else {
+        resp.headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    };
     resp.map(|body| {
         Logged {
             inner: body,
@@ -127,6 +136,7 @@ pub fn logged(
             source,
             status,
             bytes: 0,
+            expected,
         }
         .boxed_unsync()
     })
@@ -139,6 +149,8 @@ struct Logged {
     source: Source,
     status: StatusCode,
     bytes: u64,
+    /// The body's announced length (`Content-Length`, or 0 for HEAD), when known.
+    expected: Option<u64>,
 }
 
 impl Logged {
@@ -190,12 +202,22 @@ impl Body for Logged {
 impl Drop for Logged {
     fn drop(&mut self) {
         if self.record.is_some() {
-            // HEAD responses and empty bodies end without a frame; a client that hung up
-            // mid-body ends here too.
-            let unfinished = (self.bytes > 0 || !self.inner.is_end_stream())
-                .then_some("client went away before the body was sent");
+            // A body can be dropped without its end being polled: hyper stops reading once the
+            // announced length is sent, and HEAD bodies are never read. It is unfinished only if
+            // fewer bytes than announced went out (or, without a length, its end was not reached).
+            let complete = body_complete(self.bytes, self.expected, self.inner.is_end_stream());
+            let unfinished = (!complete).then_some("client went away before the body was sent");
             self.done(unfinished);
         }
+    }
+}
+
+/// Whether a body whose end may not have been polled was sent whole: `bytes` went out of an
+/// announced `expected` length (or, without one, the stream `ended`).
+fn body_complete(bytes: u64, expected: Option<u64>, ended: bool) -> bool {
+    match expected {
+        Some(len) => bytes >= len,
+        None => ended,
     }
 }
 
@@ -234,4 +256,21 @@ pub fn api_version(mut r: Response<ProxyBody>) -> Response<ProxyBody> {
         HeaderValue::from_static("registry/2.0"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::body_complete;
+
+    #[test]
+    fn a_body_is_complete_when_its_announced_length_went_out() {
+        // hyper stops polling once Content-Length bytes are written: not an abandoned body.
+        assert!(body_complete(446, Some(446), false));
+        assert!(!body_complete(100, Some(446), false));
+        // HEAD: nothing is announced to be sent.
+        assert!(body_complete(0, Some(0), false));
+        // No length: only the end of the stream says it is whole.
+        assert!(!body_complete(4096, None, false));
+        assert!(body_complete(4096, None, true));
+    }
 }
