@@ -24,6 +24,17 @@ pub struct Settings {
     pub head_requests: usize,
     pub small_blobs: usize,
     pub quick: bool,
+    /// Only these figures (`latency`, `throughput`, `concurrency`, `memory`); all if `None`.
+    pub only: Option<Vec<String>>,
+}
+
+impl Settings {
+    /// Whether `figure` is part of this run.
+    pub fn runs(&self, figure: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|o| o == figure))
+    }
 }
 
 /// `rotate(v, r)`: `v` starting at its `r`-th element.
@@ -385,7 +396,7 @@ pub fn concurrency(
                     200,
                     Some(size),
                 );
-                if n == max_n {
+                if n == max_n && via != Via::Hub && via != Via::Upstream {
                     record(
                         &mut mem.concurrent_peak,
                         via.label().to_owned(),
@@ -463,4 +474,72 @@ fn cache_usage(dir: &std::path::Path) -> (usize, u64) {
         .flatten()
         .filter_map(|e| e.metadata().ok())
         .fold((0, 0), |(n, b), m| (n + 1, b + m.len()))
+}
+
+/// Repeats one pullproxy workload for `seconds` (bounded), printing pullproxy's pid, for a
+/// profiler to watch: `hub` (hub hits), `cache` (cache hits), `cold` (restart with an empty cache,
+/// then a pull) of a 256 MiB blob, or `head` (hub-hit manifest HEADs).
+pub fn profile(workload: &str, seconds: f64) {
+    let mut w = World::new();
+    let f = w.fixture("profile", 256 << 20, 0x9f0f);
+    let via = match workload {
+        "hub" | "head" => Via::PullproxyHub,
+        "cache" | "cold" => Via::Pullproxy,
+        other => panic!("unknown workload {other}: hub, cache, cold or head"),
+    };
+    if workload == "cache" {
+        w.run(via, &w.job(via, "GET", vec![f.blob_path(via)]));
+        w.settle_cached(via, &f.layer().digest);
+    }
+    let started = std::time::Instant::now();
+    let mut runs = 0;
+    let mut secs = 0.0;
+    let mut bytes = 0u64;
+    let cpu_start = cpu_seconds(w.proxy().pid());
+    while started.elapsed().as_secs_f64() < seconds {
+        if workload == "cold" {
+            w.make_cold(via);
+        }
+        eprintln!("pp-bench: pullproxy pid {}", w.proxy().pid());
+        let out = if workload == "head" {
+            let mut job = w.job(via, "HEAD", vec![f.manifest_path(via)]);
+            job.repeat = 1000;
+            w.run(via, &job)
+        } else {
+            w.run(via, &w.job(via, "GET", vec![f.blob_path(via)]))
+        };
+        out.expect(workload, 200, None);
+        runs += 1;
+        secs += out.wall_s;
+        bytes += out.bytes();
+        let per = out.bytes() as f64 / MIB / out.wall_s;
+        eprintln!(
+            "pp-bench: {workload} run {runs}: {:.3} s, {per:.0} MiB/s, p50 {:.3} ms",
+            out.wall_s,
+            percentile(&out.durations(), 0.5) * 1e3
+        );
+    }
+    eprintln!("pp-bench: {runs} runs, {:.3} s each", secs / runs as f64);
+    if workload != "cold" {
+        let cpu = cpu_seconds(w.proxy().pid()) - cpu_start;
+        eprintln!(
+            "pp-bench: pullproxy used {cpu:.2} CPU s, {:.3} CPU s per GiB",
+            cpu / (bytes as f64 / (1u64 << 30) as f64)
+        );
+    }
+}
+
+/// User plus system CPU seconds of a process so far (`/proc/<pid>/stat`, in clock ticks).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at state, field 3.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // utime and stime are fields 14 and 15, i.e. 12 and 13 after the name.
+    let ticks = f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }

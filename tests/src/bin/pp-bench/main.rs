@@ -8,8 +8,13 @@
 //! one cold blob (upstream bytes and wall time), pullproxy's memory. Every number is reported as
 //! a ratio against a baseline measured in the same round, with min/median/max over rounds.
 //!
-//! `pp-bench [--quick] [--rounds N] [--out FILE]` writes JSON (to FILE or stdout);
-//! `pp-bench client` is the load generator's process (see `harness::loadgen`).
+//! `pp-bench [--quick] [--rounds N] [--out FILE]` writes JSON (to FILE or stdout); `--sizes 16,256`
+//! (MiB) and `--only latency,throughput,concurrency,memory` narrow a run down while working on
+//! one figure;
+//! `pp-bench --profile hub|cache|cold|head [--seconds S]` sets the world up and repeats one
+//! pullproxy workload (256 MiB blob GETs, or manifest HEADs) for S seconds (default 20), for
+//! `perf record -a` to watch; `pp-bench client` is the load generator's process (see
+//! `harness::loadgen`).
 
 mod figures;
 mod stats;
@@ -42,16 +47,35 @@ fn main() {
     let mut quick = false;
     let mut rounds = None;
     let mut out = None;
+    let mut profile: Option<String> = None;
+    let mut sizes: Option<Vec<u64>> = None;
+    let mut only: Option<Vec<String>> = None;
+    let mut seconds = 20.0;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--rounds" => rounds = it.next().and_then(|v| v.parse().ok()),
             "--out" => out = it.next().cloned(),
-            other => {
-                panic!("unknown argument {other} (pp-bench [--quick] [--rounds N] [--out FILE])")
+            "--profile" => profile = it.next().cloned(),
+            "--sizes" => {
+                sizes = it.next().map(|v| {
+                    v.split(',')
+                        .map(|m| m.parse::<u64>().expect("MiB") << 20)
+                        .collect()
+                })
             }
+            "--only" => only = it.next().map(|v| v.split(',').map(str::to_owned).collect()),
+            "--seconds" => seconds = it.next().and_then(|v| v.parse().ok()).expect("seconds"),
+            other => panic!(
+                "unknown argument {other} (pp-bench [--quick] [--rounds N] [--out FILE] \
+                 [--sizes MIB,...] [--only latency,throughput,concurrency,memory] \
+                 [--profile hub|cache|cold|head [--seconds S]])"
+            ),
         }
+    }
+    if let Some(workload) = profile {
+        return figures::profile(&workload, seconds);
     }
     let settings = if quick {
         Settings {
@@ -62,6 +86,7 @@ fn main() {
             head_requests: 100,
             small_blobs: 32,
             quick,
+            only: None,
         }
     } else {
         let rounds = rounds.unwrap_or(5);
@@ -73,8 +98,14 @@ fn main() {
             head_requests: 1000,
             small_blobs: 512,
             quick,
+            only: None,
         }
     };
+    let mut settings = settings;
+    if let Some(sizes) = sizes {
+        settings.sizes = sizes;
+    }
+    settings.only = only;
     let report = run(&settings);
     let text = serde_json::to_string_pretty(&report).expect("JSON");
     match out {
@@ -102,13 +133,27 @@ fn run(s: &Settings) -> Value {
         .collect();
     eprintln!("pp-bench: checking every system serves the right bytes");
     figures::verify(&mut w, &fixtures[0]);
-    let latency = figures::head_latency(&mut w, s, &fixtures[0]);
-    let throughput = figures::throughput(&mut w, s, &fixtures, &mut mem);
-    let concurrency = figures::concurrency(&mut w, s, &fixtures[0], &mut mem);
-    w.restart_proxy(&[]);
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    mem.idle_end_rss = w.memory(Via::Pullproxy).rss;
-    mem.full_cache = Some(figures::full_cache(&mut w, s, &fixtures));
+    let latency = if s.runs("latency") {
+        figures::head_latency(&mut w, s, &fixtures[0])
+    } else {
+        Vec::new()
+    };
+    let throughput = if s.runs("throughput") {
+        figures::throughput(&mut w, s, &fixtures, &mut mem)
+    } else {
+        Vec::new()
+    };
+    let concurrency = if s.runs("concurrency") {
+        figures::concurrency(&mut w, s, &fixtures[0], &mut mem)
+    } else {
+        Vec::new()
+    };
+    if s.runs("memory") {
+        w.restart_proxy(&[]);
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        mem.idle_end_rss = w.memory(Via::Pullproxy).rss;
+        mem.full_cache = Some(figures::full_cache(&mut w, s, &fixtures));
+    }
     let targets = targets(&throughput, &latency, &concurrency, &mem);
     drop(w);
     json!({

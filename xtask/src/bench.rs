@@ -1,0 +1,144 @@
+//! `cargo xtask bench`: builds the benchmarks and pullproxy in release, runs the pull suite
+//! (`pp-bench`) and the kernel hook benchmark (`pp-hookbench`) as root, and writes their JSON,
+//! a Markdown report and PNG plots under `results/`.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    cmd::{cmd, is_root, root, run, say, target_dir},
+    report, setup,
+};
+
+/// What `cargo xtask bench` was asked for.
+pub struct BenchArgs {
+    /// Rounds per measurement (`None`: the suite's default).
+    pub rounds: Option<usize>,
+    /// A smoke run: one small blob, one round, few clients.
+    pub quick: bool,
+}
+
+pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    setup::build_deps()?;
+    setup::test_deps()?;
+    // One cargo invocation, so the proxy and the benchmarks share one feature resolution.
+    run(cmd("cargo").args([
+        "build",
+        "--release",
+        "--package",
+        "proxy",
+        "--bin",
+        "pullproxy",
+        "--package",
+        "pullproxy-tests",
+        "--bin",
+        "pp-bench",
+        "--bin",
+        "pp-hookbench",
+    ]))?;
+    let bin = target_dir().join("release");
+    let results = root().join("results");
+    std::fs::create_dir_all(&results)?;
+    warn_if_busy();
+
+    let mut hook_args = vec!["--rounds".to_owned()];
+    hook_args.push(
+        args.rounds
+            .unwrap_or(if args.quick { 1 } else { 7 })
+            .to_string(),
+    );
+    if args.quick {
+        hook_args.extend(["--connections".to_owned(), "2000".to_owned()]);
+    }
+    say("running pp-hookbench (the kernel hook's connect cost)");
+    let hook = run_as_root(&bin.join("pp-hookbench"), &hook_args, &[])?;
+    std::fs::write(results.join("hook.json"), &hook)?;
+
+    let mut suite_args = Vec::new();
+    if args.quick {
+        suite_args.push("--quick".to_owned());
+    }
+    if let Some(r) = args.rounds {
+        suite_args.extend(["--rounds".to_owned(), r.to_string()]);
+    }
+    say("running pp-bench (the pull suite; progress below)");
+    let pullproxy = bin.join("pullproxy");
+    let suite = run_as_root(
+        &bin.join("pp-bench"),
+        &suite_args,
+        &[("PULLPROXY_BIN", pullproxy.as_path())],
+    )?;
+    std::fs::write(results.join("bench.json"), &suite)?;
+
+    let suite: serde_json::Value =
+        serde_json::from_slice(&suite).context("pp-bench printed no JSON")?;
+    let hook: serde_json::Value =
+        serde_json::from_slice(&hook).context("pp-hookbench printed no JSON")?;
+    let written = report::write(&results, &suite, &hook, &git_describe())?;
+    for path in written {
+        say(format!("wrote {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Runs a benchmark binary as root (through `sudo` when needed) with `env`; returns its stdout.
+/// Its stderr (progress) goes to the terminal.
+fn run_as_root(bin: &Path, args: &[String], env: &[(&str, &Path)]) -> anyhow::Result<Vec<u8>> {
+    let mut c = if is_root() {
+        let mut c = Command::new(bin);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c
+    } else {
+        say(format!(
+            "{} needs root: running it through sudo",
+            bin.display()
+        ));
+        let mut c = Command::new("sudo");
+        c.arg("env");
+        for (k, v) in env {
+            c.arg(format!("{k}={}", v.display()));
+        }
+        c.arg(bin);
+        c
+    };
+    c.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let out = c
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({})", bin.display(), out.status);
+    }
+    Ok(out.stdout)
+}
+
+/// Every number is relative to a baseline measured in the same round, but a busy machine still
+/// adds noise: say so before starting.
+fn warn_if_busy() {
+    let load: f64 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0);
+    if load > 1.0 {
+        say(format!(
+            "the 1-minute load average is {load:.1}: other work is running, and the spread of \
+             the results will show it; re-run when the machine is quiet"
+        ));
+    }
+}
+
+/// The commit the results belong to (`git describe --always --dirty`).
+fn git_describe() -> String {
+    let out = cmd("git")
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    out.unwrap_or_else(|| "unknown".into())
+}
