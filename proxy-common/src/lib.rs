@@ -3,9 +3,14 @@
 //! agree on the bytes; the layout tests below pin the sizes.
 #![no_std]
 
-/// Names of the maps, as pinned under `<pin dir>/maps/`.
+/// Version of the map layout. Maps are pinned under `<pin dir>/maps-<version>/`, so a pullproxy
+/// whose maps differ never reuses an older, incompatible pinned map: it creates its own and
+/// swaps its programs into the pinned links. Bump it whenever a map's type, key or value changes.
+pub const MAPS_LAYOUT: &str = "v3";
+
+/// Names of the maps, as pinned under `<pin dir>/maps-<MAPS_LAYOUT>/`.
 pub mod maps {
-    /// `u16` destination port (host order) -> `u16` proxy port (host order).
+    /// Array indexed by destination port (host order): the proxy port to redirect to, or 0.
     pub const PORTS: &str = "PP_PORTS";
     /// cgroup id -> [`super::CgroupRole`] as `u32`.
     pub const CGROUPS: &str = "PP_CGROUPS";
@@ -19,6 +24,22 @@ pub mod maps {
     pub const BY_TUPLE: &str = "PP_BY_TUPLE";
     /// Per-CPU `u64` counters indexed by [`super::Counter`].
     pub const COUNTERS: &str = "PP_COUNTERS";
+    /// One `u64`: bumped by user space after every change to [`CGROUPS`], which invalidates
+    /// [`ROLE_CACHE`].
+    pub const GENERATION: &str = "PP_GENERATION";
+    /// LRU cache: cgroup id -> [`super::CachedRole`], so a connect() does not walk the caller's
+    /// cgroup ancestry every time.
+    pub const ROLE_CACHE: &str = "PP_ROLE_CACHE";
+    /// LRU: tgid -> `u64` (unused) of processes that rejected the node CA's certificate (they
+    /// started before it was installed). Their connections go direct until they restart.
+    pub const UNTRUSTED: &str = "PP_UNTRUSTED";
+}
+
+/// Names of the globals set at load time.
+pub mod globals {
+    /// `u16`: the proxy's listening port (host order). `getpeername` hooks act only on sockets
+    /// whose peer is this port on loopback.
+    pub const PROXY_PORT: &str = "PP_PROXY_PORT";
 }
 
 /// Names of the kernel programs in the object file.
@@ -37,8 +58,12 @@ pub const MAX_PENDING: u32 = 65_536;
 pub const MAX_CGROUPS: u32 = 1_024;
 /// Capacity of each exclusion trie.
 pub const MAX_EXCLUDES: u32 = 256;
-/// Capacity of the port map.
-pub const MAX_PORTS: u32 = 64;
+/// Size of the port array: one slot per TCP port.
+pub const PORT_SLOTS: u32 = 65_536;
+/// Capacity of the cgroup decision cache.
+pub const MAX_CACHED_ROLES: u32 = 16_384;
+/// Capacity of the map of processes that do not trust the node CA.
+pub const MAX_UNTRUSTED: u32 = 4_096;
 /// How many cgroup levels above the caller's own cgroup are checked for a target or bypass mark.
 /// A runtime that puts helpers in child cgroups of its unit is still matched.
 pub const MAX_CGROUP_DEPTH: i32 = 16;
@@ -51,6 +76,17 @@ pub enum CgroupRole {
     Target = 1,
     /// Connections from here (and below) are never redirected: the proxy's own cgroup.
     Bypass = 2,
+}
+
+/// What the kernel decided for a cgroup, valid while `generation` equals the current one.
+/// 16 bytes, no padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedRole {
+    pub generation: u64,
+    /// 0: neither target nor bypass; otherwise a [`CgroupRole`].
+    pub role: u32,
+    pub _reserved: u32,
 }
 
 /// Where a redirected connection was going, recorded by `connect4`/`connect6`.
@@ -115,8 +151,9 @@ pub enum Counter {
     Rekeyed = 7,
     /// `getpeername()` answered with the original destination.
     PeerRestored = 8,
-    /// Not a TCP socket.
-    NotTcp = 9,
+    /// The process rejected the node CA's certificate before (it does not trust it yet): its
+    /// connections go direct until it restarts.
+    Untrusted = 9,
 }
 
 impl Counter {
@@ -131,7 +168,7 @@ impl Counter {
         Counter::RecordFailed,
         Counter::Rekeyed,
         Counter::PeerRestored,
-        Counter::NotTcp,
+        Counter::Untrusted,
     ];
     /// Size of the counter array.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -148,7 +185,7 @@ impl Counter {
             Counter::RecordFailed => "record_failed",
             Counter::Rekeyed => "rekeyed",
             Counter::PeerRestored => "peer_restored",
-            Counter::NotTcp => "not_tcp",
+            Counter::Untrusted => "untrusted_client",
         }
     }
 }
@@ -159,6 +196,9 @@ unsafe impl aya::Pod for OrigDst {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for TupleKey {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CachedRole {}
 
 #[cfg(test)]
 mod tests {
@@ -170,6 +210,7 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 16 + 4 * 4);
         assert_eq!(align_of::<OrigDst>(), 8);
         assert_eq!(size_of::<TupleKey>(), 16 + 16 + 4 + 4);
+        assert_eq!(size_of::<CachedRole>(), 16);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
-    EbpfContext,
+    EbpfContext, Global,
     bindings::{
         BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
@@ -27,18 +27,23 @@ use aya_ebpf::{
         bpf_sk_lookup_tcp, bpf_sk_release,
     },
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use proxy_common::{
-    CgroupRole, Counter, FAMILY_V4, FAMILY_V6, MAX_CGROUP_DEPTH, MAX_CGROUPS, MAX_EXCLUDES,
-    MAX_PENDING, MAX_PORTS, OrigDst, TupleKey,
+    CachedRole, CgroupRole, Counter, FAMILY_V4, FAMILY_V6, MAX_CACHED_ROLES, MAX_CGROUP_DEPTH,
+    MAX_CGROUPS, MAX_EXCLUDES, MAX_PENDING, MAX_UNTRUSTED, OrigDst, PORT_SLOTS, TupleKey,
 };
 
+/// The proxy's port, set at load (`proxy_common::globals::PROXY_PORT`).
+#[unsafe(no_mangle)]
+static PP_PROXY_PORT: Global<u16> = Global::new(0);
+
 // Map names must equal the constants in `proxy_common::maps`; the loader fails on a mismatch.
+// An array indexed by port: a non-matching connect() costs one bounds-checked load.
 #[map]
-static PP_PORTS: HashMap<u16, u16> = HashMap::pinned(MAX_PORTS, 0);
+static PP_PORTS: Array<u16> = Array::pinned(PORT_SLOTS, 0);
 #[map]
 static PP_CGROUPS: HashMap<u64, u32> = HashMap::pinned(MAX_CGROUPS, 0);
 #[map]
@@ -51,6 +56,12 @@ static PP_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_PENDING, 
 static PP_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::pinned(MAX_PENDING, 0);
 #[map]
 static PP_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+#[map]
+static PP_GENERATION: Array<u64> = Array::pinned(1, 0);
+#[map]
+static PP_ROLE_CACHE: LruHashMap<u64, CachedRole> = LruHashMap::pinned(MAX_CACHED_ROLES, 0);
+#[map]
+static PP_UNTRUSTED: LruHashMap<u32, u64> = LruHashMap::pinned(MAX_UNTRUSTED, 0);
 
 const SOCK_STREAM: u32 = 1;
 const AF_INET: u32 = 2;
@@ -185,6 +196,20 @@ fn try_connect6(ctx: &SockAddrContext) {
 fn try_getpeername(ctx: &SockAddrContext, v6: bool) {
     // SAFETY: the kernel hands every cgroup/getpeername program a valid `bpf_sock_addr`.
     let sa = unsafe { &mut *ctx.sock_addr };
+    // Only a socket whose peer is the proxy listener can have been redirected: everything else
+    // (this hook also runs for every accept() with an address) leaves before any lookup.
+    if u16::from_be(sa.user_port as u16) != PP_PROXY_PORT.load() {
+        return;
+    }
+    let loopback = if v6 {
+        let peer = ip6_bytes(sa.user_ip6);
+        peer == LOOPBACK_V6 || peer == mapped(LOOPBACK_V4)
+    } else {
+        sa.user_ip4 == u32::from_ne_bytes(LOOPBACK_V4)
+    };
+    if !loopback {
+        return;
+    }
     // SAFETY: the helper only reads the socket behind `ctx`.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(orig) = PP_BY_COOKIE.get_ptr(&cookie) else {
@@ -203,9 +228,13 @@ fn try_getpeername(ctx: &SockAddrContext, v6: bool) {
 }
 
 fn try_sockops(ctx: &SockOpsContext) {
+    // This runs for every callback of every TCP socket below the attach point (about nine per
+    // connection): leave on the operation first.
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return;
+    }
     // Read every field before branching on the family: the verifier rejected a load where the
     // v4 and v6 branches merged ("invalid bpf_context access" on the merged path).
-    let op = ctx.op();
     let family = ctx.family();
     let local4 = ctx.local_ip4();
     let remote4 = ctx.remote_ip4();
@@ -213,7 +242,8 @@ fn try_sockops(ctx: &SockOpsContext) {
     let remote6 = ctx.remote_ip6();
     let local_port = ctx.local_port();
     let remote_port = ctx.remote_port();
-    if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
+    // Only connections to the proxy can have a record.
+    if u32::from_be(remote_port) != u32::from(PP_PROXY_PORT.load()) {
         return;
     }
     // SAFETY: the helper only reads the socket behind `ctx`.
@@ -243,16 +273,58 @@ fn try_sockops(ctx: &SockOpsContext) {
 /// The proxy port for a registry destination port, if it is one.
 #[inline(always)]
 fn proxy_port(port: u16) -> Option<u16> {
-    // SAFETY: the value is copied out at once.
-    unsafe { PP_PORTS.get(&port).copied() }
+    PP_PORTS
+        .get(u32::from(port))
+        .copied()
+        .filter(|proxy| *proxy != 0)
 }
 
-/// Whether the calling task's cgroup, or the deepest marked cgroup above it, is a target.
-/// Counts the reason when it is not.
+/// Whether the calling task's cgroup, or the deepest marked cgroup above it, is a target, and the
+/// calling process has not rejected the node CA before. Counts the reason when it is not.
 #[inline(always)]
 fn should_redirect_from_here() -> bool {
     // SAFETY: helper without arguments.
     let own = unsafe { bpf_get_current_cgroup_id() };
+    let generation = PP_GENERATION.get(0).copied().unwrap_or(0);
+    // SAFETY: the value is copied out at once.
+    let role = match unsafe { PP_ROLE_CACHE.get(&own).copied() } {
+        Some(cached) if cached.generation == generation => cached.role,
+        _ => {
+            let role = resolve_role(own);
+            let cached = CachedRole {
+                generation,
+                role,
+                _reserved: 0,
+            };
+            // A full cache only means the next connect() resolves again.
+            let _ = PP_ROLE_CACHE.insert(&own, &cached, 0);
+            role
+        }
+    };
+    match role {
+        r if r == CgroupRole::Target as u32 => {
+            let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            if PP_UNTRUSTED.get_ptr(&tgid).is_some() {
+                count(Counter::Untrusted);
+                return false;
+            }
+            true
+        }
+        0 => {
+            count(Counter::NotTarget);
+            false
+        }
+        _ => {
+            count(Counter::Bypass);
+            false
+        }
+    }
+}
+
+/// The role of cgroup `own` for the calling task: its own mark, or the deepest mark above it
+/// (0: none).
+#[inline(always)]
+fn resolve_role(own: u64) -> u32 {
     // SAFETY: the value is copied out at once.
     let mut role = unsafe { PP_CGROUPS.get(&own).copied() };
     if role.is_none() {
@@ -269,17 +341,7 @@ fn should_redirect_from_here() -> bool {
             }
         }
     }
-    match role {
-        Some(r) if r == CgroupRole::Target as u32 => true,
-        Some(_) => {
-            count(Counter::Bypass);
-            false
-        }
-        None => {
-            count(Counter::NotTarget);
-            false
-        }
-    }
+    role.unwrap_or(0)
 }
 
 /// Whether something listens on 127.0.0.1:`port` in the caller's network namespace.

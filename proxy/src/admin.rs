@@ -100,11 +100,22 @@ fn answer(
     match req.uri().path() {
         "/metrics" => {
             let mut out = String::new();
+            let openmetrics = req
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("application/openmetrics-text"));
             match encode(&mut out, registry) {
-                Ok(()) => text(
+                Ok(()) if openmetrics => text(
                     StatusCode::OK,
                     out,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+                Ok(()) => text(
+                    StatusCode::OK,
+                    classic_text(&out),
+                    "text/plain; version=0.0.4; charset=utf-8",
                 ),
                 Err(e) => text(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -126,6 +137,40 @@ fn answer(
     }
 }
 
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition, for clients that do
+/// not ask for OpenMetrics (curl, promtool, older scrapers): counter families are named after
+/// their `_total` samples, `info` becomes a `_info` gauge, `UNIT` and `EOF` lines go.
+fn classic_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<(&str, &str)> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = rest.split_once(' ');
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (family, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "unknown" => (name.to_owned(), "untyped"),
+                other => (name.to_owned(), other),
+            };
+            if let Some((_, text)) = help.take().filter(|(h, _)| *h == name) {
+                out.push_str(&format!("# HELP {family} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {family} {kind}\n"));
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<ProxyBody> {
     let mut r = Response::new(client::full(body));
     *r.status_mut() = status;
@@ -139,6 +184,27 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn classic_text_renames_counter_and_info_families() {
+        let om = "# HELP pullproxy_requests Requests.\n# TYPE pullproxy_requests counter\n\
+pullproxy_requests_total{kind=\"blob\"} 3\n\
+# HELP pullproxy_request_duration_seconds Time.\n# TYPE pullproxy_request_duration_seconds histogram\n\
+# UNIT pullproxy_request_duration_seconds seconds\n\
+pullproxy_request_duration_seconds_count 1\n\
+# HELP pullproxy_build pullproxy build information.\n# TYPE pullproxy_build info\n\
+pullproxy_build_info{version=\"0.1.0\"} 1\n# EOF\n";
+        let classic = classic_text(om);
+        assert_eq!(
+            classic,
+            "# HELP pullproxy_requests_total Requests.\n# TYPE pullproxy_requests_total counter\n\
+pullproxy_requests_total{kind=\"blob\"} 3\n\
+# HELP pullproxy_request_duration_seconds Time.\n# TYPE pullproxy_request_duration_seconds histogram\n\
+pullproxy_request_duration_seconds_count 1\n\
+# HELP pullproxy_build_info pullproxy build information.\n# TYPE pullproxy_build_info gauge\n\
+pullproxy_build_info{version=\"0.1.0\"} 1\n"
+        );
+    }
 
     #[test]
     fn readiness_names_the_first_missing_piece() {

@@ -2,11 +2,17 @@
 //! start harmless (nothing is attached before the proxy can serve), and runs until a signal.
 
 use std::{
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
     time::Duration,
 };
 
-use prometheus_client::{metrics::info::Info, registry::Registry};
+use prometheus_client::{
+    metrics::{gauge::Gauge, info::Info},
+    registry::Registry,
+};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -18,7 +24,7 @@ use crate::{
     original_dst::{MemoryOriginalDst, OriginalDstSource},
     redirect::{LoaderError, Redirector},
     registry::RegistryProxy,
-    server::{self, Server},
+    server::{self, OnDistrust, Server, ServerMetrics},
     tls::{self, LeafMinter, NodeCa, TlsError},
     upstream::Upstream,
 };
@@ -85,12 +91,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .hub_settings()
         .map(|s| Arc::new(HubClient::new(http.clone(), s)));
     let cache_settings = config.cache_settings();
-    let cache = Cache::open(&cache_settings)
-        .await
-        .map_err(|source| RunError::Cache {
-            dir: cache_settings.dir.clone(),
-            source,
-        })?;
+    let cache = Arc::new(
+        Cache::open(&cache_settings)
+            .await
+            .map_err(|source| RunError::Cache {
+                dir: cache_settings.dir.clone(),
+                source,
+            })?,
+    );
+    crate::cache::metrics::register(&mut registry, cache.clone());
+    crate::tls::mint::register(&mut registry, minter.clone());
     let proxy = Arc::new(RegistryProxy::new(
         hub.clone(),
         Upstream::new(
@@ -101,6 +111,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         cache,
         config.upstream.blob_idle_timeout,
     ));
+    proxy.metrics.register(&mut registry);
+    let server_metrics = Arc::new(ServerMetrics::default());
+    server_metrics.register(&mut registry);
 
     let admin_listener = admin::bind(config.admin.listen)
         .await
@@ -110,22 +123,38 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     readiness.listening.store(true, Ordering::Relaxed);
     info!(port = config.listen.port, admin = %config.admin.listen, "listening");
 
-    let records: Arc<dyn OriginalDstSource> = if config.redirect.enabled {
+    let (records, on_distrust): (Arc<dyn OriginalDstSource>, OnDistrust) = if config
+        .redirect
+        .enabled
+    {
         let (redirector, records) = Redirector::install(config.redirect_settings())?;
         let redirector = Arc::new(Mutex::new(redirector));
-        tokio::spawn(Redirector::watch_targets(redirector));
-        Arc::new(records)
+        crate::redirect::metrics::register(&mut registry, redirector.clone());
+        tokio::spawn(Redirector::watch_targets(redirector.clone()));
+        let on_distrust: OnDistrust = Box::new(move |pid| {
+            if let Err(e) = redirector.lock().expect("redirector lock").distrust(pid) {
+                warn!(pid, error = %crate::telemetry::error_chain(&e), "cannot stop redirecting a client that distrusts the node CA");
+            }
+        });
+        (Arc::new(records), on_distrust)
     } else {
         warn!("redirect.enabled is false: no connection is redirected to the proxy");
-        Arc::new(MemoryOriginalDst::default())
+        (Arc::new(MemoryOriginalDst::default()), Box::new(|_| {}))
     };
     readiness.attached.store(true, Ordering::Relaxed);
 
+    let hub_up = Gauge::<i64, AtomicI64>::default();
+    registry.register(
+        "hub_up",
+        "1 when the last hub check succeeded (reachable, credentials accepted), else 0",
+        hub_up.clone(),
+    );
     match hub {
         Some(hub) => {
             tokio::spawn(watch_hub(
                 hub,
                 readiness.clone(),
+                hub_up,
                 config.admin.hub_check_interval,
             ));
         }
@@ -138,6 +167,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     ));
 
     let server = Arc::new(Server {
+        metrics: server_metrics,
+        on_distrust,
         records,
         acceptor: tokio_rustls::TlsAcceptor::from(tls::server_config(minter.clone())),
         minter,
@@ -160,7 +191,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 }
 
 /// Keeps `readiness.hub_up` current, logging when the hub's state changes.
-async fn watch_hub(hub: Arc<HubClient>, readiness: Arc<Readiness>, every: Duration) {
+async fn watch_hub(
+    hub: Arc<HubClient>,
+    readiness: Arc<Readiness>,
+    gauge: Gauge<i64, AtomicI64>,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     let mut last: Option<&'static str> = None;
     loop {
@@ -168,6 +204,7 @@ async fn watch_hub(hub: Arc<HubClient>, readiness: Arc<Readiness>, every: Durati
         let outcome = hub.ping().await;
         let up = matches!(outcome, HubOutcome::Found(_));
         readiness.hub_up.store(up, Ordering::Relaxed);
+        gauge.set(i64::from(up));
         if last != Some(outcome.label()) {
             match &outcome {
                 HubOutcome::Found(_) => info!(hub = %hub.url(), "hub reachable"),
@@ -175,6 +212,9 @@ async fn watch_hub(hub: Arc<HubClient>, readiness: Arc<Readiness>, every: Durati
                     warn!(hub = %hub.url(), status = s.as_u16(), "the hub refuses pullproxy's credentials")
                 }
                 HubOutcome::NotFound => warn!(hub = %hub.url(), "the hub has no /v2/ API"),
+                HubOutcome::NoCredentials(reason) => {
+                    warn!(hub = %hub.url(), %reason, "cannot read the hub credentials")
+                }
                 HubOutcome::Unreachable(reason) => {
                     warn!(hub = %hub.url(), %reason, "hub unreachable")
                 }

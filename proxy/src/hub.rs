@@ -88,6 +88,9 @@ pub enum HubOutcome {
     Unreachable(String),
     /// The hub refused our credentials (401/403). Fall back, and warn: the password is wrong.
     Refused(StatusCode),
+    /// Our credentials could not be read (missing or malformed file). Fall back, and warn: the
+    /// hub was not asked.
+    NoCredentials(String),
 }
 
 impl HubOutcome {
@@ -98,6 +101,7 @@ impl HubOutcome {
             HubOutcome::NotFound => "not_found",
             HubOutcome::Unreachable(_) => "unreachable",
             HubOutcome::Refused(_) => "refused",
+            HubOutcome::NoCredentials(_) => "no_credentials",
         }
     }
 }
@@ -296,7 +300,7 @@ impl HubClient {
     async fn send(&self, method: Method, path: &str, mut headers: HeaderMap) -> HubOutcome {
         let auth = match self.credentials.header() {
             Ok(a) => a,
-            Err(e) => return HubOutcome::Unreachable(crate::telemetry::error_chain(&e)),
+            Err(e) => return HubOutcome::NoCredentials(crate::telemetry::error_chain(&e)),
         };
         if let Some(auth) = auth {
             headers.insert(header::AUTHORIZATION, auth);

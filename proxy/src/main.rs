@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use pullproxy::{
     app,
     config::Config,
+    doctor::{self, DoctorArgs},
     redirect, telemetry,
     tls::{self, CaCommand},
 };
@@ -39,6 +40,9 @@ enum Command {
     /// The node CA: print it, install it into the system trust store, or check who trusts it.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Check this node: kernel, BPF, cgroups, privileges, bpffs, runtimes, attached programs,
+    /// trust in the node CA, the hub and the cache. Exits non-zero when something needs fixing.
+    Doctor(DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::Ca(cmd) => Config::load(cli.config.as_deref())
             .map_err(anyhow::Error::from)
             .and_then(|c| Ok(tls::cli::run(cmd, &c.tls_settings())?)),
+        Command::Doctor(args) => run_doctor(cli.config, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -77,6 +82,15 @@ fn uninstall(config: Option<PathBuf>) -> anyhow::Result<()> {
         println!("removed {}", path.display());
     }
     Ok(())
+}
+
+fn run_doctor(config: Option<PathBuf>, args: &DoctorArgs) -> anyhow::Result<()> {
+    let config = Config::load(config.as_deref())?;
+    if doctor::run(&config, args, &mut std::io::stdout().lock())? {
+        Ok(())
+    } else {
+        anyhow::bail!("the node needs the fixes listed above")
+    }
 }
 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {

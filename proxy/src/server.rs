@@ -56,8 +56,43 @@ pub fn bind(addresses: &[std::net::IpAddr], port: u16) -> std::io::Result<Vec<Tc
         .collect()
 }
 
+/// What happened to accepted connections.
+#[derive(Debug, Default)]
+pub struct ServerMetrics {
+    connections: prometheus_client::metrics::family::Family<
+        [(&'static str, &'static str); 1],
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl ServerMetrics {
+    /// Registers the connection counter (names get the registry's `pullproxy_` prefix).
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register(
+            "connections",
+            "Accepted connections by decision: terminated (served by pullproxy), spliced \
+             (relayed untouched to the original destination), closed (nowhere to go), \
+             client_rejected_ca (the client does not trust the node CA yet)",
+            self.connections.clone(),
+        );
+    }
+
+    fn decided(&self, decision: &'static str) {
+        self.connections
+            .get_or_create(&[("decision", decision)])
+            .inc();
+    }
+}
+
+/// Called with the pid of a client that rejected the node CA's certificate.
+pub type OnDistrust = Box<dyn Fn(u32) + Send + Sync>;
+
 /// Everything a connection needs.
 pub struct Server {
+    pub metrics: Arc<ServerMetrics>,
+    /// Stops redirecting a process that does not trust the node CA (it started before the CA was
+    /// installed): its later connections go direct, so its pulls work until it restarts.
+    pub on_distrust: OnDistrust,
     pub records: Arc<dyn OriginalDstSource>,
     pub minter: Arc<LeafMinter>,
     pub acceptor: TlsAcceptor,
@@ -118,33 +153,42 @@ impl Server {
                 // Minting first means a host the CA cannot cover is spliced, not broken.
                 match self.minter.certified_key(&name) {
                     Ok(_) => {
+                        self.metrics.decided("terminated");
                         let origin = origin("https", &name, dst_port, 443);
                         self.terminate_tls(stream, peer, orig, origin).await
                     }
                     Err(e) => {
                         warn!(server_name = %name, error = %e, "cannot mint; splicing instead");
-                        splice(stream, orig).await
+                        self.splice(stream, orig).await
                     }
                 }
             }
             Ok(ClientHelloPeek::NotTls) => match peek_http_host(&stream).await {
                 Some(host) if self.is_insecure_registry(&host, dst_port) => {
+                    self.metrics.decided("terminated");
                     let (name, port) = split_host_port(&host);
                     let origin = origin("http", name, port.or(dst_port), 80);
                     self.serve_http(TokioIo::new(stream), peer, orig, origin)
                         .await
                 }
-                _ => splice(stream, orig).await,
+                _ => self.splice(stream, orig).await,
             },
             Ok(other) => {
                 debug!(peek = ?other, "not an intercepted TLS server name; splicing");
-                splice(stream, orig).await
+                self.splice(stream, orig).await
             }
             Err(e) => {
                 debug!(error = %e, "no client hello; splicing");
-                splice(stream, orig).await
+                self.splice(stream, orig).await
             }
         }
+    }
+
+    /// Relays the connection untouched, or closes it when there is nowhere to go.
+    async fn splice(&self, client: TcpStream, orig: Option<OriginalDst>) {
+        self.metrics
+            .decided(if orig.is_some() { "spliced" } else { "closed" });
+        splice(client, orig).await
     }
 
     fn is_insecure_registry(&self, host: &str, dst_port: Option<u16>) -> bool {
@@ -166,7 +210,23 @@ impl Server {
         let tls = match self.acceptor.accept(stream).await {
             Ok(s) => s,
             Err(e) => {
-                debug!(registry = %origin.authority, error = %e, "TLS handshake with the client failed");
+                match (&orig, rejected_our_certificate(&e)) {
+                    (Some(o), true) => {
+                        self.metrics.decided("client_rejected_ca");
+                        warn!(
+                            registry = %origin.authority,
+                            pid = o.process.pid,
+                            comm = %o.process.comm,
+                            "the client does not trust the node CA (it started before the CA was \
+                             installed): its connections go direct until it restarts; run \
+                             `pullproxy ca status`"
+                        );
+                        (self.on_distrust)(o.process.pid);
+                    }
+                    _ => {
+                        debug!(registry = %origin.authority, error = %e, "TLS handshake with the client failed")
+                    }
+                }
                 return;
             }
         };
@@ -199,6 +259,19 @@ impl Server {
             debug!(error = %crate::telemetry::error_chain(e.as_ref()), "connection ended with an error");
         }
     }
+}
+
+/// Whether a failed handshake is the client refusing our certificate (the alert a client sends
+/// when the chain does not verify: Go sends `bad_certificate`, OpenSSL and rustls `unknown_ca`).
+fn rejected_our_certificate(e: &std::io::Error) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(
+            A::BadCertificate | A::UnknownCA | A::CertificateUnknown | A::UnsupportedCertificate
+        ))
+    )
 }
 
 /// An upstream origin for `host`; the port is kept when the client used a non-default one.

@@ -36,3 +36,29 @@ pub fn unix_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+/// Encodes one counter read at scrape time (for collectors over live state).
+pub fn encode_counter(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> std::fmt::Result {
+    use prometheus_client::{encoding::EncodeMetric, metrics::counter::ConstCounter};
+    let counter = ConstCounter::new(value);
+    let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+    counter.encode(metric)
+}
+
+/// Encodes one gauge read at scrape time.
+pub fn encode_gauge(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> std::fmt::Result {
+    use prometheus_client::{encoding::EncodeMetric, metrics::gauge::ConstGauge};
+    let gauge = ConstGauge::new(value);
+    let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+    gauge.encode(metric)
+}

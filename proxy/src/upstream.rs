@@ -66,6 +66,18 @@ pub enum UpstreamError {
     ManifestTooLarge { host: String },
 }
 
+impl UpstreamError {
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UpstreamError::Unreachable { .. } => "unreachable",
+            UpstreamError::TooManyRedirects { .. } => "too_many_redirects",
+            UpstreamError::BadRedirect { .. } => "bad_redirect",
+            UpstreamError::ManifestTooLarge { .. } => "manifest_too_large",
+        }
+    }
+}
+
 /// A manifest-sized answer, read completely within the deadline.
 #[derive(Debug)]
 pub struct Small {

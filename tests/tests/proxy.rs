@@ -30,6 +30,10 @@ const UPSTREAM_IP: &str = "10.204.0.1";
 const HUB_IP: &str = "10.204.0.2";
 /// A private quay.io that wants credentials.
 const PRIVATE_IP: &str = "10.204.0.3";
+/// A plain-HTTP registry on port 80, configured as insecure.
+const INSECURE_IP: &str = "10.204.0.4";
+/// A TLS site that is not a registry: its connections are spliced untouched.
+const SITE_IP: &str = "10.204.0.5";
 const HUB_USER: &str = "admin";
 const HUB_PASSWORD: &str = "hub-secret-1";
 const PRIVATE_USER: &str = "alice";
@@ -44,6 +48,8 @@ const PUBLIC_HOSTS: &[&str] = &[
 /// Fields drop in declaration order: pullproxy, the registries, then the node.
 struct World {
     proxy: Pullproxy,
+    insecure: Registry,
+    site: Registry,
     hub: Registry,
     upstream: Registry,
     private: Registry,
@@ -57,7 +63,7 @@ struct World {
 impl World {
     fn new() -> Self {
         let node = Node::new("pp-proxy");
-        for ip in [UPSTREAM_IP, HUB_IP, PRIVATE_IP] {
+        for ip in [UPSTREAM_IP, HUB_IP, PRIVATE_IP, INSECURE_IP, SITE_IP] {
             node.ns.add_addr(&format!("{ip}/32"));
         }
         let ca = TestCa::new("upstream");
@@ -76,6 +82,15 @@ impl World {
             .server_name("sealos.hub")
             .htpasswd(HUB_USER, HUB_PASSWORD)
             .start();
+        let insecure = Registry::builder(SocketAddr::new(ip(INSECURE_IP), 80))
+            .netns(&node.ns)
+            .server_name("insecure.registry")
+            .start();
+        let site = Registry::builder(SocketAddr::new(ip(SITE_IP), 443))
+            .netns(&node.ns)
+            .server_name("site.example")
+            .tls(&ca.leaf(&["site.example"]))
+            .start();
         let hub_password_file = node.state().join("hub-password");
         std::fs::write(&hub_password_file, format!("{HUB_PASSWORD}\n")).unwrap();
         let proxy = node.start_proxy_with_mounts(
@@ -91,6 +106,11 @@ impl World {
                     "PULLPROXY_TLS__EXTRA_UPSTREAM_CAS",
                     format!("[{}]", ca.cert_path().display()),
                 ),
+                (
+                    "PULLPROXY_REGISTRIES__INSECURE",
+                    "[insecure.registry]".to_owned(),
+                ),
+                ("PULLPROXY_ADMIN__HUB_CHECK_INTERVAL", "200ms".to_owned()),
             ],
         );
         // Clients trust the node CA (pullproxy generated it at start) and the upstream CA (for
@@ -101,6 +121,8 @@ impl World {
         );
         Self {
             proxy,
+            insecure,
+            site,
             hub,
             upstream,
             private,
@@ -165,6 +187,8 @@ fn hosts() -> MountSpec {
         .hosts(PUBLIC_HOSTS, ip(UPSTREAM_IP))
         .hosts(&["quay.io"], ip(PRIVATE_IP))
         .hosts(&["sealos.hub"], ip(HUB_IP))
+        .hosts(&["insecure.registry"], ip(INSECURE_IP))
+        .hosts(&["site.example"], ip(SITE_IP))
 }
 
 fn copy(
@@ -569,8 +593,15 @@ fn a_rotated_hub_password_is_used_on_the_next_request() {
         w.proxy.dump()
     );
 
+    // The hub now refuses pullproxy: not ready (the hub is not optional), still healthy.
+    let why = ready_becomes(&w, 503);
+    assert!(why.contains("hub"), "{why}");
+    assert_eq!(admin_get(&w, "/healthz").0, 200);
+    assert_eq!(sample(&scrape(&w), "pullproxy_hub_up"), 0.0);
+
     // The credentials file is updated (as a Secret update would): the next pull uses it.
     std::fs::write(&w.hub_password_file, "hub-secret-2\n").unwrap();
+    ready_becomes(&w, 200);
     let before = w.pulls("library/rotate").len();
     let (dir, out) = copy(&w, src, None);
     out.expect_success();
@@ -602,4 +633,378 @@ fn dir_listing(dir: &std::path::Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// `GET` a path of the admin listener inside the node: (status, body).
+fn admin_get(w: &World, path: &str) -> (u16, String) {
+    let admin = RegistryClient::new("127.0.0.1", "127.0.0.1:15090".parse().unwrap())
+        .netns(&w.node.ns)
+        .anonymous();
+    let resp = admin.request("GET", path, &[], Body::Empty).unwrap();
+    (resp.status, resp.text())
+}
+
+/// `/metrics` in the classic text format, as curl gets it.
+fn scrape(w: &World) -> String {
+    let (status, text) = admin_get(w, "/metrics");
+    assert_eq!(status, 200);
+    text
+}
+
+/// Polls `/readyz` until it answers `status` (or 5 s pass); returns the body.
+fn ready_becomes(w: &World, status: u16) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (got, body) = admin_get(w, "/readyz");
+        if got == status {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz stayed {got}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The value of the sample whose name and labels start with `prefix`, summed over matches.
+fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn metrics_follow_real_pulls_pass_promtool_and_never_hold_credentials() {
+    require_root!();
+    let mut w = World::new();
+    let hub_image = images::busybox(Format::Docker);
+    w.hub.client().push_image("library/onhub", "1", &hub_image);
+    let up_image = images::multi_layer(Format::Oci, 2, 128 << 10, 41);
+    w.upstream
+        .client()
+        .push_image("library/upstream", "1", &up_image);
+    let private = images::multi_layer(Format::Docker, 1, 64 << 10, 42);
+    w.private.client().push_image("team/secret", "1", &private);
+
+    copy(&w, "docker://registry-1.docker.io/library/onhub:1", None)
+        .1
+        .expect_success();
+    copy(&w, "docker://registry-1.docker.io/library/upstream:1", None)
+        .1
+        .expect_success();
+    copy(&w, "docker://registry-1.docker.io/library/upstream:1", None)
+        .1
+        .expect_success();
+    copy(
+        &w,
+        "docker://quay.io/team/secret:1",
+        Some((PRIVATE_USER, PRIVATE_PASSWORD)),
+    )
+    .1
+    .expect_success();
+    copy(&w, "docker://quay.io/team/secret:1", None)
+        .1
+        .expect_failure();
+    let bad = w
+        .direct()
+        .request("GET", "/v2/library/x/blobs/sha256:00", &[], Body::Empty)
+        .unwrap();
+    assert_eq!(bad.status, 400);
+    w.settle();
+    // An upstream that cannot be reached, for a blob nobody has: counted as an upstream error.
+    w.upstream.stop();
+    let missing = Digest::of(b"never pushed");
+    let resp = w
+        .direct()
+        .get_blob("library/upstream", &missing, None)
+        .unwrap();
+    assert!(resp.status >= 500, "{}", resp.status);
+
+    let text = scrape(&w);
+    let docker = r#"registry="registry-1.docker.io""#;
+    for (prefix, at_least) in [
+        (format!("pullproxy_requests_total{{{docker},kind=\"manifest\",source=\"hub\",status=\"200\"}}"), 1.0),
+        (format!("pullproxy_requests_total{{{docker},kind=\"blob\",source=\"hub\",status=\"200\"}}"), 2.0),
+        (format!("pullproxy_requests_total{{{docker},kind=\"blob\",source=\"upstream\",status=\"200\"}}"), 3.0),
+        (format!("pullproxy_requests_total{{{docker},kind=\"blob\",source=\"cache\",status=\"200\"}}"), 3.0),
+        ("pullproxy_requests_total{registry=\"quay.io\",kind=\"manifest\",source=\"upstream\",status=\"401\"}".to_owned(), 1.0),
+        ("pullproxy_served_bytes_total{source=\"hub\"}".to_owned(), hub_image.blob_bytes() as f64),
+        ("pullproxy_served_bytes_total{source=\"cache\"}".to_owned(), 1.0),
+        ("pullproxy_request_duration_seconds_count{kind=\"blob\",source=\"upstream\"}".to_owned(), 3.0),
+        ("pullproxy_hub_lookups_total{outcome=\"found\"}".to_owned(), 3.0),
+        ("pullproxy_hub_lookups_total{outcome=\"not_found\"}".to_owned(), 3.0),
+        (format!("pullproxy_upstream_fetches_total{{{docker},outcome=\"cached\"}}"), 3.0),
+        ("pullproxy_redirect_connections_total{outcome=\"redirected\"}".to_owned(), 5.0),
+        ("pullproxy_redirect_connections_total{outcome=\"rekeyed\"}".to_owned(), 5.0),
+        ("pullproxy_connections_total{decision=\"terminated\"}".to_owned(), 5.0),
+        ("pullproxy_tls_certificates_minted_total".to_owned(), 2.0),
+        ("pullproxy_cache_entries".to_owned(), 3.0),
+        ("pullproxy_cache_hits_total".to_owned(), 3.0),
+        ("pullproxy_invalid_requests_total{reason=\"digest\"}".to_owned(), 1.0),
+        ("pullproxy_hub_up".to_owned(), 1.0),
+        (format!("pullproxy_upstream_errors_total{{{docker},reason=\"unreachable\"}}"), 1.0),
+        ("pullproxy_redirect_target_cgroups".to_owned(), 1.0),
+        ("pullproxy_build_info{version=".to_owned(), 1.0),
+    ] {
+        let v = sample(&text, &prefix);
+        assert!(v >= at_least, "{prefix} is {v}, expected at least {at_least}\n{text}");
+    }
+    assert_eq!(sample(&text, "pullproxy_digest_mismatches_total"), 0.0);
+
+    // Every metric the Grafana dashboard queries exists in a real scrape.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/pullproxy.json"
+    ))
+    .unwrap();
+    let mut queried: Vec<&str> = dashboard
+        .match_indices("pullproxy_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .map(|m| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .fold(m, |m, suffix| m.strip_suffix(suffix).unwrap_or(m))
+        })
+        .collect();
+    queried.sort_unstable();
+    queried.dedup();
+    assert!(queried.len() > 10, "{queried:?}");
+    for metric in queried {
+        assert!(
+            text.contains(&format!("# TYPE {metric} ")),
+            "the dashboard queries {metric}, which pullproxy does not export"
+        );
+    }
+
+    // The exposition is valid Prometheus text.
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // No credential, nor its base64 form, anywhere in logs or metrics.
+    let haystack = format!("{}\n{text}", w.proxy.dump());
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for secret in [
+        PRIVATE_PASSWORD.to_owned(),
+        HUB_PASSWORD.to_owned(),
+        b64(&format!("{PRIVATE_USER}:{PRIVATE_PASSWORD}")),
+        b64(&format!("{HUB_USER}:{HUB_PASSWORD}")),
+    ] {
+        assert!(
+            !haystack.contains(&secret),
+            "a credential leaked into logs or metrics"
+        );
+    }
+}
+
+#[test]
+fn a_configured_insecure_registry_is_served_over_plain_http_and_cached() {
+    require_root!();
+    let w = World::new();
+    let image = images::multi_layer(Format::Docker, 1, 256 << 10, 51);
+    w.insecure.client().push_image("team/plain", "1", &image);
+    let src = "docker://insecure.registry/team/plain:1";
+    for _ in 0..2 {
+        let dest = tempfile::tempdir().unwrap();
+        w.skopeo()
+            .insecure()
+            .copy_to_dir(src, dest.path(), None, false)
+            .expect_success();
+        verify_dir_copy(dest.path(), &image).unwrap();
+    }
+    w.settle();
+    let blobs = w.sources("team/plain", "blob");
+    assert_eq!(blobs.len(), 2 * (image.layers.len() + 1), "{blobs:?}");
+    assert!(
+        blobs.iter().any(|s| s == "upstream") && blobs.iter().any(|s| s == "cache"),
+        "{blobs:?}"
+    );
+    for blob in image.blobs() {
+        assert_eq!(w.insecure.blob_fetches("team/plain", &blob.digest), 1);
+    }
+}
+
+#[test]
+fn tls_to_a_host_that_is_not_a_registry_is_spliced_untouched() {
+    require_root!();
+    let w = World::new();
+    // curl in the target cgroup (so the kernel redirects it), trusting only the site's own CA:
+    // the handshake succeeds only if pullproxy did not terminate it.
+    let mut curl = std::process::Command::new("curl");
+    curl.args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{remote_ip}",
+        "--cacert",
+    ])
+    .arg(w._ca.cert_path())
+    .arg("https://site.example/v2/")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let mut proc = harness::process::Proc::spawn_at(
+        curl,
+        &Placement::new()
+            .netns(&w.node.ns)
+            .cgroup(&w.node.runtime)
+            .mounts(hosts()),
+    );
+    let out = proc.child_mut().wait().unwrap();
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    use std::io::Read;
+    proc.child_mut()
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    proc.child_mut()
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(out.success(), "curl: {stdout} {stderr}");
+    assert!(stdout.starts_with("200 "), "{stdout}");
+    // It did go through pullproxy (the kernel redirected it) and was spliced, not served.
+    assert!(
+        w.proxy
+            .wait_for(
+                "redirected connection",
+                Duration::from_secs(5),
+                |r| r["dst"] == format!("{SITE_IP}:443")
+            )
+            .is_some(),
+        "{}",
+        w.proxy.dump()
+    );
+    assert!(w.site.count("GET", "/v2/") >= 1);
+    assert!(w.pulls("").iter().all(|r| r["registry"] != "site.example"));
+}
+
+/// Runs curl in the target cgroup (so the kernel redirects it) with the test's hosts file;
+/// returns (pid, stdout).
+fn curl_in_runtime(w: &World, args: &[&str]) -> (u32, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut proc = harness::process::Proc::spawn_at(
+        cmd,
+        &Placement::new()
+            .netns(&w.node.ns)
+            .cgroup(&w.node.runtime)
+            .mounts(hosts()),
+    );
+    let pid = proc.pid();
+    let mut out = String::new();
+    use std::io::Read;
+    proc.child_mut()
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let _ = proc.child_mut().wait();
+    (pid, out)
+}
+
+#[test]
+fn a_client_that_does_not_trust_the_node_ca_goes_direct_until_it_restarts() {
+    require_root!();
+    let w = World::new();
+    let upstream_ca = w._ca.cert_path().display().to_string();
+    let url = "https://registry-1.docker.io/v2/";
+    // One process, two requests: like a runtime that started before the node CA was installed,
+    // it trusts only the real registry's CA. The first attempt meets pullproxy's leaf and fails;
+    // the second goes direct.
+    let (pid, out) = curl_in_runtime(
+        &w,
+        &[
+            "-sS",
+            "--rate",
+            "3/s",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            "--cacert",
+            &upstream_ca,
+            url,
+            url,
+        ],
+    );
+    let codes: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        codes,
+        ["000", "200"],
+        "first refused by the client, then served direct"
+    );
+    let warning = w
+        .proxy
+        .wait_for(
+            "the client does not trust the node CA (it started before the CA was installed): its connections go direct until it restarts; run `pullproxy ca status`",
+            Duration::from_secs(5),
+            |r| r["pid"] == u64::from(pid),
+        );
+    assert!(warning.is_some(), "{}", w.proxy.dump());
+    assert!(w.node.counter(proxy_common::Counter::Untrusted) >= 1);
+
+    // A new process (a restarted runtime, now trusting the node CA) is redirected again.
+    let node_ca = w.node.state().join("node-ca.pem");
+    std::fs::write(&node_ca, w.node.node_ca_pem()).unwrap();
+    let (_, out) = curl_in_runtime(
+        &w,
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            &node_ca.display().to_string(),
+            url,
+        ],
+    );
+    assert_eq!(out, "200");
+    w.settle();
+    assert!(
+        w.proxy
+            .all("pull")
+            .iter()
+            .any(|r| r["kind"] == "other" && r["comm"] == "curl"),
+        "the new process must be served by pullproxy:\n{}",
+        w.proxy.dump()
+    );
 }

