@@ -13,11 +13,14 @@
 //! `registry_client.rs`).
 
 pub mod cgroup;
+pub mod containerd;
+pub mod cri;
 pub mod images;
 pub mod mountns;
 pub mod netns;
 pub mod node;
 pub mod origin;
+pub mod podman;
 pub mod privileged;
 pub mod probe;
 pub mod process;
@@ -26,6 +29,7 @@ pub mod registry;
 pub mod registry_client;
 pub mod skopeo;
 pub mod testca;
+pub mod world;
 
 /// A short unique suffix for names of namespaces, cgroups and pin directories.
 pub fn unique(prefix: &str) -> String {
