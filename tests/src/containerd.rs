@@ -327,11 +327,16 @@ impl Containerd {
             .expect_success();
     }
 
-    /// Runs `argv` once in a container of image `name` (`ctr run --rm`, host network) and
-    /// returns what it printed. The container exits by itself, so nothing outlives the call.
+    /// Runs `argv` once in a container of image `name` (`ctr run --rm`) and returns what it
+    /// printed. The container exits by itself, so nothing outlives the call. It gets a network
+    /// namespace of its own: with the host's, runc would bind-mount `/etc/hosts`, which here is
+    /// a bind of an already unlinked file, and the kernel refuses to bind those.
     pub fn run_once(&self, name: &str, argv: &[&str]) -> CtrOutput {
         let id = crate::unique("pp-run");
-        let mut args = vec!["run", "--rm", "--net-host", name, &id];
+        // A cgroup path of one component: runc removes it with the container. (The default,
+        // `/<namespace>/<id>`, leaves an empty `/default` behind in every v1 hierarchy.)
+        let cgroup = format!("/{id}");
+        let mut args = vec!["run", "--rm", "--cgroup", &cgroup, name, &id];
         args.extend(argv);
         self.ctr(&args)
     }

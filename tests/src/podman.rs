@@ -78,6 +78,9 @@ impl Podman {
             "unqualified-search-registries = []\nshort-name-mode = \"disabled\"\n",
         )
         .expect("registries.conf");
+        // An empty auth file (podman insists that the file it is pointed at exists): no host
+        // credentials are ever sent.
+        fs::write(dir.path().join("auth.json"), r#"{"auths":{}}"#).expect("auth.json");
         // No host containers.conf settings (network backends, events, cgroup manager) apply.
         fs::write(
             dir.path().join("containers.conf"),
@@ -117,7 +120,6 @@ impl Podman {
             .env("TMPDIR", self.path("tmp"))
             .env("CONTAINERS_CONF", self.path("containers.conf"))
             .env("CONTAINERS_REGISTRIES_CONF", self.path("registries.conf"))
-            // An auth file that does not exist: no host credentials are ever sent.
             .env("REGISTRY_AUTH_FILE", self.path("auth.json"));
         let args = redacted(&all);
         let finished = run_at(cmd, &self.placement, Duration::from_secs(120))
@@ -129,7 +131,7 @@ impl Podman {
     pub fn pull(&self, reference: &str, creds: Option<(&str, &str)>) -> PodmanOutput {
         let creds = creds.map(|(u, p)| format!("{u}:{p}"));
         let policy = self.path("policy.json").display().to_string();
-        let mut args = vec!["pull", "--retry", "0", "--signature-policy", &policy];
+        let mut args = vec!["pull", "--signature-policy", &policy];
         if let Some(c) = &creds {
             args.extend(["--creds", c]);
         }
