@@ -17,9 +17,12 @@
 //! fetches images in its own process, with the same hosts file and CA bundle) and in the same
 //! cgroup. [`Containerd::cri`] talks to the CRI plugin, where the daemon itself fetches.
 //!
-//! On drop every process in the daemon's mount namespace (the daemon, its shims) is killed; the
-//! namespace, and with it every snapshot mount, goes away with the last of them, and then the
-//! directories are removed.
+//! On drop (also when a test fails) every container is force-deleted through `ctr` (runc
+//! removes its cgroups), then every process in the daemon's mount namespace (the daemon, its
+//! shims) is killed; the namespace, and with it every snapshot mount, goes away with the last of
+//! them, and then the directories are removed. Give `ctr run` a one-component `--cgroup`
+//! (as [`Containerd::run_once`] does): the default `/<namespace>/<id>` leaves an empty
+//! `/<namespace>` directory in every cgroup v1 hierarchy.
 
 use std::{
     fs,
@@ -123,6 +126,12 @@ impl ContainerdBuilder {
         let proc = Proc::spawn_at(cmd, &placement);
         let pid = proc.pid();
         let mount_ns = ns_inode(pid).expect("containerd's mount namespace");
+        // Drop kills every process in this namespace: it must never be the host's.
+        assert_ne!(
+            Some(mount_ns),
+            ns_inode(std::process::id()),
+            "containerd must run in a mount namespace of its own"
+        );
         let mut ctd = Containerd {
             proc: Some(proc),
             pid,
@@ -348,9 +357,40 @@ impl Containerd {
             .unwrap_or_else(|e| panic!("CRI client on {}: {e}", self.socket().display()))
     }
 
-    /// Kills every process in the daemon's mount namespace (the daemon first, then shims) and
-    /// waits until they are gone: the namespace and its mounts go with them.
+    /// Force-deletes every task (running container) and container in every containerd
+    /// namespace while the daemon still runs: a container's processes live in namespaces and
+    /// cgroups of their own, and would outlive the daemon and its shims.
+    fn delete_containers(&self) {
+        let quick = Duration::from_secs(15);
+        let lines = |args: &[&str]| -> Vec<String> {
+            let out = self.ctr_with_timeout(args, quick);
+            if !out.success() {
+                return Vec::new();
+            }
+            out.stdout()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        for ns in lines(&["namespaces", "ls", "-q"]) {
+            for task in lines(&["-n", &ns, "tasks", "ls", "-q"]) {
+                self.ctr_with_timeout(&["-n", &ns, "tasks", "rm", "-f", &task], quick);
+            }
+            for container in lines(&["-n", &ns, "containers", "ls", "-q"]) {
+                self.ctr_with_timeout(&["-n", &ns, "containers", "rm", &container], quick);
+            }
+        }
+    }
+
+    /// Deletes the containers, then kills every process in the daemon's mount namespace (the
+    /// daemon first, then shims) and waits until they are gone: the namespace and its mounts
+    /// go with them.
     fn kill_all(&mut self) {
+        if self.proc.as_mut().is_some_and(|p| !p.exited()) {
+            self.delete_containers();
+        }
         if let Some(mut p) = self.proc.take() {
             p.kill();
         }

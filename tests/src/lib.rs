@@ -5,8 +5,9 @@
 //!
 //! On top of those: real registries (`registry`, Debian's docker-registry), a registry client
 //! (`registry_client`), image content built in Rust (`images`), test CAs (`testca`), and
-//! unmodified clients (`skopeo`) that see fake registries through a private mount namespace
-//! (`mountns`: hosts file and CA bundle).
+//! unmodified clients (`skopeo`, `podman`, `containerd` with `ctr` and a CRI client in `cri`)
+//! that see fake registries through a private mount namespace (`mountns`: hosts file and CA
+//! bundle). `world` puts a node, the hub, the fake upstreams and pullproxy together.
 //!
 //! `unsafe` appears only where a child must join a namespace and a cgroup between fork and exec
 //! (`process.rs`, `mountns.rs`) or a thread must enter a network namespace (`netns.rs`,
