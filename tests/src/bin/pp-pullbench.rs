@@ -1,16 +1,18 @@
-//! The cost of pullproxy on a cold pull: the wall time of `ctr images pull` of a multi-layer
-//! image from the sealos hub, by an unmodified containerd 1.6 (default configuration) through
-//! pullproxy, against the same containerd configured with a `hosts.toml` mirror pointing
-//! straight at the hub (`config_path` + `hosts.toml`, the configuration change pullproxy makes
-//! unnecessary). Not a test: it prints a small JSON report.
+//! The cost of pullproxy on a cold pull: the wall time of a pull of a multi-layer image from the
+//! sealos hub by an unmodified containerd 1.6 (default configuration) through pullproxy, against
+//! the same containerd configured with a `hosts.toml` mirror pointing straight at the hub
+//! (`config_path` + `hosts.toml`, the configuration change pullproxy makes unnecessary). Two
+//! paths: `ctr images pull` (ctr fetches, with `--hosts-dir` for the mirror) and CRI
+//! `PullImage` (the daemon fetches, as for the kubelet; the mirror through `config_path`). Both
+//! include unpacking. Not a test: it prints a small JSON report.
 //!
-//! Each round starts two fresh containerds (empty content stores: cold pulls), one per variant,
-//! in alternating order. Both pull the same bytes from the same hub and unpack them; the
+//! Each round starts a fresh containerd (empty content store: a cold pull) per variant and
+//! path, the two variants in alternating order. Both pull the same bytes from the same hub; the
 //! mirror variant runs in a non-target cgroup so the kernel leaves its connections alone.
 //!
 //! Usage: `pp-pullbench [--rounds N] [--layers N] [--layer-mib N]` (as root).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use harness::{
     containerd::Containerd,
@@ -78,32 +80,54 @@ fn main() {
         image.blob_bytes()
     );
 
-    let mut via_proxy = Vec::new();
-    let mut via_mirror = Vec::new();
-    for round in 0..o.rounds {
-        let proxy_first = round % 2 == 0;
-        for variant in if proxy_first {
-            [true, false]
-        } else {
-            [false, true]
-        } {
-            let t = if variant {
-                pull_through_pullproxy(&w, &reference)
+    let mut report = json!({
+        "what": "cold pull wall time (fetch + unpack), containerd 1.6: default config through pullproxy vs hosts.toml mirror straight to the hub",
+        "image": {
+            "digest": image.digest().as_str(),
+            "layers": image.layers.len(),
+            "blob_bytes": image.blob_bytes(),
+        },
+        "rounds": o.rounds,
+    });
+    for path in [Path::Ctr, Path::Cri] {
+        let mut via_proxy = Vec::new();
+        let mut via_mirror = Vec::new();
+        for round in 0..o.rounds {
+            let order = if round % 2 == 0 {
+                [true, false]
             } else {
-                pull_from_a_mirror(&w, &reference)
+                [false, true]
             };
-            if variant {
-                via_proxy.push(t);
-            } else {
-                via_mirror.push(t);
+            for through_pullproxy in order {
+                if through_pullproxy {
+                    via_proxy.push(pull_through_pullproxy(&w, path, &reference));
+                } else {
+                    via_mirror.push(pull_from_a_mirror(&w, path, &reference));
+                }
             }
+            eprintln!(
+                "{} round {}: pullproxy {:.3}s, hosts.toml mirror {:.3}s",
+                path.name(),
+                round + 1,
+                via_proxy[round].as_secs_f64(),
+                via_mirror[round].as_secs_f64()
+            );
         }
-        eprintln!(
-            "round {}: pullproxy {:.3}s, hosts.toml mirror {:.3}s",
-            round + 1,
-            via_proxy[round].as_secs_f64(),
-            via_mirror[round].as_secs_f64()
-        );
+        let ratios: Vec<f64> = via_proxy
+            .iter()
+            .zip(&via_mirror)
+            .map(|(p, m)| p.as_secs_f64() / m.as_secs_f64())
+            .collect();
+        report[path.name()] = json!({
+            "pullproxy_s": stats(&secs(&via_proxy)),
+            "mirror_s": stats(&secs(&via_mirror)),
+            "ratio_pullproxy_over_mirror": stats(&ratios),
+            "first_round_ratio": ratios[0],
+            "samples": {
+                "pullproxy_s": secs(&via_proxy),
+                "mirror_s": secs(&via_mirror),
+            },
+        });
     }
 
     // Every blob the pullproxy variant got came from the hub (nothing was measured by mistake
@@ -114,46 +138,60 @@ fn main() {
         !sources.is_empty() && sources.iter().all(|s| s == "hub"),
         "pullproxy served blobs from {sources:?}"
     );
-
-    let ratios: Vec<f64> = via_proxy
-        .iter()
-        .zip(&via_mirror)
-        .map(|(p, m)| p.as_secs_f64() / m.as_secs_f64())
-        .collect();
-    let report = json!({
-        "what": "cold `ctr images pull` wall time, containerd 1.6: default config through pullproxy vs hosts.toml mirror straight to the hub",
-        "image": {
-            "digest": image.digest().as_str(),
-            "layers": image.layers.len(),
-            "blob_bytes": image.blob_bytes(),
-        },
-        "rounds": o.rounds,
-        "pullproxy_s": stats(&secs(&via_proxy)),
-        "mirror_s": stats(&secs(&via_mirror)),
-        "ratio_pullproxy_over_mirror": stats(&ratios),
-        "first_round_ratio": ratios[0],
-        "samples": {
-            "pullproxy_s": secs(&via_proxy),
-            "mirror_s": secs(&via_mirror),
-        },
-    });
     println!(
         "{}",
         serde_json::to_string_pretty(&report).expect("report JSON")
     );
 }
 
+/// Who fetches: `ctr` itself, or the daemon through CRI.
+#[derive(Clone, Copy)]
+enum Path {
+    Ctr,
+    Cri,
+}
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::Ctr => "ctr",
+            Path::Cri => "cri",
+        }
+    }
+}
+
+/// Pulls `reference` with `path` on `ctd` and returns the wall time.
+fn timed_pull(
+    ctd: &Containerd,
+    path: Path,
+    reference: &str,
+    creds: Option<(&str, &str)>,
+) -> Duration {
+    match path {
+        Path::Ctr => {
+            let out = ctd.pull(reference, creds);
+            out.expect_success();
+            out.finished.elapsed
+        }
+        Path::Cri => {
+            let cri = ctd.cri();
+            let started = Instant::now();
+            cri.pull_image(reference, creds)
+                .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", ctd.log()));
+            started.elapsed()
+        }
+    }
+}
+
 /// A fresh containerd with its default configuration in the target cgroup: pullproxy serves it.
-fn pull_through_pullproxy(w: &World, reference: &str) -> Duration {
+fn pull_through_pullproxy(w: &World, path: Path, reference: &str) -> Duration {
     let ctd = Containerd::start(w.runtime_placement());
-    let out = ctd.pull(reference, None);
-    out.expect_success();
-    out.finished.elapsed
+    timed_pull(&ctd, path, reference, None)
 }
 
 /// A fresh containerd whose `hosts.toml` sends docker.io pulls straight to the hub (plain HTTP,
-/// basic auth given to ctr), in a cgroup the kernel programs leave alone.
-fn pull_from_a_mirror(w: &World, reference: &str) -> Duration {
+/// basic auth given by the client), in a cgroup the kernel programs leave alone.
+fn pull_from_a_mirror(w: &World, path: Path, reference: &str) -> Duration {
     let hosts_toml = format!(
         "server = \"https://registry-1.docker.io\"\n\n\
          [host.\"http://{HUB_IP}:5000\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
@@ -165,9 +203,7 @@ fn pull_from_a_mirror(w: &World, reference: &str) -> Duration {
     let ctd = Containerd::builder(at)
         .hosts_toml("docker.io", &hosts_toml)
         .start();
-    let out = ctd.pull(reference, Some((HUB_USER, HUB_PASSWORD)));
-    out.expect_success();
-    out.finished.elapsed
+    timed_pull(&ctd, path, reference, Some((HUB_USER, HUB_PASSWORD)))
 }
 
 fn secs(d: &[Duration]) -> Vec<f64> {
