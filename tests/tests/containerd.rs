@@ -130,6 +130,24 @@ fn cri_pull_image_is_served_from_the_hub_with_the_upstream_down() {
             .iter()
             .any(|i| i.id == id)
     );
+
+    // The sandbox image every pod needs, by the sealos convention `pause` on the hub.
+    // (Layers containerd already has are not fetched again: one of its own.)
+    let pause = images::multi_layer(Format::Docker, 1, 64 << 10, 0x9a05e);
+    f.w.hub.client().push_image("pause", "3.9", &pause);
+    let sandbox = "registry.k8s.io/pause:3.9";
+    cri.pull_image(sandbox, None)
+        .unwrap_or_else(|e| panic!("PullImage {sandbox}: {e}"));
+    f.w.settle();
+    let pulls = f.w.pulls("pause");
+    assert_all_from(&pulls, "manifest", "hub");
+    assert_all_from(&pulls, "blob", "hub");
+    assert!(
+        pulls.iter().all(|r| r["registry"] == "registry.k8s.io"),
+        "{pulls:#?}"
+    );
+    let stored = f.ctd.image(CRI_NAMESPACE, sandbox).expect("pause image");
+    assert_eq!(stored.digest, pause.digest().as_str());
 }
 
 #[test]
