@@ -5,6 +5,8 @@
 //! cgroup. The registries are the harness's World: the sealos hub, a fake Docker Hub and a
 //! private quay.io, all inside the test's network namespace.
 
+use std::time::{Duration, Instant};
+
 use harness::{
     containerd::{CRI_NAMESPACE, CTR_NAMESPACE, Containerd},
     images::{self, Format},
@@ -476,4 +478,70 @@ fn skopeo_and_podman_in_the_target_cgroup_pull_from_the_hub() {
             "no request from {comm}: {pulls:#?}"
         );
     }
+}
+
+#[test]
+fn pullproxy_killed_in_the_middle_of_a_blob_the_pull_resumes_direct() {
+    require_root!();
+    let mut f = Fixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let image = images::big_image(Format::Docker, dir.path(), 256 << 20, 11);
+    f.w.upstream.client().push_image("library/big", "1", &image);
+    let layer = image.layers[0].clone();
+    let name = "docker.io/library/big:1";
+    let tmp = f.w.node.cache_dir().join("tmp");
+    let no_listener = f.w.node.counter(Counter::NoListener);
+
+    let out = std::thread::scope(|s| {
+        let pull = s.spawn(|| f.ctd.pull(name, None));
+        // pullproxy is streaming the layer (into its cache's temp file, and to ctr): crash it.
+        let started = Instant::now();
+        while !dir_holds_a_file_over(&tmp, 8 << 20) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "pullproxy never started caching the layer:\n{}",
+                f.w.proxy.dump()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        f.w.kill_proxy();
+        pull.join().expect("pull thread")
+    });
+
+    // containerd re-opened the blob where it stopped (a Range request), and with no listener
+    // the kernel let that connection go straight to the upstream: the pull succeeded.
+    out.expect_success();
+    let stored = f.ctd.image(CTR_NAMESPACE, name).expect("pulled");
+    assert_eq!(stored.digest, image.digest().as_str());
+    assert!(f.w.node.counter(Counter::NoListener) > no_listener);
+    let path = format!("/v2/library/big/blobs/{}", layer.digest);
+    let resumed: Vec<_> =
+        f.w.upstream
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "GET" && r.path() == path && r.status == 206)
+            .collect();
+    assert_eq!(resumed.len(), 1, "{:#?}", f.w.upstream.requests());
+    assert!(resumed[0].bytes > 0 && resumed[0].bytes < layer.size);
+
+    // A restarted pullproxy starts from a clean cache: the half-written layer is gone and was
+    // never indexed.
+    f.w.restart_proxy();
+    let left = std::fs::read_dir(&tmp).map_or(0, Iterator::count);
+    assert_eq!(left, 0, "temp files left in {}", tmp.display());
+    let cached =
+        f.w.node
+            .cache_dir()
+            .join("blobs/sha256")
+            .join(layer.digest.hex());
+    assert!(!cached.exists(), "{} must not exist", cached.display());
+}
+
+/// Whether `dir` holds a file larger than `bytes`.
+fn dir_holds_a_file_over(dir: &std::path::Path, bytes: u64) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.metadata().is_ok_and(|m| m.is_file() && m.len() > bytes))
 }
