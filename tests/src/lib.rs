@@ -5,8 +5,9 @@
 //!
 //! On top of those: real registries (`registry`, Debian's docker-registry), a registry client
 //! (`registry_client`), image content built in Rust (`images`), test CAs (`testca`), and
-//! unmodified clients (`skopeo`) that see fake registries through a private mount namespace
-//! (`mountns`: hosts file and CA bundle).
+//! unmodified clients (`skopeo`, `podman`, `containerd` with `ctr` and a CRI client in `cri`)
+//! that see fake registries through a private mount namespace (`mountns`: hosts file and CA
+//! bundle). `world` puts a node, the hub, the fake upstreams and pullproxy together.
 //!
 //! For benchmarks: a load generator that every measured system is pulled with (`loadgen`), and
 //! nginx as a caching TLS reverse proxy (`nginx`), a peer of pullproxy.
@@ -16,6 +17,8 @@
 //! `registry_client.rs`), or a process started indirectly is signalled (`process.rs`).
 
 pub mod cgroup;
+pub mod containerd;
+pub mod cri;
 pub mod images;
 pub mod loadgen;
 pub mod mountns;
@@ -23,6 +26,7 @@ pub mod netns;
 pub mod nginx;
 pub mod node;
 pub mod origin;
+pub mod podman;
 pub mod privileged;
 pub mod probe;
 pub mod process;
@@ -31,6 +35,7 @@ pub mod registry;
 pub mod registry_client;
 pub mod skopeo;
 pub mod testca;
+pub mod world;
 
 /// A short unique suffix for names of namespaces, cgroups and pin directories.
 pub fn unique(prefix: &str) -> String {

@@ -23,6 +23,9 @@ pub struct Placement {
     pub cgroup: Option<PathBuf>,
     /// A private mount namespace with its own hosts file and CA bundle.
     pub mounts: Option<MountSpec>,
+    /// An existing mount namespace to join instead (`/proc/<pid>/ns/mnt`): a client such as
+    /// `ctr` then sees exactly the files of the daemon it talks to. Exclusive with `mounts`.
+    pub join_mounts: Option<PathBuf>,
 }
 
 impl Placement {
@@ -44,6 +47,12 @@ impl Placement {
         self.mounts = Some(mounts);
         self
     }
+
+    /// Joins the mount namespace of process `pid` (see [`Placement::join_mounts`]).
+    pub fn mounts_of(mut self, pid: u32) -> Self {
+        self.join_mounts = Some(PathBuf::from(format!("/proc/{pid}/ns/mnt")));
+        self
+    }
 }
 
 /// A running child, killed (and reaped) when dropped.
@@ -62,13 +71,21 @@ impl Proc {
     }
 
     /// Spawns `cmd` in `at`: between fork and exec the child joins the cgroup, then the network
-    /// namespace, then unshares its mount namespace and applies the mounts. The order matters:
-    /// the cgroup must be joined through the host's cgroup filesystem, before any mount changes.
+    /// namespace, then unshares its mount namespace and applies the mounts (or joins an existing
+    /// mount namespace). The order matters: the cgroup must be joined through the host's cgroup
+    /// filesystem, before any mount changes.
     pub fn spawn_at(mut cmd: Command, at: &Placement) -> Self {
+        assert!(
+            at.mounts.is_none() || at.join_mounts.is_none(),
+            "a child either gets new mounts or joins a mount namespace, not both"
+        );
         let ns = at
             .netns
             .as_ref()
             .map(|p| File::open(p).unwrap_or_else(|e| panic!("open netns {}: {e}", p.display())));
+        let mnt_ns = at.join_mounts.as_ref().map(|p| {
+            File::open(p).unwrap_or_else(|e| panic!("open mount namespace {}: {e}", p.display()))
+        });
         let procs = at.cgroup.as_ref().map(|dir| {
             CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).expect("path")
         });
@@ -96,6 +113,11 @@ impl Proc {
                 }
                 if let Some(mounts) = &mounts {
                     mounts.apply()?;
+                }
+                if let Some(mnt_ns) = &mnt_ns
+                    && libc::setns(mnt_ns.as_raw_fd(), libc::CLONE_NEWNS) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
@@ -226,4 +248,61 @@ pub fn memory(pid: u32) -> Option<Memory> {
 /// reports the peak of what happened in between.
 pub fn reset_peak(pid: u32) {
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// How a command run to completion by [`run_at`] ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: std::process::ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Finished {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+/// Runs `cmd` in `at` to completion, stdout and stderr captured (in anonymous files, so a chatty
+/// child never blocks on a full pipe). Kills it and returns `Err` with what it printed so far
+/// after `timeout`.
+pub fn run_at(mut cmd: Command, at: &Placement, timeout: Duration) -> Result<Finished, String> {
+    use std::io::{Read as _, Seek as _};
+    let out = tempfile::tempfile().expect("stdout file");
+    let err = tempfile::tempfile().expect("stderr file");
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().expect("stdout handle"))
+        .stderr(err.try_clone().expect("stderr handle"));
+    let read = |mut f: &File| {
+        let mut buf = Vec::new();
+        let _ = f.rewind();
+        let _ = f.read_to_end(&mut buf);
+        buf
+    };
+    let started = Instant::now();
+    let mut proc = Proc::spawn_at(cmd, at);
+    loop {
+        if let Some(status) = proc.child_mut().try_wait().expect("wait for child") {
+            return Ok(Finished {
+                status,
+                stdout: read(&out),
+                stderr: String::from_utf8_lossy(&read(&err)).into_owned(),
+                elapsed: started.elapsed(),
+            });
+        }
+        if started.elapsed() > timeout {
+            proc.kill();
+            return Err(format!(
+                "still running after {timeout:?}; stderr so far:\n{}",
+                String::from_utf8_lossy(&read(&err))
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -3,193 +3,18 @@
 //! unmodified `skopeo` whose connections the kernel redirects to pullproxy. Some tests also talk
 //! to the proxy port directly (many concurrent clients, exact ranges, hostile requests).
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use harness::{
     images::{self, Digest, Format, Image},
-    mountns::MountSpec,
-    node::Node,
     process::Placement,
-    pullproxy::Pullproxy,
-    registry::Registry,
     registry_client::{Body, RegistryClient},
     require_root,
-    skopeo::{Skopeo, verify_dir_copy},
-    testca::{self, TestCa, ca_bundle},
+    skopeo::verify_dir_copy,
+    testca,
+    world::{HUB_PASSWORD, HUB_USER, PRIVATE_PASSWORD, PRIVATE_USER, SITE_IP, World, hosts},
 };
 use serde_json::Value;
-
-/// The fake Docker Hub (and registry.k8s.io), inside the test namespace only.
-const UPSTREAM_IP: &str = "10.204.0.1";
-/// The fake sealos hub.
-const HUB_IP: &str = "10.204.0.2";
-/// A private quay.io that wants credentials.
-const PRIVATE_IP: &str = "10.204.0.3";
-/// A plain-HTTP registry on port 80, configured as insecure.
-const INSECURE_IP: &str = "10.204.0.4";
-/// A TLS site that is not a registry: its connections are spliced untouched.
-const SITE_IP: &str = "10.204.0.5";
-const HUB_USER: &str = "admin";
-const HUB_PASSWORD: &str = "hub-secret-1";
-const PRIVATE_USER: &str = "alice";
-const PRIVATE_PASSWORD: &str = "wonderland";
-const PUBLIC_HOSTS: &[&str] = &[
-    "registry-1.docker.io",
-    "index.docker.io",
-    "docker.io",
-    "registry.k8s.io",
-];
-
-/// Fields drop in declaration order: pullproxy, the registries, then the node.
-struct World {
-    proxy: Pullproxy,
-    insecure: Registry,
-    site: Registry,
-    hub: Registry,
-    upstream: Registry,
-    private: Registry,
-    hub_password_file: PathBuf,
-    bundle: PathBuf,
-    /// Keeps the upstream CA files alive.
-    _ca: TestCa,
-    node: Node,
-}
-
-impl World {
-    fn new() -> Self {
-        let node = Node::new("pp-proxy");
-        for ip in [UPSTREAM_IP, HUB_IP, PRIVATE_IP, INSECURE_IP, SITE_IP] {
-            node.ns.add_addr(&format!("{ip}/32"));
-        }
-        let ca = TestCa::new("upstream");
-        let upstream = Registry::builder(SocketAddr::new(ip(UPSTREAM_IP), 443))
-            .netns(&node.ns)
-            .tls(&ca.leaf(PUBLIC_HOSTS))
-            .start();
-        let private = Registry::builder(SocketAddr::new(ip(PRIVATE_IP), 443))
-            .netns(&node.ns)
-            .server_name("quay.io")
-            .tls(&ca.leaf(&["quay.io"]))
-            .htpasswd(PRIVATE_USER, PRIVATE_PASSWORD)
-            .start();
-        let hub = Registry::builder(SocketAddr::new(ip(HUB_IP), 5000))
-            .netns(&node.ns)
-            .server_name("sealos.hub")
-            .htpasswd(HUB_USER, HUB_PASSWORD)
-            .start();
-        let insecure = Registry::builder(SocketAddr::new(ip(INSECURE_IP), 80))
-            .netns(&node.ns)
-            .server_name("insecure.registry")
-            .start();
-        let site = Registry::builder(SocketAddr::new(ip(SITE_IP), 443))
-            .netns(&node.ns)
-            .server_name("site.example")
-            .tls(&ca.leaf(&["site.example"]))
-            .start();
-        let hub_password_file = node.state().join("hub-password");
-        std::fs::write(&hub_password_file, format!("{HUB_PASSWORD}\n")).unwrap();
-        let proxy = node.start_proxy_with_mounts(
-            hosts(),
-            &[
-                ("PULLPROXY_HUB__URL", format!("http://{HUB_IP}:5000")),
-                ("PULLPROXY_HUB__USERNAME", HUB_USER.to_owned()),
-                (
-                    "PULLPROXY_HUB__PASSWORD_FILE",
-                    hub_password_file.display().to_string(),
-                ),
-                (
-                    "PULLPROXY_TLS__EXTRA_UPSTREAM_CAS",
-                    format!("[{}]", ca.cert_path().display()),
-                ),
-                (
-                    "PULLPROXY_REGISTRIES__INSECURE",
-                    "[insecure.registry]".to_owned(),
-                ),
-                ("PULLPROXY_ADMIN__HUB_CHECK_INTERVAL", "200ms".to_owned()),
-            ],
-        );
-        // Clients trust the node CA (pullproxy generated it at start) and the upstream CA (for
-        // when they reach the upstream directly).
-        let bundle = ca_bundle(
-            &node.state().join("bundle.pem"),
-            &[&node.node_ca_pem(), &ca.cert_pem()],
-        );
-        Self {
-            proxy,
-            insecure,
-            site,
-            hub,
-            upstream,
-            private,
-            hub_password_file,
-            bundle,
-            _ca: ca,
-            node,
-        }
-    }
-
-    /// skopeo as a container runtime would run it: in the target cgroup (so the kernel redirects
-    /// it), resolving registry names to the test's addresses.
-    fn skopeo(&self) -> Skopeo {
-        Skopeo::new(
-            Placement::new()
-                .netns(&self.node.ns)
-                .cgroup(&self.node.runtime)
-                .mounts(hosts().ca_bundle(&self.bundle)),
-        )
-    }
-
-    /// A client talking to the proxy port directly as `registry-1.docker.io`.
-    fn direct(&self) -> RegistryClient {
-        RegistryClient::new("registry-1.docker.io", "127.0.0.1:15443".parse().unwrap())
-            .netns(&self.node.ns)
-            .tls(testca::client_config(&[&self.node.node_ca_pem()]))
-            .anonymous()
-            .timeout(Duration::from_secs(30))
-    }
-
-    /// The proxy's per-request log records ("pull") for a repository.
-    fn pulls(&self, repository: &str) -> Vec<Value> {
-        self.proxy
-            .all("pull")
-            .into_iter()
-            .filter(|r| r["repository"] == repository)
-            .collect()
-    }
-
-    fn sources(&self, repository: &str, kind: &str) -> Vec<String> {
-        self.pulls(repository)
-            .iter()
-            .filter(|r| r["kind"] == kind)
-            .map(|r| r["source"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    }
-
-    /// Waits until every request of `repository` has written its log line.
-    fn settle(&self) {
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-/// /etc/hosts for clients and pullproxy: the public names at the fake Docker Hub, quay.io at the
-/// private registry, sealos.hub at the hub.
-fn hosts() -> MountSpec {
-    MountSpec::new()
-        .hosts(PUBLIC_HOSTS, ip(UPSTREAM_IP))
-        .hosts(&["quay.io"], ip(PRIVATE_IP))
-        .hosts(&["sealos.hub"], ip(HUB_IP))
-        .hosts(&["insecure.registry"], ip(INSECURE_IP))
-        .hosts(&["site.example"], ip(SITE_IP))
-}
 
 fn copy(
     world: &World,
@@ -204,7 +29,7 @@ fn copy(
 #[test]
 fn hub_hit_is_served_from_the_hub_with_the_upstream_down() {
     require_root!();
-    let mut w = World::new();
+    let mut w = World::new("pp-proxy");
     let image = images::busybox(Format::Docker);
     w.hub
         .client()
@@ -239,7 +64,7 @@ fn hub_hit_is_served_from_the_hub_with_the_upstream_down() {
 #[test]
 fn hub_miss_is_fetched_upstream_cached_and_served_when_the_upstream_is_gone() {
     require_root!();
-    let mut w = World::new();
+    let mut w = World::new("pp-proxy");
     let image = images::multi_layer(Format::Oci, 3, 1 << 20, 31);
     w.upstream.client().push_image("library/app", "1.0", &image);
     let src = "docker://registry-1.docker.io/library/app:1.0";
@@ -296,7 +121,7 @@ fn hub_miss_is_fetched_upstream_cached_and_served_when_the_upstream_is_gone() {
 #[test]
 fn private_images_need_the_clients_own_credentials_even_when_cached() {
     require_root!();
-    let w = World::new();
+    let w = World::new("pp-proxy");
     let image = images::multi_layer(Format::Docker, 1, 256 << 10, 77);
     w.private.client().push_image("team/secret", "1", &image);
     let src = "docker://quay.io/team/secret:1";
@@ -344,7 +169,7 @@ fn private_images_need_the_clients_own_credentials_even_when_cached() {
 #[test]
 fn sixty_four_concurrent_cold_gets_fetch_the_blob_once() {
     require_root!();
-    let w = Arc::new(World::new());
+    let w = Arc::new(World::new("pp-proxy"));
     let layer = images::random_layer(24 << 20, 0xc0ffee);
     let image = Image::build(
         Format::Docker,
@@ -390,7 +215,7 @@ fn sixty_four_concurrent_cold_gets_fetch_the_blob_once() {
 #[test]
 fn a_corrupted_upstream_blob_is_never_cached() {
     require_root!();
-    let w = World::new();
+    let w = World::new("pp-proxy");
     let image = images::multi_layer(Format::Docker, 1, 2 << 20, 5);
     w.upstream.client().push_image("library/bad", "1", &image);
     let layer = image.layers[1].clone();
@@ -448,7 +273,7 @@ fn a_corrupted_upstream_blob_is_never_cached() {
 #[test]
 fn ranges_and_open_ended_ranges_are_exact_cold_and_cached() {
     require_root!();
-    let w = World::new();
+    let w = World::new("pp-proxy");
     let image = images::multi_layer(Format::Docker, 1, 1 << 20, 9);
     w.upstream
         .client()
@@ -501,7 +326,7 @@ fn ranges_and_open_ended_ranges_are_exact_cold_and_cached() {
 #[test]
 fn malformed_requests_get_a_4xx_and_never_reach_the_disk_or_crash_the_proxy() {
     require_root!();
-    let mut w = World::new();
+    let mut w = World::new("pp-proxy");
     let image = images::busybox(Format::Docker);
     w.upstream.client().push_image("library/ok", "1", &image);
     let client = w.direct();
@@ -565,7 +390,7 @@ fn malformed_requests_get_a_4xx_and_never_reach_the_disk_or_crash_the_proxy() {
 #[test]
 fn a_rotated_hub_password_is_used_on_the_next_request() {
     require_root!();
-    let mut w = World::new();
+    let mut w = World::new("pp-proxy");
     let image = images::busybox(Format::Oci);
     w.hub.client().push_image("library/rotate", "1", &image);
     let src = "docker://registry-1.docker.io/library/rotate:1";
@@ -596,8 +421,8 @@ fn a_rotated_hub_password_is_used_on_the_next_request() {
     // The hub now refuses pullproxy: not ready (the hub is not optional), still healthy.
     let why = ready_becomes(&w, 503);
     assert!(why.contains("hub"), "{why}");
-    assert_eq!(admin_get(&w, "/healthz").0, 200);
-    assert_eq!(sample(&scrape(&w), "pullproxy_hub_up"), 0.0);
+    assert_eq!(w.admin_get("/healthz").0, 200);
+    assert_eq!(sample(&w.scrape(), "pullproxy_hub_up"), 0.0);
 
     // The credentials file is updated (as a Secret update would): the next pull uses it.
     std::fs::write(&w.hub_password_file, "hub-secret-2\n").unwrap();
@@ -635,27 +460,11 @@ fn dir_listing(dir: &std::path::Path) -> Vec<PathBuf> {
     out
 }
 
-/// `GET` a path of the admin listener inside the node: (status, body).
-fn admin_get(w: &World, path: &str) -> (u16, String) {
-    let admin = RegistryClient::new("127.0.0.1", "127.0.0.1:15090".parse().unwrap())
-        .netns(&w.node.ns)
-        .anonymous();
-    let resp = admin.request("GET", path, &[], Body::Empty).unwrap();
-    (resp.status, resp.text())
-}
-
-/// `/metrics` in the classic text format, as curl gets it.
-fn scrape(w: &World) -> String {
-    let (status, text) = admin_get(w, "/metrics");
-    assert_eq!(status, 200);
-    text
-}
-
 /// Polls `/readyz` until it answers `status` (or 5 s pass); returns the body.
 fn ready_becomes(w: &World, status: u16) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let (got, body) = admin_get(w, "/readyz");
+        let (got, body) = w.admin_get("/readyz");
         if got == status {
             return body;
         }
@@ -678,7 +487,7 @@ fn sample(text: &str, prefix: &str) -> f64 {
 #[test]
 fn metrics_follow_real_pulls_pass_promtool_and_never_hold_credentials() {
     require_root!();
-    let mut w = World::new();
+    let mut w = World::new("pp-proxy");
     let hub_image = images::busybox(Format::Docker);
     w.hub.client().push_image("library/onhub", "1", &hub_image);
     let up_image = images::multi_layer(Format::Oci, 2, 128 << 10, 41);
@@ -722,7 +531,7 @@ fn metrics_follow_real_pulls_pass_promtool_and_never_hold_credentials() {
         .unwrap();
     assert!(resp.status >= 500, "{}", resp.status);
 
-    let text = scrape(&w);
+    let text = w.scrape();
     let docker = r#"registry="registry-1.docker.io""#;
     for (prefix, at_least) in [
         (format!("pullproxy_requests_total{{{docker},kind=\"manifest\",source=\"hub\",status=\"200\"}}"), 1.0),
@@ -827,7 +636,7 @@ fn metrics_follow_real_pulls_pass_promtool_and_never_hold_credentials() {
 #[test]
 fn a_configured_insecure_registry_is_served_over_plain_http_and_cached() {
     require_root!();
-    let w = World::new();
+    let w = World::new("pp-proxy");
     let image = images::multi_layer(Format::Docker, 1, 256 << 10, 51);
     w.insecure.client().push_image("team/plain", "1", &image);
     let src = "docker://insecure.registry/team/plain:1";
@@ -854,7 +663,7 @@ fn a_configured_insecure_registry_is_served_over_plain_http_and_cached() {
 #[test]
 fn tls_to_a_host_that_is_not_a_registry_is_spliced_untouched() {
     require_root!();
-    let w = World::new();
+    let w = World::new("pp-proxy");
     // curl in the target cgroup (so the kernel redirects it), trusting only the site's own CA:
     // the handshake succeeds only if pullproxy did not terminate it.
     let mut curl = std::process::Command::new("curl");
@@ -866,7 +675,7 @@ fn tls_to_a_host_that_is_not_a_registry_is_spliced_untouched() {
         "%{http_code} %{remote_ip}",
         "--cacert",
     ])
-    .arg(w._ca.cert_path())
+    .arg(w.upstream_ca_cert())
     .arg("https://site.example/v2/")
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped());
@@ -941,8 +750,8 @@ fn curl_in_runtime(w: &World, args: &[&str]) -> (u32, String) {
 #[test]
 fn a_client_that_does_not_trust_the_node_ca_goes_direct_until_it_restarts() {
     require_root!();
-    let w = World::new();
-    let upstream_ca = w._ca.cert_path().display().to_string();
+    let w = World::new("pp-proxy");
+    let upstream_ca = w.upstream_ca_cert().display().to_string();
     let url = "https://registry-1.docker.io/v2/";
     // One process, two requests: like a runtime that started before the node CA was installed,
     // it trusts only the real registry's CA. The first attempt meets pullproxy's leaf and fails;

@@ -59,6 +59,10 @@ enum Task {
     /// Render deploy/manifests/ from the Helm chart with its default values (helm is installed
     /// like the other test tools); the deployment tests fail while they differ.
     Manifests,
+    /// Show pullproxy at work on this machine, then tear it all down: unmodified containerd
+    /// (default configuration) pulls docker.io/library/busybox, served from a local sealos hub.
+    /// Runs as root (through sudo when needed); touches nothing of the host's.
+    Demo,
     /// Install what the tests need, lint, and run every test; privileged tests run as root.
     /// Arguments after `--` go to `cargo test` (e.g. a test name filter).
     Test {
@@ -83,6 +87,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => test(&args),
         Task::Bench { rounds, quick } => bench::bench(&bench::BenchArgs { rounds, quick }),
         Task::Manifests => manifests(),
+        Task::Demo => demo(),
     }
 }
 
@@ -161,6 +166,39 @@ fn manifests() -> anyhow::Result<()> {
         std::fs::write(dir.join(file), text)?;
     }
     Ok(())
+}
+
+fn demo() -> anyhow::Result<()> {
+    setup::build_deps()?;
+    setup::test_deps()?;
+    // pullproxy goes where the test harness looks for it (tests/src/pullproxy.rs explains why
+    // that is a separate target directory).
+    let target = root().join("target/harness");
+    run(cmd("cargo")
+        .args([
+            "build",
+            "--package",
+            "proxy",
+            "--bin",
+            "pullproxy",
+            "--target-dir",
+        ])
+        .arg(&target))?;
+    let mut c = cmd("cargo");
+    c.args([
+        "run",
+        "--quiet",
+        "--package",
+        "pullproxy-tests",
+        "--bin",
+        "pp-demo",
+    ]);
+    c.env("PULLPROXY_BIN", target.join("debug/pullproxy"));
+    if !is_root() {
+        say("the demo loads eBPF programs and creates namespaces: pp-demo runs through `sudo -E`");
+        c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    run(&mut c)
 }
 
 fn lint() -> anyhow::Result<()> {
