@@ -39,6 +39,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "pp-bench",
         "--bin",
         "pp-hookbench",
+        "--bin",
+        "pp-pullbench",
     ]))?;
     let bin = target_dir().join("release");
     let results = root().join("results");
@@ -74,8 +76,40 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     )?;
     std::fs::write(results.join("bench.json"), &suite)?;
 
-    let suite: serde_json::Value =
+    // Figure 3: an unmodified containerd pulling a multi-layer image from the hub through
+    // pullproxy vs with a hosts.toml mirror (the containerd harness's own benchmark).
+    let mut pull_args = vec!["--rounds".to_owned()];
+    pull_args.push(
+        args.rounds
+            .unwrap_or(if args.quick { 1 } else { 5 })
+            .to_string(),
+    );
+    say("running pp-pullbench (containerd: pullproxy vs a hosts.toml mirror)");
+    let pull = run_as_root(
+        &bin.join("pp-pullbench"),
+        &pull_args,
+        &[("PULLPROXY_BIN", pullproxy.as_path())],
+    )?;
+    std::fs::write(results.join("containerd.json"), &pull)?;
+
+    let mut suite: serde_json::Value =
         serde_json::from_slice(&suite).context("pp-bench printed no JSON")?;
+    suite["containerd"] = serde_json::from_slice(&pull).context("pp-pullbench printed no JSON")?;
+    suite["containerd"]["measured"] = true.into();
+    for (key, who) in [("ctr", "ctr"), ("cri", "CRI")] {
+        let ratio = suite["containerd"][key]["ratio_pullproxy_over_mirror"].clone();
+        if let Some(median) = ratio["median"].as_f64() {
+            let target = serde_json::json!({
+                "name": format!("containerd pull ({who}) via pullproxy vs a hosts.toml mirror"),
+                "goal": "<= 1.1x",
+                "value": ratio,
+                "met": median <= 1.1,
+            });
+            if let Some(targets) = suite["targets"].as_array_mut() {
+                targets.push(target);
+            }
+        }
+    }
     let hook: serde_json::Value =
         serde_json::from_slice(&hook).context("pp-hookbench printed no JSON")?;
     let written = report::write(&results, &suite, &hook, &git_describe())?;

@@ -205,8 +205,31 @@ fn markdown(suite: &Value, hook: &Value, commit: &str) -> String {
     }
 
     md += "\n## 3. containerd pull via pullproxy vs a hosts.toml mirror\n\n";
-    if suite["containerd"]["measured"].as_bool() == Some(true) {
-        md += &format!("```\n{:#}\n```\n", suite["containerd"]);
+    let c = &suite["containerd"];
+    if c["measured"].as_bool() == Some(true) {
+        md += &format!(
+            "{} (`pp-pullbench`, {} rounds; image of {} layers, {:.0} MiB of blobs, on the hub). \
+             Each round starts a fresh containerd with an empty content store per variant.\n\n",
+            s(&c["what"]),
+            c["rounds"],
+            c["image"]["layers"],
+            mib(c["image"]["blob_bytes"].as_f64().unwrap_or(0.0)),
+        );
+        md += "| who fetches | pullproxy ÷ mirror | pullproxy s | mirror s |\n|---|---|---|---|\n";
+        for (key, who) in [
+            ("ctr", "`ctr images pull`"),
+            ("cri", "CRI `PullImage` (daemon)"),
+        ] {
+            let r = &c[key];
+            if r.is_object() {
+                md += &format!(
+                    "| {who} | {} | {} | {} |\n",
+                    fmt_spread(&r["ratio_pullproxy_over_mirror"], 2),
+                    fmt_spread(&r["pullproxy_s"], 3),
+                    fmt_spread(&r["mirror_s"], 3),
+                );
+            }
+        }
     } else {
         md += &format!("Not measured: {}.\n", s(&suite["containerd"]["why"]));
     }

@@ -171,7 +171,7 @@ fn run(s: &Settings) -> Value {
         "memory": mem,
         "containerd": {
             "measured": false,
-            "why": "figure 3 (a containerd pull through pullproxy vs a hosts.toml mirror) waits for the containerd harness (branch `containerd`); its hook is `figures::containerd_pull` once that harness exists",
+            "why": "figure 3 (a containerd pull through pullproxy vs a hosts.toml mirror) is measured by pp-pullbench, which `cargo xtask bench` runs and merges in here",
         },
         "targets": targets,
     })
