@@ -20,9 +20,14 @@ pub struct BenchArgs {
     pub rounds: Option<usize>,
     /// A smoke run: one small blob, one round, few clients.
     pub quick: bool,
+    /// Only render the report again from the JSON already in `results/`.
+    pub report_only: bool,
 }
 
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.report_only {
+        return render(&root().join("results"));
+    }
     setup::build_deps()?;
     setup::test_deps()?;
     // One cargo invocation, so the proxy and the benchmarks share one feature resolution.
@@ -92,12 +97,32 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     )?;
     std::fs::write(results.join("containerd.json"), &pull)?;
 
-    let mut suite: serde_json::Value =
-        serde_json::from_slice(&suite).context("pp-bench printed no JSON")?;
-    suite["containerd"] = serde_json::from_slice(&pull).context("pp-pullbench printed no JSON")?;
-    suite["containerd"]["measured"] = true.into();
+    render(&results)
+}
+
+/// Writes the Markdown report and the plots from `bench.json` and `hook.json` in `results`.
+fn render(results: &Path) -> anyhow::Result<()> {
+    let read = |name: &str| -> anyhow::Result<serde_json::Value> {
+        let path = results.join(name);
+        let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))
+    };
+    let mut suite = read("bench.json")?;
+    if results.join("containerd.json").exists() {
+        merge_containerd(&mut suite, read("containerd.json")?);
+    }
+    let written = report::write(results, &suite, &read("hook.json")?, &git_describe())?;
+    for path in written {
+        say(format!("wrote {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Figure 3 (from `pp-pullbench`) joins the suite's report, with its target.
+fn merge_containerd(suite: &mut serde_json::Value, mut pull: serde_json::Value) {
+    pull["measured"] = true.into();
     for (key, who) in [("ctr", "ctr"), ("cri", "CRI")] {
-        let ratio = suite["containerd"][key]["ratio_pullproxy_over_mirror"].clone();
+        let ratio = pull[key]["ratio_pullproxy_over_mirror"].clone();
         if let Some(median) = ratio["median"].as_f64() {
             let target = serde_json::json!({
                 "name": format!("containerd pull ({who}) via pullproxy vs a hosts.toml mirror"),
@@ -110,13 +135,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let hook: serde_json::Value =
-        serde_json::from_slice(&hook).context("pp-hookbench printed no JSON")?;
-    let written = report::write(&results, &suite, &hook, &git_describe())?;
-    for path in written {
-        say(format!("wrote {}", path.display()));
-    }
-    Ok(())
+    suite["containerd"] = pull;
 }
 
 /// Runs a benchmark binary as root (through `sudo` when needed) with `env`; returns its stdout.

@@ -55,6 +55,9 @@ enum Task {
         /// A smoke run (under a minute): one small blob, one round, few clients.
         #[arg(long)]
         quick: bool,
+        /// Only render `results/bench.md` and the plots again from the JSON there.
+        #[arg(long)]
+        report_only: bool,
     },
     /// Render deploy/manifests/ from the Helm chart with its default values (helm is installed
     /// like the other test tools); the deployment tests fail while they differ.
@@ -85,7 +88,15 @@ fn main() -> anyhow::Result<()> {
         Task::Run { debug, args } => run_pullproxy(debug, &args),
         Task::Lint => lint(),
         Task::Test { args } => test(&args),
-        Task::Bench { rounds, quick } => bench::bench(&bench::BenchArgs { rounds, quick }),
+        Task::Bench {
+            rounds,
+            quick,
+            report_only,
+        } => bench::bench(&bench::BenchArgs {
+            rounds,
+            quick,
+            report_only,
+        }),
         Task::Manifests => manifests(),
         Task::Demo => demo(),
     }

@@ -239,19 +239,25 @@ fn markdown(suite: &Value, hook: &Value, commit: &str) -> String {
         "{} connections per round, {} rounds, alternating programs attached and detached.\n\n",
         hook["connections_per_round"], hook["rounds"]
     );
-    md += "| what | baseline | with the programs |\n|---|---|---|\n";
+    md += "| what | baseline connections/s | rate with the programs | in-kernel ns per connection (BPF stats) | implied slowdown |\n|---|---|---|---|---|\n";
     for key in ["non_matching_port", "registry_port_not_target"] {
         let h = &hook[key];
+        let k = &h["from_kernel_stats"];
         md += &format!(
-            "| {} | {} connections/s | × {} |\n",
+            "| {} | {} | × {} | {:.0} | {:.4} |\n",
             s(&h["what"]),
             fmt_spread(&h["baseline_rate_per_s"], 0),
             fmt_spread(&h["ratio_with_programs"], 3),
+            k["in_kernel_ns_per_connection"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            k["implied_slowdown"].as_f64().unwrap_or(f64::NAN),
         );
     }
     let r = &hook["redirected_connect"];
     md += &format!(
-        "| {} | p50 {:.1} µs, p99 {:.1} µs | p50 {:.1} µs, p99 {:.1} µs (+{:.1} µs at p50) |\n",
+        "\n{}: direct p50 {:.1} µs, p99 {:.1} µs; redirected p50 {:.1} µs, p99 {:.1} µs \
+         (+{:.1} µs at p50).\n",
         s(&r["what"]),
         r["direct_us"]["p50"].as_f64().unwrap_or(0.0),
         r["direct_us"]["p99"].as_f64().unwrap_or(0.0),

@@ -363,6 +363,18 @@ impl World {
         }
     }
 
+    /// Reads the upstream's stored copy of a blob (untimed), so that a cold pull measures the
+    /// network path, not this host's disk: the kernel here reclaims page cache that went unused
+    /// for a while.
+    pub fn page_in_upstream(&self, digest: &Digest) {
+        page_in(&self.upstream.storage(), digest);
+    }
+
+    /// The same for the hub's copy.
+    pub fn page_in_hub(&self, digest: &Digest) {
+        page_in(&self.hub.storage(), digest);
+    }
+
     /// The upstream's blob `GET` bytes for `digest` logged since the last
     /// [`Registry::clear_requests`], once the log has settled (a request is logged when its
     /// handler returns).
@@ -438,4 +450,16 @@ impl World {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Reads a registry's stored blob to the end (into the page cache).
+fn page_in(storage: &std::path::Path, digest: &Digest) {
+    let data = storage
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&digest.hex()[..2])
+        .join(digest.hex())
+        .join("data");
+    let mut file = std::fs::File::open(&data).unwrap_or_else(|e| panic!("{}: {e}", data.display()));
+    std::io::copy(&mut file, &mut std::io::sink())
+        .unwrap_or_else(|e| panic!("{}: {e}", data.display()));
 }
