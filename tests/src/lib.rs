@@ -9,16 +9,21 @@
 //! that see fake registries through a private mount namespace (`mountns`: hosts file and CA
 //! bundle). `world` puts a node, the hub, the fake upstreams and pullproxy together.
 //!
+//! For benchmarks: a load generator that every measured system is pulled with (`loadgen`), and
+//! nginx as a caching TLS reverse proxy (`nginx`), a peer of pullproxy.
+//!
 //! `unsafe` appears only where a child must join a namespace and a cgroup between fork and exec
-//! (`process.rs`, `mountns.rs`) or a thread must enter a network namespace (`netns.rs`,
-//! `registry_client.rs`).
+//! (`process.rs`, `mountns.rs`), a thread must enter a network namespace (`netns.rs`,
+//! `registry_client.rs`), or a process started indirectly is signalled (`process.rs`).
 
 pub mod cgroup;
 pub mod containerd;
 pub mod cri;
 pub mod images;
+pub mod loadgen;
 pub mod mountns;
 pub mod netns;
+pub mod nginx;
 pub mod node;
 pub mod origin;
 pub mod podman;

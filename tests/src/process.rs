@@ -179,6 +179,77 @@ pub fn sibling_binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// The children of `pid` (every thread's `children` list in `/proc`).
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// SIGKILL to `pid` (a process a test started indirectly, e.g. a server's worker), ignoring
+/// one that is gone.
+pub fn kill(pid: u32) {
+    // SAFETY: sending a signal has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+/// Resident memory of a process, from `/proc/<pid>/status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// `VmRSS`: resident now, bytes.
+    pub rss: u64,
+    /// `VmHWM`: the peak of `VmRSS` since start or [`reset_peak`], bytes.
+    pub hwm: u64,
+}
+
+impl std::ops::Add for Memory {
+    type Output = Memory;
+
+    fn add(self, other: Memory) -> Memory {
+        Memory {
+            rss: self.rss + other.rss,
+            hwm: self.hwm + other.hwm,
+        }
+    }
+}
+
+/// `VmRSS` and `VmHWM` of `pid`; `None` if it is gone.
+pub fn memory(pid: u32) -> Option<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kib| kib * 1024)
+    };
+    Some(Memory {
+        rss: field("VmRSS:")?,
+        hwm: field("VmHWM:")?,
+    })
+}
+
+/// Resets `VmHWM` of `pid` to its current `VmRSS` (`clear_refs` 5), so the next [`memory`]
+/// reports the peak of what happened in between.
+pub fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
 /// How a command run to completion by [`run_at`] ended.
 #[derive(Debug)]
 pub struct Finished {

@@ -186,6 +186,11 @@ impl Registry {
         self.options.addr
     }
 
+    /// The registry process, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     pub fn server_name(&self) -> &str {
         &self.options.server_name
     }

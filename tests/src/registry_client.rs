@@ -426,40 +426,13 @@ fn read_response(
     head_only: bool,
     sink: &mut dyn Write,
 ) -> io::Result<Response> {
-    let status_line = read_line(r)?;
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad(format!("status line {status_line:?}")))?;
-    let mut headers = Vec::new();
-    loop {
-        let line = read_line(r)?;
-        if line.is_empty() {
-            break;
-        }
-        let (k, v) = line
-            .split_once(':')
-            .ok_or_else(|| bad(format!("header line {line:?}")))?;
-        headers.push((k.trim().to_owned(), v.trim().to_owned()));
-    }
-    let resp = Response {
-        status,
-        headers,
-        body: Vec::new(),
-    };
-    if head_only || status == 204 || status == 304 || (100..200).contains(&status) {
+    let resp = read_head(r)?;
+    if !has_body(&resp, head_only) {
         return Ok(resp);
     }
-    if resp
-        .header("Transfer-Encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-    {
+    if is_chunked(&resp) {
         read_chunked(r, sink)?;
-    } else if let Some(len) = resp.header("Content-Length") {
-        let len: u64 = len
-            .parse()
-            .map_err(|_| bad(format!("Content-Length {len:?}")))?;
+    } else if let Some(len) = content_length(&resp)? {
         let copied = io::copy(&mut r.take(len), sink)?;
         if copied != len {
             return Err(io::Error::new(
@@ -479,7 +452,55 @@ fn read_response(
     Ok(resp)
 }
 
-fn read_chunked(r: &mut impl BufRead, sink: &mut dyn Write) -> io::Result<()> {
+/// Whether a response to a request (`HEAD` or not) carries a body.
+pub(crate) fn has_body(resp: &Response, head_only: bool) -> bool {
+    !(head_only || resp.status == 204 || resp.status == 304 || (100..200).contains(&resp.status))
+}
+
+/// Whether the body is sent with `Transfer-Encoding: chunked`.
+pub(crate) fn is_chunked(resp: &Response) -> bool {
+    resp.header("Transfer-Encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+}
+
+/// The `Content-Length`, if sent; an error if it is not a number.
+pub(crate) fn content_length(resp: &Response) -> io::Result<Option<u64>> {
+    resp.header("Content-Length")
+        .map(|len| {
+            len.parse()
+                .map_err(|_| bad(format!("Content-Length {len:?}")))
+        })
+        .transpose()
+}
+
+/// Reads a status line and headers (the body, if any, is left in `r`).
+pub(crate) fn read_head(r: &mut impl BufRead) -> io::Result<Response> {
+    let status_line = read_line(r)?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(format!("status line {status_line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        let line = read_line(r)?;
+        if line.is_empty() {
+            break;
+        }
+        let (k, v) = line
+            .split_once(':')
+            .ok_or_else(|| bad(format!("header line {line:?}")))?;
+        headers.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    Ok(Response {
+        status,
+        headers,
+        body: Vec::new(),
+    })
+}
+
+/// Reads a chunked body into `sink`, trailers included.
+pub(crate) fn read_chunked(r: &mut impl BufRead, sink: &mut dyn Write) -> io::Result<()> {
     loop {
         let line = read_line(r)?;
         let size = line.split(';').next().unwrap_or_default().trim();
@@ -517,7 +538,7 @@ fn bad(msg: String) -> io::Error {
 }
 
 /// Standard base64 with padding (RFC 4648), for the basic auth header.
-fn base64(input: &[u8]) -> String {
+pub(crate) fn base64(input: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {

@@ -1,7 +1,9 @@
 //! `cargo xtask <command>`: sets up a fresh machine, builds, runs, lints and tests pullproxy.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod cmd;
+mod report;
 mod setup;
 
 use std::{os::unix::process::CommandExt as _, process::Command};
@@ -42,11 +44,20 @@ enum Task {
     },
     /// rustfmt check and clippy (-D warnings) on every crate, the eBPF crate with its nightly.
     Lint,
-    /// Run the benchmarks (as root) and write their reports under `results/`.
+    /// Build in release and run the benchmarks (as root): the pull suite against the hub,
+    /// docker-registry's proxy mode and nginx, and the kernel hook's cost. Writes JSON, a
+    /// Markdown report and PNG plots under `results/`.
     Bench {
-        /// Rounds per measurement (min/median/max are reported over rounds).
-        #[arg(long, default_value_t = 7)]
-        rounds: usize,
+        /// Rounds per measurement (min/median/max are reported over rounds); default 5 for the
+        /// suite (3 for the concurrency figure) and 7 for the hook benchmark.
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// A smoke run (under a minute): one small blob, one round, few clients.
+        #[arg(long)]
+        quick: bool,
+        /// Only render `results/bench.md` and the plots again from the JSON there.
+        #[arg(long)]
+        report_only: bool,
     },
     /// Render deploy/manifests/ from the Helm chart with its default values (helm is installed
     /// like the other test tools); the deployment tests fail while they differ.
@@ -77,7 +88,15 @@ fn main() -> anyhow::Result<()> {
         Task::Run { debug, args } => run_pullproxy(debug, &args),
         Task::Lint => lint(),
         Task::Test { args } => test(&args),
-        Task::Bench { rounds } => bench(rounds),
+        Task::Bench {
+            rounds,
+            quick,
+            report_only,
+        } => bench::bench(&bench::BenchArgs {
+            rounds,
+            quick,
+            report_only,
+        }),
         Task::Manifests => manifests(),
         Task::Demo => demo(),
     }
@@ -112,42 +131,6 @@ fn run_pullproxy(debug: bool, args: &[String]) -> anyhow::Result<()> {
     // Replace this process so signals (Ctrl-C) go straight to pullproxy.
     let err = c.exec();
     Err(err).with_context(|| format!("executing {}", binary.display()))
-}
-
-fn bench(rounds: usize) -> anyhow::Result<()> {
-    setup::build_deps()?;
-    run(cmd("cargo").args([
-        "build",
-        "--release",
-        "--package",
-        "pullproxy-tests",
-        "--bin",
-        "pp-hookbench",
-    ]))?;
-    let results = root().join("results");
-    std::fs::create_dir_all(&results)?;
-    let bin = root().join("target/release/pp-hookbench");
-    let mut c = if is_root() {
-        Command::new(&bin)
-    } else {
-        let mut c = Command::new("sudo");
-        c.arg(&bin);
-        c
-    };
-    c.args(["--rounds", &rounds.to_string()]);
-    say(format!("running {} (kernel hook cost)", bin.display()));
-    let out = c.output().context("running pp-hookbench")?;
-    if !out.status.success() {
-        bail!(
-            "pp-hookbench failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let path = results.join("hook.json");
-    std::fs::write(&path, &out.stdout)?;
-    println!("{}", String::from_utf8_lossy(&out.stdout));
-    say(format!("wrote {}", path.display()));
-    Ok(())
 }
 
 /// The plain manifests: what the chart renders with its default values, for `kubectl apply`.

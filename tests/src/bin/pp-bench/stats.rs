@@ -1,0 +1,55 @@
+//! Summaries over rounds (min/median/max) and percentiles of samples.
+
+use serde::Serialize;
+
+/// Min, median and max of one quantity over the rounds of a run.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of `values` (at least one).
+    pub fn of(values: &[f64]) -> Spread {
+        assert!(!values.is_empty(), "a spread of nothing");
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        Spread {
+            min: v[0],
+            median: percentile_sorted(&v, 0.5),
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// The `p` quantile (0..=1) of `values`, nearest rank on the sorted values, the median of an
+/// even count being the mean of the middle two.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    percentile_sorted(&v, p)
+}
+
+fn percentile_sorted(v: &[f64], p: f64) -> f64 {
+    if (p - 0.5).abs() < f64::EPSILON && v.len().is_multiple_of(2) {
+        return (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0;
+    }
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spreads_and_percentiles() {
+        let s = Spread::of(&[3.0, 1.0, 2.0]);
+        assert_eq!((s.min, s.median, s.max), (1.0, 2.0, 3.0));
+        assert_eq!(Spread::of(&[4.0, 1.0, 2.0, 3.0]).median, 2.5);
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+    }
+}

@@ -1,0 +1,744 @@
+//! The benchmark report: `results/bench.md` (tables of ratios with min/median/max over rounds)
+//! and PNG plots, from the JSON that `pp-bench` and `pp-hookbench` print.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, anyhow};
+use plotters::{
+    prelude::*,
+    style::{FontStyle, register_font},
+};
+use serde_json::Value;
+
+/// The plots' font: Debian's DejaVu Sans (`fonts-dejavu-core`).
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Writes `bench.md` and the plots into `dir`; returns the paths written.
+pub fn write(
+    dir: &Path,
+    suite: &Value,
+    hook: &Value,
+    commit: &str,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let font = std::fs::read(FONT).with_context(|| format!("{FONT} (fonts-dejavu-core)"))?;
+    register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| anyhow!("{FONT} is not a usable font"))?;
+    let mut written = Vec::new();
+    for (name, plot) in [
+        (
+            "throughput.png",
+            plot_throughput as fn(&Path, &Value) -> anyhow::Result<()>,
+        ),
+        ("latency.png", plot_latency),
+        ("concurrency.png", plot_concurrency),
+        ("memory.png", plot_memory),
+    ] {
+        let path = dir.join(name);
+        plot(&path, suite).with_context(|| format!("plotting {}", path.display()))?;
+        written.push(path);
+    }
+    let md = dir.join("bench.md");
+    std::fs::write(&md, markdown(suite, hook, commit))?;
+    written.push(md);
+    Ok(written)
+}
+
+/// `(min, median, max)` of a spread object.
+fn spread(v: &Value) -> (f64, f64, f64) {
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    (f("min"), f("median"), f("max"))
+}
+
+/// `0.92 (0.88–0.95)`: median, then min–max.
+fn fmt_spread(v: &Value, digits: usize) -> String {
+    let (lo, med, hi) = spread(v);
+    format!("{med:.digits$} ({lo:.digits$}–{hi:.digits$})")
+}
+
+fn size_label(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{} GiB", bytes >> 30)
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
+}
+
+fn arr(v: &Value) -> &[Value] {
+    v.as_array().map_or(&[], Vec::as_slice)
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+fn mib(bytes: f64) -> f64 {
+    bytes / MIB
+}
+
+fn markdown(suite: &Value, hook: &Value, commit: &str) -> String {
+    let mut md = String::new();
+    let m = &suite["machine"];
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let load = |k: &str| {
+        arr(&m[k])
+            .iter()
+            .map(|v| format!("{:.2}", v.as_f64().unwrap_or(0.0)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    md += "# pullproxy benchmarks\n\n";
+    md += &format!(
+        "`cargo xtask bench{}` at {commit}, {date}: {} CPUs, kernel {}, load average {} before \
+         and {} after, {:.0} s.\n\n",
+        if suite["settings"]["quick"].as_bool() == Some(true) {
+            " --quick"
+        } else {
+            ""
+        },
+        m["cpus"],
+        s(&m["kernel"]),
+        load("load_before"),
+        load("load_after"),
+        suite["elapsed_s"].as_f64().unwrap_or(0.0),
+    );
+    md += "Every figure is a ratio against a baseline measured in the same round of the same run, \
+           with the same images and the same client (`harness::loadgen`, keep-alive HTTP/1.1) for \
+           every system; cells read `median (min–max)` over rounds. MiB/s and milliseconds are \
+           given for orientation only: they describe this machine, not others. pullproxy's clients \
+           are redirected by the real kernel programs (they sit in the node's target cgroup and \
+           resolve the registry's name to the upstream); the other systems are asked directly.\n\n";
+
+    md += "## Targets\n\n| target | goal | measured | met |\n|---|---|---|---|\n";
+    for t in arr(&suite["targets"]) {
+        md += &format!(
+            "| {} | {} | {} | {} |\n",
+            s(&t["name"]),
+            s(&t["goal"]),
+            fmt_spread(&t["value"], 2),
+            if t["met"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "**no**"
+            }
+        );
+    }
+
+    md += "\n## 1. Blob throughput\n\n![throughput](throughput.png)\n\n";
+    md += "One `GET` of the blob per measurement (warm: repeated up to 256 MiB, on one \
+           connection); cold means the caching system was restarted with an empty cache just \
+           before. `× hub` is against the hub (docker-registry, plain HTTP, direct) and \
+           `× upstream` against the upstream (docker-registry, TLS, direct), same round.\n\n";
+    md += "| blob | system | state | × hub | × upstream | MiB/s |\n|---|---|---|---|---|---|\n";
+    for r in arr(&suite["throughput"]) {
+        md += &format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            size_label(r["size"].as_u64().unwrap_or(0)),
+            s(&r["system"]),
+            s(&r["state"]),
+            fmt_spread(&r["vs_hub"], 2),
+            fmt_spread(&r["vs_upstream"], 2),
+            fmt_spread(&r["mib_s_spread"], 0),
+        );
+    }
+
+    md += "\n### Manifest HEAD latency\n\n![latency](latency.png)\n\n";
+    md += &format!(
+        "{} sequential `HEAD`s of a tag on one kept-alive connection per round (after 20 \
+         untimed). The hub (and so pullproxy's hub lookup) checks a bcrypt htpasswd on every \
+         request, as a sealos hub does.\n\n",
+        suite["settings"]["head_requests"]
+    );
+    md += "| system | request | p50 ms | p99 ms | p50 × hub | p99 × hub | added p99 ms |\n\
+           |---|---|---|---|---|---|---|\n";
+    for r in arr(&suite["head_latency"]) {
+        md += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            s(&r["system"]),
+            s(&r["what"]),
+            fmt_spread(&r["p50_ms"], 2),
+            fmt_spread(&r["p99_ms"], 2),
+            fmt_spread(&r["p50_vs_hub"], 2),
+            fmt_spread(&r["p99_vs_hub"], 2),
+            fmt_spread(&r["added_p99_ms"], 2),
+        );
+    }
+
+    md += "\n## 2. N clients pulling the same cold blob\n\n![concurrency](concurrency.png)\n\n";
+    md += &format!(
+        "{} clients connect (and finish their TLS handshakes), then all send `GET` of the {} blob \
+         at once; the caching systems start with an empty cache. Upstream bytes are the blob \
+         `GET` bytes in the upstream's access log over the blob's size; wall time is from the \
+         common start to the last byte of the last client, against the hub serving the same N \
+         clients.\n\n",
+        arr(&suite["settings"]["clients"])
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        size_label(
+            arr(&suite["settings"]["sizes"])
+                .first()
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        ),
+    );
+    md += "| clients | system | upstream bytes / blob | wall s | wall × hub |\n|---|---|---|---|---|\n";
+    for r in arr(&suite["concurrency"]) {
+        md += &format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r["clients"],
+            s(&r["system"]),
+            fmt_spread(&r["upstream_x"], 1),
+            fmt_spread(&r["wall_s"], 3),
+            fmt_spread(&r["wall_vs_hub"], 2),
+        );
+    }
+
+    md += "\n## 3. containerd pull via pullproxy vs a hosts.toml mirror\n\n";
+    let c = &suite["containerd"];
+    if c["measured"].as_bool() == Some(true) {
+        md += &format!(
+            "{} (`pp-pullbench`, {} rounds; image of {} layers, {:.0} MiB of blobs, on the hub). \
+             Each round starts a fresh containerd with an empty content store per variant.\n\n",
+            s(&c["what"]),
+            c["rounds"],
+            c["image"]["layers"],
+            mib(c["image"]["blob_bytes"].as_f64().unwrap_or(0.0)),
+        );
+        md += "| who fetches | pullproxy ÷ mirror | pullproxy s | mirror s |\n|---|---|---|---|\n";
+        for (key, who) in [
+            ("ctr", "`ctr images pull`"),
+            ("cri", "CRI `PullImage` (daemon)"),
+        ] {
+            let r = &c[key];
+            if r.is_object() {
+                md += &format!(
+                    "| {who} | {} | {} | {} |\n",
+                    fmt_spread(&r["ratio_pullproxy_over_mirror"], 2),
+                    fmt_spread(&r["pullproxy_s"], 3),
+                    fmt_spread(&r["mirror_s"], 3),
+                );
+            }
+        }
+    } else {
+        md += &format!("Not measured: {}.\n", s(&suite["containerd"]["why"]));
+    }
+
+    md += "\n## 4. The kernel hook's connect cost (`pp-hookbench`)\n\n";
+    md += &format!(
+        "{} connections per round, {} rounds, alternating programs attached and detached.\n\n",
+        hook["connections_per_round"], hook["rounds"]
+    );
+    md += "| what | baseline connections/s | rate with the programs | in-kernel ns per connection (BPF stats) | implied slowdown |\n|---|---|---|---|---|\n";
+    for key in ["non_matching_port", "registry_port_not_target"] {
+        let h = &hook[key];
+        let k = &h["from_kernel_stats"];
+        md += &format!(
+            "| {} | {} | × {} | {:.0} | {:.4} |\n",
+            s(&h["what"]),
+            fmt_spread(&h["baseline_rate_per_s"], 0),
+            fmt_spread(&h["ratio_with_programs"], 3),
+            k["in_kernel_ns_per_connection"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            k["implied_slowdown"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    let r = &hook["redirected_connect"];
+    md += &format!(
+        "\n{}: direct p50 {:.1} µs, p99 {:.1} µs; redirected p50 {:.1} µs, p99 {:.1} µs \
+         (+{:.1} µs at p50).\n",
+        s(&r["what"]),
+        r["direct_us"]["p50"].as_f64().unwrap_or(0.0),
+        r["direct_us"]["p99"].as_f64().unwrap_or(0.0),
+        r["redirected_us"]["p50"].as_f64().unwrap_or(0.0),
+        r["redirected_us"]["p99"].as_f64().unwrap_or(0.0),
+        r["added_us_p50"].as_f64().unwrap_or(0.0),
+    );
+
+    md += "\n## 5. pullproxy's memory\n\n![memory](memory.png)\n\n";
+    md += "`VmRSS` / `VmHWM` from `/proc/<pid>/status`; peaks are reset (`clear_refs`) before each \
+           measured pull. The peers' peaks under the same concurrent load are given for \
+           comparison (nginx: master and workers added up).\n\n";
+    md += "| state | MiB |\n|---|---|\n";
+    for (label, bytes) in memory_rows(&suite["memory"]) {
+        md += &format!("| {label} | {:.1} |\n", mib(bytes));
+    }
+    if let Some(fc) = suite["memory"]["full_cache"].as_object() {
+        md += &format!(
+            "\nFull cache: `cache.max_size` {}, {} blobs ({:.0} MiB) on disk after the fill.\n",
+            fc["max_size"].as_str().unwrap_or_default(),
+            fc["files"],
+            mib(fc["bytes_on_disk"].as_f64().unwrap_or(0.0)),
+        );
+    }
+    md
+}
+
+/// (label, bytes) for the memory table and plot: medians of peaks over rounds.
+fn memory_rows(m: &Value) -> Vec<(String, f64)> {
+    let median = |v: &Value| {
+        let mut xs: Vec<f64> = arr(v).iter().filter_map(Value::as_f64).collect();
+        xs.sort_by(f64::total_cmp);
+        xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let mut rows = vec![(
+        "pullproxy idle, just started".to_owned(),
+        m["idle_start_rss"].as_f64().unwrap_or(0.0),
+    )];
+    for (key, what) in [("cold_peak", "cold pull"), ("warm_peak", "cache hits")] {
+        if let Some(map) = m[key].as_object() {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by_key(|(k, _)| size_order(k));
+            for (size, v) in entries {
+                rows.push((format!("pullproxy peak, {what} of {size}"), median(v)));
+            }
+        }
+    }
+    if let Some(map) = m["concurrent_peak"].as_object() {
+        for (system, v) in map {
+            rows.push((
+                format!(
+                    "{system} peak, {} concurrent cold pulls",
+                    m["concurrent_clients"]
+                ),
+                median(v),
+            ));
+        }
+    }
+    let fc = &m["full_cache"];
+    if fc.is_object() {
+        rows.push((
+            "pullproxy peak while filling the cache past its limit".into(),
+            fc["peak"].as_f64().unwrap_or(0.0),
+        ));
+        rows.push((
+            "pullproxy with a full cache, idle".into(),
+            fc["rss_after"].as_f64().unwrap_or(0.0),
+        ));
+        rows.push((
+            "pullproxy restarted over a full cache, idle".into(),
+            fc["rss_restarted"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    rows.push((
+        "pullproxy idle after the run (restarted)".into(),
+        m["idle_end_rss"].as_f64().unwrap_or(0.0),
+    ));
+    rows
+}
+
+/// `16 MiB` < `256 MiB` < `1 GiB`.
+fn size_order(label: &str) -> u64 {
+    let n: u64 = label
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if label.ends_with("GiB") {
+        n << 30
+    } else {
+        n << 20
+    }
+}
+
+/// One bar: a median with a min–max whisker.
+struct Bar {
+    group: usize,
+    series: usize,
+    value: (f64, f64, f64),
+}
+
+/// Colours for up to ten series.
+const COLOURS: [RGBColor; 10] = [
+    RGBColor(0x4c, 0x72, 0xb0),
+    RGBColor(0x55, 0xa8, 0x68),
+    RGBColor(0xc4, 0x4e, 0x52),
+    RGBColor(0x81, 0x72, 0xb2),
+    RGBColor(0xcc, 0xb9, 0x74),
+    RGBColor(0x64, 0xb5, 0xcd),
+    RGBColor(0xdd, 0x84, 0x52),
+    RGBColor(0x8c, 0x8c, 0x8c),
+    RGBColor(0xda, 0x8b, 0xc3),
+    RGBColor(0x93, 0x78, 0x60),
+];
+
+/// Grouped bars with whiskers; `lines` are horizontal reference lines (value, label).
+#[allow(clippy::too_many_arguments)]
+fn bars(
+    path: &Path,
+    size: (u32, u32),
+    title: &str,
+    y_desc: &str,
+    groups: &[String],
+    series: &[String],
+    data: &[Bar],
+    lines: &[(f64, &str)],
+) -> anyhow::Result<()> {
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE)?;
+    let top = data
+        .iter()
+        .map(|b| b.value.2)
+        .chain(lines.iter().map(|l| l.0))
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max)
+        // Room above the bars for the legend.
+        * (1.2 + 0.04 * series.len() as f64);
+    let n = groups.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5f64..n - 0.5, 0f64..top.max(1e-9))?;
+    let labels = groups.to_vec();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    let width = 0.8 / series.len() as f64;
+    for (si, name) in series.iter().enumerate() {
+        let colour = COLOURS[si % COLOURS.len()];
+        let mine: Vec<&Bar> = data.iter().filter(|b| b.series == si).collect();
+        let x0 = |b: &Bar| b.group as f64 - 0.4 + width * si as f64;
+        chart
+            .draw_series(mine.iter().map(|b| {
+                Rectangle::new(
+                    [(x0(b), 0.0), (x0(b) + width * 0.9, b.value.1)],
+                    colour.filled(),
+                )
+            }))?
+            .label(name.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colour.filled()));
+        chart.draw_series(mine.iter().map(|b| {
+            let mid = x0(b) + width * 0.45;
+            PathElement::new(
+                vec![(mid, b.value.0), (mid, b.value.2)],
+                BLACK.stroke_width(1),
+            )
+        }))?;
+    }
+    for (i, (y, label)) in lines.iter().enumerate() {
+        let style = if i == 0 {
+            BLACK.stroke_width(1)
+        } else {
+            RED.stroke_width(1)
+        };
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(-0.5, *y), (n - 0.5, *y)],
+            style,
+        )))?;
+        chart.draw_series(std::iter::once(Text::new(
+            label.to_string(),
+            (-0.48, *y),
+            ("sans-serif", 13).into_font().color(&style.color),
+        )))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn plot_throughput(path: &Path, suite: &Value) -> anyhow::Result<()> {
+    let rows = arr(&suite["throughput"]);
+    let mut groups: Vec<u64> = rows.iter().filter_map(|r| r["size"].as_u64()).collect();
+    groups.dedup();
+    let mut series: Vec<String> = Vec::new();
+    let mut data = Vec::new();
+    for r in rows {
+        let name = format!("{} ({})", s(&r["system"]), s(&r["state"]));
+        let si = series.iter().position(|x| *x == name).unwrap_or_else(|| {
+            series.push(name.clone());
+            series.len() - 1
+        });
+        let gi = groups
+            .iter()
+            .position(|g| Some(*g) == r["size"].as_u64())
+            .unwrap_or(0);
+        data.push(Bar {
+            group: gi,
+            series: si,
+            value: spread(&r["vs_hub"]),
+        });
+    }
+    let groups: Vec<String> = groups.into_iter().map(size_label).collect();
+    bars(
+        path,
+        (1400, 640),
+        "Blob throughput vs the hub (direct, plain HTTP), same round",
+        "× hub throughput (median, min–max)",
+        &groups,
+        &series,
+        &data,
+        &[(1.0, "hub = 1"), (0.8, "target 0.8 (cache hit)")],
+    )
+}
+
+fn plot_latency(path: &Path, suite: &Value) -> anyhow::Result<()> {
+    let rows = arr(&suite["head_latency"]);
+    let groups: Vec<String> = rows.iter().map(|r| s(&r["system"]).to_owned()).collect();
+    let mut data = Vec::new();
+    for (gi, r) in rows.iter().enumerate() {
+        data.push(Bar {
+            group: gi,
+            series: 0,
+            value: spread(&r["p50_ms"]),
+        });
+        data.push(Bar {
+            group: gi,
+            series: 1,
+            value: spread(&r["p99_ms"]),
+        });
+    }
+    bars(
+        path,
+        (1400, 560),
+        "Manifest HEAD latency (one kept-alive connection)",
+        "ms (median over rounds, min–max)",
+        &groups,
+        &["p50".to_owned(), "p99".to_owned()],
+        &data,
+        &[],
+    )
+}
+
+fn plot_memory(path: &Path, suite: &Value) -> anyhow::Result<()> {
+    let rows = memory_rows(&suite["memory"]);
+    let groups: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, _)| format!("{}", i + 1))
+        .collect();
+    let series: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (label, _))| format!("{}: {label}", i + 1))
+        .collect();
+    let data: Vec<Bar> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (_, b))| Bar {
+            group: i,
+            series: i,
+            value: (mib(*b), mib(*b), mib(*b)),
+        })
+        .collect();
+    // One series per bar, so the legend names each; bars are drawn full width.
+    let root_path = path;
+    bars_single(root_path, &groups, &series, &data)
+}
+
+/// A bar per group, each its own legend entry (the memory plot).
+fn bars_single(
+    path: &Path,
+    groups: &[String],
+    series: &[String],
+    data: &[Bar],
+) -> anyhow::Result<()> {
+    let root = BitMapBackend::new(path, (1400, 640)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let top = data.iter().map(|b| b.value.1).fold(64.0, f64::max) * 1.15;
+    let n = groups.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Resident memory (MiB)", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5f64..n - 0.5, 0f64..top)?;
+    let labels = groups.to_vec();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("MiB")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    for b in data {
+        let colour = COLOURS[b.series % COLOURS.len()];
+        let x = b.group as f64;
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(x - 0.35, 0.0), (x + 0.35, b.value.1)],
+                colour.filled(),
+            )))?
+            .label(series[b.series].as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colour.filled()));
+    }
+    chart.draw_series(std::iter::once(PathElement::new(
+        vec![(-0.5, 64.0), (n - 0.5, 64.0)],
+        RED.stroke_width(1),
+    )))?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn plot_concurrency(path: &Path, suite: &Value) -> anyhow::Result<()> {
+    let rows = arr(&suite["concurrency"]);
+    let mut ns: Vec<u64> = rows.iter().filter_map(|r| r["clients"].as_u64()).collect();
+    ns.dedup();
+    let mut systems: Vec<String> = Vec::new();
+    for r in rows {
+        let name = s(&r["system"]).to_owned();
+        if !systems.contains(&name) {
+            systems.push(name);
+        }
+    }
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(700);
+    let n = ns.len() as f64;
+    let labels: Vec<String> = ns.iter().map(|n| n.to_string()).collect();
+    let x_fmt = |x: &f64| {
+        let i = x.round();
+        if (x - i).abs() < 1e-6 && i >= 0.0 {
+            labels.get(i as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    let max_x = ns.iter().copied().max().unwrap_or(1) as f64;
+    let mut up = ChartBuilder::on(&left)
+        .caption("Upstream bytes / blob size", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.3f64..n - 0.7, (0.5f64..(max_x + 2.0) * 1.5).log_scale())?;
+    up.configure_mesh()
+        .x_labels(ns.len() * 2 + 1)
+        .x_label_formatter(&x_fmt)
+        .x_desc("concurrent clients")
+        .y_desc("× blob size (log)")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    let wall_top = rows
+        .iter()
+        .map(|r| spread(&r["wall_vs_hub"]).2)
+        .filter(|v| v.is_finite())
+        .fold(1.0, f64::max)
+        * 1.15;
+    let mut wall = ChartBuilder::on(&right)
+        .caption(
+            "Wall time vs the hub serving the same N",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.3f64..n - 0.7, 0f64..wall_top)?;
+    wall.configure_mesh()
+        .x_labels(ns.len() * 2 + 1)
+        .x_label_formatter(&x_fmt)
+        .x_desc("concurrent clients")
+        .y_desc("× hub wall time (median, min–max)")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    for (si, system) in systems.iter().enumerate() {
+        let colour = COLOURS[si % COLOURS.len()];
+        let points = |key: &str| -> Vec<(f64, (f64, f64, f64))> {
+            ns.iter()
+                .enumerate()
+                .filter_map(|(i, n)| {
+                    rows.iter()
+                        .find(|r| r["clients"].as_u64() == Some(*n) && s(&r["system"]) == system)
+                        .map(|r| (i as f64, spread(&r[key])))
+                })
+                .collect()
+        };
+        let ups: Vec<(f64, f64)> = points("upstream_x")
+            .into_iter()
+            .filter(|(_, v)| v.1 > 0.0)
+            .map(|(x, v)| (x, v.1))
+            .collect();
+        if !ups.is_empty() {
+            up.draw_series(LineSeries::new(ups.clone(), colour.stroke_width(2)))?
+                .label(system.as_str())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 12, y + 6)], colour.filled())
+                });
+            up.draw_series(ups.iter().map(|p| Circle::new(*p, 4, colour.filled())))?;
+        }
+        let walls = points("wall_vs_hub");
+        wall.draw_series(LineSeries::new(
+            walls.iter().map(|(x, v)| (*x, v.1)),
+            colour.stroke_width(2),
+        ))?
+        .label(system.as_str())
+        .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colour.filled()));
+        wall.draw_series(
+            walls
+                .iter()
+                .map(|(x, v)| PathElement::new(vec![(*x, v.0), (*x, v.2)], colour.stroke_width(1))),
+        )?;
+    }
+    up.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()?;
+    wall.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spreads_format_median_then_range() {
+        let v = serde_json::json!({"min": 0.8, "median": 0.923, "max": 1.0});
+        assert_eq!(fmt_spread(&v, 2), "0.92 (0.80–1.00)");
+        assert_eq!(size_order("1 GiB"), 1 << 30);
+        assert!(size_order("256 MiB") < size_order("1 GiB"));
+        assert_eq!(size_label(16 << 20), "16 MiB");
+    }
+}
