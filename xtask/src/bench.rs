@@ -63,7 +63,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     say("running pp-hookbench (the kernel hook's connect cost)");
     let hook = run_as_root(&bin.join("pp-hookbench"), &hook_args, &[])?;
-    std::fs::write(results.join("hook.json"), &hook)?;
+    std::fs::write(results.join("hook.json"), stamped(&hook)?)?;
 
     let mut suite_args = Vec::new();
     if args.quick {
@@ -79,7 +79,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         &suite_args,
         &[("PULLPROXY_BIN", pullproxy.as_path())],
     )?;
-    std::fs::write(results.join("bench.json"), &suite)?;
+    std::fs::write(results.join("bench.json"), stamped(&suite)?)?;
 
     // Figure 3: an unmodified containerd pulling a multi-layer image from the hub through
     // pullproxy vs with a hosts.toml mirror (the containerd harness's own benchmark).
@@ -95,7 +95,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         &pull_args,
         &[("PULLPROXY_BIN", pullproxy.as_path())],
     )?;
-    std::fs::write(results.join("containerd.json"), &pull)?;
+    std::fs::write(results.join("containerd.json"), stamped(&pull)?)?;
 
     render(&results)
 }
@@ -111,7 +111,7 @@ fn render(results: &Path) -> anyhow::Result<()> {
     if results.join("containerd.json").exists() {
         merge_containerd(&mut suite, read("containerd.json")?);
     }
-    let written = report::write(results, &suite, &read("hook.json")?, &git_describe())?;
+    let written = report::write(results, &suite, &read("hook.json")?)?;
     for path in written {
         say(format!("wrote {}", path.display()));
     }
@@ -183,6 +183,20 @@ fn warn_if_busy() {
              the results will show it; re-run when the machine is quiet"
         ));
     }
+}
+
+/// A benchmark's JSON output with `measured_at` (commit and UTC time) added, so that a report
+/// re-rendered later (`--report-only`) still says when and from what each figure was measured.
+fn stamped(output: &[u8]) -> anyhow::Result<String> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(output).context("a benchmark printed something that is not JSON")?;
+    let date = cmd("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    v["measured_at"] = serde_json::json!({ "commit": git_describe(), "date": date });
+    Ok(serde_json::to_string_pretty(&v)?)
 }
 
 /// The commit the results belong to (`git describe --always --dirty`).

@@ -16,12 +16,7 @@ const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// Writes `bench.md` and the plots into `dir`; returns the paths written.
-pub fn write(
-    dir: &Path,
-    suite: &Value,
-    hook: &Value,
-    commit: &str,
-) -> anyhow::Result<Vec<PathBuf>> {
+pub fn write(dir: &Path, suite: &Value, hook: &Value) -> anyhow::Result<Vec<PathBuf>> {
     let font = std::fs::read(FONT).with_context(|| format!("{FONT} (fonts-dejavu-core)"))?;
     register_font(
         "sans-serif",
@@ -44,7 +39,7 @@ pub fn write(
         written.push(path);
     }
     let md = dir.join("bench.md");
-    std::fs::write(&md, markdown(suite, hook, commit))?;
+    std::fs::write(&md, markdown(suite, hook))?;
     written.push(md);
     Ok(written)
 }
@@ -81,14 +76,18 @@ fn mib(bytes: f64) -> f64 {
     bytes / MIB
 }
 
-fn markdown(suite: &Value, hook: &Value, commit: &str) -> String {
+/// `<commit>, <date>` of a stamped benchmark output.
+fn measured_at(v: &Value) -> String {
+    format!(
+        "{}, {}",
+        s(&v["measured_at"]["commit"]),
+        s(&v["measured_at"]["date"])
+    )
+}
+
+fn markdown(suite: &Value, hook: &Value) -> String {
     let mut md = String::new();
     let m = &suite["machine"];
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
     let load = |k: &str| {
         arr(&m[k])
             .iter()
@@ -98,13 +97,14 @@ fn markdown(suite: &Value, hook: &Value, commit: &str) -> String {
     };
     md += "# pullproxy benchmarks\n\n";
     md += &format!(
-        "`cargo xtask bench{}` at {commit}, {date}: {} CPUs, kernel {}, load average {} before \
-         and {} after, {:.0} s.\n\n",
+        "`cargo xtask bench{}` at {}: {} CPUs, kernel {}, load average {} before and {} after, \
+         {:.0} s.\n\n",
         if suite["settings"]["quick"].as_bool() == Some(true) {
             " --quick"
         } else {
             ""
         },
+        measured_at(suite),
         m["cpus"],
         s(&m["kernel"]),
         load("load_before"),
@@ -118,6 +118,7 @@ fn markdown(suite: &Value, hook: &Value, commit: &str) -> String {
            are redirected by the real kernel programs (they sit in the node's target cgroup and \
            resolve the registry's name to the upstream); the other systems are asked directly.\n\n";
 
+    let met = |yes: bool| if yes { "yes" } else { "**no**" };
     md += "## Targets\n\n| target | goal | measured | met |\n|---|---|---|---|\n";
     for t in arr(&suite["targets"]) {
         md += &format!(
@@ -125,13 +126,31 @@ fn markdown(suite: &Value, hook: &Value, commit: &str) -> String {
             s(&t["name"]),
             s(&t["goal"]),
             fmt_spread(&t["value"], 2),
-            if t["met"].as_bool() == Some(true) {
-                "yes"
-            } else {
-                "**no**"
-            }
+            met(t["met"].as_bool() == Some(true)),
         );
     }
+
+    for (key, what) in [
+        ("non_matching_port", "a port no registry uses"),
+        (
+            "registry_port_not_target",
+            "a registry port, from outside the target cgroups",
+        ),
+    ] {
+        let r = &hook[key]["ratio_with_programs"];
+        md += &format!(
+            "| connect()+accept() rate to {what}: kernel programs attached vs none | >= 0.95x | {} | {} |\n",
+            fmt_spread(r, 3),
+            met(r["median"].as_f64().is_some_and(|m| m >= 0.95)),
+        );
+    }
+    let added = hook["redirected_connect"]["added_us_p50"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    md += &format!(
+        "| added connect() latency of a redirected connection, p50 (µs) | < 10 µs | {added:.1} | {} |\n",
+        met(added < 10.0),
+    );
 
     md += "\n## 1. Blob throughput\n\n![throughput](throughput.png)\n\n";
     md += "One `GET` of the blob per measurement (warm: repeated up to 256 MiB, on one \
@@ -208,9 +227,11 @@ fn markdown(suite: &Value, hook: &Value, commit: &str) -> String {
     let c = &suite["containerd"];
     if c["measured"].as_bool() == Some(true) {
         md += &format!(
-            "{} (`pp-pullbench`, {} rounds; image of {} layers, {:.0} MiB of blobs, on the hub). \
-             Each round starts a fresh containerd with an empty content store per variant.\n\n",
+            "{} (`pp-pullbench` at {}, {} rounds; image of {} layers, {:.0} MiB of blobs, on the \
+             hub). Each round starts a fresh containerd with an empty content store per \
+             variant.\n\n",
             s(&c["what"]),
+            measured_at(c),
             c["rounds"],
             c["image"]["layers"],
             mib(c["image"]["blob_bytes"].as_f64().unwrap_or(0.0)),
@@ -236,18 +257,25 @@ fn markdown(suite: &Value, hook: &Value, commit: &str) -> String {
 
     md += "\n## 4. The kernel hook's connect cost (`pp-hookbench`)\n\n";
     md += &format!(
-        "{} connections per round, {} rounds, alternating programs attached and detached.\n\n",
-        hook["connections_per_round"], hook["rounds"]
+        "Measured at {}. {} connections per round, {} rounds, each in {} blocks measured once \
+         with the programs attached and once detached, back to back; ratios are over those block \
+         pairs.\n\n",
+        measured_at(hook),
+        hook["connections_per_round"],
+        hook["rounds"],
+        hook["blocks_per_round"]
     );
-    md += "| what | baseline connections/s | rate with the programs | in-kernel ns per connection (BPF stats) | implied slowdown |\n|---|---|---|---|---|\n";
+    md += "| what | baseline connections/s | rate with the programs: median (min–max) | middle half of the pairs | in-kernel ns per connection (BPF stats) | implied slowdown |\n|---|---|---|---|---|---|\n";
     for key in ["non_matching_port", "registry_port_not_target"] {
         let h = &hook[key];
         let k = &h["from_kernel_stats"];
         md += &format!(
-            "| {} | {} | × {} | {:.0} | {:.4} |\n",
+            "| {} | {} | × {} | {:.3}–{:.3} | {:.0} | {:.4} |\n",
             s(&h["what"]),
             fmt_spread(&h["baseline_rate_per_s"], 0),
             fmt_spread(&h["ratio_with_programs"], 3),
+            h["ratio_with_programs"]["p25"].as_f64().unwrap_or(f64::NAN),
+            h["ratio_with_programs"]["p75"].as_f64().unwrap_or(f64::NAN),
             k["in_kernel_ns_per_connection"]
                 .as_f64()
                 .unwrap_or(f64::NAN),

@@ -1,12 +1,13 @@
 //! Benchmark of the kernel hook's cost, run by `cargo xtask bench` (as root):
 //!
 //! - connect()+accept() rate of connections the hook does not redirect, with and without the
-//!   programs attached (rounds alternate, so both see the same machine state);
+//!   programs attached (in short blocks, alternating, so both see the same machine state);
 //! - connect() latency of a redirected connection vs a direct connect to the same listener with
 //!   no programs attached.
 //!
 //! Everything happens inside a network namespace and cgroups of its own; the redirect is
-//! installed with pullproxy's own loader. Prints JSON (ratios with min/median/max over rounds).
+//! installed with pullproxy's own loader. Prints JSON (ratios with min/median/max over the
+//! attached/detached block pairs of all rounds).
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -24,6 +25,11 @@ use pullproxy::{
 use serde_json::json;
 
 const PROXY_PORT: u16 = 15443;
+
+/// Each round's connections are measured in this many blocks, each block once with and once
+/// without the programs, back to back: a ratio compares two measurements a second apart, which
+/// a shared machine's drifting speed (rates vary tenfold between rounds) leaves comparable.
+const BLOCKS: usize = 10;
 
 /// The kernel record source while the programs are installed, shared with the accept thread.
 type SharedRecords = Arc<std::sync::Mutex<Option<Arc<dyn OriginalDstSource>>>>;
@@ -117,35 +123,35 @@ fn bench(args: &Args) -> serde_json::Value {
     let mut rate_registry_port = Vec::new();
     let mut redirected = Vec::new();
     let mut direct = Vec::new();
+    let block = (args.connections / BLOCKS).max(1);
     for round in 0..args.rounds {
         eprintln!("round {}/{}", round + 1, args.rounds);
-        // Alternate the order so neither mode always runs first.
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        let mut rates = [[0.0; 2]; 2];
-        for on in order {
-            let _redirector = attach(on);
-            move_self(&other);
-            rates[0][usize::from(on)] = rate(OTHER_PORT, args.connections);
-            rates[1][usize::from(on)] = rate(REGISTRY, args.connections);
-            move_self(&client);
-            if on {
-                redirected.extend(latencies(REGISTRY, args.connections));
+        for b in 0..BLOCKS {
+            // Alternate the order so neither mode always runs first.
+            let order = if (round * BLOCKS + b).is_multiple_of(2) {
+                [false, true]
             } else {
-                direct.extend(latencies(
-                    &format!("127.0.0.1:{PROXY_PORT}"),
-                    args.connections,
-                ));
+                [true, false]
+            };
+            let mut rates = [[0.0; 2]; 2];
+            for on in order {
+                let _redirector = attach(on);
+                move_self(&other);
+                rates[0][usize::from(on)] = rate(OTHER_PORT, block);
+                rates[1][usize::from(on)] = rate(REGISTRY, block);
+                move_self(&client);
+                if on {
+                    redirected.extend(latencies(REGISTRY, block));
+                } else {
+                    direct.extend(latencies(&format!("127.0.0.1:{PROXY_PORT}"), block));
+                }
+                move_self(&setup);
+                drop(_redirector);
+                let _ = redirect::uninstall(&pins);
             }
-            move_self(&setup);
-            drop(_redirector);
-            let _ = redirect::uninstall(&pins);
+            rate_other_port.push(rates[0]);
+            rate_registry_port.push(rates[1]);
         }
-        rate_other_port.push(rates[0]);
-        rate_registry_port.push(rates[1]);
     }
     let _ = redirect::uninstall(&pins);
 
@@ -221,6 +227,7 @@ fn bench(args: &Args) -> serde_json::Value {
     json!({
         "connections_per_round": args.connections,
         "rounds": args.rounds,
+        "blocks_per_round": BLOCKS,
         "non_matching_port": {
             "what": "connect()+accept() rate to 10.203.0.1:8080 from a non-target cgroup, programs attached vs none",
             "baseline_rate_per_s": base(&rate_other_port),
@@ -333,5 +340,11 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 
 fn spread(mut v: Vec<f64>) -> serde_json::Value {
     let median = percentile(&mut v, 0.5);
-    json!({ "min": v[0], "median": median, "max": v[v.len() - 1] })
+    json!({
+        "min": v[0],
+        "p25": percentile(&mut v, 0.25),
+        "median": median,
+        "p75": percentile(&mut v, 0.75),
+        "max": v[v.len() - 1],
+    })
 }
