@@ -5,6 +5,9 @@
 //! else (manifests, `/v2/`) passed through, over kept-alive, verified TLS connections to the
 //! upstream. Used by the benchmarks as a peer of pullproxy.
 //!
+//! With [`NginxBuilder::serve_files`] it is instead a CDN: a TLS static file server (what a
+//! registry redirects blob downloads to) that logs whether each request carried credentials.
+//!
 //! Checked on Debian 12's nginx 1.22 (what `nginx-light` installs): built with the SSL module and
 //! the (default) proxy module, which holds `proxy_cache`.
 
@@ -39,6 +42,7 @@ pub struct NginxBuilder {
     placement: Placement,
     tls: Option<Leaf>,
     upstream: Option<(SocketAddr, PathBuf)>,
+    files: Option<PathBuf>,
     workers: usize,
 }
 
@@ -64,6 +68,13 @@ impl NginxBuilder {
     /// The upstream registry (HTTPS at `addr`), verified against the CA file `ca`.
     pub fn upstream(mut self, addr: SocketAddr, ca: &Path) -> Self {
         self.upstream = Some((addr, ca.to_owned()));
+        self
+    }
+
+    /// Serves the files under `root` (instead of proxying an upstream), logging each request's
+    /// `Authorization` header to [`NginxCache::access_log`].
+    pub fn serve_files(mut self, root: &Path) -> Self {
+        self.files = Some(root.to_owned());
         self
     }
 
@@ -120,7 +131,7 @@ pub struct NginxCache {
 }
 
 impl NginxCache {
-    /// nginx listening on `listen` (a TLS leaf and an upstream are required).
+    /// nginx listening on `listen` (a TLS leaf and an upstream or a file root are required).
     pub fn builder(listen: SocketAddr) -> NginxBuilder {
         NginxBuilder {
             listen,
@@ -128,6 +139,7 @@ impl NginxCache {
             placement: Placement::new(),
             tls: None,
             upstream: None,
+            files: None,
             workers: std::thread::available_parallelism().map_or(1, usize::from),
         }
     }
@@ -144,6 +156,12 @@ impl NginxCache {
     /// Where cached responses live.
     pub fn cache_dir(&self) -> PathBuf {
         self.dir.path().join("cache")
+    }
+
+    /// `<method> <uri> <status> auth=<Authorization header, or ->`, one line per request (file
+    /// serving only).
+    pub fn access_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
 
     /// The error log, for panic messages.
@@ -188,9 +206,12 @@ impl NginxCache {
             .netns_path(self.options.placement.netns.clone())
             .tls(client_config(&[&leaf.ca_pem]))
             .timeout(Duration::from_secs(2));
+        let serves_files = self.options.files.is_some();
         loop {
-            if let Ok(200 | 401) = probe.ping() {
-                return;
+            match probe.ping() {
+                Ok(200 | 401) => return,
+                Ok(_) if serves_files => return,
+                _ => {}
             }
             let exited = self.proc.as_mut().is_some_and(Proc::exited);
             if exited || started.elapsed() > START_TIMEOUT {
@@ -213,10 +234,25 @@ impl NginxCache {
         let o = &self.options;
         let d = self.dir.path().display();
         let leaf = o.tls.as_ref().expect("nginx needs a TLS leaf");
-        let (upstream, ca) = o.upstream.as_ref().expect("nginx needs an upstream");
         let name = &o.server_name;
-        // Blob responses of any size are cached (the temp-file limit does not apply to cached
-        // responses); waiting misses poll the lock, as nginx does, until the entry exists.
+        let server = match &o.files {
+            Some(root) => format!(
+                r#"    log_format cdn '$request_method $uri $status auth=$http_authorization';
+    server {{
+        listen {listen} ssl;
+        server_name {name};
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        access_log {d}/access.log cdn;
+        root {root};
+    }}"#,
+                listen = o.listen,
+                cert = leaf.cert.display(),
+                key = leaf.key.display(),
+                root = root.display(),
+            ),
+            None => self.proxy_server(),
+        };
         format!(
             r#"daemon off;
 master_process on;
@@ -234,7 +270,24 @@ http {{
     scgi_temp_path {d}/scgi;
     sendfile on;
     keepalive_requests 100000;
-    proxy_cache_path {d}/cache levels=1:2 keys_zone=blobs:16m max_size=64g inactive=30d use_temp_path=off;
+{server}
+}}
+"#,
+            workers = o.workers,
+        )
+    }
+
+    /// The caching reverse proxy's `server` block.
+    fn proxy_server(&self) -> String {
+        let o = &self.options;
+        let d = self.dir.path().display();
+        let leaf = o.tls.as_ref().expect("nginx needs a TLS leaf");
+        let (upstream, ca) = o.upstream.as_ref().expect("nginx needs an upstream");
+        let name = &o.server_name;
+        // Blob responses of any size are cached (the temp-file limit does not apply to cached
+        // responses); waiting misses poll the lock, as nginx does, until the entry exists.
+        format!(
+            r#"    proxy_cache_path {d}/cache levels=1:2 keys_zone=blobs:16m max_size=64g inactive=30d use_temp_path=off;
     upstream registry {{
         server {upstream};
         keepalive 64;
@@ -269,10 +322,7 @@ http {{
             proxy_pass https://registry;
             proxy_buffering off;
         }}
-    }}
-}}
-"#,
-            workers = o.workers,
+    }}"#,
             listen = o.listen,
             cert = leaf.cert.display(),
             key = leaf.key.display(),

@@ -56,6 +56,7 @@ pub struct RegistryBuilder {
     tls: Option<Leaf>,
     auth: Option<(String, String)>,
     proxy: Option<RemoteProxy>,
+    redirect_blobs: Option<String>,
 }
 
 impl RegistryBuilder {
@@ -86,6 +87,14 @@ impl RegistryBuilder {
     /// Pull-through cache of another registry.
     pub fn proxy(mut self, remote: RemoteProxy) -> Self {
         self.proxy = Some(remote);
+        self
+    }
+
+    /// Answers blob downloads with a redirect to `base_url` followed by the blob's path in the
+    /// storage directory (distribution's `redirect` storage middleware, as registries in front
+    /// of a CDN or an object store do); serve [`Registry::storage`] there.
+    pub fn redirect_blobs(mut self, base_url: &str) -> Self {
+        self.redirect_blobs = Some(base_url.to_owned());
         self
     }
 
@@ -179,6 +188,7 @@ impl Registry {
             tls: None,
             auth: None,
             proxy: None,
+            redirect_blobs: None,
         }
     }
 
@@ -402,6 +412,11 @@ impl Registry {
             y += &format!(
                 "auth:\n  htpasswd:\n    realm: pullproxy-test\n    path: {}\n",
                 q(&self.htpasswd_path())
+            );
+        }
+        if let Some(base) = &o.redirect_blobs {
+            y += &format!(
+                "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {base:?}\n"
             );
         }
         if let Some(p) = &o.proxy {

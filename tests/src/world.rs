@@ -21,7 +21,7 @@ use crate::{
     registry::Registry,
     registry_client::{Body, RegistryClient},
     skopeo::Skopeo,
-    testca::{self, TestCa, ca_bundle},
+    testca::{self, Leaf, TestCa, ca_bundle},
 };
 
 /// The fake Docker Hub (and registry.k8s.io), inside the test namespace only.
@@ -34,6 +34,13 @@ pub const PRIVATE_IP: &str = "10.204.0.3";
 pub const INSECURE_IP: &str = "10.204.0.4";
 /// A TLS site that is not a registry: its connections are spliced untouched.
 pub const SITE_IP: &str = "10.204.0.5";
+/// A registry that redirects blob downloads to a CDN, as GitHub's does: started by the tests
+/// that need it.
+pub const REDIRECTING_IP: &str = "10.204.0.6";
+pub const REDIRECTING_HOST: &str = "ghcr.io";
+/// The CDN the redirecting registry sends blob downloads to.
+pub const CDN_IP: &str = "10.204.0.7";
+pub const CDN_HOST: &str = "pkg-containers.githubusercontent.com";
 /// pullproxy's admin listener (`/metrics`, `/healthz`, `/readyz`) inside the node.
 pub const ADMIN_ADDR: &str = "127.0.0.1:15090";
 pub const HUB_USER: &str = "admin";
@@ -61,8 +68,8 @@ pub struct World {
     /// System roots + node CA + upstream CA, for clients.
     pub bundle: PathBuf,
     proxy_env: Vec<(&'static str, String)>,
-    /// Keeps the upstream CA files alive.
-    _ca: TestCa,
+    /// The CA of the fake upstreams (pullproxy trusts it).
+    ca: TestCa,
     pub node: Node,
 }
 
@@ -70,7 +77,15 @@ impl World {
     /// A node named `prefix-...` with its registries and a running pullproxy.
     pub fn new(prefix: &str) -> Self {
         let node = Node::new(prefix);
-        for ip in [UPSTREAM_IP, HUB_IP, PRIVATE_IP, INSECURE_IP, SITE_IP] {
+        for ip in [
+            UPSTREAM_IP,
+            HUB_IP,
+            PRIVATE_IP,
+            INSECURE_IP,
+            SITE_IP,
+            REDIRECTING_IP,
+            CDN_IP,
+        ] {
             node.ns.add_addr(&format!("{ip}/32"));
         }
         let ca = TestCa::new("upstream");
@@ -134,14 +149,19 @@ impl World {
             hub_password_file,
             bundle,
             proxy_env,
-            _ca: ca,
+            ca,
             node,
         }
     }
 
     /// The certificate file of the CA that signed the fake upstreams (and the TLS site).
     pub fn upstream_ca_cert(&self) -> PathBuf {
-        self._ca.cert_path()
+        self.ca.cert_path()
+    }
+
+    /// A certificate for more fake upstream sites, from the CA pullproxy trusts.
+    pub fn upstream_leaf(&self, names: &[&str]) -> Leaf {
+        self.ca.leaf(names)
     }
 
     /// SIGKILL pullproxy (a crash): the kernel programs stay pinned, and with no listener they
@@ -250,4 +270,6 @@ pub fn hosts() -> MountSpec {
         .hosts(&["sealos.hub"], ip(HUB_IP))
         .hosts(&["insecure.registry"], ip(INSECURE_IP))
         .hosts(&["site.example"], ip(SITE_IP))
+        .hosts(&[REDIRECTING_HOST], ip(REDIRECTING_IP))
+        .hosts(&[CDN_HOST], ip(CDN_IP))
 }

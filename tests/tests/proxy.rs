@@ -3,16 +3,21 @@
 //! unmodified `skopeo` whose connections the kernel redirects to pullproxy. Some tests also talk
 //! to the proxy port directly (many concurrent clients, exact ranges, hostile requests).
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use harness::{
     images::{self, Digest, Format, Image},
+    nginx::NginxCache,
     process::Placement,
+    registry::Registry,
     registry_client::{Body, RegistryClient},
     require_root,
     skopeo::verify_dir_copy,
     testca,
-    world::{HUB_PASSWORD, HUB_USER, PRIVATE_PASSWORD, PRIVATE_USER, SITE_IP, World, hosts},
+    world::{
+        CDN_HOST, CDN_IP, HUB_PASSWORD, HUB_USER, PRIVATE_PASSWORD, PRIVATE_USER, REDIRECTING_HOST,
+        REDIRECTING_IP, SITE_IP, World, hosts,
+    },
 };
 use serde_json::Value;
 
@@ -168,6 +173,71 @@ fn private_images_need_the_clients_own_credentials_even_when_cached() {
     let (dir, out) = copy(&w, src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
     out.expect_success();
     verify_dir_copy(dir.path(), &image).unwrap();
+}
+
+#[test]
+fn blobs_redirected_to_a_cdn_are_fetched_there_without_the_registrys_credentials() {
+    require_root!();
+    let w = World::new("pp-proxy");
+    // A private registry that sends blob downloads to its CDN, as ghcr.io does.
+    let registry = Registry::builder(SocketAddr::new(REDIRECTING_IP.parse().unwrap(), 443))
+        .netns(&w.node.ns)
+        .server_name(REDIRECTING_HOST)
+        .tls(&w.upstream_leaf(&[REDIRECTING_HOST]))
+        .htpasswd(PRIVATE_USER, PRIVATE_PASSWORD)
+        .redirect_blobs(&format!("https://{CDN_HOST}"))
+        .start();
+    let mut cdn = NginxCache::builder(SocketAddr::new(CDN_IP.parse().unwrap(), 443))
+        .netns(&w.node.ns)
+        .server_name(CDN_HOST)
+        .tls(&w.upstream_leaf(&[CDN_HOST]))
+        .serve_files(&registry.storage())
+        .workers(1)
+        .start();
+    let image = images::multi_layer(Format::Oci, 2, 256 << 10, 91);
+    registry.client().push_image("team/app", "1", &image);
+    let src = format!("docker://{REDIRECTING_HOST}/team/app:1");
+
+    let (dir, out) = copy(&w, &src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
+    out.expect_success();
+    verify_dir_copy(dir.path(), &image).unwrap();
+
+    // The registry answered the blob GETs with redirects, pullproxy followed them to the CDN,
+    // and no request to the CDN carried the registry's credentials.
+    let redirected = registry
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path().contains("/blobs/") && r.status == 307)
+        .count();
+    assert!(
+        redirected >= image.blobs().count(),
+        "{:?}",
+        registry.requests()
+    );
+    let log = cdn.access_log();
+    let fetched: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("GET ") && l.contains(" 200 "))
+        .collect();
+    for blob in image.blobs() {
+        assert!(
+            fetched.iter().any(|l| l.contains(blob.digest.hex())),
+            "{} was not fetched from the CDN:\n{log}",
+            blob.digest
+        );
+    }
+    assert!(
+        log.lines().all(|l| l.ends_with("auth=-")),
+        "a request to the CDN carried credentials:\n{log}"
+    );
+
+    // What came through the CDN was cached: with the CDN gone, the image is still served.
+    cdn.stop();
+    let (dir, out) = copy(&w, &src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
+    out.expect_success();
+    verify_dir_copy(dir.path(), &image).unwrap();
+    let log_after = cdn.access_log();
+    assert_eq!(log_after, log, "the CDN was asked again");
 }
 
 #[test]

@@ -24,7 +24,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("skopeo", "/usr/bin/skopeo"),
     ("podman", "/usr/bin/podman"),
     ("apache2-utils", "/usr/bin/htpasswd"),
-    // nginx as a caching TLS reverse proxy, a peer of pullproxy in the benchmarks.
+    // nginx: a caching TLS reverse proxy (a peer of pullproxy in the benchmarks) and a CDN.
     ("nginx-light", "/usr/sbin/nginx"),
     ("prometheus", "/usr/bin/promtool"),
     ("iproute2", "/usr/sbin/ip"),
