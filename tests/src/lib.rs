@@ -35,6 +35,7 @@ pub mod registry;
 pub mod registry_client;
 pub mod skopeo;
 pub mod testca;
+pub mod token;
 pub mod world;
 
 /// A short unique suffix for names of namespaces, cgroups and pin directories.

@@ -43,6 +43,7 @@ pub struct NginxBuilder {
     tls: Option<Leaf>,
     upstream: Option<(SocketAddr, PathBuf)>,
     files: Option<PathBuf>,
+    basic_auth: Option<(String, String)>,
     workers: usize,
 }
 
@@ -71,10 +72,17 @@ impl NginxBuilder {
         self
     }
 
-    /// Serves the files under `root` (instead of proxying an upstream), logging each request's
-    /// `Authorization` header to [`NginxCache::access_log`].
+    /// Serves the files under `root` (instead of proxying an upstream; as JSON when the name says
+    /// nothing else), logging each request's `Authorization` header to
+    /// [`NginxCache::access_log`].
     pub fn serve_files(mut self, root: &Path) -> Self {
         self.files = Some(root.to_owned());
+        self
+    }
+
+    /// Requires basic auth for `user` on the files served (as a token service does).
+    pub fn basic_auth(mut self, user: &str, password: &str) -> Self {
+        self.basic_auth = Some((user.to_owned(), password.to_owned()));
         self
     }
 
@@ -97,6 +105,9 @@ impl NginxBuilder {
             dir,
         };
         fs::create_dir_all(nginx.cache_dir()).expect("nginx cache dir");
+        if let Some((user, password)) = &nginx.options.basic_auth {
+            crate::registry::write_htpasswd(&nginx.htpasswd_path(), user, password);
+        }
         fs::write(nginx.config_path(), nginx.config()).expect("write nginx.conf");
         // `nginx -t` binds the listen address: it must run in the namespace that has it.
         let mut check = match &nginx.options.placement.netns {
@@ -140,6 +151,7 @@ impl NginxCache {
             tls: None,
             upstream: None,
             files: None,
+            basic_auth: None,
             workers: std::thread::available_parallelism().map_or(1, usize::from),
         }
     }
@@ -230,6 +242,10 @@ impl NginxCache {
         self.dir.path().join("nginx.conf")
     }
 
+    fn htpasswd_path(&self) -> PathBuf {
+        self.dir.path().join("htpasswd")
+    }
+
     fn config(&self) -> String {
         let o = &self.options;
         let d = self.dir.path().display();
@@ -245,8 +261,16 @@ impl NginxCache {
         ssl_certificate_key {key};
         access_log {d}/access.log cdn;
         root {root};
-    }}"#,
+        default_type application/json;
+{auth}    }}"#,
                 listen = o.listen,
+                auth = match o.basic_auth {
+                    Some(_) => format!(
+                        "        auth_basic \"registry token\";\n        auth_basic_user_file {};\n",
+                        self.htpasswd_path().display()
+                    ),
+                    None => String::new(),
+                },
                 cert = leaf.cert.display(),
                 key = leaf.key.display(),
                 root = root.display(),

@@ -57,6 +57,17 @@ pub struct RegistryBuilder {
     auth: Option<(String, String)>,
     proxy: Option<RemoteProxy>,
     redirect_blobs: Option<String>,
+    token_auth: Option<TokenAuth>,
+}
+
+/// Bearer-token authentication (distribution's `auth.token`): clients are sent to `realm` for a
+/// token, which must be signed by the key whose certificate is `cert`.
+#[derive(Debug, Clone)]
+pub struct TokenAuth {
+    pub realm: String,
+    pub service: String,
+    pub issuer: String,
+    pub cert: PathBuf,
 }
 
 impl RegistryBuilder {
@@ -95,6 +106,12 @@ impl RegistryBuilder {
     /// of a CDN or an object store do); serve [`Registry::storage`] there.
     pub fn redirect_blobs(mut self, base_url: &str) -> Self {
         self.redirect_blobs = Some(base_url.to_owned());
+        self
+    }
+
+    /// Requires bearer tokens (see [`crate::token::TokenIssuer`]) instead of basic auth.
+    pub fn token_auth(mut self, auth: TokenAuth) -> Self {
+        self.token_auth = Some(auth);
         self
     }
 
@@ -189,6 +206,7 @@ impl Registry {
             auth: None,
             proxy: None,
             redirect_blobs: None,
+            token_auth: None,
         }
     }
 
@@ -374,18 +392,7 @@ impl Registry {
     }
 
     fn write_htpasswd(&self, user: &str, password: &str) {
-        let out = Command::new("htpasswd")
-            .args(["-B", "-b", "-n", user, password])
-            .output()
-            .expect("run htpasswd (apache2-utils)");
-        assert!(
-            out.status.success(),
-            "htpasswd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let tmp = self.dir.path().join("htpasswd.new");
-        fs::write(&tmp, &out.stdout).expect("write htpasswd");
-        fs::rename(&tmp, self.htpasswd_path()).expect("replace htpasswd");
+        write_htpasswd(&self.htpasswd_path(), user, password);
     }
 
     fn config_yaml(&self) -> String {
@@ -414,6 +421,16 @@ impl Registry {
                 q(&self.htpasswd_path())
             );
         }
+        if let Some(t) = &o.token_auth {
+            y += &format!(
+                "auth:\n  token:\n    realm: {:?}\n    service: {:?}\n    issuer: {:?}\n    \
+                 rootcertbundle: {}\n",
+                t.realm,
+                t.service,
+                t.issuer,
+                q(&t.cert)
+            );
+        }
         if let Some(base) = &o.redirect_blobs {
             y += &format!(
                 "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {base:?}\n"
@@ -430,6 +447,23 @@ impl Registry {
         }
         y
     }
+}
+
+/// Replaces `path` (atomically) with an htpasswd file holding `user` with a bcrypt hash of
+/// `password` (`htpasswd -B`, from apache2-utils).
+pub fn write_htpasswd(path: &Path, user: &str, password: &str) {
+    let out = Command::new("htpasswd")
+        .args(["-B", "-b", "-n", user, password])
+        .output()
+        .expect("run htpasswd (apache2-utils)");
+    assert!(
+        out.status.success(),
+        "htpasswd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tmp = path.with_extension("new");
+    fs::write(&tmp, &out.stdout).expect("write htpasswd");
+    fs::rename(&tmp, path).expect("replace htpasswd");
 }
 
 #[cfg(test)]

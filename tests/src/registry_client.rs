@@ -65,7 +65,8 @@ pub struct RegistryClient {
     addr: SocketAddr,
     netns: Option<PathBuf>,
     tls: Option<Arc<ClientConfig>>,
-    creds: Option<(String, String)>,
+    /// The `Authorization` header value sent with every request.
+    authorization: Option<String>,
     user_agent: String,
     timeout: Duration,
 }
@@ -78,7 +79,7 @@ impl RegistryClient {
             addr,
             netns: None,
             tls: None,
-            creds: None,
+            authorization: None,
             user_agent: "pullproxy-harness".to_owned(),
             timeout: Duration::from_secs(60),
         }
@@ -92,13 +93,22 @@ impl RegistryClient {
 
     /// Basic auth on every request.
     pub fn creds(mut self, user: &str, password: &str) -> Self {
-        self.creds = Some((user.to_owned(), password.to_owned()));
+        self.authorization = Some(format!(
+            "Basic {}",
+            base64(format!("{user}:{password}").as_bytes())
+        ));
+        self
+    }
+
+    /// A bearer token (see [`crate::token::TokenIssuer`]) on every request.
+    pub fn bearer(mut self, token: &str) -> Self {
+        self.authorization = Some(format!("Bearer {token}"));
         self
     }
 
     /// No `Authorization` header.
     pub fn anonymous(mut self) -> Self {
-        self.creds = None;
+        self.authorization = None;
         self
     }
 
@@ -221,12 +231,8 @@ impl RegistryClient {
             self.authority(),
             self.user_agent
         )?;
-        if let Some((user, password)) = &self.creds {
-            write!(
-                out,
-                "Authorization: Basic {}\r\n",
-                base64(format!("{user}:{password}").as_bytes())
-            )?;
+        if let Some(authorization) = &self.authorization {
+            write!(out, "Authorization: {authorization}\r\n")?;
         }
         for (k, v) in headers {
             write!(out, "{k}: {v}\r\n")?;

@@ -41,6 +41,12 @@ pub const REDIRECTING_HOST: &str = "ghcr.io";
 /// The CDN the redirecting registry sends blob downloads to.
 pub const CDN_IP: &str = "10.204.0.7";
 pub const CDN_HOST: &str = "pkg-containers.githubusercontent.com";
+/// A registry that wants bearer tokens, as GitLab's does: started by the tests that need it.
+pub const TOKEN_REGISTRY_IP: &str = "10.204.0.8";
+pub const TOKEN_REGISTRY_HOST: &str = "registry.gitlab.com";
+/// Its token service: not a registry, so pullproxy splices it untouched.
+pub const TOKEN_SERVICE_IP: &str = "10.204.0.9";
+pub const TOKEN_SERVICE_HOST: &str = "gitlab.com";
 /// pullproxy's admin listener (`/metrics`, `/healthz`, `/readyz`) inside the node.
 pub const ADMIN_ADDR: &str = "127.0.0.1:15090";
 pub const HUB_USER: &str = "admin";
@@ -85,6 +91,8 @@ impl World {
             SITE_IP,
             REDIRECTING_IP,
             CDN_IP,
+            TOKEN_REGISTRY_IP,
+            TOKEN_SERVICE_IP,
         ] {
             node.ns.add_addr(&format!("{ip}/32"));
         }
@@ -272,4 +280,6 @@ pub fn hosts() -> MountSpec {
         .hosts(&["site.example"], ip(SITE_IP))
         .hosts(&[REDIRECTING_HOST], ip(REDIRECTING_IP))
         .hosts(&[CDN_HOST], ip(CDN_IP))
+        .hosts(&[TOKEN_REGISTRY_HOST], ip(TOKEN_REGISTRY_IP))
+        .hosts(&[TOKEN_SERVICE_HOST], ip(TOKEN_SERVICE_IP))
 }

@@ -9,14 +9,16 @@ use harness::{
     images::{self, Digest, Format, Image},
     nginx::NginxCache,
     process::Placement,
-    registry::Registry,
+    registry::{Registry, TokenAuth},
     registry_client::{Body, RegistryClient},
     require_root,
     skopeo::verify_dir_copy,
     testca,
+    token::TokenIssuer,
     world::{
         CDN_HOST, CDN_IP, HUB_PASSWORD, HUB_USER, PRIVATE_PASSWORD, PRIVATE_USER, REDIRECTING_HOST,
-        REDIRECTING_IP, SITE_IP, World, hosts,
+        REDIRECTING_IP, SITE_IP, TOKEN_REGISTRY_HOST, TOKEN_REGISTRY_IP, TOKEN_SERVICE_HOST,
+        TOKEN_SERVICE_IP, World, hosts,
     },
 };
 use serde_json::Value;
@@ -238,6 +240,102 @@ fn blobs_redirected_to_a_cdn_are_fetched_there_without_the_registrys_credentials
     verify_dir_copy(dir.path(), &image).unwrap();
     let log_after = cdn.access_log();
     assert_eq!(log_after, log, "the CDN was asked again");
+}
+
+#[test]
+fn bearer_token_flow_works_through_the_proxy_and_gates_cached_content() {
+    require_root!();
+    let w = World::new("pp-proxy");
+    // registry.gitlab.com wants bearer tokens from gitlab.com/jwt/auth, which hands one out to
+    // alice (basic auth) and to nobody else.
+    let issuer = TokenIssuer::new("gitlab-issuer", "container_registry");
+    let realm = format!("https://{TOKEN_SERVICE_HOST}/jwt/auth");
+    let mut registry = Registry::builder(SocketAddr::new(TOKEN_REGISTRY_IP.parse().unwrap(), 443))
+        .netns(&w.node.ns)
+        .server_name(TOKEN_REGISTRY_HOST)
+        .tls(&w.upstream_leaf(&[TOKEN_REGISTRY_HOST]))
+        .token_auth(TokenAuth {
+            realm: realm.clone(),
+            service: issuer.service.clone(),
+            issuer: issuer.issuer.clone(),
+            cert: issuer.cert_path(),
+        })
+        .start();
+    let ttl = Duration::from_secs(3600);
+    let files = tempfile::tempdir().unwrap();
+    let pull = issuer.token(PRIVATE_USER, "team/app", &["pull"], ttl);
+    issuer.write_response(&files.path().join("jwt/auth"), &pull, ttl);
+    let token_service =
+        NginxCache::builder(SocketAddr::new(TOKEN_SERVICE_IP.parse().unwrap(), 443))
+            .netns(&w.node.ns)
+            .server_name(TOKEN_SERVICE_HOST)
+            .tls(&w.upstream_leaf(&[TOKEN_SERVICE_HOST]))
+            .serve_files(files.path())
+            .basic_auth(PRIVATE_USER, PRIVATE_PASSWORD)
+            .workers(1)
+            .start();
+    let image = images::multi_layer(Format::Docker, 2, 256 << 10, 93);
+    let push = issuer.token("ci", "team/app", &["pull", "push"], ttl);
+    registry
+        .client()
+        .bearer(&push)
+        .push_image("team/app", "1", &image);
+    let src = format!("docker://{TOKEN_REGISTRY_HOST}/team/app:1");
+
+    // The client is challenged (through pullproxy), gets its token from the token service (spliced,
+    // TLS untouched) and pulls with it; pullproxy forwards the token and caches what it gets.
+    let (dir, out) = copy(&w, &src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
+    out.expect_success();
+    verify_dir_copy(dir.path(), &image).unwrap();
+    let issued = token_service.access_log();
+    assert!(
+        issued
+            .lines()
+            .any(|l| l.starts_with("GET /jwt/auth 200 auth=Basic ")),
+        "the client never got a token:\n{issued}"
+    );
+    let served = registry
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path().contains("/blobs/") && r.status == 200)
+        .count();
+    assert!(served >= image.blobs().count(), "{:?}", registry.requests());
+    let metrics = w.scrape();
+    assert!(
+        sample(
+            &metrics,
+            r#"pullproxy_connections_total{decision="spliced"}"#
+        ) >= 1.0,
+        "the token request was not spliced:\n{metrics}"
+    );
+    assert!(
+        !metrics.contains(&format!(r#"registry="{TOKEN_SERVICE_HOST}""#)),
+        "pullproxy served the token service as a registry:\n{metrics}"
+    );
+
+    // No credentials, no token, no image: not even from pullproxy's cache.
+    let (_, out) = copy(&w, &src, None);
+    let err = out.expect_failure();
+    assert!(
+        err.contains("401") || err.to_lowercase().contains("unauthorized"),
+        "{err}"
+    );
+    // A token for another repository does not open this one's cached blobs.
+    let other = issuer.token(PRIVATE_USER, "team/other", &["pull"], ttl);
+    let client = RegistryClient::new(TOKEN_REGISTRY_HOST, "127.0.0.1:15443".parse().unwrap())
+        .netns(&w.node.ns)
+        .tls(testca::client_config(&[&w.node.node_ca_pem()]))
+        .bearer(&other);
+    let resp = client
+        .get_blob("team/app", &image.layers[0].digest, None)
+        .unwrap();
+    assert_eq!(resp.status, 401, "got {} bytes", resp.body.len());
+
+    // The registry gone, the token service still up: alice still pulls, from the cache.
+    registry.stop();
+    let (dir, out) = copy(&w, &src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
+    out.expect_success();
+    verify_dir_copy(dir.path(), &image).unwrap();
 }
 
 #[test]
