@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow};
 use plotters::{
+    coord::{Shift, types::RangedCoordf64},
     prelude::*,
     style::{FontStyle, register_font},
 };
@@ -401,6 +402,67 @@ const COLOURS: [RGBColor; 10] = [
     RGBColor(0x93, 0x78, 0x60),
 ];
 
+/// The label of the group at `x` (groups sit at 0, 1, 2, …; nothing in between).
+fn group_label(labels: &[String], x: f64) -> String {
+    let i = x.round();
+    if (x - i).abs() < 1e-6 && i >= 0.0 {
+        labels.get(i as usize).cloned().unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
+type BarChart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A bar chart's frame on `root`: the caption, a y axis from 0 to `top` and one x label per
+/// group.
+fn bar_frame<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, Shift>,
+    title: &str,
+    y_desc: &str,
+    groups: &[String],
+    top: f64,
+) -> anyhow::Result<BarChart<'a, 'b>> {
+    let n = groups.len() as f64;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5f64..n - 0.5, 0f64..top)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups.len() * 2 + 1)
+        .x_label_formatter(&|x| group_label(groups, *x))
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    Ok(chart)
+}
+
+/// Draws the chart's legend at `position`.
+fn legend<'a, 'b: 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, BitMapBackend<'b>, CT>,
+    position: SeriesLabelPosition,
+    font_size: u32,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", font_size))
+        .draw()?;
+    Ok(())
+}
+
+/// A legend entry's coloured square.
+fn swatch(colour: RGBColor) -> impl Fn((i32, i32)) -> Rectangle<(i32, i32)> {
+    move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colour.filled())
+}
+
 /// Grouped bars with whiskers; `lines` are horizontal reference lines (value, label).
 #[allow(clippy::too_many_arguments)]
 fn bars(
@@ -424,28 +486,7 @@ fn bars(
         // Room above the bars for the legend.
         * (1.2 + 0.04 * series.len() as f64);
     let n = groups.len() as f64;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.5f64..n - 0.5, 0f64..top.max(1e-9))?;
-    let labels = groups.to_vec();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(groups.len() * 2 + 1)
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 {
-                labels.get(i as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
-        .y_desc(y_desc)
-        .label_style(("sans-serif", 14))
-        .draw()?;
+    let mut chart = bar_frame(&root, title, y_desc, groups, top.max(1e-9))?;
     let width = 0.8 / series.len() as f64;
     for (si, name) in series.iter().enumerate() {
         let colour = COLOURS[si % COLOURS.len()];
@@ -459,7 +500,7 @@ fn bars(
                 )
             }))?
             .label(name.as_str())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colour.filled()));
+            .legend(swatch(colour));
         chart.draw_series(mine.iter().map(|b| {
             let mid = x0(b) + width * 0.45;
             PathElement::new(
@@ -484,13 +525,7 @@ fn bars(
             ("sans-serif", 13).into_font().color(&style.color),
         )))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 13))
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight, 13)?;
     root.present()?;
     Ok(())
 }
@@ -580,8 +615,7 @@ fn plot_memory(path: &Path, suite: &Value) -> anyhow::Result<()> {
         })
         .collect();
     // One series per bar, so the legend names each; bars are drawn full width.
-    let root_path = path;
-    bars_single(root_path, &groups, &series, &data)
+    bars_single(path, &groups, &series, &data)
 }
 
 /// A bar per group, each its own legend entry (the memory plot).
@@ -595,28 +629,7 @@ fn bars_single(
     root.fill(&WHITE)?;
     let top = data.iter().map(|b| b.value.1).fold(64.0, f64::max) * 1.15;
     let n = groups.len() as f64;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("Resident memory (MiB)", ("sans-serif", 22))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.5f64..n - 0.5, 0f64..top)?;
-    let labels = groups.to_vec();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(groups.len() * 2 + 1)
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 {
-                labels.get(i as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        })
-        .y_desc("MiB")
-        .label_style(("sans-serif", 14))
-        .draw()?;
+    let mut chart = bar_frame(&root, "Resident memory (MiB)", "MiB", groups, top)?;
     for b in data {
         let colour = COLOURS[b.series % COLOURS.len()];
         let x = b.group as f64;
@@ -626,19 +639,13 @@ fn bars_single(
                 colour.filled(),
             )))?
             .label(series[b.series].as_str())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colour.filled()));
+            .legend(swatch(colour));
     }
     chart.draw_series(std::iter::once(PathElement::new(
         vec![(-0.5, 64.0), (n - 0.5, 64.0)],
         RED.stroke_width(1),
     )))?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 12))
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight, 12)?;
     root.present()?;
     Ok(())
 }
@@ -659,14 +666,7 @@ fn plot_concurrency(path: &Path, suite: &Value) -> anyhow::Result<()> {
     let (left, right) = root.split_horizontally(700);
     let n = ns.len() as f64;
     let labels: Vec<String> = ns.iter().map(|n| n.to_string()).collect();
-    let x_fmt = |x: &f64| {
-        let i = x.round();
-        if (x - i).abs() < 1e-6 && i >= 0.0 {
-            labels.get(i as usize).cloned().unwrap_or_default()
-        } else {
-            String::new()
-        }
-    };
+    let x_fmt = |x: &f64| group_label(&labels, *x);
     let max_x = ns.iter().copied().max().unwrap_or(1) as f64;
     let mut up = ChartBuilder::on(&left)
         .caption("Upstream bytes / blob size", ("sans-serif", 20))
@@ -723,9 +723,7 @@ fn plot_concurrency(path: &Path, suite: &Value) -> anyhow::Result<()> {
         if !ups.is_empty() {
             up.draw_series(LineSeries::new(ups.clone(), colour.stroke_width(2)))?
                 .label(system.as_str())
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 6), (x + 12, y + 6)], colour.filled())
-                });
+                .legend(swatch(colour));
             up.draw_series(ups.iter().map(|p| Circle::new(*p, 4, colour.filled())))?;
         }
         let walls = points("wall_vs_hub");
@@ -734,25 +732,15 @@ fn plot_concurrency(path: &Path, suite: &Value) -> anyhow::Result<()> {
             colour.stroke_width(2),
         ))?
         .label(system.as_str())
-        .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colour.filled()));
+        .legend(swatch(colour));
         wall.draw_series(
             walls
                 .iter()
                 .map(|(x, v)| PathElement::new(vec![(*x, v.0), (*x, v.2)], colour.stroke_width(1))),
         )?;
     }
-    up.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 13))
-        .draw()?;
-    wall.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 13))
-        .draw()?;
+    legend(&mut up, SeriesLabelPosition::UpperLeft, 13)?;
+    legend(&mut wall, SeriesLabelPosition::UpperLeft, 13)?;
     root.present()?;
     Ok(())
 }
