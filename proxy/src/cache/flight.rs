@@ -1113,6 +1113,21 @@ mod tests {
         UpstreamBlob::new(Some(bytes.len() as u64), body)
     }
 
+    /// `blob` through `cache`, from an upstream that has all of it at once.
+    async fn fetch(
+        cache: &BlobCache,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        blob: &[u8],
+    ) -> BlobResponse {
+        cache
+            .get_or_fetch(digest, range, || {
+                ready(paced_upstream(blob, Duration::ZERO))
+            })
+            .await
+            .unwrap()
+    }
+
     fn ready(upstream: UpstreamBlob) -> impl Future<Output = Result<UpstreamBlob, Infallible>> {
         futures_util::future::ready(Ok(upstream))
     }
@@ -1391,12 +1406,7 @@ mod tests {
                 .is_none()
         );
         // Not cached: the next request fetches again.
-        let fetched = cache
-            .get_or_fetch(&digest, None, || {
-                ready(paced_upstream(&blob, Duration::ZERO))
-            })
-            .await
-            .unwrap();
+        let fetched = fetch(&cache, &digest, None, &blob).await;
         assert_eq!(fetched.source, BlobSource::Fetched);
         assert_eq!(drain_ok(fetched.body).await, blob);
         assert_eq!(fetched.outcome.wait().await, Some(FlightOutcome::Cached));
@@ -1504,12 +1514,7 @@ mod tests {
         }
         // The only reader is past those bytes, so they are gone from memory: a newcomer
         // cannot be served from this flight and fetches for itself.
-        let second = cache
-            .get_or_fetch(&digest, None, || {
-                ready(paced_upstream(&blob, Duration::ZERO))
-            })
-            .await
-            .unwrap();
+        let second = fetch(&cache, &digest, None, &blob).await;
         assert_eq!(second.source, BlobSource::Fetched);
         tx.send(Ok(Bytes::copy_from_slice(&blob[300_000..])))
             .unwrap();
@@ -1541,12 +1546,7 @@ mod tests {
 
         // Once that flight is over, a new request fetches anew.
         store.fail_writes_after(None);
-        let again = cache
-            .get_or_fetch(&Digest::sha256_of(&blob), range("bytes=-5"), || {
-                ready(paced_upstream(&blob, Duration::ZERO))
-            })
-            .await
-            .unwrap();
+        let again = fetch(&cache, &Digest::sha256_of(&blob), range("bytes=-5"), &blob).await;
         assert_eq!(again.source, BlobSource::Fetched);
         assert_eq!(drain_ok(again.body).await, &blob[blob.len() - 5..]);
         assert_eq!(again.outcome.wait().await, Some(FlightOutcome::Cached));
@@ -1559,12 +1559,7 @@ mod tests {
         let cache = BlobCache::with_reader_stall(store, Duration::from_millis(100));
         let blob = data((WINDOW_MAX as usize) * 2, 10);
         let digest = Digest::sha256_of(&blob);
-        let response = cache
-            .get_or_fetch(&digest, None, || {
-                ready(paced_upstream(&blob, Duration::ZERO))
-            })
-            .await
-            .unwrap();
+        let response = fetch(&cache, &digest, None, &blob).await;
         let stalled = cache.get_or_fetch(&digest, None, never).await.unwrap();
         let mut stalled_body = stalled.body;
         // Reads one chunk, then stops reading while the other client goes on.
@@ -1579,12 +1574,7 @@ mod tests {
         let (store, cache) = memory_cache();
         let blob = data(3_000_000, 11);
         let digest = Digest::sha256_of(&blob);
-        let fast = cache
-            .get_or_fetch(&digest, None, || {
-                ready(paced_upstream(&blob, Duration::ZERO))
-            })
-            .await
-            .unwrap();
+        let fast = fetch(&cache, &digest, None, &blob).await;
         let slow = cache.get_or_fetch(&digest, None, never).await.unwrap();
         assert_eq!(drain_ok(fast.body).await, blob);
         assert_eq!(fast.outcome.wait().await, Some(FlightOutcome::Cached));
@@ -1639,12 +1629,7 @@ mod tests {
         ));
         assert!(store.open(&digest).await.unwrap().is_none());
         assert_eq!(cache.stats().upstream_failures, 1);
-        let again = cache
-            .get_or_fetch(&digest, None, || {
-                ready(paced_upstream(&blob, Duration::ZERO))
-            })
-            .await
-            .unwrap();
+        let again = fetch(&cache, &digest, None, &blob).await;
         assert_eq!(again.source, BlobSource::Fetched);
         assert_eq!(drain_ok(again.body).await, blob);
     }
