@@ -36,13 +36,16 @@ use tempfile::TempDir;
 
 use crate::{
     cri::CriClient,
-    process::{Finished, Placement, Proc, run_at},
+    process::{Placement, Proc, ToolRun, redacted, run_at},
 };
 
 /// The daemon from Debian's `containerd` package.
 pub const CONTAINERD: &str = "/usr/bin/containerd";
 /// Its command-line client.
 pub const CTR: &str = "/usr/bin/ctr";
+
+/// `ctr` flags whose value holds credentials.
+const CTR_SECRET_FLAGS: &[&str] = &["--user", "-u"];
 
 /// The namespace `ctr` uses by default.
 pub const CTR_NAMESPACE: &str = "default";
@@ -170,48 +173,6 @@ pub struct Containerd {
     dir: TempDir,
 }
 
-/// One `ctr` run.
-#[derive(Debug)]
-pub struct CtrOutput {
-    /// The arguments, credentials redacted.
-    pub args: Vec<String>,
-    pub finished: Finished,
-}
-
-impl CtrOutput {
-    pub fn success(&self) -> bool {
-        self.finished.success()
-    }
-
-    /// Panics with the command and what it printed unless it succeeded.
-    pub fn expect_success(&self) -> &Self {
-        assert!(
-            self.success(),
-            "ctr {} failed ({}):\n{}{}",
-            self.args.join(" "),
-            self.finished.status,
-            self.finished.stdout_text(),
-            self.finished.stderr
-        );
-        self
-    }
-
-    /// Panics unless it failed; returns stderr.
-    pub fn expect_failure(&self) -> &str {
-        assert!(
-            !self.success(),
-            "ctr {} was expected to fail:\n{}",
-            self.args.join(" "),
-            self.finished.stdout_text()
-        );
-        &self.finished.stderr
-    }
-
-    pub fn stdout(&self) -> String {
-        self.finished.stdout_text()
-    }
-}
-
 /// An image as `ctr images ls` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRecord {
@@ -267,13 +228,13 @@ impl Containerd {
     }
 
     /// `ctr <args>`, killed after `timeout`.
-    pub fn ctr_with_timeout(&self, args: &[&str], timeout: Duration) -> CtrOutput {
+    pub fn ctr_with_timeout(&self, args: &[&str], timeout: Duration) -> ToolRun {
         let mut cmd = Command::new(CTR);
         cmd.args(args).env_clear().env(
             "PATH",
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         );
-        let redacted = redacted(args);
+        let redacted = redacted(args, CTR_SECRET_FLAGS);
         let finished = run_at(cmd, &self.client_placement(), timeout).unwrap_or_else(|e| {
             panic!(
                 "ctr {}: {e}\ncontainerd log:\n{}",
@@ -281,20 +242,21 @@ impl Containerd {
                 self.log()
             )
         });
-        CtrOutput {
+        ToolRun {
+            tool: "ctr",
             args: redacted,
             finished,
         }
     }
 
     /// `ctr <args>` (2 minutes at most).
-    pub fn ctr(&self, args: &[&str]) -> CtrOutput {
+    pub fn ctr(&self, args: &[&str]) -> ToolRun {
         self.ctr_with_timeout(args, Duration::from_secs(120))
     }
 
     /// `ctr images pull [--user u:p] [--all-platforms] <reference>`: fetched by `ctr` itself,
     /// then unpacked by the daemon.
-    pub fn pull(&self, reference: &str, user: Option<(&str, &str)>) -> CtrOutput {
+    pub fn pull(&self, reference: &str, user: Option<(&str, &str)>) -> ToolRun {
         self.pull_with(reference, user, &[])
     }
 
@@ -304,7 +266,7 @@ impl Containerd {
         reference: &str,
         user: Option<(&str, &str)>,
         flags: &[&str],
-    ) -> CtrOutput {
+    ) -> ToolRun {
         let user = user.map(|(u, p)| format!("{u}:{p}"));
         let mut args = vec!["images", "pull"];
         if self.hosts_dir {
@@ -322,7 +284,7 @@ impl Containerd {
     pub fn images(&self, namespace: &str) -> Vec<ImageRecord> {
         let out = self.ctr(&["-n", namespace, "images", "ls"]);
         out.expect_success();
-        parse_images(&out.stdout())
+        parse_images(&out.stdout_text())
     }
 
     /// The image `name` in `namespace`, if containerd has it.
@@ -340,7 +302,7 @@ impl Containerd {
     /// printed. The container exits by itself, so nothing outlives the call. It gets a network
     /// namespace of its own: with the host's, runc would bind-mount `/etc/hosts`, which here is
     /// a bind of an already unlinked file, and the kernel refuses to bind those.
-    pub fn run_once(&self, name: &str, argv: &[&str]) -> CtrOutput {
+    pub fn run_once(&self, name: &str, argv: &[&str]) -> ToolRun {
         let id = crate::unique("pp-run");
         // A cgroup path of one component: runc removes it with the container. (The default,
         // `/<namespace>/<id>`, leaves an empty `/default` behind in every v1 hierarchy.)
@@ -367,7 +329,7 @@ impl Containerd {
             if !out.success() {
                 return Vec::new();
             }
-            out.stdout()
+            out.stdout_text()
                 .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
@@ -451,25 +413,6 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
-/// `args` with the value of `--user` replaced: they end up in panic messages.
-fn redacted(args: &[&str]) -> Vec<String> {
-    let mut out = Vec::with_capacity(args.len());
-    let mut secret_next = false;
-    for a in args {
-        if secret_next {
-            out.push("<redacted>".to_owned());
-            secret_next = false;
-            continue;
-        }
-        secret_next = matches!(*a, "--user" | "-u");
-        match a.split_once('=') {
-            Some(("--user", _)) => out.push("--user=<redacted>".to_owned()),
-            _ => out.push((*a).to_owned()),
-        }
-    }
-    out
-}
-
 /// Parses `ctr images ls`: `REF TYPE DIGEST SIZE PLATFORMS LABELS`, whitespace-separated.
 fn parse_images(out: &str) -> Vec<ImageRecord> {
     out.lines()
@@ -506,11 +449,14 @@ docker.io/library/busybox:latest application/vnd.docker.distribution.manifest.v2
     #[test]
     fn user_values_never_reach_messages() {
         assert_eq!(
-            redacted(&["images", "pull", "--user", "alice:pw", "x"]),
+            redacted(
+                &["images", "pull", "--user", "alice:pw", "x"],
+                CTR_SECRET_FLAGS
+            ),
             ["images", "pull", "--user", "<redacted>", "x"]
         );
         assert_eq!(
-            redacted(&["--user=alice:pw", "x"]),
+            redacted(&["--user=alice:pw", "x"], CTR_SECRET_FLAGS),
             ["--user=<redacted>", "x"]
         );
     }

@@ -9,7 +9,7 @@ use std::{fs, path::PathBuf, process::Command, time::Duration};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::process::{Finished, Placement, run_at};
+use crate::process::{Placement, ToolRun, redacted, run_at};
 
 /// The binary from Debian's `podman` package.
 pub const PODMAN: &str = "/usr/bin/podman";
@@ -18,43 +18,6 @@ pub const PODMAN: &str = "/usr/bin/podman";
 pub struct Podman {
     placement: Placement,
     dir: TempDir,
-}
-
-/// One podman run.
-#[derive(Debug)]
-pub struct PodmanOutput {
-    /// The arguments, credentials redacted.
-    pub args: Vec<String>,
-    pub finished: Finished,
-}
-
-impl PodmanOutput {
-    pub fn success(&self) -> bool {
-        self.finished.success()
-    }
-
-    /// Panics with the command and its stderr unless it succeeded.
-    pub fn expect_success(&self) -> &Self {
-        assert!(
-            self.success(),
-            "podman {} failed ({}):\n{}",
-            self.args.join(" "),
-            self.finished.status,
-            self.finished.stderr
-        );
-        self
-    }
-
-    /// Panics unless it failed; returns stderr.
-    pub fn expect_failure(&self) -> &str {
-        assert!(
-            !self.success(),
-            "podman {} was expected to fail:\n{}",
-            self.args.join(" "),
-            self.finished.stdout_text()
-        );
-        &self.finished.stderr
-    }
 }
 
 impl Podman {
@@ -68,16 +31,7 @@ impl Podman {
         for d in ["root", "runroot", "tmp", "home", "shm"] {
             fs::create_dir(dir.path().join(d)).expect("podman dir");
         }
-        fs::write(
-            dir.path().join("policy.json"),
-            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-        )
-        .expect("policy.json");
-        fs::write(
-            dir.path().join("registries.conf"),
-            "unqualified-search-registries = []\nshort-name-mode = \"disabled\"\n",
-        )
-        .expect("registries.conf");
+        crate::skopeo::write_containers_config(dir.path());
         // An empty auth file (podman insists that the file it is pointed at exists): no host
         // credentials are ever sent.
         fs::write(dir.path().join("auth.json"), r#"{"auths":{}}"#).expect("auth.json");
@@ -98,7 +52,7 @@ impl Podman {
     }
 
     /// `podman <global flags> <args>`.
-    pub fn run(&self, args: &[&str]) -> PodmanOutput {
+    pub fn run(&self, args: &[&str]) -> ToolRun {
         let mut all: Vec<String> = vec![
             "--root".into(),
             self.path("root").display().to_string(),
@@ -121,14 +75,18 @@ impl Podman {
             .env("CONTAINERS_CONF", self.path("containers.conf"))
             .env("CONTAINERS_REGISTRIES_CONF", self.path("registries.conf"))
             .env("REGISTRY_AUTH_FILE", self.path("auth.json"));
-        let args = redacted(&all);
+        let args = redacted(&all, &["--creds"]);
         let finished = run_at(cmd, &self.placement, Duration::from_secs(120))
             .unwrap_or_else(|e| panic!("podman {}: {e}", args.join(" ")));
-        PodmanOutput { args, finished }
+        ToolRun {
+            tool: "podman",
+            args,
+            finished,
+        }
     }
 
     /// `podman pull [--creds u:p] <reference>` with this podman's policy.
-    pub fn pull(&self, reference: &str, creds: Option<(&str, &str)>) -> PodmanOutput {
+    pub fn pull(&self, reference: &str, creds: Option<(&str, &str)>) -> ToolRun {
         let creds = creds.map(|(u, p)| format!("{u}:{p}"));
         let policy = self.path("policy.json").display().to_string();
         let mut args = vec!["pull", "--signature-policy", &policy];
@@ -148,24 +106,4 @@ impl Podman {
         let v: Value = serde_json::from_slice(&out.finished.stdout).ok()?;
         v.as_array()?.first().cloned()
     }
-}
-
-/// `args` with every `--creds` value replaced.
-fn redacted(args: &[String]) -> Vec<String> {
-    let mut out = Vec::with_capacity(args.len());
-    let mut secret_next = false;
-    for a in args {
-        if secret_next {
-            out.push("<redacted>".to_owned());
-            secret_next = false;
-            continue;
-        }
-        secret_next = a == "--creds";
-        out.push(if a.starts_with("--creds=") {
-            "--creds=<redacted>".to_owned()
-        } else {
-            a.clone()
-        });
-    }
-    out
 }

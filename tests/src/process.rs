@@ -269,6 +269,83 @@ impl Finished {
     }
 }
 
+/// One run of a client tool (`ctr`, `podman`, `skopeo`): its arguments, credentials redacted,
+/// and what it did.
+#[derive(Debug)]
+pub struct ToolRun {
+    pub tool: &'static str,
+    pub args: Vec<String>,
+    pub finished: Finished,
+}
+
+impl ToolRun {
+    pub fn success(&self) -> bool {
+        self.finished.success()
+    }
+
+    pub fn stdout_text(&self) -> String {
+        self.finished.stdout_text()
+    }
+
+    /// Panics with the command and what it printed unless it succeeded.
+    pub fn expect_success(&self) -> &Self {
+        assert!(
+            self.success(),
+            "{} {} failed ({}):\n{}{}",
+            self.tool,
+            self.args.join(" "),
+            self.finished.status,
+            self.finished.stdout_text(),
+            self.finished.stderr
+        );
+        self
+    }
+
+    /// Panics unless it failed; returns stderr, for matching the reason.
+    pub fn expect_failure(&self) -> &str {
+        assert!(
+            !self.success(),
+            "{} {} was expected to fail:\n{}",
+            self.tool,
+            self.args.join(" "),
+            self.finished.stdout_text()
+        );
+        &self.finished.stderr
+    }
+
+    /// stdout as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.finished.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{} {} printed no JSON ({e}):\n{}",
+                self.tool,
+                self.args.join(" "),
+                self.stdout_text()
+            )
+        })
+    }
+}
+
+/// `args` with the value of every flag in `secret` replaced, given as `--flag value` or
+/// `--flag=value`: what a command line may show in a message.
+pub fn redacted<S: AsRef<str>>(args: &[S], secret: &[&str]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut secret_next = false;
+    for a in args.iter().map(AsRef::as_ref) {
+        if secret_next {
+            out.push("<redacted>".to_owned());
+            secret_next = false;
+            continue;
+        }
+        secret_next = secret.contains(&a);
+        match a.split_once('=') {
+            Some((flag, _)) if secret.contains(&flag) => out.push(format!("{flag}=<redacted>")),
+            _ => out.push(a.to_owned()),
+        }
+    }
+    out
+}
+
 /// Runs `cmd` in `at` to completion, stdout and stderr captured (in anonymous files, so a chatty
 /// child never blocks on a full pipe). Kills it and returns `Err` with what it printed so far
 /// after `timeout`.

@@ -3,23 +3,20 @@
 //! with a private home, policy and registries.conf so the host's configuration and credentials
 //! never leak in. Also checks that a `dir:` copy holds exactly the expected blobs.
 
-use std::{
-    fs::{self, File},
-    path::Path,
-    process::{Command, ExitStatus, Stdio},
-    time::{Duration, Instant},
-};
+use std::{fs, path::Path, process::Command, time::Duration};
 
-use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::{
     images::{Digest, Image},
-    process::{Placement, Proc},
+    process::{Placement, ToolRun, redacted, run_at},
 };
 
 /// The binary from Debian's `skopeo` package.
 pub const SKOPEO: &str = "/usr/bin/skopeo";
+
+/// skopeo flags whose value holds credentials.
+const SKOPEO_SECRET_FLAGS: &[&str] = &["--creds", "--src-creds", "--dest-creds"];
 
 /// A skopeo that runs in one placement.
 pub struct Skopeo {
@@ -27,61 +24,6 @@ pub struct Skopeo {
     home: TempDir,
     timeout: Duration,
     tls_verify: bool,
-}
-
-/// What one skopeo run did.
-#[derive(Debug)]
-pub struct SkopeoOutput {
-    /// The arguments, credentials redacted.
-    pub args: Vec<String>,
-    pub status: ExitStatus,
-    pub stdout: Vec<u8>,
-    pub stderr: String,
-    pub elapsed: Duration,
-}
-
-impl SkopeoOutput {
-    pub fn success(&self) -> bool {
-        self.status.success()
-    }
-
-    pub fn stdout_text(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).into_owned()
-    }
-
-    /// Panics with the command and its stderr unless it succeeded.
-    pub fn expect_success(&self) -> &Self {
-        assert!(
-            self.success(),
-            "skopeo {} failed ({}):\n{}",
-            self.args.join(" "),
-            self.status,
-            self.stderr
-        );
-        self
-    }
-
-    /// Panics unless it failed; returns stderr for matching the reason.
-    pub fn expect_failure(&self) -> &str {
-        assert!(
-            !self.success(),
-            "skopeo {} was expected to fail:\n{}",
-            self.args.join(" "),
-            self.stdout_text()
-        );
-        &self.stderr
-    }
-
-    /// stdout as JSON (`inspect`).
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.stdout).unwrap_or_else(|e| {
-            panic!(
-                "skopeo {} printed no JSON ({e}):\n{}",
-                self.args.join(" "),
-                self.stdout_text()
-            )
-        })
-    }
 }
 
 impl Skopeo {
@@ -92,18 +34,7 @@ impl Skopeo {
             .prefix("pp-skopeo-")
             .tempdir()
             .expect("skopeo home");
-        // Accept any image: signatures are not what these tests are about.
-        fs::write(
-            home.path().join("policy.json"),
-            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-        )
-        .expect("policy.json");
-        // No mirrors, no short-name aliases, whatever the host's /etc/containers says.
-        fs::write(
-            home.path().join("registries.conf"),
-            "unqualified-search-registries = []\nshort-name-mode = \"disabled\"\n",
-        )
-        .expect("registries.conf");
+        write_containers_config(home.path());
         Self {
             placement,
             home,
@@ -126,10 +57,8 @@ impl Skopeo {
     }
 
     /// Runs `skopeo <args>` (global `--policy` added) and waits for it.
-    pub fn run(&self, args: &[&str]) -> SkopeoOutput {
+    pub fn run(&self, args: &[&str]) -> ToolRun {
         let home = self.home.path();
-        let stdout_path = home.join(format!("{}.out", crate::unique("run")));
-        let stderr_path = stdout_path.with_extension("err");
         let mut all = vec![
             "--policy".to_owned(),
             home.join("policy.json").display().to_string(),
@@ -143,41 +72,19 @@ impl Skopeo {
             .env("TMPDIR", home)
             .env("CONTAINERS_REGISTRIES_CONF", home.join("registries.conf"))
             // An auth file that does not exist: no host credentials are ever sent.
-            .env("REGISTRY_AUTH_FILE", home.join("auth.json"))
-            .stdin(Stdio::null())
-            .stdout(File::create(&stdout_path).expect("skopeo stdout file"))
-            .stderr(File::create(&stderr_path).expect("skopeo stderr file"));
-        let started = Instant::now();
-        let mut proc = Proc::spawn_at(cmd, &self.placement);
-        let status = loop {
-            if let Some(status) = proc.child_mut().try_wait().expect("wait for skopeo") {
-                break status;
-            }
-            if started.elapsed() > self.timeout {
-                proc.kill();
-                panic!(
-                    "skopeo {} still running after {:?}:\n{}",
-                    redacted(&all).join(" "),
-                    self.timeout,
-                    fs::read_to_string(&stderr_path).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let out = SkopeoOutput {
-            args: redacted(&all),
-            status,
-            stdout: fs::read(&stdout_path).unwrap_or_default(),
-            stderr: fs::read_to_string(&stderr_path).unwrap_or_default(),
-            elapsed: started.elapsed(),
-        };
-        let _ = fs::remove_file(stdout_path);
-        let _ = fs::remove_file(stderr_path);
-        out
+            .env("REGISTRY_AUTH_FILE", home.join("auth.json"));
+        let args = redacted(&all, SKOPEO_SECRET_FLAGS);
+        let finished = run_at(cmd, &self.placement, self.timeout)
+            .unwrap_or_else(|e| panic!("skopeo {}: {e}", args.join(" ")));
+        ToolRun {
+            tool: "skopeo",
+            args,
+            finished,
+        }
     }
 
     /// `skopeo inspect [--raw] [--creds u:p] <image>` (`docker://registry-1.docker.io/...`).
-    pub fn inspect(&self, image: &str, creds: Option<(&str, &str)>, raw: bool) -> SkopeoOutput {
+    pub fn inspect(&self, image: &str, creds: Option<(&str, &str)>, raw: bool) -> ToolRun {
         let creds = creds.map(|(u, p)| format!("{u}:{p}"));
         let mut args = vec!["inspect", "--retry-times", "0"];
         if raw {
@@ -201,7 +108,7 @@ impl Skopeo {
         dest: &Path,
         creds: Option<(&str, &str)>,
         all: bool,
-    ) -> SkopeoOutput {
+    ) -> ToolRun {
         let creds = creds.map(|(u, p)| format!("{u}:{p}"));
         let dest = format!("dir:{}", dest.display());
         let mut args = vec!["copy", "--retry-times", "0"];
@@ -219,23 +126,21 @@ impl Skopeo {
     }
 }
 
-/// `args` with the value of every credentials flag replaced: they end up in panic messages.
-fn redacted(args: &[String]) -> Vec<String> {
-    let mut out = Vec::with_capacity(args.len());
-    let mut secret_next = false;
-    for a in args {
-        if secret_next {
-            out.push("<redacted>".to_owned());
-            secret_next = false;
-            continue;
-        }
-        secret_next = matches!(a.as_str(), "--creds" | "--src-creds" | "--dest-creds");
-        match a.split_once('=') {
-            Some((flag, _)) if flag.ends_with("creds") => out.push(format!("{flag}=<redacted>")),
-            _ => out.push(a.clone()),
-        }
-    }
-    out
+/// Writes the containers/image files that skopeo and podman are pointed at into `dir`:
+/// `policy.json` accepting any image (signatures are not what these tests are about) and a
+/// `registries.conf` with no mirrors and no short-name aliases, whatever the host's
+/// `/etc/containers` says.
+pub fn write_containers_config(dir: &Path) {
+    fs::write(
+        dir.join("policy.json"),
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .expect("policy.json");
+    fs::write(
+        dir.join("registries.conf"),
+        "unqualified-search-registries = []\nshort-name-mode = \"disabled\"\n",
+    )
+    .expect("registries.conf");
 }
 
 /// Checks a `skopeo copy ... dir:<dir>` of `image`: the manifest is byte for byte the pushed
@@ -285,7 +190,7 @@ mod tests {
         .map(String::from)
         .to_vec();
         assert_eq!(
-            redacted(&args),
+            redacted(&args, SKOPEO_SECRET_FLAGS),
             [
                 "copy",
                 "--src-creds",

@@ -82,7 +82,7 @@ fn ctr_pull_is_served_from_the_hub_with_the_upstream_down() {
     // And it runs (runc, through containerd's shim).
     let out = f.ctd.run_once(name, &["echo", "hello from the hub"]);
     out.expect_success();
-    assert_eq!(out.stdout().trim(), "hello from the hub");
+    assert_eq!(out.stdout_text().trim(), "hello from the hub");
 }
 
 #[test]

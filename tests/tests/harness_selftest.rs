@@ -99,7 +99,7 @@ fn skopeo_inspects_and_copies_from_a_fake_docker_hub() {
         false,
     );
     let info = out.expect_success().json();
-    eprintln!("timing: skopeo inspect took {:?}", out.elapsed);
+    eprintln!("timing: skopeo inspect took {:?}", out.finished.elapsed);
     assert_eq!(info["Digest"], busybox.digest().as_str(), "{info}");
     assert_eq!(info["Architecture"], "amd64");
     assert_eq!(info["Layers"][0], busybox.layers[0].digest.as_str());
@@ -110,7 +110,7 @@ fn skopeo_inspects_and_copies_from_a_fake_docker_hub() {
         true,
     );
     assert_eq!(
-        Digest::of(&raw.expect_success().stdout),
+        Digest::of(&raw.expect_success().finished.stdout),
         *busybox_oci.digest(),
         "inspect --raw must print the manifest exactly as pushed"
     );
@@ -127,7 +127,7 @@ fn skopeo_inspects_and_copies_from_a_fake_docker_hub() {
     eprintln!(
         "timing: skopeo copy of {} bytes took {:?}",
         layered.blob_bytes(),
-        copy.elapsed
+        copy.finished.elapsed
     );
     verify_dir_copy(dest.path(), &layered).unwrap();
     for blob in layered.blobs() {
@@ -235,7 +235,10 @@ fn multi_platform_indexes_round_trip_with_digests_unchanged() {
         let src = format!("docker://registry-1.docker.io/{repo}:latest");
 
         let raw = skopeo.inspect(&src, None, true);
-        assert_eq!(Digest::of(&raw.expect_success().stdout), *index.digest());
+        assert_eq!(
+            Digest::of(&raw.expect_success().finished.stdout),
+            *index.digest()
+        );
         // Without --raw skopeo picks this host's platform out of the index.
         let info = skopeo.inspect(&src, None, false).expect_success().json();
         assert_eq!(info["Architecture"], "amd64", "{info}");

@@ -27,7 +27,7 @@ fn copy(
     world: &World,
     image: &str,
     creds: Option<(&str, &str)>,
-) -> (tempfile::TempDir, harness::skopeo::SkopeoOutput) {
+) -> (tempfile::TempDir, harness::process::ToolRun) {
     let dest = tempfile::tempdir().unwrap();
     let out = world.skopeo().copy_to_dir(image, dest.path(), creds, false);
     (dest, out)

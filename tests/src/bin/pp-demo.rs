@@ -55,7 +55,7 @@ fn main() {
     step(&format!("ctr images pull {IMAGE}"));
     let out = ctd.pull(IMAGE, None);
     out.expect_success();
-    print_indented(&final_progress(&out.stdout()));
+    print_indented(&final_progress(&out.stdout_text()));
     let stored = ctd
         .image(CTR_NAMESPACE, IMAGE)
         .expect("containerd lists the image");
@@ -76,7 +76,7 @@ fn main() {
         &["echo", "hello from an image served by the sealos hub"],
     );
     run.expect_success();
-    print_indented(&run.stdout());
+    print_indented(&run.stdout_text());
 
     step(&format!(
         "CRI PullImage {IMAGE} (what the kubelet does; containerd itself fetches)"
