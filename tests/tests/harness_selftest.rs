@@ -368,6 +368,14 @@ fn pull_through_registry_fetches_from_the_fake_upstream() {
         assert!(Instant::now() < deadline, "the mirror never stored {layer}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The upstream logs a GET when its handler returns, a moment after the mirror has the
+    // bytes: give the second of distribution's two fetches, if it made one, time to show.
+    up.registry.wait_count(
+        "GET",
+        &format!("/v2/library/busybox/blobs/{layer}"),
+        2,
+        Duration::from_millis(500),
+    );
     let upstream_fetches = up.registry.blob_fetches("library/busybox", layer);
     assert!((1..=2).contains(&upstream_fetches), "{upstream_fetches}");
     get();
