@@ -118,6 +118,27 @@ impl Node {
         ]
     }
 
+    /// Overrides giving pullproxy a hub at `url` whose password it reads from a file in the node's
+    /// state (returned too, so that a test can rotate or name it).
+    pub fn hub_env(
+        &self,
+        url: &str,
+        user: &str,
+        password: &str,
+    ) -> (PathBuf, Vec<(&'static str, String)>) {
+        let password_file = self.state().join("hub-password");
+        std::fs::write(&password_file, format!("{password}\n")).expect("hub password");
+        let env = vec![
+            ("PULLPROXY_HUB__URL", url.to_owned()),
+            ("PULLPROXY_HUB__USERNAME", user.to_owned()),
+            (
+                "PULLPROXY_HUB__PASSWORD_FILE",
+                password_file.display().to_string(),
+            ),
+        ];
+        (password_file, env)
+    }
+
     /// Starts pullproxy in its own cgroup with [`Node::env`] plus `extra` (later entries win).
     pub fn start_proxy(&self, extra: &[(&'static str, String)]) -> Pullproxy {
         self.start_proxy_at(

@@ -121,15 +121,9 @@ impl World {
             .server_name("site.example")
             .tls(&ca.leaf(&["site.example"]))
             .start();
-        let hub_password_file = node.state().join("hub-password");
-        std::fs::write(&hub_password_file, format!("{HUB_PASSWORD}\n")).expect("hub password");
-        let proxy_env = vec![
-            ("PULLPROXY_HUB__URL", format!("http://{HUB_IP}:5000")),
-            ("PULLPROXY_HUB__USERNAME", HUB_USER.to_owned()),
-            (
-                "PULLPROXY_HUB__PASSWORD_FILE",
-                hub_password_file.display().to_string(),
-            ),
+        let (hub_password_file, mut proxy_env) =
+            node.hub_env(&format!("http://{HUB_IP}:5000"), HUB_USER, HUB_PASSWORD);
+        proxy_env.extend([
             (
                 "PULLPROXY_TLS__EXTRA_UPSTREAM_CAS",
                 format!("[{}]", ca.cert_path().display()),
@@ -139,7 +133,7 @@ impl World {
                 "[insecure.registry]".to_owned(),
             ),
             ("PULLPROXY_ADMIN__HUB_CHECK_INTERVAL", "200ms".to_owned()),
-        ];
+        ]);
         let proxy = node.start_proxy_with_mounts(hosts(), &proxy_env);
         // Clients trust the node CA (pullproxy generated it at start) and the upstream CA (for
         // when they reach the upstream directly).

@@ -47,12 +47,6 @@ fn findings(report: &DoctorReport, check: Check) -> Vec<(Verdict, String)> {
         .collect()
 }
 
-fn hub_password_file(node: &Node, password: &str) -> String {
-    let path = node.state().join("hub-password");
-    std::fs::write(&path, format!("{password}\n")).expect("write password");
-    path.display().to_string()
-}
-
 #[test]
 fn a_running_pullproxy_is_reported_attached() {
     require_root!();
@@ -129,16 +123,7 @@ fn hub_credentials_are_checked_and_never_printed() {
         .netns(&node.ns)
         .htpasswd(USER, RIGHT)
         .start();
-    let hub = |password: &str| {
-        vec![
-            ("PULLPROXY_HUB__URL", format!("http://{HUB}")),
-            ("PULLPROXY_HUB__USERNAME", USER.to_owned()),
-            (
-                "PULLPROXY_HUB__PASSWORD_FILE",
-                hub_password_file(&node, password),
-            ),
-        ]
-    };
+    let hub = |password: &str| node.hub_env(&format!("http://{HUB}"), USER, password).1;
 
     let report = diagnose(&node, &config(&node, &hub(WRONG)));
     let found = findings(&report, Check::Hub);

@@ -179,11 +179,9 @@ fn manifests() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn demo() -> anyhow::Result<()> {
-    setup::build_deps()?;
-    setup::test_deps()?;
-    // pullproxy goes where the test harness looks for it (tests/src/pullproxy.rs explains why
-    // that is a separate target directory).
+/// Builds pullproxy (as the invoking user, not under sudo) where the test harness looks for it:
+/// a target directory of its own (tests/src/pullproxy.rs explains why); returns the binary.
+fn build_harness_pullproxy() -> anyhow::Result<std::path::PathBuf> {
     let target = root().join("target/harness");
     run(cmd("cargo")
         .args([
@@ -195,6 +193,13 @@ fn demo() -> anyhow::Result<()> {
             "--target-dir",
         ])
         .arg(&target))?;
+    Ok(target.join("debug/pullproxy"))
+}
+
+fn demo() -> anyhow::Result<()> {
+    setup::build_deps()?;
+    setup::test_deps()?;
+    let pullproxy = build_harness_pullproxy()?;
     let mut c = cmd("cargo");
     c.args([
         "run",
@@ -204,7 +209,7 @@ fn demo() -> anyhow::Result<()> {
         "--bin",
         "pp-demo",
     ]);
-    c.env("PULLPROXY_BIN", target.join("debug/pullproxy"));
+    c.env("PULLPROXY_BIN", &pullproxy);
     if !is_root() {
         say("the demo loads eBPF programs and creates namespaces: pp-demo runs through `sudo -E`");
         c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
@@ -250,20 +255,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     setup::test_deps()?;
     let helm = setup::ensure_helm()?;
     lint()?;
-    // Built here as the invoking user (not under sudo), into the directory the test harness
-    // builds into (tests/src/pullproxy.rs explains why it is a separate one).
-    let target = root().join("target/harness");
-    run(cmd("cargo")
-        .args([
-            "build",
-            "--package",
-            "proxy",
-            "--bin",
-            "pullproxy",
-            "--target-dir",
-        ])
-        .arg(&target))?;
-    let pullproxy = target.join("debug/pullproxy");
+    let pullproxy = build_harness_pullproxy()?;
     let mut c = cmd("cargo");
     c.args(["test", "--workspace", "--exclude", "proxy-ebpf"]);
     c.env("PULLPROXY_BIN", &pullproxy);

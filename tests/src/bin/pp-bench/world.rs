@@ -173,22 +173,16 @@ impl World {
             .tls(&ca.leaf(REGISTRY_NAMES))
             .upstream(SocketAddr::new(ip(UPSTREAM_IP), 443), &ca.cert_path())
             .start();
-        let password_file = node.state().join("hub-password");
-        std::fs::write(&password_file, format!("{HUB_PASSWORD}\n")).expect("hub password");
-        let proxy_env = vec![
-            ("PULLPROXY_HUB__URL", format!("http://{HUB_IP}:5000")),
-            ("PULLPROXY_HUB__USERNAME", HUB_USER.to_owned()),
-            (
-                "PULLPROXY_HUB__PASSWORD_FILE",
-                password_file.display().to_string(),
-            ),
+        let (_, mut proxy_env) =
+            node.hub_env(&format!("http://{HUB_IP}:5000"), HUB_USER, HUB_PASSWORD);
+        proxy_env.extend([
             (
                 "PULLPROXY_TLS__EXTRA_UPSTREAM_CAS",
                 format!("[{}]", ca.cert_path().display()),
             ),
             // What a node runs: a line per request, no debug logging.
             ("PULLPROXY_LOG__LEVEL", "info".to_owned()),
-        ];
+        ]);
         let proxy = node.start_proxy(&proxy_env);
         let bundle = ca_bundle(
             &node.state().join("client-bundle.pem"),
