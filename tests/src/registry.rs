@@ -54,10 +54,20 @@ pub struct RegistryBuilder {
     server_name: String,
     placement: Placement,
     tls: Option<Leaf>,
-    auth: Option<(String, String)>,
+    auth: Option<Auth>,
     proxy: Option<RemoteProxy>,
     redirect_blobs: Option<String>,
-    token_auth: Option<TokenAuth>,
+}
+
+/// How the registry authenticates clients.
+#[derive(Debug, Clone)]
+enum Auth {
+    /// Basic auth against an htpasswd file holding `user`.
+    Htpasswd {
+        user: String,
+        password: String,
+    },
+    Token(TokenAuth),
 }
 
 /// Bearer-token authentication (distribution's `auth.token`): clients are sent to `realm` for a
@@ -91,7 +101,10 @@ impl RegistryBuilder {
 
     /// Requires basic auth for `user` (an htpasswd file made with `htpasswd -B`).
     pub fn htpasswd(mut self, user: &str, password: &str) -> Self {
-        self.auth = Some((user.to_owned(), password.to_owned()));
+        self.auth = Some(Auth::Htpasswd {
+            user: user.to_owned(),
+            password: password.to_owned(),
+        });
         self
     }
 
@@ -111,7 +124,7 @@ impl RegistryBuilder {
 
     /// Requires bearer tokens (see [`crate::token::TokenIssuer`]) instead of basic auth.
     pub fn token_auth(mut self, auth: TokenAuth) -> Self {
-        self.token_auth = Some(auth);
+        self.auth = Some(Auth::Token(auth));
         self
     }
 
@@ -134,8 +147,8 @@ impl RegistryBuilder {
             options: self,
             dir,
         };
-        if let Some((user, password)) = registry.options.auth.clone() {
-            registry.write_htpasswd(&user, &password);
+        if let Some((user, password)) = registry.creds() {
+            registry.write_htpasswd(user, password);
         }
         fs::write(registry.config_path(), registry.config_yaml()).expect("write registry config");
         registry.start();
@@ -206,7 +219,6 @@ impl Registry {
             auth: None,
             proxy: None,
             redirect_blobs: None,
-            token_auth: None,
         }
     }
 
@@ -235,18 +247,18 @@ impl Registry {
         if let Some(leaf) = &self.options.tls {
             c = c.tls(client_config(&[&leaf.ca_pem]));
         }
-        if let Some((user, password)) = &self.options.auth {
+        if let Some((user, password)) = self.creds() {
             c = c.creds(user, password);
         }
         c
     }
 
-    /// The current credentials, if auth is on.
+    /// The current credentials, if basic auth is on.
     pub fn creds(&self) -> Option<(&str, &str)> {
-        self.options
-            .auth
-            .as_ref()
-            .map(|(u, p)| (u.as_str(), p.as_str()))
+        match &self.options.auth {
+            Some(Auth::Htpasswd { user, password }) => Some((user, password)),
+            _ => None,
+        }
     }
 
     /// The storage root (`docker/registry/v2/...` below it).
@@ -259,13 +271,14 @@ impl Registry {
     /// the next request on; no restart.
     pub fn set_password(&mut self, password: &str) {
         let user = self
-            .options
-            .auth
-            .as_ref()
-            .map(|(u, _)| u.clone())
+            .creds()
+            .map(|(u, _)| u.to_owned())
             .expect("set_password on a registry without htpasswd auth");
         self.write_htpasswd(&user, password);
-        self.options.auth = Some((user, password.to_owned()));
+        self.options.auth = Some(Auth::Htpasswd {
+            user,
+            password: password.to_owned(),
+        });
     }
 
     /// Kills the registry (SIGKILL: the upstream is suddenly down). Storage is kept.
@@ -415,21 +428,24 @@ impl Registry {
                 q(&leaf.key)
             );
         }
-        if o.auth.is_some() {
-            y += &format!(
-                "auth:\n  htpasswd:\n    realm: pullproxy-test\n    path: {}\n",
-                q(&self.htpasswd_path())
-            );
-        }
-        if let Some(t) = &o.token_auth {
-            y += &format!(
-                "auth:\n  token:\n    realm: {:?}\n    service: {:?}\n    issuer: {:?}\n    \
+        match &o.auth {
+            Some(Auth::Htpasswd { .. }) => {
+                y += &format!(
+                    "auth:\n  htpasswd:\n    realm: pullproxy-test\n    path: {}\n",
+                    q(&self.htpasswd_path())
+                );
+            }
+            Some(Auth::Token(t)) => {
+                y += &format!(
+                    "auth:\n  token:\n    realm: {:?}\n    service: {:?}\n    issuer: {:?}\n    \
                  rootcertbundle: {}\n",
-                t.realm,
-                t.service,
-                t.issuer,
-                q(&t.cert)
-            );
+                    t.realm,
+                    t.service,
+                    t.issuer,
+                    q(&t.cert)
+                );
+            }
+            None => {}
         }
         if let Some(base) = &o.redirect_blobs {
             y += &format!(
