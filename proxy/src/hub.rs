@@ -20,7 +20,7 @@ use crate::client::{self, HttpClient};
 #[derive(Debug, Clone)]
 pub enum PasswordSource {
     None,
-    Inline(String),
+    Inline(crate::config::Secret),
     /// A file holding the password (trailing newline ignored).
     File(PathBuf),
     /// A `kubernetes.io/dockerconfigjson` Secret file; the entry for the hub's host is used.
@@ -141,7 +141,10 @@ impl Credentials {
         let path = match &self.source {
             PasswordSource::None => return Ok(self.username.as_deref().map(|u| basic(u, ""))),
             PasswordSource::Inline(p) => {
-                return Ok(Some(basic(self.username.as_deref().unwrap_or(""), p)));
+                return Ok(Some(basic(
+                    self.username.as_deref().unwrap_or(""),
+                    p.expose(),
+                )));
             }
             PasswordSource::File(p) | PasswordSource::DockerConfigJson(p) => p,
         };

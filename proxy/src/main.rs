@@ -66,7 +66,10 @@ fn main() -> ExitCode {
 }
 
 fn check_config(file: PathBuf) -> anyhow::Result<()> {
-    Config::load(Some(&file))?;
+    let config = Config::load(Some(&file))?;
+    for var in &config.ignored_env {
+        println!("{var}: not a PULLPROXY_<SECTION>__<KEY> override; ignored");
+    }
     println!("{}: ok", file.display());
     Ok(())
 }
@@ -96,6 +99,12 @@ fn run_doctor(config: Option<PathBuf>, args: &DoctorArgs) -> anyhow::Result<()> 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;
     telemetry::init(&config.log);
+    for var in &config.ignored_env {
+        tracing::warn!(
+            var,
+            "environment variable is not a PULLPROXY_<SECTION>__<KEY> override; ignored"
+        );
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -148,20 +148,31 @@ impl Objects {
         self.get("DaemonSet", "pullproxy")
     }
 
-    /// The rendered pullproxy.yaml, parsed and validated by pullproxy's own loader.
+    /// The rendered pullproxy.yaml, parsed and validated by pullproxy's own loader with the
+    /// daemon container's environment (which is not all overrides: `PULLPROXY_CONFIG`, ...).
     fn config(&self) -> (String, Config) {
         let cm: ConfigMap = self.get("ConfigMap", "pullproxy");
         let text = cm
             .data
             .and_then(|d| d.get("pullproxy.yaml").cloned())
             .expect("pullproxy.yaml in the ConfigMap");
-        let config =
-            Config::from_yaml(&text, "ConfigMap pullproxy", Vec::new()).unwrap_or_else(|e| {
-                panic!(
-                    "the chart's configuration is refused: {}\n{text}",
-                    pullproxy::telemetry::error_chain(&e)
-                )
-            });
+        let ds = self.daemonset();
+        let env: Vec<(String, String)> = container(pod_spec(&ds), "pullproxy")
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect();
+        assert!(
+            env.iter().any(|(k, _)| k == "PULLPROXY_CONFIG"),
+            "the daemon finds its file through PULLPROXY_CONFIG: {env:?}"
+        );
+        let config = Config::from_yaml(&text, "ConfigMap pullproxy", env).unwrap_or_else(|e| {
+            panic!(
+                "the chart's configuration is refused: {}\n{text}",
+                pullproxy::telemetry::error_chain(&e)
+            )
+        });
         (text, config)
     }
 }

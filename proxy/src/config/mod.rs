@@ -1,6 +1,9 @@
 //! Configuration: YAML (serde-saphyr), the default embedded from `config/pullproxy.yaml`,
-//! `--config FILE`, and `PULLPROXY_<SECTION>__<KEY>` environment overrides. Invalid configuration
-//! is an error that names the key, before anything binds.
+//! `--config FILE` and `PULLPROXY_<SECTION>__<KEY>` environment overrides, layered key by key
+//! (`layers`). Invalid configuration is an error that names the key and where it was set, before
+//! anything binds.
+
+mod layers;
 
 use std::{
     net::IpAddr,
@@ -14,7 +17,7 @@ use serde::Deserialize;
 use crate::redirect::{RedirectSettings, Targets};
 
 /// The default configuration, embedded in the binary. Every key is documented there.
-pub const DEFAULT_YAML: &str = include_str!("../../config/pullproxy.yaml");
+pub const DEFAULT_YAML: &str = include_str!("../../../config/pullproxy.yaml");
 
 /// Prefix of environment overrides: `PULLPROXY_LISTEN__PORT=15443` sets `listen.port`.
 pub const ENV_PREFIX: &str = "PULLPROXY_";
@@ -27,14 +30,18 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{origin}")]
-    Yaml {
-        origin: String,
-        #[source]
-        source: Box<serde_saphyr::Error>,
-    },
+    /// Not YAML. The message has the line and column but no snippet of the file: the line could
+    /// hold a secret.
+    #[error("{origin}: {message}")]
+    Yaml { origin: String, message: String },
     #[error("environment override {var}: {message}")]
     Env { var: String, message: String },
+    #[error("{at}: {key}: {message}")]
+    Located {
+        at: String,
+        key: String,
+        message: String,
+    },
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
 }
@@ -51,7 +58,71 @@ pub struct Config {
     pub tls: Tls,
     pub upstream: Upstream,
     pub log: Log,
+    /// `PULLPROXY_*` variables that are not overrides (logged as a warning at start).
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
+
+/// A secret from the configuration: its `Debug` never shows it, and a value of the wrong type is
+/// refused without repeating it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> serde::de::Visitor<'de> for Text {
+            type Value = Secret;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret(v.to_owned()))
+            }
+            // Every other visit_* falls back to serde's default, which would describe the value:
+            // refuse them here instead, naming only the type.
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+                Err(E::custom(SECRET_NOT_TEXT))
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+                Err(E::custom(SECRET_NOT_TEXT))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+                Err(E::custom(SECRET_NOT_TEXT))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+                Err(E::custom(SECRET_NOT_TEXT))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
+                Err(serde::de::Error::custom(SECRET_NOT_TEXT))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
+                Err(serde::de::Error::custom(SECRET_NOT_TEXT))
+            }
+        }
+        d.deserialize_any(Text)
+    }
+}
+
+const SECRET_NOT_TEXT: &str =
+    "a secret must be a string: quote it in YAML (the value is not shown)";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,7 +153,7 @@ pub struct Hub {
     pub optional: bool,
     pub username: Option<String>,
     /// Inline password (prefer `password_file` or `dockerconfigjson`).
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// File holding the password; re-read when it changes.
     pub password_file: Option<PathBuf>,
     /// A `kubernetes.io/dockerconfigjson` Secret file; re-read when it changes.
@@ -203,12 +274,42 @@ pub struct Redirect {
     pub kernel_log: bool,
 }
 
-/// `auto`, or a list of cgroup paths.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+/// `auto`, or a list of cgroup paths. Text other than `auto` is refused while deserializing, so
+/// that an environment override such as `[/a, /b]` is read as the list it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetsConfig {
-    Keyword(String),
+    Auto,
     Paths(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for TargetsConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Targets;
+        impl<'de> serde::de::Visitor<'de> for Targets {
+            type Value = TargetsConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`auto` or a list of cgroup paths")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TargetsConfig, E> {
+                if v == "auto" {
+                    Ok(TargetsConfig::Auto)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<TargetsConfig, A::Error> {
+                let mut paths = Vec::new();
+                while let Some(p) = seq.next_element()? {
+                    paths.push(p);
+                }
+                Ok(TargetsConfig::Paths(paths))
+            }
+        }
+        d.deserialize_any(Targets)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,55 +328,45 @@ pub enum LogFormat {
 }
 
 impl Config {
-    /// Loads `path` (or the embedded default), applies environment overrides, and validates.
+    /// Loads the embedded defaults, `path` over them, then environment overrides, and validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let (text, origin) = match path {
-            Some(p) => (
+        let text = match path {
+            Some(p) => Some(
                 std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
                     path: p.into(),
                     source,
                 })?,
-                p.display().to_string(),
             ),
-            None => (
-                DEFAULT_YAML.to_owned(),
-                "embedded default config".to_owned(),
-            ),
+            None => None,
         };
-        Self::from_yaml(&text, &origin, std::env::vars())
+        let origin = path.map(|p| p.display().to_string());
+        Self::layered(text.as_deref().zip(origin.as_deref()), std::env::vars())
     }
 
-    /// Parses YAML text, applies overrides from `env` (`PULLPROXY_*`), and validates.
+    /// `text` (named `origin` in messages) over the embedded defaults, then the `PULLPROXY_*`
+    /// overrides in `env`, validated.
     pub fn from_yaml(
         text: &str,
         origin: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let yaml_err = |source| ConfigError::Yaml {
-            origin: origin.to_owned(),
-            source: Box::new(source),
-        };
-        // Parse once as typed config: errors carry line, column and the key.
-        let mut config: Config = serde_saphyr::from_str(text).map_err(yaml_err)?;
-        let overrides: Vec<(String, String)> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-            .collect();
-        if !overrides.is_empty() {
-            let mut tree: serde_json::Value = serde_saphyr::from_str(text).map_err(yaml_err)?;
-            for (var, value) in &overrides {
-                apply_override(&mut tree, var, value)?;
-            }
-            config = serde_json::from_value(tree).map_err(|e| ConfigError::Env {
-                var: overrides
-                    .iter()
-                    .map(|(k, _)| k.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                message: e.to_string(),
-            })?;
-        }
-        config.validate()?;
+        Self::layered(Some((text, origin)), env)
+    }
+
+    /// The embedded defaults with `file` (text, name for messages) and then the `PULLPROXY_*`
+    /// overrides in `env` layered over them key by key, then validated.
+    fn layered(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut layers = layers::Layers::new(DEFAULT_YAML, file)?;
+        layers.apply_env(env, |tree| typed(tree).map(drop))?;
+        let mut config = typed(&layers.tree).map_err(|(at, msg)| layers.error_at(&at, msg))?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, message } => layers.error_at(key, message),
+            other => other,
+        })?;
+        config.ignored_env = layers.ignored_env;
         Ok(config)
     }
 
@@ -397,11 +488,7 @@ impl Config {
 
     fn targets(&self) -> Result<Targets, ConfigError> {
         match &self.redirect.targets {
-            TargetsConfig::Keyword(k) if k == "auto" => Ok(Targets::Auto),
-            TargetsConfig::Keyword(k) => Err(ConfigError::Invalid {
-                key: "redirect.targets",
-                message: format!("{k:?}: expected `auto` or a list of cgroup paths"),
-            }),
+            TargetsConfig::Auto => Ok(Targets::Auto),
             TargetsConfig::Paths(p) if p.is_empty() => Err(ConfigError::Invalid {
                 key: "redirect.targets",
                 message: "an empty list redirects nothing; use `auto` or name cgroups".into(),
@@ -477,39 +564,11 @@ impl Config {
     }
 }
 
-/// Sets the value at the path named by `var` (`PULLPROXY_A__B` -> `a.b`) in the YAML tree; the
-/// value is parsed as YAML, so numbers, booleans and lists work.
-fn apply_override(tree: &mut serde_json::Value, var: &str, value: &str) -> Result<(), ConfigError> {
-    let env_err = |message: String| ConfigError::Env {
-        var: var.to_owned(),
-        message,
-    };
-    let path: Vec<String> = var[ENV_PREFIX.len()..]
-        .split("__")
-        .map(str::to_ascii_lowercase)
-        .collect();
-    if path.iter().any(String::is_empty) {
-        return Err(env_err("empty key segment".into()));
-    }
-    let parsed: serde_json::Value = serde_saphyr::from_str(value)
-        .unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
-    let mut node = tree;
-    for (i, seg) in path.iter().enumerate() {
-        let obj = node
-            .as_object_mut()
-            .ok_or_else(|| env_err(format!("{} is not a section", path[..i].join("."))))?;
-        if i + 1 == path.len() {
-            if !obj.contains_key(seg) {
-                return Err(env_err(format!("unknown key {}", path.join("."))));
-            }
-            obj.insert(seg.clone(), parsed);
-            return Ok(());
-        }
-        node = obj
-            .get_mut(seg)
-            .ok_or_else(|| env_err(format!("unknown section {}", path[..=i].join("."))))?;
-    }
-    Ok(())
+/// The typed configuration from a merged tree, or the key (a serde path such as
+/// `listen.addresses[1]`) where it does not fit and why.
+fn typed(tree: &serde_json::Value) -> Result<Config, (String, String)> {
+    serde_path_to_error::deserialize(tree)
+        .map_err(|e| (e.path().to_string(), e.inner().to_string()))
 }
 
 #[cfg(test)]
@@ -520,75 +579,210 @@ mod tests {
         Vec::new()
     }
 
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn defaults() -> Config {
+        Config::layered(None, no_env()).unwrap()
+    }
+
+    fn error(text: &str, vars: &[(&str, &str)]) -> String {
+        let err = Config::from_yaml(text, "x.yaml", env(vars)).unwrap_err();
+        crate::telemetry::error_chain(&err)
+    }
+
     #[test]
     fn embedded_default_is_valid() {
-        let c = Config::from_yaml(DEFAULT_YAML, "default", no_env()).unwrap();
+        let c = defaults();
         assert_eq!(c.redirect.ports, vec![443, 80]);
         assert_eq!(c.redirect_settings().targets, Targets::Auto);
+        let again = Config::from_yaml(DEFAULT_YAML, "default", no_env()).unwrap();
+        assert_eq!(again.cache.dir, c.cache.dir);
+    }
+
+    #[test]
+    fn a_file_setting_one_key_of_a_section_keeps_the_other_defaults() {
+        let d = defaults();
+        let c = Config::from_yaml("cache: {max_size: 1GiB}\n", "x.yaml", no_env()).unwrap();
+        assert_eq!(c.cache.max_size.0, 1 << 30);
+        assert_eq!(c.cache.dir, d.cache.dir);
+
+        let c = Config::from_yaml("log:\n  level: debug\n", "x.yaml", no_env()).unwrap();
+        assert_eq!(
+            (c.log.level.as_str(), c.log.format),
+            ("debug", d.log.format)
+        );
+
+        let text = "admin:\n  listen: 0.0.0.0:9090\nhub:\n  mapping:\n    overrides:\n      quay.io: \"quay.io/{repo}\"\n";
+        let c = Config::from_yaml(text, "x.yaml", no_env()).unwrap();
+        assert_eq!(c.admin.listen.port(), 9090);
+        assert_eq!(c.admin.hub_check_interval, d.admin.hub_check_interval);
+        assert_eq!(c.hub.mapping.default, "{repo}");
+        assert_eq!(c.hub.mapping.overrides["quay.io"], "quay.io/{repo}");
+        assert_eq!(c.hub.url, d.hub.url);
+
+        // Lists replace, they do not append.
+        let c = Config::from_yaml("redirect: {ports: [8443]}\n", "x.yaml", no_env()).unwrap();
+        assert_eq!(c.redirect.ports, vec![8443]);
+
+        // A file of comments only is the defaults.
+        let c = Config::from_yaml("# nothing yet\n", "x.yaml", no_env()).unwrap();
+        assert_eq!(c.listen.port, d.listen.port);
     }
 
     #[test]
     fn unknown_keys_are_named_with_their_line() {
+        let err = error("cache:\n  max_size: 1GiB\n  max_sise: 2GiB\n", &[]);
+        assert!(err.starts_with("x.yaml line 3 column 3: cache"), "{err}");
+        assert!(err.contains("max_sise"), "{err}");
+
+        let err = error("log: {level: debug}\ncahce:\n  dir: /x\n", &[]);
+        assert!(err.starts_with("x.yaml line 2 column 1"), "{err}");
+        assert!(err.contains("cahce"), "{err}");
+
         let text = DEFAULT_YAML.replace("  kernel_log: false", "  kernel_logs: false");
-        let err = Config::from_yaml(&text, "x.yaml", no_env()).unwrap_err();
-        let err = crate::telemetry::error_chain(&err);
-        assert!(err.starts_with("x.yaml: "), "{err}");
-        assert!(err.contains("kernel_logs") && err.contains("line"), "{err}");
+        let line = text
+            .lines()
+            .position(|l| l.contains("kernel_logs"))
+            .unwrap()
+            + 1;
+        let err = error(&text, &[]);
+        assert!(
+            err.starts_with(&format!("x.yaml line {line} column 3")),
+            "{err}"
+        );
+        assert!(err.contains("kernel_logs"), "{err}");
     }
 
     #[test]
-    fn semantic_errors_name_the_key() {
-        let text = DEFAULT_YAML.replace("targets: auto", "targets: [relative/path]");
-        let err = Config::from_yaml(&text, "x.yaml", no_env())
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("redirect.targets"), "{err}");
-        let env = vec![(
-            "PULLPROXY_REDIRECT__PIN_DIR".to_owned(),
-            "/sys/fs/bpf/a.b".to_owned(),
-        )];
-        let err = Config::from_yaml(DEFAULT_YAML, "x.yaml", env)
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("redirect.pin_dir"), "{err}");
-        let text = DEFAULT_YAML.replace("  - 127.0.0.1", "  - 10.0.0.1");
-        let err = Config::from_yaml(&text, "x.yaml", no_env())
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("listen.addresses"), "{err}");
+    fn bad_values_are_named_with_their_line() {
+        let err = error("listen:\n  port: many\n", &[]);
+        assert!(
+            err.starts_with("x.yaml line 2 column 3: listen.port: "),
+            "{err}"
+        );
+
+        let err = error("redirect:\n  targets: [relative/path]\n", &[]);
+        assert!(
+            err.starts_with("x.yaml line 2 column 3: redirect.targets: "),
+            "{err}"
+        );
+        let err = error("redirect:\n  targets: everything\n", &[]);
+        assert!(err.contains("`auto` or a list"), "{err}");
+
+        let err = error("listen:\n  addresses:\n  - 10.0.0.1\n", &[]);
+        assert!(
+            err.starts_with("x.yaml line 2 column 3: listen.addresses: "),
+            "{err}"
+        );
+        assert!(err.contains("not a loopback"), "{err}");
+
+        let err = error("- a\n- b\n", &[]);
+        assert!(err.contains("mapping of sections"), "{err}");
     }
 
     #[test]
-    fn environment_overrides_apply_and_are_checked() {
-        let env = vec![
-            ("PULLPROXY_LISTEN__PORT".to_owned(), "16000".to_owned()),
-            (
-                "PULLPROXY_REDIRECT__TARGETS".to_owned(),
-                "[/a, /b]".to_owned(),
-            ),
-            ("UNRELATED".to_owned(), "x".to_owned()),
-        ];
-        let c = Config::from_yaml(DEFAULT_YAML, "default", env).unwrap();
+    fn environment_overrides_layer_over_the_file() {
+        let vars = env(&[
+            ("PULLPROXY_LISTEN__PORT", "16000"),
+            ("PULLPROXY_REDIRECT__TARGETS", "[/a, /b]"),
+            ("PULLPROXY_REDIRECT__KERNEL_LOG", "true"),
+            ("PULLPROXY_CACHE__MAX_SIZE", "2GiB"),
+            ("PULLPROXY_UPSTREAM__BLOB_IDLE_TIMEOUT", "90s"),
+            ("UNRELATED", "x"),
+        ]);
+        let c = Config::from_yaml("cache: {max_size: 1GiB}\n", "x.yaml", vars).unwrap();
         assert_eq!(c.listen.port, 16000);
         assert_eq!(
             c.redirect_settings().targets,
             Targets::Paths(vec!["/a".into(), "/b".into()])
         );
+        assert!(c.redirect.kernel_log);
+        assert_eq!(c.cache.max_size.0, 2 << 30);
+        assert_eq!(c.upstream.blob_idle_timeout, Duration::from_secs(90));
+        assert!(c.ignored_env.is_empty(), "{:?}", c.ignored_env);
 
-        let env = vec![("PULLPROXY_LISTEN__PROT".to_owned(), "1".to_owned())];
-        let err = Config::from_yaml(DEFAULT_YAML, "default", env)
-            .unwrap_err()
-            .to_string();
+        // An empty variable unsets an optional key.
+        let c = Config::layered(None, env(&[("PULLPROXY_HUB__URL", "")])).unwrap();
+        assert!(c.hub.url.is_none());
+
+        let err = error("", &[("PULLPROXY_LISTEN__PROT", "1")]);
         assert!(
             err.contains("PULLPROXY_LISTEN__PROT") && err.contains("listen.prot"),
             "{err}"
         );
-
-        let env = vec![("PULLPROXY_LISTEN__PORT".to_owned(), "many".to_owned())];
-        let err = Config::from_yaml(DEFAULT_YAML, "default", env)
-            .unwrap_err()
-            .to_string();
+        let err = error("", &[("PULLPROXY_LISTEN__PORT", "many")]);
         assert!(err.contains("PULLPROXY_LISTEN__PORT"), "{err}");
+        // A semantic error in an overridden key names the variable, not the file.
+        let err = error(
+            "listen: {port: 15443}\n",
+            &[("PULLPROXY_REDIRECT__PIN_DIR", "/sys/fs/bpf/a.b")],
+        );
+        assert!(
+            err.starts_with("environment override PULLPROXY_REDIRECT__PIN_DIR: redirect.pin_dir"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn variables_that_are_not_overrides_are_ignored() {
+        let vars = env(&[
+            ("PULLPROXY_BIN", "/usr/bin/pullproxy"),
+            ("PULLPROXY_CONFIG", "/etc/pullproxy.yaml"),
+            ("PULLPROXY_METRICS_SERVICE_HOST", "10.96.0.7"),
+            ("PULLPROXY_METRICS_PORT_9090_TCP", "tcp://10.96.0.7:9090"),
+            ("PULLPROXY_NOSUCH__KEY", "1"),
+            ("PULLPROXY___X", "1"),
+            ("PULLPROXY_LOG__LEVEL", "debug"),
+        ]);
+        let c = Config::layered(None, vars).unwrap();
+        assert_eq!(c.log.level, "debug");
+        assert_eq!(c.ignored_env.len(), 6, "{:?}", c.ignored_env);
+        assert!(c.ignored_env.contains(&"PULLPROXY_BIN".to_owned()));
+    }
+
+    #[test]
+    fn secrets_are_taken_verbatim_and_never_shown() {
+        for pw in [
+            "123456", "null", "pw #x", "true", "[a]", "{x: 1}", "~", " lead",
+        ] {
+            let c = Config::layered(None, env(&[("PULLPROXY_HUB__PASSWORD", pw)])).unwrap();
+            let got = c.hub.password.as_ref().map(Secret::expose);
+            assert_eq!(got, Some(pw), "PULLPROXY_HUB__PASSWORD={pw:?}");
+        }
+        let c = Config::layered(None, env(&[("PULLPROXY_HUB__PASSWORD", "s3cr3t #x")])).unwrap();
+        let debug = format!("{c:?} {:?}", c.hub_settings());
+        assert!(!debug.contains("s3cr3t"), "{debug}");
+        let c = Config::layered(None, env(&[("PULLPROXY_HUB__USERNAME", "0123")])).unwrap();
+        assert_eq!(c.hub.username.as_deref(), Some("0123"));
+
+        // In a file, YAML types apply: an unquoted number is refused, without repeating it.
+        let err = error("hub:\n  password: 918273645\n", &[]);
+        assert!(
+            err.starts_with("x.yaml line 2 column 3: hub.password"),
+            "{err}"
+        );
+        assert!(!err.contains("918273645"), "{err}");
+        let err = error("hub:\n  password: [918273645]\n", &[]);
+        assert!(!err.contains("918273645"), "{err}");
+        // Nor does a syntax error on its line.
+        let err = error("hub:\n  password: \"918273645\n  url: x\n", &[]);
+        assert!(
+            err.starts_with("x.yaml: ") && err.contains("line 2"),
+            "{err}"
+        );
+        assert!(!err.contains("918273645"), "{err}");
+        // A semantic error about the password does not show it either.
+        let err = error(
+            "hub:\n  password: \"s3cr3t-value\"\n  password_file: /x\n",
+            &[],
+        );
+        assert!(err.contains("at most one"), "{err}");
+        assert!(!err.contains("s3cr3t-value"), "{err}");
     }
 }
 
