@@ -16,6 +16,7 @@
 //! (`process.rs`, `mountns.rs`), a thread must enter a network namespace (`netns.rs`,
 //! `registry_client.rs`), or a process started indirectly is signalled (`process.rs`).
 
+pub mod bpffs;
 pub mod cgroup;
 pub mod containerd;
 pub mod cri;

@@ -120,7 +120,7 @@ impl Job {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Timing {
     pub conn: usize,
-    /// When the request was sent, from the common start.
+    /// When the request was sent, from the start of the first request.
     pub start_s: f64,
     /// Until the last byte of the body.
     pub secs: f64,
@@ -131,7 +131,7 @@ pub struct Timing {
 /// What a job measured.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Outcome {
-    /// From the common start to the end of the last request.
+    /// From the start of the first request to the end of the last.
     pub wall_s: f64,
     /// The slowest connect plus handshake (before the common start).
     pub connect_s: f64,
@@ -188,23 +188,28 @@ pub fn run(job: &Job) -> Outcome {
         })
         .collect();
     barrier.wait();
-    let t0 = Instant::now();
     let mut out = Outcome::default();
-    let mut end = t0;
+    let mut raw = Vec::new();
     for t in threads {
         let (connect, timings, errors) = t.join().expect("client thread panicked");
         out.connect_s = out.connect_s.max(connect);
-        for (conn, start, finish, status, bytes) in timings {
-            end = end.max(finish);
-            out.requests.push(Timing {
-                conn,
-                start_s: start.saturating_duration_since(t0).as_secs_f64(),
-                secs: (finish - start).as_secs_f64(),
-                status,
-                bytes,
-            });
-        }
+        raw.extend(timings);
         out.errors.extend(errors);
+    }
+    // The common start is the first request's start: the client threads leave the barrier before
+    // or after this thread does, as the scheduler decides, so no clock read here bounds them.
+    let Some(t0) = raw.iter().map(|r| r.1).min() else {
+        return out;
+    };
+    let end = raw.iter().map(|r| r.2).max().unwrap_or(t0);
+    for (conn, start, finish, status, bytes) in raw {
+        out.requests.push(Timing {
+            conn,
+            start_s: (start - t0).as_secs_f64(),
+            secs: (finish - start).as_secs_f64(),
+            status,
+            bytes,
+        });
     }
     out.wall_s = (end - t0).as_secs_f64();
     out

@@ -150,7 +150,8 @@ impl PreparedMounts {
     }
 }
 
-fn c_path(p: &Path) -> CString {
+/// `p` as a C string for a syscall.
+pub(crate) fn c_path(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes())
         .unwrap_or_else(|_| panic!("path with a NUL byte: {}", p.display()))
 }

@@ -9,10 +9,12 @@ use proxy_common::Counter;
 use pullproxy::redirect;
 
 use crate::{
-    cgroup::Cgroup, mountns::MountSpec, netns::NetNs, process::Placement, pullproxy::Pullproxy,
+    bpffs::Bpffs, cgroup::Cgroup, mountns::MountSpec, netns::NetNs, process::Placement,
+    pullproxy::Pullproxy,
 };
 
-/// Fields drop in declaration order: cgroups (children first), pins, state, then the namespace.
+/// Fields drop in declaration order: cgroups (children first), pins, the node's bpffs, state,
+/// then the namespace.
 pub struct Node {
     /// The target cgroup: what a container runtime would be in.
     pub runtime: Cgroup,
@@ -23,6 +25,8 @@ pub struct Node {
     /// The attach point of the kernel programs.
     pub root: Cgroup,
     pins: PinDir,
+    /// The node's own bpffs (what the DaemonSet mounts from the host): the pins live in it.
+    _bpffs: Bpffs,
     state: State,
     pub ns: NetNs,
 }
@@ -52,11 +56,13 @@ impl Node {
         let name = root.path().trim_start_matches('/').to_owned();
         let state = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&state).expect("state dir");
+        let bpffs = Bpffs::mount(state.join("bpf"));
         Self {
             runtime: root.child("runtime"),
             other: root.child("other"),
             proxy_cg: root.child("pullproxy"),
-            pins: PinDir(Path::new("/sys/fs/bpf").join(&name)),
+            pins: PinDir(bpffs.path().join("pullproxy")),
+            _bpffs: bpffs,
             state: State(state),
             root,
             ns,
@@ -114,7 +120,7 @@ impl Node {
                 "PULLPROXY_CACHE__DIR",
                 self.cache_dir().display().to_string(),
             ),
-            ("PULLPROXY_HUB__URL", "null".to_owned()),
+            ("PULLPROXY_HUB__URL", String::new()),
         ]
     }
 

@@ -28,6 +28,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("nginx-light", "/usr/sbin/nginx"),
     ("prometheus", "/usr/bin/promtool"),
     ("iproute2", "/usr/sbin/ip"),
+    // Inspects attached programs in the redirect tests (an exclusive program on an ancestor).
+    ("bpftool", "/usr/sbin/bpftool"),
     ("util-linux", "/usr/bin/nsenter"),
     ("ca-certificates", "/usr/sbin/update-ca-certificates"),
     ("curl", "/usr/bin/curl"),

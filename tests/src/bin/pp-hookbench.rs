@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{cgroup::Cgroup, netns::NetNs};
+use harness::{bpffs::Bpffs, cgroup::Cgroup, netns::NetNs};
 use pullproxy::{
     original_dst::{ClientAddr, ListenAddr, OriginalDstSource},
     redirect::{self, RedirectSettings, Redirector, Targets},
@@ -88,7 +88,8 @@ fn bench(args: &Args) -> serde_json::Value {
     let client = root.child("client");
     let _home = ReturnHome(home);
     move_self(&setup);
-    let pins = PathBuf::from("/sys/fs/bpf").join(root.path().trim_start_matches('/'));
+    let bpffs = Bpffs::mount(std::env::temp_dir().join(root.path().trim_start_matches('/')));
+    let pins = bpffs.path().join("pullproxy");
     let settings = RedirectSettings {
         attach_cgroup: root.path().to_owned(),
         pin_dir: pins.clone(),
