@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{self, Readiness},
     cache::{Cache, CacheError},
-    client::{self, Connector, KnownAddrs},
+    client::{self, AddressPolicy, Connector, UpstreamClients},
     config::Config,
     hub::{HubClient, HubOutcome},
     original_dst::{MemoryOriginalDst, OriginalDstSource},
@@ -81,15 +81,21 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         node_ca_skipped = roots.node_ca_skipped,
         "upstream trust roots"
     );
-    let known = KnownAddrs::default();
-    let http = client::build(Connector::new(
+    let hub_http = client::build(Connector::new(
+        client_tls.clone(),
+        AddressPolicy::Any,
+        config.upstream.connect_timeout,
+    ));
+    let upstream_clients = UpstreamClients::new(Connector::new(
         client_tls,
-        known.clone(),
+        AddressPolicy::Remote {
+            admin_port: config.admin.listen.port(),
+        },
         config.upstream.connect_timeout,
     ));
     let hub = config
         .hub_settings()
-        .map(|s| Arc::new(HubClient::new(http.clone(), s)));
+        .map(|s| Arc::new(HubClient::new(hub_http, s)));
     let cache_settings = config.cache_settings();
     let cache = Arc::new(
         Cache::open(&cache_settings)
@@ -103,11 +109,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     crate::tls::mint::register(&mut registry, minter.clone());
     let proxy = Arc::new(RegistryProxy::new(
         hub.clone(),
-        Upstream::new(
-            http,
+        Arc::new(Upstream::new(
+            upstream_clients,
             config.upstream.manifest_timeout,
             config.upstream.blob_idle_timeout,
-        ),
+        )),
         cache,
         config.upstream.blob_idle_timeout,
     ));
@@ -173,7 +179,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         acceptor: tokio_rustls::TlsAcceptor::from(tls::server_config(minter.clone())),
         minter,
         insecure: config.registries.insecure.clone(),
-        known,
         proxy,
     });
     info!("ready");

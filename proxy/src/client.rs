@@ -1,16 +1,21 @@
-//! Outbound HTTP for the hub and upstream registries: one pooled hyper client (HTTP/1.1, or h2
-//! when ALPN picks it) over verified rustls. Registry hosts are dialled at the address the
-//! container runtime itself dialled (learned from the kernel record on accept), so pullproxy never
-//! resolves a registry name differently from the runtime; other hosts (CDN redirects, the hub)
-//! go through DNS.
+//! Outbound HTTP for the hub and upstream registries: pooled hyper clients (HTTP/1.1, or h2 when
+//! ALPN picks it) over verified rustls.
+//!
+//! Where a connection goes is decided per connection, never process-wide: a registry request on a
+//! redirected connection dials the address that connection's runtime itself dialled (the kernel
+//! record travels with the request, [`UpstreamClients::for_origin`]), so pullproxy never resolves
+//! a registry name differently from the runtime, and one client's `--resolve` affects only its
+//! own requests. Every other name (a connection made to pullproxy directly, CDN redirects, token
+//! realms) is resolved through DNS and dialled only if [`AddressPolicy`] allows the address: a
+//! registry must not be able to point pullproxy into the node (loopback, link-local metadata
+//! services, its own admin port).
 
 use std::{
-    collections::HashMap,
     future::Future,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{Arc, RwLock},
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -40,51 +45,113 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 /// The pooled client.
 pub type HttpClient = Client<Connector, ProxyBody>;
 
-/// Where registry hosts live: `host` -> the original destination last seen for it.
-#[derive(Clone, Default)]
-pub struct KnownAddrs(Arc<RwLock<HashMap<String, SocketAddr>>>);
+/// Which resolved addresses a connector may dial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressPolicy {
+    /// Whatever DNS answers: the hub, which the operator named.
+    Any,
+    /// Only addresses outside this node: never loopback, link-local (cloud metadata services),
+    /// unspecified, multicast or broadcast addresses, and never pullproxy's own admin port.
+    Remote { admin_port: u16 },
+}
 
-impl KnownAddrs {
-    /// Remembers that a runtime dialled `addr` for `host`.
-    pub fn learn(&self, host: &str, addr: SocketAddr) {
-        let known = self.0.read().expect("known addrs").get(host) == Some(&addr);
-        if !known {
-            self.0
-                .write()
-                .expect("known addrs")
-                .insert(host.to_owned(), addr);
+impl AddressPolicy {
+    /// Whether `addr` may be dialled.
+    pub fn permits(self, addr: SocketAddr) -> bool {
+        let AddressPolicy::Remote { admin_port } = self else {
+            return true;
+        };
+        if addr.port() == admin_port {
+            return false;
         }
-    }
-
-    /// The learned address of `host` on `port`, if any.
-    pub fn get(&self, host: &str, port: u16) -> Option<SocketAddr> {
-        self.0
-            .read()
-            .expect("known addrs")
-            .get(host)
-            .filter(|a| a.port() == port)
-            .copied()
+        let ip = match addr.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        match ip {
+            IpAddr::V4(v4) => {
+                !(v4.is_loopback()
+                    || v4.is_link_local()
+                    || v4.is_unspecified()
+                    || v4.is_multicast()
+                    || v4.is_broadcast())
+            }
+            IpAddr::V6(v6) => {
+                !(v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || v6.is_unicast_link_local())
+            }
+        }
     }
 }
 
-/// Dials TCP (learned address or DNS) and TLS for `https` URIs.
+/// Why a connector did not dial; found in a client error's source chain.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// The name does not resolve: not an "unreachable registry" (stale content must not be
+    /// served for names that do not exist).
+    #[error("{host} does not resolve: {source}")]
+    UnknownHost {
+        host: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{host} resolves only to addresses pullproxy never dials ({addrs})")]
+    Forbidden { host: String, addrs: String },
+}
+
+impl DialError {
+    /// The dial error behind a client error, if that is what it was.
+    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if let Some(d) = err.downcast_ref::<DialError>() {
+                return Some(d);
+            }
+            // io::Error's `source()` skips the error it wraps: look inside it here.
+            if let Some(d) = err
+                .downcast_ref::<io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<DialError>())
+            {
+                return Some(d);
+            }
+            cur = err.source();
+        }
+        None
+    }
+}
+
+/// Dials TCP (a pinned address, or DNS under a policy) and TLS for `https` URIs.
 #[derive(Clone)]
 pub struct Connector {
     tls: TlsConnector,
-    known: KnownAddrs,
     connect_timeout: Duration,
+    policy: AddressPolicy,
+    /// `host` is dialled at this address only (the original destination of a connection).
+    pin: Option<(Arc<str>, SocketAddr)>,
 }
 
 impl Connector {
     pub fn new(
         tls: Arc<rustls::ClientConfig>,
-        known: KnownAddrs,
+        policy: AddressPolicy,
         connect_timeout: Duration,
     ) -> Self {
         Self {
             tls: TlsConnector::from(tls),
-            known,
             connect_timeout,
+            policy,
+            pin: None,
+        }
+    }
+
+    /// The same connector, dialling `host` at `addr` (and nowhere else).
+    fn pinned(&self, host: &str, addr: SocketAddr) -> Self {
+        Self {
+            pin: Some((host.into(), addr)),
+            ..self.clone()
         }
     }
 
@@ -106,12 +173,7 @@ impl Connector {
             }
         };
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let addrs: Vec<SocketAddr> = match self.known.get(&host, port) {
-            Some(a) => vec![a],
-            None => tokio::net::lookup_host((host.as_str(), port))
-                .await?
-                .collect(),
-        };
+        let addrs = self.addresses(&host, port).await?;
         let tcp = self.dial(&host, &addrs).await?;
         tcp.set_nodelay(true)?;
         if !tls {
@@ -130,6 +192,42 @@ impl Connector {
         Ok(Stream::Tls(Box::new(stream)))
     }
 
+    /// Where `host:port` may be dialled: the pinned address, or what DNS answers that the policy
+    /// permits.
+    async fn addresses(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        if let Some((pinned, addr)) = &self.pin
+            && **pinned == *host
+            && addr.port() == port
+        {
+            return Ok(vec![*addr]);
+        }
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|source| {
+                io::Error::other(DialError::UnknownHost {
+                    host: host.to_owned(),
+                    source,
+                })
+            })?
+            .collect();
+        let permitted: Vec<SocketAddr> = resolved
+            .iter()
+            .copied()
+            .filter(|a| self.policy.permits(*a))
+            .collect();
+        if permitted.is_empty() && !resolved.is_empty() {
+            return Err(io::Error::other(DialError::Forbidden {
+                host: host.to_owned(),
+                addrs: resolved
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }));
+        }
+        Ok(permitted)
+    }
+
     async fn dial(&self, host: &str, addrs: &[SocketAddr]) -> io::Result<TcpStream> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
         for addr in addrs {
@@ -145,6 +243,47 @@ impl Connector {
             }
         }
         Err(last)
+    }
+}
+
+/// Clients for upstream registries: one over DNS, and one per original destination a redirected
+/// connection brought (bounded; idle ones are dropped with their pools).
+#[derive(Clone)]
+pub struct UpstreamClients {
+    dns: HttpClient,
+    connector: Connector,
+    pinned: moka::sync::Cache<(Arc<str>, SocketAddr), HttpClient>,
+}
+
+/// Original destinations whose clients (and pooled connections) are kept.
+const PINNED_CLIENTS: u64 = 256;
+
+impl UpstreamClients {
+    pub fn new(connector: Connector) -> Self {
+        Self {
+            dns: build(connector.clone()),
+            connector,
+            pinned: moka::sync::Cache::builder()
+                .max_capacity(PINNED_CLIENTS)
+                .time_to_idle(Duration::from_secs(300))
+                .build(),
+        }
+    }
+
+    /// The client for `host`, dialled at `addr` when the request came on a redirected connection
+    /// (its original destination), through DNS otherwise.
+    pub fn for_origin(&self, host: &str, addr: Option<SocketAddr>) -> HttpClient {
+        match addr {
+            None => self.dns.clone(),
+            Some(addr) => self.pinned.get_with((Arc::from(host), addr), || {
+                build(self.connector.pinned(host, addr))
+            }),
+        }
+    }
+
+    /// The client for names pullproxy resolves itself (redirect targets, token realms).
+    pub fn dns(&self) -> &HttpClient {
+        &self.dns
     }
 }
 
@@ -306,19 +445,69 @@ mod tests {
     use super::*;
 
     #[test]
-    fn learned_addresses_are_per_host_and_port() {
-        let known = KnownAddrs::default();
-        known.learn("registry-1.docker.io", "10.0.0.1:443".parse().unwrap());
-        assert_eq!(
-            known.get("registry-1.docker.io", 443),
-            Some("10.0.0.1:443".parse().unwrap())
+    fn the_remote_policy_keeps_pullproxy_out_of_the_node() {
+        let remote = AddressPolicy::Remote { admin_port: 15090 };
+        for denied in [
+            "127.0.0.1:443",
+            "127.9.9.9:5000",
+            "[::1]:443",
+            "169.254.169.254:80",
+            "[fe80::1]:443",
+            "0.0.0.0:443",
+            "[::]:443",
+            "224.0.0.1:443",
+            "255.255.255.255:443",
+            "[::ffff:127.0.0.1]:443",
+            "[::ffff:169.254.169.254]:80",
+            "10.0.0.5:15090",
+        ] {
+            assert!(!remote.permits(denied.parse().unwrap()), "{denied}");
+            assert!(
+                AddressPolicy::Any.permits(denied.parse().unwrap()),
+                "{denied}"
+            );
+        }
+        for allowed in [
+            "10.0.0.5:443",
+            "192.168.1.2:5000",
+            "[2001:db8::1]:443",
+            "8.8.8.8:443",
+        ] {
+            assert!(remote.permits(allowed.parse().unwrap()), "{allowed}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unresolvable_and_forbidden_names_are_told_apart() {
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
         );
-        assert_eq!(known.get("registry-1.docker.io", 80), None);
-        assert_eq!(known.get("quay.io", 443), None);
-        known.learn("registry-1.docker.io", "10.0.0.2:443".parse().unwrap());
+        let c = Connector::new(
+            tls,
+            AddressPolicy::Remote { admin_port: 15090 },
+            Duration::from_secs(1),
+        );
+        let err = c.addresses("localhost", 443).await.unwrap_err();
+        assert!(
+            matches!(DialError::find(&err), Some(DialError::Forbidden { .. })),
+            "{err}"
+        );
+        let err = c.addresses("no-such-host.invalid", 443).await.unwrap_err();
+        assert!(
+            matches!(DialError::find(&err), Some(DialError::UnknownHost { .. })),
+            "{err}"
+        );
+        // A pinned address is dialled as it is: the runtime itself chose it.
+        let pinned = c.pinned("registry-1.docker.io", "10.0.0.1:443".parse().unwrap());
         assert_eq!(
-            known.get("registry-1.docker.io", 443),
-            Some("10.0.0.2:443".parse().unwrap())
+            pinned.addresses("registry-1.docker.io", 443).await.unwrap(),
+            vec!["10.0.0.1:443".parse::<SocketAddr>().unwrap()]
         );
     }
 

@@ -13,7 +13,7 @@ use std::{
 use aya::{programs::ProgramType, util::KernelVersion};
 
 use crate::{
-    client::{self, Connector, KnownAddrs},
+    client::{self, AddressPolicy, Connector},
     config::Config,
     hub::{HubClient, HubOutcome},
     redirect::{self, LoaderError, MIN_KERNEL, cgroup::Cgroup2},
@@ -581,7 +581,7 @@ async fn check_hub(report: &mut DoctorReport, config: &Config) {
     };
     let http = client::build(Connector::new(
         client_tls,
-        KnownAddrs::default(),
+        AddressPolicy::Any,
         config.upstream.connect_timeout,
     ));
     let hub = Arc::new(HubClient::new(http, settings));

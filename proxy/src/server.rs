@@ -5,6 +5,8 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use http_body_util::BodyExt as _;
+
 use http::uri::{Authority, Scheme};
 use hyper::service::service_fn;
 use hyper_util::{
@@ -20,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use crate::{
-    client::KnownAddrs,
+    client::BoxError,
     original_dst::{ClientAddr, ListenAddr, OriginalDst, OriginalDstSource},
     registry::{ConnContext, RegistryProxy},
     tls::{ClientHelloPeek, LeafMinter, peek_client_hello},
@@ -98,7 +100,6 @@ pub struct Server {
     pub acceptor: TlsAcceptor,
     /// Registries spoken to in plain HTTP (`host` or `host:port`).
     pub insecure: Vec<String>,
-    pub known: KnownAddrs,
     pub proxy: Arc<RegistryProxy>,
 }
 
@@ -147,14 +148,15 @@ impl Server {
                 "redirected connection"
             );
         }
-        let dst_port = orig.as_ref().map(|o| o.addr.0.port());
+        let dst = orig.as_ref().map(|o| o.addr.0);
+        let dst_port = dst.map(|d| d.port());
         match peek_client_hello(&stream, PEEK_TIMEOUT).await {
             Ok(ClientHelloPeek::Sni(name)) if self.minter.intercepts(&name) => {
                 // Minting first means a host the CA cannot cover is spliced, not broken.
                 match self.minter.certified_key(&name) {
                     Ok(_) => {
                         self.metrics.decided("terminated");
-                        let origin = origin("https", &name, dst_port, 443);
+                        let origin = origin("https", &name, dst_port, 443, dst);
                         self.terminate_tls(stream, peer, orig, origin).await
                     }
                     Err(e) => {
@@ -167,7 +169,7 @@ impl Server {
                 Some(host) if self.is_insecure_registry(&host, dst_port) => {
                     self.metrics.decided("terminated");
                     let (name, port) = split_host_port(&host);
-                    let origin = origin("http", name, port.or(dst_port), 80);
+                    let origin = origin("http", name, port.or(dst_port), 80, dst);
                     self.serve_http(TokioIo::new(stream), peer, orig, origin)
                         .await
                 }
@@ -242,14 +244,12 @@ impl Server {
     ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        if let Some(o) = &orig {
-            self.known.learn(origin.host(), o.addr.0);
-        }
         let ctx = Arc::new(ConnContext { origin, orig, peer });
         let proxy = self.proxy.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let proxy = proxy.clone();
             let ctx = ctx.clone();
+            let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(&ctx, req).await) }
         });
         if let Err(e) = auto::Builder::new(TokioExecutor::new())
@@ -275,7 +275,14 @@ fn rejected_our_certificate(e: &std::io::Error) -> bool {
 }
 
 /// An upstream origin for `host`; the port is kept when the client used a non-default one.
-fn origin(scheme: &'static str, host: &str, port: Option<u16>, default_port: u16) -> Origin {
+/// Requests for it go to `dst`, the connection's original destination, when there is one.
+fn origin(
+    scheme: &'static str,
+    host: &str,
+    port: Option<u16>,
+    default_port: u16,
+    dst: Option<SocketAddr>,
+) -> Origin {
     let authority = match port {
         Some(p) if p != default_port => format!("{host}:{p}"),
         _ => host.to_owned(),
@@ -284,6 +291,7 @@ fn origin(scheme: &'static str, host: &str, port: Option<u16>, default_port: u16
         scheme: Scheme::try_from(scheme).expect("http or https"),
         authority: Authority::try_from(authority.as_str())
             .unwrap_or_else(|_| Authority::from_static("invalid.invalid")),
+        addr: dst,
     }
 }
 
@@ -377,13 +385,16 @@ mod tests {
     #[test]
     fn origins_keep_non_default_ports() {
         assert_eq!(
-            origin("https", "quay.io", Some(443), 443).authority,
+            origin("https", "quay.io", Some(443), 443, None).authority,
             "quay.io"
         );
         assert_eq!(
-            origin("https", "quay.io", Some(8443), 443).authority,
+            origin("https", "quay.io", Some(8443), 443, None).authority,
             "quay.io:8443"
         );
-        assert_eq!(origin("http", "hub", Some(5000), 80).authority, "hub:5000");
+        assert_eq!(
+            origin("http", "hub", Some(5000), 80, None).authority,
+            "hub:5000"
+        );
     }
 }

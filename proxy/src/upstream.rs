@@ -1,22 +1,25 @@
 //! The real registry behind an intercepted connection. Requests carry the client's own
 //! credentials (its `Authorization`), 401 challenges go back unchanged so the runtime's token flow
 //! keeps working, and blob redirects (CDN, S3) are followed here, so the bytes pass through (and
-//! into the cache); `Authorization` is dropped on a cross-host hop. Manifest exchanges have a
-//! deadline; blob bodies have an idle timeout instead.
+//! into the cache); `Authorization` is dropped on any hop to another scheme, host or port, and a
+//! hop may only go where [`AddressPolicy::Remote`](crate::client::AddressPolicy) allows.
+//! Manifest exchanges have a deadline and share a memory budget; blob bodies have an idle timeout
+//! instead.
 
-use std::time::Duration;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderName, Method, Request, Response, StatusCode, Uri, header,
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header,
     uri::{Authority, PathAndQuery, Scheme},
 };
-use http_body_util::{BodyExt as _, Limited};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 
 use crate::{
     cache::MAX_MANIFEST_BYTES,
-    client::{self, BoxError, HttpClient, IdleTimeout, ProxyBody},
+    client::{self, DialError, HttpClient, IdleTimeout, ProxyBody, UpstreamClients},
+    oci::{BearerChallenge, TokenAnswer},
 };
 
 /// Client request headers passed to the upstream on registry reads.
@@ -28,13 +31,18 @@ const FORWARDED: [HeaderName; 4] = [
 ];
 /// Redirect hops followed for one blob or manifest.
 const MAX_REDIRECTS: usize = 5;
+/// Longest token endpoint answer read.
+const MAX_TOKEN_ANSWER: usize = 64 << 10;
 
-/// Which registry an intercepted connection talks to.
+/// Which registry an intercepted connection talks to, and where its runtime dialled it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Origin {
     pub scheme: Scheme,
     /// `host` or `host:port` as the client addressed it.
     pub authority: Authority,
+    /// The connection's original destination (from the kernel record): requests for this origin
+    /// go there. `None` for a client that connected to pullproxy directly: DNS decides.
+    pub addr: Option<SocketAddr>,
 }
 
 impl Origin {
@@ -58,6 +66,10 @@ pub enum UpstreamError {
     /// Connect error, timeout, or a broken exchange: stale-if-error applies.
     #[error("upstream {host} unreachable: {reason}")]
     Unreachable { host: String, reason: String },
+    /// The name does not resolve, or only to addresses pullproxy never dials: there is no such
+    /// registry to ask, which is not the same as one that cannot be asked.
+    #[error("upstream {host}: {reason}")]
+    NoSuchHost { host: String, reason: String },
     #[error("upstream {host}: more than {MAX_REDIRECTS} redirects")]
     TooManyRedirects { host: String },
     #[error("upstream {host} redirected to an unusable location {location:?}")]
@@ -67,10 +79,32 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether the upstream could not be asked at all (down, silent, broken): then content the
+    /// client is entitled to may be served from the cache (stale-if-error).
+    pub fn cannot_ask(&self) -> bool {
+        matches!(self, UpstreamError::Unreachable { .. })
+    }
+
+    /// What a failed client request means, from its error chain.
+    fn from_client(host: &str, e: &hyper_util::client::legacy::Error) -> Self {
+        let host = host.to_owned();
+        match DialError::find(e) {
+            Some(d) => UpstreamError::NoSuchHost {
+                host,
+                reason: d.to_string(),
+            },
+            None => UpstreamError::Unreachable {
+                host,
+                reason: crate::telemetry::error_chain(e),
+            },
+        }
+    }
+
     /// Metric label.
     pub fn reason(&self) -> &'static str {
         match self {
             UpstreamError::Unreachable { .. } => "unreachable",
+            UpstreamError::NoSuchHost { .. } => "no_such_host",
             UpstreamError::TooManyRedirects { .. } => "too_many_redirects",
             UpstreamError::BadRedirect { .. } => "bad_redirect",
             UpstreamError::ManifestTooLarge { .. } => "manifest_too_large",
@@ -86,24 +120,32 @@ pub struct Small {
     pub body: Bytes,
 }
 
+/// Bytes of manifest-sized answers being read at once, all requests together: a registry
+/// answering many requests with 4 MiB bodies must not make pullproxy hold them all.
+const SMALL_BODY_BUDGET: usize = 64 << 20;
+/// The unit the budget is taken in.
+const BUDGET_UNIT: usize = 64 << 10;
+
 /// Talks to upstream registries.
 #[derive(Clone)]
 pub struct Upstream {
-    client: HttpClient,
+    clients: UpstreamClients,
     manifest_timeout: Duration,
     blob_idle_timeout: Duration,
+    small_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl Upstream {
     pub fn new(
-        client: HttpClient,
+        clients: UpstreamClients,
         manifest_timeout: Duration,
         blob_idle_timeout: Duration,
     ) -> Self {
         Self {
-            client,
+            clients,
             manifest_timeout,
             blob_idle_timeout,
+            small_budget: Arc::new(tokio::sync::Semaphore::new(SMALL_BODY_BUDGET / BUDGET_UNIT)),
         }
     }
 
@@ -122,24 +164,36 @@ impl Upstream {
         };
         let exchange = async {
             let resp = self.follow(origin, method, path, client_headers).await?;
-            let (parts, body) = resp.into_parts();
-            let body = Limited::new(body, MAX_MANIFEST_BYTES)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        UpstreamError::ManifestTooLarge {
-                            host: origin.host().to_owned(),
-                        }
-                    } else {
-                        unreachable(crate::telemetry::error_chain(e.as_ref()))
-                    }
-                })?
-                .to_bytes();
+            let (parts, mut body) = resp.into_parts();
+            let mut buf = bytes::BytesMut::new();
+            let mut permits = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| unreachable(crate::telemetry::error_chain(&e)))?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if buf.len() + data.len() > MAX_MANIFEST_BYTES {
+                    return Err(UpstreamError::ManifestTooLarge {
+                        host: origin.host().to_owned(),
+                    });
+                }
+                buf.extend_from_slice(&data);
+                // Hold budget for what is buffered (waiting, within the deadline, if the whole
+                // process is reading that much at once).
+                while permits.len() * BUDGET_UNIT < buf.len() {
+                    permits.push(
+                        self.small_budget
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .expect("the budget semaphore is never closed"),
+                    );
+                }
+            }
             Ok(Small {
                 status: parts.status,
                 headers: parts.headers,
-                body,
+                body: buf.freeze(),
             })
         };
         tokio::time::timeout(self.manifest_timeout, exchange)
@@ -169,6 +223,95 @@ impl Upstream {
         Ok(head.map(|body| IdleTimeout::new(body, idle).boxed_unsync()))
     }
 
+    /// Whether `path` (a manifest or blob of `origin`) can be read without credentials: a HEAD
+    /// without `Authorization`, and when the registry answers with a Bearer challenge, a HEAD with
+    /// an anonymous token from the challenge's realm (how Docker Hub serves public images).
+    pub async fn readable_anonymously(
+        &self,
+        origin: &Origin,
+        path: &PathAndQuery,
+    ) -> Result<bool, UpstreamError> {
+        let first = self
+            .small(origin, Method::HEAD, path, &HeaderMap::new())
+            .await?;
+        if first.status.is_success() {
+            return Ok(true);
+        }
+        let challenge = first
+            .headers
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(BearerChallenge::parse);
+        let (StatusCode::UNAUTHORIZED, Some(challenge)) = (first.status, challenge) else {
+            return Ok(false);
+        };
+        let Some(token) = self.anonymous_token(origin, &challenge).await? else {
+            return Ok(false);
+        };
+        let mut headers = HeaderMap::new();
+        let Ok(mut auth) = HeaderValue::from_str(&format!("Bearer {token}")) else {
+            return Ok(false);
+        };
+        auth.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, auth);
+        let second = self.small(origin, Method::HEAD, path, &headers).await?;
+        Ok(second.status.is_success())
+    }
+
+    /// A token from `challenge`'s realm, asked for without credentials. The realm must be HTTPS
+    /// (or plain HTTP for a plain-HTTP registry) and is dialled under the remote-address policy.
+    async fn anonymous_token(
+        &self,
+        origin: &Origin,
+        challenge: &BearerChallenge,
+    ) -> Result<Option<String>, UpstreamError> {
+        let Ok(url) = challenge.token_url().parse::<Uri>() else {
+            return Ok(None);
+        };
+        let scheme_ok = match url.scheme_str() {
+            Some("https") => true,
+            Some("http") => origin.scheme == Scheme::HTTP,
+            _ => false,
+        };
+        if !scheme_ok || url.host().is_none() {
+            return Ok(None);
+        }
+        let host = url.host().unwrap_or_default().to_owned();
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(url)
+            .body(client::empty())
+            .expect("valid request");
+        let exchange = async {
+            let resp = self
+                .clients
+                .dns()
+                .request(req)
+                .await
+                .map_err(|e| UpstreamError::from_client(&host, &e))?;
+            if !resp.status().is_success() {
+                return Ok(None);
+            }
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_TOKEN_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| UpstreamError::Unreachable {
+                    host: host.clone(),
+                    reason: crate::telemetry::error_chain(e.as_ref()),
+                })?
+                .to_bytes();
+            Ok(serde_json::from_slice::<TokenAnswer>(&body)
+                .ok()
+                .and_then(TokenAnswer::into_token))
+        };
+        tokio::time::timeout(self.manifest_timeout, exchange)
+            .await
+            .map_err(|_| UpstreamError::Unreachable {
+                host: origin.host().to_owned(),
+                reason: format!("no token within {:?}", self.manifest_timeout),
+            })?
+    }
+
     /// Sends a GET/HEAD with the forwarded client headers, following redirects.
     async fn follow(
         &self,
@@ -191,14 +334,12 @@ impl Upstream {
                 .body(client::empty())
                 .expect("valid request");
             *req.headers_mut() = headers.clone();
+            let host = uri.host().unwrap_or_default().to_owned();
             let resp = self
-                .client
+                .client_for(origin, &uri)
                 .request(req)
                 .await
-                .map_err(|e| UpstreamError::Unreachable {
-                    host: uri.host().unwrap_or_default().to_owned(),
-                    reason: crate::telemetry::error_chain(&e),
-                })?;
+                .map_err(|e| UpstreamError::from_client(&host, &e))?;
             if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
                 return Ok(resp);
             }
@@ -213,8 +354,9 @@ impl Upstream {
                         .to_owned(),
                 }
             })?;
-            if next.authority() != uri.authority() {
-                // Never hand the registry's credentials to a CDN or an object store.
+            if next.scheme() != uri.scheme() || next.authority() != uri.authority() {
+                // Never hand the registry's credentials to a CDN, an object store, or anything
+                // in plain text.
                 headers.remove(header::AUTHORIZATION);
             }
             uri = next;
@@ -224,12 +366,22 @@ impl Upstream {
         })
     }
 
+    /// The origin's own requests go where its connection was going; any other host (a redirect
+    /// target) is resolved here, under the remote-address policy.
+    fn client_for(&self, origin: &Origin, uri: &Uri) -> HttpClient {
+        if uri.scheme() == Some(&origin.scheme) && uri.authority() == Some(&origin.authority) {
+            self.clients.for_origin(origin.host(), origin.addr)
+        } else {
+            self.clients.dns().clone()
+        }
+    }
+
     /// Forwards any other request (writes, uploads, unknown paths) as it is, both bodies
     /// streaming; only hop-by-hop headers are dropped.
     pub async fn forward(
         &self,
         origin: &Origin,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let (mut parts, body) = req.into_parts();
         let path = parts
@@ -240,15 +392,13 @@ impl Upstream {
         parts.uri = origin.uri(&path);
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
-        let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+        let req = Request::from_parts(parts, body);
         let resp = self
-            .client
+            .clients
+            .for_origin(origin.host(), origin.addr)
             .request(req)
             .await
-            .map_err(|e| UpstreamError::Unreachable {
-                host: origin.host().to_owned(),
-                reason: crate::telemetry::error_chain(&e),
-            })?;
+            .map_err(|e| UpstreamError::from_client(origin.host(), &e))?;
         let idle = self.blob_idle_timeout;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);

@@ -14,14 +14,22 @@
 //!   [`ByteRange::resolve`]`(len) -> Result<ResolvedRange, Unsatisfiable>`, then
 //!   [`ResolvedRange::content_range`] for 206 or [`Unsatisfiable::content_range`] for 416.
 //! - [`media_type`]: manifest media types and the `Accept` value to send upstream.
+//! - [`ManifestRefs::parse`]`(bytes)`: the media type a manifest declares and the digests it
+//!   references.
+//! - [`BearerChallenge::parse`]`(www_authenticate)`: where the token flow gets a token, used to
+//!   ask a registry anonymously whether a repository is public.
 
+mod challenge;
 mod digest;
+mod manifest;
 pub mod media_type;
 mod name;
 mod range;
 mod route;
 
+pub use challenge::{BearerChallenge, TokenAnswer};
 pub use digest::{Algorithm, Digest, DigestError, DigestMismatch, DigestVerifier, Verified};
+pub use manifest::{MAX_REFERENCES, ManifestRefs};
 pub use name::{
     MAX_NAME_LEN, MAX_TAG_LEN, NameError, Reference, ReferenceError, RepositoryName, Tag, TagError,
 };
