@@ -12,9 +12,9 @@ use std::{
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
-use hyper::body::Incoming;
+use http_body_util::BodyExt as _;
 
-use crate::client::{self, HttpClient};
+use crate::client::{self, BoxError, HttpClient, ProxyBody};
 
 /// Where the hub password comes from.
 #[derive(Debug, Clone)]
@@ -81,7 +81,7 @@ pub fn canonical_registry(host: &str) -> &str {
 #[derive(Debug)]
 pub enum HubOutcome {
     /// The hub has it; its response (headers, and the body for GET).
-    Found(Response<Incoming>),
+    Found(Response<ProxyBody>),
     /// 404: the hub does not have it. Normal; fall back quietly.
     NotFound,
     /// The hub could not be asked (connect error, timeout, 5xx). Fall back, and warn.
@@ -332,7 +332,10 @@ impl HubClient {
             Err(_) => HubOutcome::Unreachable(format!("no answer within {:?}", self.timeout)),
             Ok(Err(e)) => HubOutcome::Unreachable(crate::telemetry::error_chain(&e)),
             Ok(Ok(resp)) => match resp.status() {
-                s if s.is_success() => HubOutcome::Found(resp),
+                // 416: the hub has the blob, the range is outside it; the client gets that answer.
+                s if s.is_success() || s == StatusCode::RANGE_NOT_SATISFIABLE => {
+                    HubOutcome::Found(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()))
+                }
                 StatusCode::NOT_FOUND => HubOutcome::NotFound,
                 s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => HubOutcome::Refused(s),
                 s => HubOutcome::Unreachable(format!("hub answered {s}")),

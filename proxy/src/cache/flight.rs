@@ -284,6 +284,16 @@ impl BlobCache {
         }
     }
 
+    /// Whether a download of `digest` is under way that a new request could join.
+    pub fn in_flight(&self, digest: &Digest) -> bool {
+        self.inner
+            .flights
+            .lock()
+            .unwrap()
+            .get(digest)
+            .is_some_and(|f| f.shared.lock().unwrap().joinable())
+    }
+
     /// Serves `digest` (the whole blob or `range`) from the cache, or from the one upstream
     /// fetch for it, calling `fetch` only if no fetch for this blob is under way.
     ///

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use super::{CacheError, READ_CHUNK, records::RecordDir, store::BlobStore};
-use crate::oci::{Digest, RepositoryName, Tag};
+use crate::oci::{Digest, ManifestRefs, RepositoryName, Tag};
 
 /// Largest manifest cached (the limit distribution registries apply to manifests they accept).
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -78,10 +78,15 @@ impl ManifestStore {
     /// Caches a manifest after checking that `bytes` hash to `digest` (for a manifest fetched
     /// by tag, pass [`Digest::sha256_of`] the bytes, or the upstream's `Docker-Content-Digest`
     /// to have it checked).
+    ///
+    /// The media type recorded is the one the manifest declares itself (`mediaType`), else
+    /// `served_as` (the `Content-Type` it came with); once recorded it never changes, so a later
+    /// answer with another `Content-Type` for the same bytes cannot make them unusable for
+    /// everyone else.
     pub async fn put(
         &self,
         digest: &Digest,
-        media_type: &str,
+        served_as: &str,
         bytes: Bytes,
     ) -> Result<(), CacheError> {
         if bytes.len() > MAX_MANIFEST_BYTES {
@@ -90,14 +95,17 @@ impl ManifestStore {
                 max: MAX_MANIFEST_BYTES,
             });
         }
+        let refs = ManifestRefs::parse(&bytes);
+        let media_type = refs.media_type().unwrap_or(served_as);
         check_media_type(media_type)?;
         let mut verifier = digest.verifier();
         verifier.update(&bytes);
         let proof = verifier.finish()?;
         // The media type first: a stored manifest is never without one.
-        self.media_types
-            .put(digest.to_string(), media_type.to_owned())
-            .await?;
+        let key = digest.to_string();
+        if self.media_types.get(&key).is_none() {
+            self.media_types.put(key, media_type.to_owned()).await?;
+        }
         if matches!(self.store.open(digest).await, Ok(Some(_))) {
             return Ok(());
         }
@@ -188,6 +196,12 @@ impl TagIndex {
 
 /// `host[:port]/repository:tag`: unambiguous because a host has no `/` and a repository no `:`.
 fn tag_key(registry: &str, repository: &RepositoryName, tag: &Tag) -> Result<String, CacheError> {
+    Ok(format!("{}/{repository}:{tag}", registry_key(registry)?))
+}
+
+/// A registry `host[:port]` as records key it: validated (it becomes part of a record key, and
+/// is compared), lowercased.
+pub(super) fn registry_key(registry: &str) -> Result<String, CacheError> {
     let host_ok = !registry.is_empty()
         && registry.len() <= 255
         && registry
@@ -196,10 +210,7 @@ fn tag_key(registry: &str, repository: &RepositoryName, tag: &Tag) -> Result<Str
     if !host_ok {
         return Err(CacheError::InvalidRegistry);
     }
-    Ok(format!(
-        "{}/{repository}:{tag}",
-        registry.to_ascii_lowercase()
-    ))
+    Ok(registry.to_ascii_lowercase())
 }
 
 #[cfg(test)]
@@ -246,6 +257,40 @@ mod tests {
         assert_eq!(
             cache.blobs().lookup(&digest).await,
             Some(MANIFEST.len() as u64)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_first_media_type_stays_and_the_declared_one_wins() {
+        let cache = Cache::in_memory(1 << 20);
+        let digest = Digest::sha256_of(MANIFEST);
+        // MANIFEST declares the OCI manifest type: a wrong Content-Type does not change it.
+        cache
+            .manifests()
+            .put(
+                &digest,
+                "application/octet-stream",
+                Bytes::from_static(MANIFEST),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            cache.manifests().get(&digest).await.unwrap().media_type,
+            OCI_MANIFEST
+        );
+        // Without a declaration, the first Content-Type recorded stays.
+        let bare: &[u8] = br#"{"schemaVersion":2}"#;
+        let d = Digest::sha256_of(bare);
+        for served_as in [OCI_INDEX, "text/plain"] {
+            cache
+                .manifests()
+                .put(&d, served_as, Bytes::from_static(bare))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            cache.manifests().get(&d).await.unwrap().media_type,
+            OCI_INDEX
         );
     }
 

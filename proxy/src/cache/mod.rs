@@ -18,10 +18,12 @@
 //!   [`ManifestStore::put`]`(&Digest, media_type, Bytes)`.
 //! - [`TagIndex::get`]`(registry, &RepositoryName, &Tag) -> Option<TagTarget>` and
 //!   [`TagIndex::put`].
+//! - [`RepoIndex`]: which repository holds which digest (links), and which repositories were
+//!   readable anonymously: what the registry's content rule decides with.
 //! - [`BlobCache::stats`]`() -> CacheStats` for metrics.
 //!
 //! On disk, under `dir`: `blobs/<algo>/<hex>` (blobs and manifests), `tmp/` (partial writes,
-//! emptied at start), `media-types/` and `tags/` (one small JSON record per entry). See
+//! emptied at start), `media-types/`, `tags/`, `links/` and `public/` (one small JSON record per entry). See
 //! `flight.rs` for how downloads are shared and what happens when the disk fails, `fs.rs` for
 //! start-up and verification.
 
@@ -31,6 +33,7 @@ mod manifest;
 mod memory;
 pub mod metrics;
 mod records;
+mod repos;
 mod store;
 
 #[cfg(test)]
@@ -45,6 +48,7 @@ pub use flight::{
 pub use fs::FsBlobStore;
 pub use manifest::{MAX_MANIFEST_BYTES, Manifest, ManifestStore, TagIndex, TagTarget};
 pub use memory::MemoryBlobStore;
+pub use repos::{MAX_LINKS_PER_REPOSITORY, RepoIndex};
 pub use store::{BlobIngest, BlobRead, BlobStore, StoreUsage, StoredBlob};
 
 use crate::oci::{Digest, DigestMismatch};
@@ -89,13 +93,16 @@ pub enum CacheError {
     InvalidMediaType,
     #[error("registry host must be 1 to 255 characters of [a-z0-9.-_:[]]")]
     InvalidRegistry,
+    #[error("record of {len} bytes; at most {max} are kept")]
+    RecordTooLarge { len: usize, max: u64 },
 }
 
-/// The blob cache, manifest store and tag index over one store.
+/// The blob cache, manifest store, tag index and repository index over one store.
 pub struct Cache {
     blobs: BlobCache,
     manifests: ManifestStore,
     tags: TagIndex,
+    repos: RepoIndex,
 }
 
 impl std::fmt::Debug for Cache {
@@ -111,12 +118,18 @@ impl Cache {
     /// media-type records, and starts verifying the blobs found on disk in the background.
     pub async fn open(settings: &CacheSettings) -> Result<Cache, CacheError> {
         let settings = settings.clone();
-        let (store, media_types, tags) = tokio::task::spawn_blocking(move || {
+        let (store, records) = tokio::task::spawn_blocking(move || {
             let store = FsBlobStore::open(&settings.dir, settings.max_bytes)?;
             let tmp = settings.dir.join("tmp");
-            let media_types = RecordDir::open(settings.dir.join("media-types"), tmp.clone())?;
-            let tags = RecordDir::open(settings.dir.join("tags"), tmp)?;
-            Ok::<_, CacheError>((store, media_types, tags))
+            let dir = |name: &str| settings.dir.join(name);
+            let small = records::MAX_RECORD_BYTES;
+            let records = Records {
+                media_types: RecordDir::open(dir("media-types"), tmp.clone(), small)?,
+                tags: RecordDir::open(dir("tags"), tmp.clone(), small)?,
+                links: RecordDir::open(dir("links"), tmp.clone(), repos::MAX_LINKS_RECORD_BYTES)?,
+                public: RecordDir::open(dir("public"), tmp, small)?,
+            };
+            Ok::<_, CacheError>((store, records))
         })
         .await
         .map_err(|e| CacheError::Task(e.to_string()))??;
@@ -127,7 +140,7 @@ impl Cache {
                 tracing::warn!(corrupt, "dropped cached blobs that failed verification");
             }
         });
-        Ok(Cache::with_parts(Arc::new(store), media_types, tags))
+        Ok(Cache::with_parts(Arc::new(store), records))
     }
 
     /// A cache in memory (a [`MemoryBlobStore`]), for tests of the layers above.
@@ -135,20 +148,25 @@ impl Cache {
         Cache::with_store(Arc::new(MemoryBlobStore::new(max_bytes)))
     }
 
-    /// A cache over any store, with tag and media-type records kept in memory only.
+    /// A cache over any store, with its records kept in memory only.
     pub fn with_store(store: Arc<dyn BlobStore>) -> Cache {
-        Cache::with_parts(store, RecordDir::in_memory(), RecordDir::in_memory())
+        Cache::with_parts(
+            store,
+            Records {
+                media_types: RecordDir::in_memory(),
+                tags: RecordDir::in_memory(),
+                links: RecordDir::in_memory(),
+                public: RecordDir::in_memory(),
+            },
+        )
     }
 
-    fn with_parts(
-        store: Arc<dyn BlobStore>,
-        media_types: RecordDir<String>,
-        tags: RecordDir<manifest::TagRecord>,
-    ) -> Cache {
+    fn with_parts(store: Arc<dyn BlobStore>, records: Records) -> Cache {
         Cache {
             blobs: BlobCache::new(store.clone()),
-            manifests: ManifestStore::new(store, media_types),
-            tags: TagIndex::new(tags),
+            manifests: ManifestStore::new(store, records.media_types),
+            tags: TagIndex::new(records.tags),
+            repos: RepoIndex::new(records.links, records.public),
         }
     }
 
@@ -166,4 +184,17 @@ impl Cache {
     pub fn tags(&self) -> &TagIndex {
         &self.tags
     }
+
+    /// Which repositories hold which digests, and which are public.
+    pub fn repos(&self) -> &RepoIndex {
+        &self.repos
+    }
+}
+
+/// The record directories beside the blobs.
+struct Records {
+    media_types: RecordDir<String>,
+    tags: RecordDir<manifest::TagRecord>,
+    links: RecordDir<Vec<String>>,
+    public: RecordDir<u64>,
 }

@@ -21,8 +21,8 @@ use tracing::warn;
 use super::CacheError;
 use crate::oci::Digest;
 
-/// Records larger than this are not ours.
-const MAX_RECORD_BYTES: u64 = 64 * 1024;
+/// Records larger than this are not ours (unless the directory says otherwise).
+pub(super) const MAX_RECORD_BYTES: u64 = 64 * 1024;
 
 #[derive(Serialize, Deserialize)]
 struct Record<V> {
@@ -38,6 +38,8 @@ struct Files {
 
 pub(super) struct RecordDir<V> {
     files: Option<Files>,
+    /// Files larger than this are not loaded.
+    max_bytes: u64,
     map: RwLock<HashMap<String, V>>,
     /// Serialises writers so the file on disk and the map agree on the last value.
     write: tokio::sync::Mutex<()>,
@@ -55,14 +57,16 @@ where
     pub(super) fn in_memory() -> Self {
         RecordDir {
             files: None,
+            max_bytes: MAX_RECORD_BYTES,
             map: RwLock::default(),
             write: tokio::sync::Mutex::new(()),
             seq: AtomicU64::new(0),
         }
     }
 
-    /// Loads every record in `dir`, deleting files that are not valid records. Blocking.
-    pub(super) fn open(dir: PathBuf, tmp: PathBuf) -> Result<Self, CacheError> {
+    /// Loads every record in `dir` (files up to `max_bytes`), deleting files that are not valid
+    /// records. Blocking.
+    pub(super) fn open(dir: PathBuf, tmp: PathBuf, max_bytes: u64) -> Result<Self, CacheError> {
         let io_err = |op, path: &Path| {
             let path = path.to_owned();
             move |source| CacheError::Io { op, path, source }
@@ -71,7 +75,7 @@ where
         let mut map = HashMap::new();
         for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
             let path = entry.map_err(io_err("listing", &dir))?.path();
-            match load(&path) {
+            match load(&path, max_bytes) {
                 Ok(Some(record)) if path.file_name() == Some(file_name(&record.key).as_ref()) => {
                     map.insert(record.key, record.value);
                 }
@@ -87,6 +91,7 @@ where
         }
         Ok(RecordDir {
             files: Some(Files { dir, tmp }),
+            max_bytes,
             map: RwLock::new(map),
             write: tokio::sync::Mutex::new(()),
             seq: AtomicU64::new(0),
@@ -97,11 +102,49 @@ where
         self.map.read().unwrap().get(key).cloned()
     }
 
+    /// `f` of the record under `key`, without copying it.
+    pub(super) fn with<T>(&self, key: &str, f: impl FnOnce(Option<&V>) -> T) -> T {
+        f(self.map.read().unwrap().get(key))
+    }
+
+    /// Deletes the record under `key`, if any.
+    pub(super) async fn remove(&self, key: &str) -> Result<(), CacheError> {
+        let _writer = self.write.lock().await;
+        if self.map.write().unwrap().remove(key).is_none() {
+            return Ok(());
+        }
+        if let Some(files) = &self.files {
+            let path = files.dir.join(file_name(key));
+            tokio::task::spawn_blocking(move || match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(CacheError::Io {
+                    op: "removing",
+                    path,
+                    source: e,
+                }),
+                _ => Ok(()),
+            })
+            .await
+            .map_err(|e| CacheError::Task(e.to_string()))??;
+        }
+        Ok(())
+    }
+
     /// Stores `value` under `key`; a no-op when it is already there.
     pub(super) async fn put(&self, key: String, value: V) -> Result<(), CacheError> {
         let _writer = self.write.lock().await;
         if self.get(&key).as_ref() == Some(&value) {
             return Ok(());
+        }
+        let record = Record {
+            key: key.clone(),
+            value: value.clone(),
+        };
+        let text = serde_json::to_vec(&record).expect("records serialize");
+        if text.len() as u64 > self.max_bytes {
+            return Err(CacheError::RecordTooLarge {
+                len: text.len(),
+                max: self.max_bytes,
+            });
         }
         if let Some(files) = &self.files {
             let dest = files.dir.join(file_name(&key));
@@ -109,11 +152,6 @@ where
             let tmp = files
                 .tmp
                 .join(format!("record.{}.{seq}", std::process::id()));
-            let record = Record {
-                key: key.clone(),
-                value: value.clone(),
-            };
-            let text = serde_json::to_vec(&record).expect("records serialize");
             tokio::task::spawn_blocking(move || {
                 let result = fs::write(&tmp, text)
                     .map_err(|source| CacheError::Io {
@@ -145,9 +183,9 @@ where
     }
 }
 
-fn load<V: DeserializeOwned>(path: &Path) -> io::Result<Option<Record<V>>> {
+fn load<V: DeserializeOwned>(path: &Path, max_bytes: u64) -> io::Result<Option<Record<V>>> {
     let meta = fs::symlink_metadata(path)?;
-    if !meta.is_file() || meta.len() > MAX_RECORD_BYTES {
+    if !meta.is_file() || meta.len() > max_bytes {
         return Ok(None);
     }
     let text = fs::read(path)?;
@@ -168,7 +206,8 @@ mod tests {
     async fn records_survive_reopen_and_strays_are_deleted() {
         let root = tempfile::tempdir().unwrap();
         let (dir, tmp) = dirs(root.path());
-        let records = RecordDir::<String>::open(dir.clone(), tmp.clone()).unwrap();
+        let records =
+            RecordDir::<String>::open(dir.clone(), tmp.clone(), MAX_RECORD_BYTES).unwrap();
         records.put("a".into(), "1".into()).await.unwrap();
         records.put("b".into(), "2".into()).await.unwrap();
         records.put("a".into(), "3".into()).await.unwrap();
@@ -180,7 +219,7 @@ mod tests {
         // A valid record under the wrong name (someone copied files around) is not trusted.
         fs::copy(dir.join(file_name("a")), dir.join(file_name("c"))).unwrap();
 
-        let records = RecordDir::<String>::open(dir.clone(), tmp).unwrap();
+        let records = RecordDir::<String>::open(dir.clone(), tmp, MAX_RECORD_BYTES).unwrap();
         assert_eq!(records.get("a").as_deref(), Some("3"));
         assert_eq!(records.get("b").as_deref(), Some("2"));
         assert_eq!(records.get("c"), None);
