@@ -1,83 +1,130 @@
-//! Who may read what from the cache. Cached content is served only to a client whose own
-//! credentials the upstream accepted for that repository (or when the upstream cannot be asked):
-//! a private image is never handed to a client the upstream would refuse.
+//! Credentials the upstream accepted, per repository: remembered as a keyed hash (never the
+//! value), with the time of the last acceptance, for a bounded time. Together with the public
+//! marks of the cache's repository index, this is who is entitled to what.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use http::{HeaderMap, header};
+use http::HeaderValue;
 use sha2::{Digest as _, Sha256};
 
-/// How long an upstream "yes" for (registry, repository, credentials) is trusted.
-const TRUST_FOR: Duration = Duration::from_secs(300);
+/// Longest any acceptance is remembered (the longest window anything asks about).
+const REMEMBER_FOR: Duration = Duration::from_secs(24 * 3600);
 
-/// Recent upstream approvals. Keys hold a hash of the `Authorization` value, never the value.
-pub struct AccessCache {
-    approved: moka::sync::Cache<[u8; 32], ()>,
+/// Upstream acceptances of `(registry, repository, credentials)`.
+pub struct Approvals {
+    /// Per-process random key: the hashes mean nothing outside this process.
+    key: [u8; 32],
+    approved: moka::sync::Cache<[u8; 32], Instant>,
 }
 
-impl Default for AccessCache {
+impl Default for Approvals {
     fn default() -> Self {
+        let mut key = [0u8; 32];
+        rustls::crypto::ring::default_provider()
+            .secure_random
+            .fill(&mut key)
+            .expect("the system random source works");
         Self {
+            key,
             approved: moka::sync::Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(TRUST_FOR)
+                .time_to_live(REMEMBER_FOR)
                 .build(),
         }
     }
 }
 
-impl AccessCache {
-    /// Records that the upstream served `repository` of `registry` to these credentials.
-    pub fn approve(&self, registry: &str, repository: &str, headers: &HeaderMap) {
-        self.approved.insert(key(registry, repository, headers), ());
-    }
-
-    /// Whether the upstream recently served `repository` to these credentials.
-    pub fn approved(&self, registry: &str, repository: &str, headers: &HeaderMap) -> bool {
+impl Approvals {
+    /// Records that the upstream served `repository` of `registry` to these credentials now.
+    pub fn approve(&self, registry: &str, repository: &str, auth: Option<&HeaderValue>) {
         self.approved
-            .contains_key(&key(registry, repository, headers))
+            .insert(self.hash(registry, repository, auth), Instant::now());
     }
-}
 
-fn key(registry: &str, repository: &str, headers: &HeaderMap) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for part in [registry.as_bytes(), repository.as_bytes()] {
-        h.update((part.len() as u64).to_le_bytes());
-        h.update(part);
+    /// Forgets an acceptance: the upstream has just refused these credentials.
+    pub fn revoke(&self, registry: &str, repository: &str, auth: Option<&HeaderValue>) {
+        self.approved
+            .invalidate(&self.hash(registry, repository, auth));
     }
-    match headers.get(header::AUTHORIZATION) {
-        Some(v) => {
-            h.update([1]);
-            h.update(v.as_bytes());
+
+    /// Whether the upstream served `repository` to these credentials within `window`.
+    pub fn approved_within(
+        &self,
+        registry: &str,
+        repository: &str,
+        auth: Option<&HeaderValue>,
+        window: Duration,
+    ) -> bool {
+        self.approved
+            .get(&self.hash(registry, repository, auth))
+            .is_some_and(|at| at.elapsed() < window)
+    }
+
+    fn hash(&self, registry: &str, repository: &str, auth: Option<&HeaderValue>) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.key);
+        for part in [
+            registry.to_ascii_lowercase().as_bytes(),
+            repository.as_bytes(),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
         }
-        None => h.update([0]),
+        match auth {
+            Some(v) => {
+                h.update([1]);
+                h.update(v.as_bytes());
+            }
+            None => h.update([0]),
+        }
+        h.finalize().into()
     }
-    h.finalize().into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn auth(v: Option<&str>) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        if let Some(v) = v {
-            h.insert(header::AUTHORIZATION, v.parse().unwrap());
-        }
-        h
+    fn auth(v: &str) -> HeaderValue {
+        v.parse().unwrap()
     }
+
+    const HOUR: Duration = Duration::from_secs(3600);
 
     #[test]
     fn approval_is_per_registry_repository_and_credentials() {
-        let a = AccessCache::default();
-        a.approve("quay.io", "team/private", &auth(Some("Bearer good")));
-        assert!(a.approved("quay.io", "team/private", &auth(Some("Bearer good"))));
-        assert!(!a.approved("quay.io", "team/private", &auth(Some("Bearer other"))));
-        assert!(!a.approved("quay.io", "team/private", &auth(None)));
-        assert!(!a.approved("quay.io", "team/other", &auth(Some("Bearer good"))));
-        assert!(!a.approved("docker.io", "team/private", &auth(Some("Bearer good"))));
+        let a = Approvals::default();
+        let good = auth("Bearer good");
+        a.approve("quay.io", "team/private", Some(&good));
+        assert!(a.approved_within("quay.io", "team/private", Some(&good), HOUR));
+        assert!(a.approved_within("Quay.IO", "team/private", Some(&good), HOUR));
+        assert!(!a.approved_within("quay.io", "team/private", Some(&auth("Bearer other")), HOUR));
+        assert!(!a.approved_within("quay.io", "team/private", None, HOUR));
+        assert!(!a.approved_within("quay.io", "team/other", Some(&good), HOUR));
+        assert!(!a.approved_within("docker.io", "team/private", Some(&good), HOUR));
         // Length-prefixed parts: moving a character across the boundary is another key.
-        a.approve("ab", "c", &auth(None));
-        assert!(!a.approved("a", "bc", &auth(None)));
+        a.approve("ab", "c", None);
+        assert!(!a.approved_within("a", "bc", None, HOUR));
+        assert!(a.approved_within("ab", "c", None, HOUR));
+        a.revoke("quay.io", "team/private", Some(&good));
+        assert!(!a.approved_within("quay.io", "team/private", Some(&good), HOUR));
+    }
+
+    #[test]
+    fn approvals_age_out_of_a_window() {
+        let a = Approvals::default();
+        a.approve("quay.io", "x", None);
+        assert!(a.approved_within("quay.io", "x", None, HOUR));
+        assert!(!a.approved_within("quay.io", "x", None, Duration::ZERO));
+    }
+
+    #[test]
+    fn two_processes_hash_the_same_credentials_differently() {
+        let (a, b) = (Approvals::default(), Approvals::default());
+        let v = auth("Basic YWxpY2U6d29uZGVybGFuZA==");
+        assert_ne!(
+            a.hash("quay.io", "x", Some(&v)),
+            b.hash("quay.io", "x", Some(&v))
+        );
     }
 }

@@ -249,6 +249,16 @@ pub fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
     api_version(r)
 }
 
+/// `Docker-Content-Digest` and a strong `ETag` for content served by digest.
+pub fn digest_headers(h: &mut http::HeaderMap, digest: &crate::oci::Digest) {
+    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+        h.insert("docker-content-digest", v.clone());
+        if let Ok(etag) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+            h.insert(header::ETAG, etag);
+        }
+    }
+}
+
 /// Adds `Docker-Distribution-API-Version: registry/2.0`, which clients look for.
 pub fn api_version(mut r: Response<ProxyBody>) -> Response<ProxyBody> {
     r.headers_mut().insert(

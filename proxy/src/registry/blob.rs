@@ -1,0 +1,294 @@
+//! Blobs: the hub, then the cache under the content rule, then one upstream fetch per blob
+//! however many clients ask (streamed to each, verified, cached).
+
+use futures_util::TryStreamExt as _;
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header, request::Parts};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use tracing::{debug, warn};
+
+use super::{
+    ConnContext, RegistryProxy,
+    content::{Ask, Verdict},
+    not_entitled, path_of,
+    respond::{Source, api_version, digest_headers, relay},
+    small_response,
+    sources::{HubSource, UpstreamSource},
+};
+use crate::{
+    cache::{BlobResponse, BlobSource, BodyRange, FlightOutcome, UpstreamBlob},
+    client::{self, ProxyBody},
+    oci::{ByteRange, Digest, RepositoryName},
+    upstream::UpstreamError,
+};
+
+/// Why a blob could not be fetched upstream.
+enum FetchError {
+    /// The upstream answered, but not with the blob (401, 404, ...): relayed to the client.
+    Status(Box<Response<ProxyBody>>),
+    Failed(UpstreamError),
+}
+
+impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
+    pub(super) async fn blob(
+        &self,
+        ctx: &ConnContext,
+        req: &Parts,
+        name: &RepositoryName,
+        digest: &Digest,
+    ) -> (Source, Response<ProxyBody>) {
+        let method = &req.method;
+        // A Range header that does not parse is ignored, as RFC 9110 asks: the whole blob, 200.
+        let range_header = req.headers.get(header::RANGE);
+        let range = range_header
+            .and_then(|v| v.to_str().ok())
+            .and_then(ByteRange::parse);
+        let mut hub_headers = HeaderMap::new();
+        if let (Some(_), Some(v)) = (range, range_header) {
+            hub_headers.insert(header::RANGE, v.clone());
+        }
+        if let Some(resp) = self
+            .hub_lookup(ctx, method, name, "blobs", &digest.to_string(), hub_headers)
+            .await
+        {
+            return (Source::Hub, relay(resp, self.idle_timeout));
+        }
+
+        let path = path_of(req);
+        let ask = Ask {
+            origin: &ctx.origin,
+            repo: name,
+            path: &path,
+            headers: &req.headers,
+        };
+        // Content that is here (or arriving) goes to this client only under the content rule.
+        let mut allowed = None;
+        let blobs = self.cache.blobs();
+        if blobs.in_flight(digest) || blobs.lookup(digest).await.is_some() {
+            match self.check(ctx, &ask, digest).await {
+                Ok(source) => allowed = Some(source),
+                Err(refusal) => return *refusal,
+            }
+        }
+
+        if method == Method::HEAD {
+            if let (Some(source), Some(len)) = (allowed, blobs.lookup(digest).await) {
+                return (source, blob_head(digest, len));
+            }
+            let mut headers = req.headers.clone();
+            headers.remove(header::RANGE);
+            return match self
+                .upstream
+                .small(&ctx.origin, Method::HEAD, &path, &headers)
+                .await
+            {
+                Ok(s) if s.status.is_success() => {
+                    self.content
+                        .confirmed(&ask, std::slice::from_ref(digest))
+                        .await;
+                    (Source::Upstream, small_response(s))
+                }
+                Ok(s) => {
+                    self.content.refused(&ask, s.status, &s.headers).await;
+                    (Source::Upstream, small_response(s))
+                }
+                Err(e) => (Source::Local, self.upstream_failed(&ctx.origin, &e)),
+            };
+        }
+
+        loop {
+            match self.get_or_fetch(ctx, req, digest, range).await {
+                Ok(blob) if blob.source == BlobSource::Fetched => {
+                    // This request's own upstream GET succeeded: that was the check.
+                    self.content
+                        .confirmed(&ask, std::slice::from_ref(digest))
+                        .await;
+                    self.watch_flight(ctx, name, digest, &blob);
+                    return (Source::Upstream, blob_response(digest, blob));
+                }
+                Ok(blob) => match allowed {
+                    Some(source) => {
+                        let source = if blob.source == BlobSource::Hit {
+                            source
+                        } else {
+                            Source::Upstream
+                        };
+                        return (source, blob_response(digest, blob));
+                    }
+                    None => {
+                        // Another request cached it or started fetching it since it was looked
+                        // up: this client is checked like any other before it gets the bytes.
+                        drop(blob);
+                        match self.check(ctx, &ask, digest).await {
+                            Ok(source) => allowed = Some(source),
+                            Err(refusal) => return *refusal,
+                        }
+                    }
+                },
+                Err(FetchError::Status(resp)) => {
+                    self.content
+                        .refused(&ask, resp.status(), resp.headers())
+                        .await;
+                    return (Source::Upstream, *resp);
+                }
+                Err(FetchError::Failed(e)) => {
+                    return (Source::Local, self.upstream_failed(&ctx.origin, &e));
+                }
+            }
+        }
+    }
+
+    /// The content rule for a cached (or arriving) blob: the source to serve it as, or the
+    /// response that refuses it.
+    async fn check(
+        &self,
+        ctx: &ConnContext,
+        ask: &Ask<'_>,
+        digest: &Digest,
+    ) -> Result<Source, Box<(Source, Response<ProxyBody>)>> {
+        let refusal = match self.content.may_serve(ask, digest).await {
+            Verdict::Serve(source) => return Ok(source),
+            Verdict::Refused(s) => (Source::Upstream, small_response(s)),
+            Verdict::Unavailable => (
+                Source::Local,
+                not_entitled(&self.content, ctx, ask.headers, ask.repo, "blob"),
+            ),
+            Verdict::NoSuchHost(e) => (Source::Local, self.upstream_failed(ask.origin, &e)),
+        };
+        Err(Box::new(refusal))
+    }
+
+    /// The blob from the cache, the download under way, or this request's own upstream GET (of
+    /// the whole blob: that is what gets cached and verified; this client's range is cut from it).
+    async fn get_or_fetch(
+        &self,
+        ctx: &ConnContext,
+        req: &Parts,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<BlobResponse, FetchError> {
+        let mut fetch_headers = req.headers.clone();
+        fetch_headers.remove(header::RANGE);
+        let path = path_of(req);
+        let fetch = || async {
+            let resp = self
+                .upstream
+                .blob(&ctx.origin, Method::GET, &path, &fetch_headers)
+                .await
+                .map_err(FetchError::Failed)?;
+            if resp.status() != StatusCode::OK {
+                return Err(FetchError::Status(Box::new(resp)));
+            }
+            let len = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let body = resp
+                .into_body()
+                .into_data_stream()
+                .map_err(|e| std::io::Error::other(crate::telemetry::error_chain(e.as_ref())));
+            Ok(UpstreamBlob::new(len, body))
+        };
+        self.cache.blobs().get_or_fetch(digest, range, fetch).await
+    }
+
+    /// Logs and counts how a blob download ended, once it has (digest mismatches and disk
+    /// trouble matter to an operator even when the client already went away).
+    fn watch_flight(
+        &self,
+        ctx: &ConnContext,
+        name: &RepositoryName,
+        digest: &Digest,
+        blob: &BlobResponse,
+    ) {
+        let outcome = blob.outcome.clone();
+        let metrics = self.metrics.clone();
+        let (registry, repository, digest) = (
+            ctx.origin.authority.to_string(),
+            name.to_string(),
+            digest.to_string(),
+        );
+        tokio::spawn(async move {
+            let outcome = outcome.wait().await;
+            let label = match &outcome {
+                Some(FlightOutcome::Cached) => "cached",
+                Some(FlightOutcome::AlreadyCached) => "already_cached",
+                Some(FlightOutcome::WriteFailed { .. }) => "write_failed",
+                Some(FlightOutcome::DigestMismatch(_)) => "digest_mismatch",
+                Some(FlightOutcome::UpstreamFailed { .. }) => "upstream_failed",
+                Some(FlightOutcome::FetchFailed) | None => "fetch_failed",
+            };
+            metrics.upstream_fetch(&registry, label);
+            match outcome {
+                Some(FlightOutcome::DigestMismatch(m)) => {
+                    metrics.digest_mismatch();
+                    warn!(
+                        %registry, %repository, %digest, mismatch = %m,
+                        "upstream blob does not match its digest: not cached, clients got an error"
+                    )
+                }
+                Some(FlightOutcome::WriteFailed { error }) => warn!(
+                    %registry, %repository, %digest, %error,
+                    "blob served but not cached: the cache could not be written"
+                ),
+                Some(FlightOutcome::UpstreamFailed { error }) => warn!(
+                    %registry, %repository, %digest, %error, "upstream failed mid-blob"
+                ),
+                other => {
+                    debug!(%registry, %repository, %digest, outcome = ?other, "blob flight ended")
+                }
+            }
+        });
+    }
+}
+
+fn blob_head(digest: &Digest, len: u64) -> Response<ProxyBody> {
+    let mut r = Response::new(client::empty());
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    digest_headers(h, digest);
+    api_version(r)
+}
+
+fn blob_response(digest: &Digest, blob: BlobResponse) -> Response<ProxyBody> {
+    let (status, length, content_range) = match blob.range {
+        BodyRange::Full => (StatusCode::OK, blob.len, None),
+        BodyRange::Partial(r) => (
+            StatusCode::PARTIAL_CONTENT,
+            Some(r.end - r.start + 1),
+            blob.len.map(|total| r.content_range(total)),
+        ),
+        BodyRange::Unsatisfiable(u) => (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            Some(0),
+            Some(u.content_range()),
+        ),
+    };
+    let body = StreamBody::new(
+        blob.body
+            .map_ok(Frame::data)
+            .map_err(client::BoxError::from),
+    );
+    let mut r = Response::new(BodyExt::boxed_unsync(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    if let Some(len) = length {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        h.insert(header::CONTENT_RANGE, cr);
+    }
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    digest_headers(h, digest);
+    api_version(r)
+}

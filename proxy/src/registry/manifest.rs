@@ -1,0 +1,261 @@
+//! Manifests: the hub, then (by digest) the cache under the content rule, then the upstream;
+//! tags are always re-validated upstream and served from the cache only when it cannot be asked.
+//! What the upstream serves is verified against its digest (sha256 or sha512), cached, and its
+//! references linked to the repository.
+
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header, request::Parts};
+use tracing::warn;
+
+use super::{
+    ConnContext, RegistryProxy,
+    content::{Ask, Verdict},
+    not_entitled, path_of,
+    respond::{Source, api_version, digest_headers, oci_error, relay},
+    small_response,
+    sources::{HubSource, UpstreamSource},
+};
+use crate::{
+    cache::{Manifest, TagTarget},
+    client::{self, ProxyBody},
+    oci::{Digest, ErrorCode, ManifestRefs, Reference, RepositoryName, media_type},
+    upstream::{Small, UpstreamError},
+};
+
+/// An upstream manifest whose bytes do not hash to the digest it was asked for (or announced).
+struct DigestDisagrees;
+
+impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
+    pub(super) async fn manifest(
+        &self,
+        ctx: &ConnContext,
+        req: &Parts,
+        name: &RepositoryName,
+        reference: &Reference,
+    ) -> (Source, Response<ProxyBody>) {
+        let method = &req.method;
+        // Every Accept line the client sent (Go clients send one per media type): a registry
+        // that sees only some of them converts the manifest (down to schema 1, even).
+        let mut hub_headers = HeaderMap::new();
+        for accept in req.headers.get_all(header::ACCEPT) {
+            hub_headers.append(header::ACCEPT, accept.clone());
+        }
+        if hub_headers.is_empty() {
+            hub_headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static(media_type::MANIFEST_ACCEPT),
+            );
+        }
+        if let Some(resp) = self
+            .hub_lookup(
+                ctx,
+                method,
+                name,
+                "manifests",
+                &reference.to_string(),
+                hub_headers,
+            )
+            .await
+        {
+            return (Source::Hub, relay(resp, self.idle_timeout));
+        }
+
+        let path = path_of(req);
+        let ask = Ask {
+            origin: &ctx.origin,
+            repo: name,
+            path: &path,
+            headers: &req.headers,
+        };
+        // A manifest by digest never changes: the cached copy, under the content rule.
+        if let Reference::Digest(digest) = reference
+            && let Some(m) = self.cache.manifests().get(digest).await
+        {
+            return match self.content.may_serve(&ask, digest).await {
+                Verdict::Serve(source) => (source, manifest_response(&m, method)),
+                Verdict::Refused(s) => (Source::Upstream, small_response(s)),
+                Verdict::Unavailable => (
+                    Source::Local,
+                    not_entitled(&self.content, ctx, &req.headers, name, "manifest"),
+                ),
+                Verdict::NoSuchHost(e) => (Source::Local, self.upstream_failed(&ctx.origin, &e)),
+            };
+        }
+
+        let registry = ctx.origin.authority.as_str();
+        let upstream = self
+            .upstream
+            .small(&ctx.origin, method.clone(), &path, &req.headers)
+            .await;
+        let why = match upstream {
+            Ok(s) if s.status.is_success() => {
+                return match self.remember_manifest(&ask, reference, method, &s).await {
+                    Ok(()) => (Source::Upstream, small_response(s)),
+                    Err(DigestDisagrees) => (
+                        Source::Upstream,
+                        oci_error(
+                            StatusCode::BAD_GATEWAY,
+                            ErrorCode::ManifestInvalid,
+                            "the upstream manifest does not match its digest",
+                        ),
+                    ),
+                };
+            }
+            Ok(s) if !s.status.is_server_error() => {
+                self.content.refused(&ask, s.status, &s.headers).await;
+                return (Source::Upstream, small_response(s));
+            }
+            Err(e @ UpstreamError::NoSuchHost { .. }) => {
+                return (Source::Local, self.upstream_failed(&ctx.origin, &e));
+            }
+            other => other,
+        };
+        // The upstream cannot be asked (or is failing): what the cache knows, to a client
+        // entitled to it.
+        let reason = match &why {
+            Ok(s) => {
+                self.metrics.upstream_error(registry, "server_error");
+                format!("upstream answered {}", s.status)
+            }
+            Err(e) => {
+                self.metrics.upstream_error(registry, e.reason());
+                e.to_string()
+            }
+        };
+        if let Some(m) = self.stale_manifest(&ask, reference).await {
+            warn!(registry, repository = %name, %reference, %reason, "upstream unavailable; serving the cached manifest");
+            return (Source::Stale, manifest_response(&m, method));
+        }
+        // Something is cached for this tag, but not for this client: the registry's challenge
+        // to a client without credentials, who may turn out entitled once authenticated.
+        if self.stale_candidate(&ask, reference) {
+            return (
+                Source::Local,
+                not_entitled(&self.content, ctx, &req.headers, name, "manifest"),
+            );
+        }
+        match why {
+            Ok(s) => (Source::Upstream, small_response(s)),
+            Err(e) => (Source::Local, self.upstream_failed(&ctx.origin, &e)),
+        }
+    }
+
+    /// Whether the cache has a manifest for `reference` of the asked repository at all.
+    fn stale_candidate(&self, ask: &Ask<'_>, reference: &Reference) -> bool {
+        match reference {
+            Reference::Tag(tag) => self
+                .cache
+                .tags()
+                .get(ask.origin.authority.as_str(), ask.repo, tag)
+                .is_some(),
+            Reference::Digest(d) => {
+                self.cache
+                    .repos()
+                    .holds(ask.origin.authority.as_str(), ask.repo, d)
+            }
+        }
+    }
+
+    /// The cached manifest for `reference` if this client may have it without the upstream.
+    async fn stale_manifest(&self, ask: &Ask<'_>, reference: &Reference) -> Option<Manifest> {
+        let registry = ask.origin.authority.as_str();
+        let digest = match reference {
+            Reference::Tag(tag) => self.cache.tags().get(registry, ask.repo, tag)?.digest,
+            Reference::Digest(d) => d.clone(),
+        };
+        if !self.content.may_serve_offline(ask, &digest) {
+            return None;
+        }
+        self.cache.manifests().get(&digest).await
+    }
+
+    /// Takes in what the upstream answered for a manifest: the bytes, verified against the digest
+    /// asked for (or announced), cached by digest (GET); where the tag points; and the links of
+    /// the manifest and everything it references to the repository.
+    async fn remember_manifest(
+        &self,
+        ask: &Ask<'_>,
+        reference: &Reference,
+        method: &Method,
+        s: &Small,
+    ) -> Result<(), DigestDisagrees> {
+        let registry = ask.origin.authority.as_str();
+        let name = ask.repo;
+        let content_type = s
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let announced: Option<Digest> = s
+            .headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let expected = match reference {
+            Reference::Digest(d) => Some(d.clone()),
+            Reference::Tag(_) => announced,
+        };
+        let mut linked = Vec::new();
+        let digest = if *method == Method::GET {
+            let digest = match expected {
+                Some(expected) => {
+                    let computed = Digest::compute(expected.algorithm(), &s.body);
+                    if computed != expected {
+                        self.metrics.digest_mismatch();
+                        warn!(registry, repository = %name, %reference, %computed, %expected, "upstream manifest does not match its digest; not cached");
+                        return Err(DigestDisagrees);
+                    }
+                    expected
+                }
+                None => Digest::sha256_of(&s.body),
+            };
+            if media_type::is_manifest(&content_type) {
+                if let Err(e) = self
+                    .cache
+                    .manifests()
+                    .put(&digest, &content_type, s.body.clone())
+                    .await
+                {
+                    warn!(registry, repository = %name, error = %e, "caching a manifest failed");
+                }
+                linked = ManifestRefs::parse(&s.body).digests();
+            }
+            Some(digest)
+        } else {
+            expected
+        };
+        let Some(digest) = digest else {
+            return Ok(());
+        };
+        if let Reference::Tag(tag) = reference
+            && media_type::is_manifest(&content_type)
+        {
+            let target = TagTarget {
+                digest: digest.clone(),
+                media_type: content_type,
+            };
+            if let Err(e) = self.cache.tags().put(registry, name, tag, &target).await {
+                warn!(registry, repository = %name, error = %e, "recording a tag failed");
+            }
+        }
+        linked.push(digest);
+        self.content.confirmed(ask, &linked).await;
+        Ok(())
+    }
+}
+
+fn manifest_response(m: &Manifest, method: &Method) -> Response<ProxyBody> {
+    let body = if *method == Method::HEAD {
+        client::empty()
+    } else {
+        client::full(m.bytes.clone())
+    };
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
+    if let Ok(v) = HeaderValue::from_str(&m.media_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    digest_headers(h, &m.digest);
+    api_version(r)
+}
