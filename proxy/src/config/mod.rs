@@ -549,6 +549,16 @@ impl Config {
     }
 
     /// What the kernel redirect needs.
+    /// The ports only pullproxy may bind (the bind guard): the proxy port, and the admin
+    /// listener's, whose squatter could answer Prometheus and the kubelet's probes.
+    pub fn guarded_ports(&self) -> Vec<u16> {
+        let mut ports = vec![self.listen.port, self.admin.listen.port()];
+        ports.retain(|p| *p != 0);
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
     pub fn redirect_settings(&self) -> RedirectSettings {
         let r = &self.redirect;
         RedirectSettings {
@@ -556,6 +566,7 @@ impl Config {
             pin_dir: r.pin_dir.clone(),
             ports: r.ports.clone(),
             proxy_port: self.listen.port,
+            guarded_ports: self.guarded_ports(),
             exclude: r.exclude.clone(),
             targets: self.targets().expect("validated at load"),
             rescan_interval: r.rescan_interval,
