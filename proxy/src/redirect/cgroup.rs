@@ -17,7 +17,8 @@ const UNIT_SCAN_DEPTH: usize = 3;
 pub struct Detection {
     /// Cgroup paths of the runtimes: their systemd units and the cgroups of vetted processes.
     pub cgroups: BTreeSet<String>,
-    /// Processes named like a runtime whose cgroups do not count (impostors, or unverified).
+    /// Processes named like a runtime whose cgroups do not count (impostors, or unverified),
+    /// except those in a cgroup that is a target anyway (a runtime's unit).
     pub skipped: Vec<RuntimeProc>,
 }
 
@@ -119,9 +120,9 @@ impl Cgroup2 {
     /// [`runtimes::vet`]). The root cgroup is never returned: targeting it would redirect every
     /// process on the node.
     pub fn detect_runtimes(&self, proc_root: &Path) -> Detection {
-        let mut found = process_cgroups(runtimes::running(proc_root));
-        self.scan_units(Path::new("/"), 0, &mut found.cgroups);
-        found
+        let mut units = BTreeSet::new();
+        self.scan_units(Path::new("/"), 0, &mut units);
+        process_cgroups(runtimes::running(proc_root), units)
     }
 
     /// Units are looked for only in slices (`/system.slice/containerd.service`), as systemd
@@ -151,25 +152,43 @@ impl Cgroup2 {
     }
 }
 
-/// The cgroups of the processes vetted as runtimes; the others come back as skipped.
-fn process_cgroups(processes: Vec<RuntimeProc>) -> Detection {
-    let mut found = Detection::default();
-    for process in processes {
-        if process.vetting != Vetting::Runtime {
-            found.skipped.push(process);
-            continue;
+/// `units` plus the cgroups of the processes vetted as runtimes; the others come back as
+/// skipped unless a target cgroup holds them anyway.
+fn process_cgroups(processes: Vec<RuntimeProc>, units: BTreeSet<String>) -> Detection {
+    let mut found = Detection {
+        cgroups: units,
+        skipped: Vec::new(),
+    };
+    let (vetted, others): (Vec<_>, Vec<_>) = processes
+        .into_iter()
+        .map(|p| (process_cgroup(&p), p))
+        .partition(|(_, p)| p.vetting == Vetting::Runtime);
+    for (path, _) in vetted {
+        // The root cgroup would make every process on the node a target.
+        if let Some(path) = path.filter(|p| p != "/") {
+            found.cgroups.insert(path);
         }
-        // A path with `..` is another cgroup namespace's view (a pod with hostPID): not
-        // resolvable here, and the unit scan finds systemd-managed runtimes anyway.
-        if let Ok(text) = fs::read_to_string(process.dir.join("cgroup"))
-            && let Some(path) = unified_path(&text)
-            && path != "/"
-            && !path.split('/').any(|c| c == "..")
-        {
-            found.cgroups.insert(path.to_owned());
+    }
+    for (path, process) in others {
+        let covered = path.is_some_and(|path| {
+            found
+                .cgroups
+                .iter()
+                .any(|c| path == *c || path.starts_with(&format!("{c}/")))
+        });
+        if !covered {
+            found.skipped.push(process);
         }
     }
     found
+}
+
+/// A process's cgroup v2 path. A path with `..` is another cgroup namespace's view (a pod with
+/// hostPID): not resolvable here, and the unit scan finds systemd-managed runtimes anyway.
+fn process_cgroup(process: &RuntimeProc) -> Option<String> {
+    let text = fs::read_to_string(process.dir.join("cgroup")).ok()?;
+    let path = unified_path(&text)?;
+    (!path.split('/').any(|c| c == "..")).then(|| path.to_owned())
 }
 
 /// The cgroup v2 path in `/proc/<pid>/cgroup` text (`0::/path`).
@@ -380,6 +399,12 @@ mod tests {
                 "/system.slice/cron.service",
                 Vetting::Unverified("denied".into()),
             ),
+            // Unverified, but in its unit's cgroup: a target anyway, and not reported.
+            (
+                15,
+                "/system.slice/containerd.service",
+                Vetting::Unverified("denied".into()),
+            ),
         ]
         .into_iter()
         .map(|(pid, cgroup, vetting)| {
@@ -394,10 +419,11 @@ mod tests {
             }
         })
         .collect();
-        let found = process_cgroups(processes);
+        let units = BTreeSet::from(["/system.slice/containerd.service".to_owned()]);
+        let found = process_cgroups(processes, units);
         assert_eq!(
             found.cgroups.into_iter().collect::<Vec<_>>(),
-            vec!["/custom/docker"]
+            vec!["/custom/docker", "/system.slice/containerd.service"]
         );
         let skipped: Vec<u32> = found.skipped.iter().map(|p| p.pid).collect();
         assert_eq!(skipped, vec![11, 14]);
