@@ -12,6 +12,7 @@ use harness::{
     probe,
     process::{Placement, sibling_binary},
     pullproxy::{Pullproxy, run_expecting_failure},
+    registry_client::{Body, RegistryClient},
     require_root,
     squatter::{EPERM, NOBODY, Squat},
 };
@@ -127,6 +128,23 @@ fn a_stopped_proxys_ports_cannot_be_taken_and_a_restart_in_a_new_cgroup_takes_th
         .map(|r| r["cgroup"].as_str().unwrap_or_default().to_owned())
         .collect::<Vec<_>>();
     assert_eq!(own, vec![moved.path().to_owned()], "{}", proxy.dump());
+
+    // The refusals are their own metric, not a connection outcome.
+    let metrics = RegistryClient::new("127.0.0.1", "127.0.0.1:15090".parse().unwrap())
+        .netns(&node.ns)
+        .anonymous()
+        .request("GET", "/metrics", &[], Body::Empty)
+        .expect("GET /metrics")
+        .text();
+    let total = node.counter(Counter::BindRefused);
+    assert!(total > refused, "{total}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == format!("pullproxy_guard_refused_binds_total {total}")),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("bind_refused"), "{metrics}");
     drop(squatters);
 }
 
