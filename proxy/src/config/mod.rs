@@ -646,6 +646,16 @@ mod tests {
     }
 
     #[test]
+    fn the_guard_covers_the_proxy_and_admin_ports_once_each() {
+        let c = Config::from_yaml("# defaults\n", "x.yaml", no_env()).unwrap();
+        assert_eq!(c.guarded_ports(), vec![15090, 15443]);
+        assert_eq!(c.redirect_settings().guarded_ports, vec![15090, 15443]);
+        let text = "listen: {port: 9000}\nadmin: {listen: \"0.0.0.0:9000\"}\n";
+        let c = Config::from_yaml(text, "x.yaml", no_env()).unwrap();
+        assert_eq!(c.guarded_ports(), vec![9000]);
+    }
+
+    #[test]
     fn unknown_keys_are_named_with_their_line() {
         let err = error("cache:\n  max_size: 1GiB\n  max_sise: 2GiB\n", &[]);
         assert!(err.starts_with("x.yaml line 3 column 3: cache"), "{err}");
