@@ -6,7 +6,7 @@
 /// Version of the map layout. Maps are pinned under `<pin dir>/maps-<version>/`, so a pullproxy
 /// whose maps differ never reuses an older, incompatible pinned map: it creates its own and
 /// swaps its programs into the pinned links. Bump it whenever a map's type, key or value changes.
-pub const MAPS_LAYOUT: &str = "v3";
+pub const MAPS_LAYOUT: &str = "v4";
 
 /// Names of the maps, as pinned under `<pin dir>/maps-<MAPS_LAYOUT>/`.
 pub mod maps {
@@ -33,6 +33,13 @@ pub mod maps {
     /// LRU: tgid -> `u64` (unused) of processes that rejected the node CA's certificate (they
     /// started before it was installed). Their connections go direct until they restart.
     pub const UNTRUSTED: &str = "PP_UNTRUSTED";
+    /// Hash: TCP port (host order, `u16`) -> `u32` (unused) of the ports only pullproxy may
+    /// bind: its proxy port and its admin port. Written by user space.
+    pub const GUARD_PORTS: &str = "PP_GUARD_PORTS";
+    /// One `u64`: the network namespace cookie in which pullproxy last bound a guarded port (0:
+    /// none yet). The bind guard acts only there, so a pod in its own network namespace may still
+    /// use the same port numbers. Written by the bind programs.
+    pub const GUARD_NETNS: &str = "PP_GUARD_NETNS";
 }
 
 /// Names of the globals set at load time.
@@ -49,6 +56,8 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "pp_getpeername4";
     pub const GETPEERNAME6: &str = "pp_getpeername6";
     pub const SOCKOPS: &str = "pp_sockops";
+    pub const BIND4: &str = "pp_bind4";
+    pub const BIND6: &str = "pp_bind6";
 }
 
 /// Capacity of the cookie and tuple maps. Both are LRU maps: a record whose connection never
@@ -64,6 +73,8 @@ pub const PORT_SLOTS: u32 = 65_536;
 pub const MAX_CACHED_ROLES: u32 = 16_384;
 /// Capacity of the map of processes that do not trust the node CA.
 pub const MAX_UNTRUSTED: u32 = 4_096;
+/// Capacity of the guarded-port map (the proxy port and the admin port need two).
+pub const MAX_GUARD_PORTS: u32 = 8;
 /// How many cgroup levels above the caller's own cgroup are checked for a target or bypass mark.
 /// A runtime that puts helpers in child cgroups of its unit is still matched.
 pub const MAX_CGROUP_DEPTH: i32 = 16;
@@ -129,7 +140,8 @@ pub struct TupleKey {
 }
 
 /// Indexes into the per-CPU counter array. Only connections whose destination port is in the port
-/// map are counted; everything else leaves the hook before any counter is touched.
+/// map are counted; everything else leaves the hook before any counter is touched. The bind guard
+/// counts only the binds it refuses.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -154,11 +166,14 @@ pub enum Counter {
     /// The process rejected the node CA's certificate before (it does not trust it yet): its
     /// connections go direct until it restarts.
     Untrusted = 9,
+    /// The bind guard refused a `bind()` of a guarded port (the proxy's or the admin listener's)
+    /// by a process outside pullproxy's cgroup. Not a connection: see [`Counter::is_connection`].
+    BindRefused = 10,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Redirected,
         Counter::NotTarget,
         Counter::Bypass,
@@ -169,6 +184,7 @@ impl Counter {
         Counter::Rekeyed,
         Counter::PeerRestored,
         Counter::Untrusted,
+        Counter::BindRefused,
     ];
     /// Size of the counter array.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -186,7 +202,14 @@ impl Counter {
             Counter::Rekeyed => "rekeyed",
             Counter::PeerRestored => "peer_restored",
             Counter::Untrusted => "untrusted_client",
+            Counter::BindRefused => "bind_refused",
         }
+    }
+
+    /// Whether this counts `connect()` calls (and what became of them), as opposed to refused
+    /// binds: the two go to different metrics, so the connection outcomes still add up.
+    pub const fn is_connection(self) -> bool {
+        !matches!(self, Counter::BindRefused)
     }
 }
 

@@ -5,10 +5,14 @@
 //! `pp_sockops` re-keys that record by the connection's 4-tuple once the kernel has chosen the
 //! source port, which is what the proxy sees on `accept()`. `pp_getpeername4`/`pp_getpeername6`
 //! answer `getpeername()` with the original destination, so the runtime's view is unchanged.
+//! `pp_bind4`/`pp_bind6` are the bind guard: only pullproxy's own cgroup may bind its ports, so
+//! while it is down nobody else can listen there and receive the runtimes' connections.
 //!
-//! Every program returns "allow": an internal error must never make `connect()` fail. The
-//! redirect only happens when the proxy's listener exists in the caller's network namespace, so a
-//! stopped proxy means direct connections (fail open).
+//! Every connect-side program returns "allow": an internal error must never make `connect()`
+//! fail. The redirect only happens when the proxy's listener exists in the caller's network
+//! namespace, so a stopped proxy means direct connections (fail open). The bind guard refuses
+//! exactly one thing: a TCP `bind()` of a guarded port, in pullproxy's network namespace, from
+//! any other cgroup.
 #![no_std]
 #![no_main]
 
@@ -23,8 +27,8 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie,
-        bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
@@ -33,7 +37,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use proxy_common::{
     CachedRole, CgroupRole, Counter, FAMILY_V4, FAMILY_V6, MAX_CACHED_ROLES, MAX_CGROUP_DEPTH,
-    MAX_CGROUPS, MAX_EXCLUDES, MAX_PENDING, MAX_UNTRUSTED, OrigDst, PORT_SLOTS, TupleKey,
+    MAX_CGROUPS, MAX_EXCLUDES, MAX_GUARD_PORTS, MAX_PENDING, MAX_UNTRUSTED, OrigDst, PORT_SLOTS,
+    TupleKey,
 };
 
 /// The proxy's port, set at load (`proxy_common::globals::PROXY_PORT`).
@@ -62,6 +67,10 @@ static PP_GENERATION: Array<u64> = Array::pinned(1, 0);
 static PP_ROLE_CACHE: LruHashMap<u64, CachedRole> = LruHashMap::pinned(MAX_CACHED_ROLES, 0);
 #[map]
 static PP_UNTRUSTED: LruHashMap<u32, u64> = LruHashMap::pinned(MAX_UNTRUSTED, 0);
+#[map]
+static PP_GUARD_PORTS: HashMap<u16, u32> = HashMap::pinned(MAX_GUARD_PORTS, 0);
+#[map]
+static PP_GUARD_NETNS: Array<u64> = Array::pinned(1, 0);
 
 const SOCK_STREAM: u32 = 1;
 const AF_INET: u32 = 2;
@@ -92,6 +101,16 @@ pub fn pp_getpeername4(ctx: SockAddrContext) -> i32 {
 pub fn pp_getpeername6(ctx: SockAddrContext) -> i32 {
     try_getpeername(&ctx, true);
     1
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn pp_bind4(ctx: SockAddrContext) -> i32 {
+    i32::from(may_bind(&ctx))
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn pp_bind6(ctx: SockAddrContext) -> i32 {
+    i32::from(may_bind(&ctx))
 }
 
 // Named `pp_sockops`: a `#[sock_ops]` function named `sockops` fails to link.
@@ -268,6 +287,45 @@ fn try_sockops(ctx: &SockOpsContext) {
     if PP_BY_TUPLE.insert(&key, &orig, 0).is_ok() {
         count(Counter::Rekeyed);
     }
+}
+
+/// The bind guard: whether this `bind()` may proceed (false: it fails with EPERM). Refused only
+/// for a TCP socket binding a guarded port, from a cgroup other than pullproxy's own, in the
+/// network namespace where pullproxy binds its ports. Any address counts (`0.0.0.0`, `::`,
+/// `::ffff:127.0.0.1` reach the same port). Same code for v4 and v6: the port and the type are
+/// the only fields read.
+#[inline(always)]
+fn may_bind(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the kernel hands every cgroup/bind program a valid `bpf_sock_addr`.
+    let sa = unsafe { &*ctx.sock_addr };
+    // SOCK_STREAM covers TCP and MPTCP, whose listeners accept plain TCP connections too.
+    if sa.type_ != SOCK_STREAM {
+        return true;
+    }
+    let port = u16::from_be(sa.user_port as u16);
+    if PP_GUARD_PORTS.get_ptr(&port).is_none() {
+        return true;
+    }
+    // SAFETY: helpers that only read the current task and socket.
+    let (own, netns) = unsafe {
+        (
+            bpf_get_current_cgroup_id(),
+            bpf_get_netns_cookie(ctx.as_ptr()),
+        )
+    };
+    // Exactly pullproxy's cgroup (no ancestor walk): nothing below it is pullproxy.
+    // SAFETY: the value is copied out at once.
+    if unsafe { PP_CGROUPS.get(&own).copied() } == Some(CgroupRole::Bypass as u32) {
+        // pullproxy binds here: this is the namespace whose ports are guarded from now on.
+        let _ = PP_GUARD_NETNS.set(0, &netns, 0);
+        return true;
+    }
+    // Before pullproxy ever bound (0), and in every other namespace (a pod's), the port is free.
+    if PP_GUARD_NETNS.get(0).copied().unwrap_or(0) != netns {
+        return true;
+    }
+    count(Counter::BindRefused);
+    false
 }
 
 /// The proxy port for a registry destination port, if it is one.

@@ -79,10 +79,10 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, readiness: Ar
 }
 
 /// Binds the admin address.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("binding the admin listener {addr}: {e}"))
-    })
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::server::BindError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| crate::server::BindError { addr, source })
 }
 
 fn answer(

@@ -1,5 +1,8 @@
 //! `pullproxy run`: builds every part from the configuration, in the order that keeps a failed
-//! start harmless (nothing is attached before the proxy can serve), and runs until a signal.
+//! start harmless, and runs until a signal. The kernel programs are installed after everything
+//! that can fail on configuration or state (TLS, cache) and before the listeners are bound: the
+//! bind guard must know pullproxy's own cgroup before pullproxy binds, so that nobody else can
+//! take the port. Without a listener the programs let every connection go direct.
 
 use std::{
     sync::{
@@ -22,9 +25,10 @@ use crate::{
     config::Config,
     hub::{HubClient, HubOutcome},
     original_dst::{MemoryOriginalDst, OriginalDstSource},
+    port_holder,
     redirect::{LoaderError, Redirector},
     registry::RegistryProxy,
-    server::{self, OnDistrust, Server, ServerMetrics},
+    server::{self, BindError, OnDistrust, Server, ServerMetrics},
     tls::{self, LeafMinter, NodeCa, TlsError},
     upstream::Upstream,
 };
@@ -39,8 +43,19 @@ pub enum RunError {
         #[source]
         source: CacheError,
     },
-    #[error("binding the listeners")]
-    Bind(#[source] std::io::Error),
+    #[error("binding {addr}{hint}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        /// Who holds the port, or that the bind guard refused it (empty when neither).
+        hint: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "port {port} is already in use, and the kernel would send the container runtimes' \
+         connections there: {holders}. Stop it, then start pullproxy again"
+    )]
+    PortTaken { port: u16, holders: String },
     #[error("installing the kernel redirect")]
     Redirect(#[from] LoaderError),
     #[error("waiting for signals")]
@@ -121,18 +136,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let server_metrics = Arc::new(ServerMetrics::default());
     server_metrics.register(&mut registry);
 
-    let admin_listener = admin::bind(config.admin.listen)
-        .await
-        .map_err(RunError::Bind)?;
-    let listeners =
-        server::bind(&config.listen.addresses, config.listen.port).map_err(RunError::Bind)?;
-    readiness.listening.store(true, Ordering::Relaxed);
-    info!(port = config.listen.port, admin = %config.admin.listen, "listening");
-
     let (records, on_distrust): (Arc<dyn OriginalDstSource>, OnDistrust) = if config
         .redirect
         .enabled
     {
+        check_ports_free(&config)?;
         let (redirector, records) = Redirector::install(config.redirect_settings())?;
         let redirector = Arc::new(Mutex::new(redirector));
         crate::redirect::metrics::register(&mut registry, redirector.clone());
@@ -147,6 +155,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         warn!("redirect.enabled is false: no connection is redirected to the proxy");
         (Arc::new(MemoryOriginalDst::default()), Box::new(|_| {}))
     };
+    let guarded = config.redirect.enabled;
+    let admin_listener = admin::bind(config.admin.listen)
+        .await
+        .map_err(|e| bind_failed(e, guarded))?;
+    let listeners = server::bind(&config.listen.addresses, config.listen.port)
+        .map_err(|e| bind_failed(e, guarded))?;
+    readiness.listening.store(true, Ordering::Relaxed);
+    info!(port = config.listen.port, admin = %config.admin.listen, "listening");
     readiness.attached.store(true, Ordering::Relaxed);
 
     let hub_up = Gauge::<i64, AtomicI64>::default();
@@ -192,6 +208,61 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             info!("shutting down; the kernel programs stay pinned and fail open while pullproxy is down");
             Ok(())
         }
+    }
+}
+
+/// Refuses to start when something already listens where pullproxy is about to (a process that
+/// bound a guarded port before any guard existed): once the programs are attached, the runtimes'
+/// connections would go to it. Names the holder so the operator knows what to stop.
+fn check_ports_free(config: &Config) -> Result<(), RunError> {
+    let proc_root = std::path::Path::new("/proc");
+    for (port, ours) in [
+        (config.listen.port, config.listen.addresses.clone()),
+        (config.admin.listen.port(), vec![config.admin.listen.ip()]),
+    ] {
+        let taken: Vec<String> = port_holder::holders(proc_root, port)
+            .into_iter()
+            .filter(|h| h.listening && port_holder::intercepts(h.addr.ip(), &ours))
+            .map(|h| h.to_string())
+            .collect();
+        if !taken.is_empty() {
+            return Err(RunError::PortTaken {
+                port,
+                holders: taken.join("; "),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A bind error with who holds the port, or with the bind guard named when it refused.
+fn bind_failed(e: BindError, guarded: bool) -> RunError {
+    let hint = match e.source.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            let holders: Vec<String> =
+                port_holder::holders(std::path::Path::new("/proc"), e.addr.port())
+                    .into_iter()
+                    .map(|h| h.to_string())
+                    .collect();
+            if holders.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({}; stop it, then start pullproxy again)",
+                    holders.join("; ")
+                )
+            }
+        }
+        std::io::ErrorKind::PermissionDenied if guarded => " (refused by the bind guard: this \
+            process's cgroup is not the one marked as pullproxy's; `pullproxy doctor` shows the \
+            marks)"
+            .to_owned(),
+        _ => String::new(),
+    };
+    RunError::Bind {
+        addr: e.addr,
+        hint,
+        source: e.source,
     }
 }
 

@@ -1,6 +1,6 @@
 //! `pullproxy doctor`: checks that a node can run pullproxy and that a running one works (kernel
-//! and BPF support, cgroup v2, privileges, bpffs, container runtimes, attached programs, trust in
-//! the node CA, the hub, the cache directory), as a report tests can assert on and one line per
+//! and BPF support, cgroup v2, privileges, bpffs, container runtimes, attached programs, the bind
+//! guard, trust in the node CA, the hub, the cache directory), as a report tests can assert on and one line per
 //! finding for the operator. Nothing here changes the system, and no credential is ever printed.
 
 use std::{
@@ -11,6 +11,7 @@ use std::{
 };
 
 use aya::{programs::ProgramType, util::KernelVersion};
+use proxy_common::Counter;
 
 use crate::{
     client::{self, AddressPolicy, Connector},
@@ -64,6 +65,7 @@ pub enum Check {
     Bpffs,
     Runtimes,
     Attached,
+    Guard,
     Trust,
     Hub,
     Cache,
@@ -79,6 +81,7 @@ impl Check {
             Check::Bpffs => "bpffs",
             Check::Runtimes => "runtimes",
             Check::Attached => "attached",
+            Check::Guard => "guard",
             Check::Trust => "trust",
             Check::Hub => "hub",
             Check::Cache => "cache",
@@ -190,6 +193,7 @@ pub async fn diagnose(config: &Config, args: &DoctorArgs) -> DoctorReport {
         check_runtimes(&mut report, config, cgroup2, &args.proc_root);
     }
     check_attached(&mut report, config, cgroup2.as_ref());
+    check_guard(&mut report, config);
     check_trust(&mut report, config, args);
     check_hub(&mut report, config).await;
     check_cache(&mut report, &config.cache.dir, config.cache.max_size.0);
@@ -386,13 +390,20 @@ fn fs_magic(path: &Path) -> Option<i64> {
 fn check_runtimes(report: &mut DoctorReport, config: &Config, cgroup2: &Cgroup2, proc: &Path) {
     let settings = config.redirect_settings();
     let (paths, how) = match &settings.targets {
-        redirect::Targets::Auto => (
-            cgroup2
-                .detect_runtimes(proc)
-                .into_iter()
-                .collect::<Vec<_>>(),
-            "found",
-        ),
+        redirect::Targets::Auto => {
+            let found = cgroup2.detect_runtimes(proc);
+            for p in &found.skipped {
+                report.note(
+                    Check::Runtimes,
+                    format!(
+                        "{} (pid {}) is named like a container runtime but is {}: its cgroup is \
+                         not redirected",
+                        p.comm, p.pid, p.vetting
+                    ),
+                );
+            }
+            (found.cgroups.into_iter().collect::<Vec<_>>(), "found")
+        }
         redirect::Targets::Paths(p) => (p.clone(), "configured"),
     };
     if paths.is_empty() {
@@ -478,7 +489,7 @@ fn check_attached(report: &mut DoctorReport, config: &Config, cgroup2: Option<&C
             Ok(c) => {
                 let shown: Vec<String> = c
                     .iter()
-                    .filter(|(_, v)| *v > 0)
+                    .filter(|(c, v)| *v > 0 && c.is_connection())
                     .map(|(c, v)| format!("{} {v}", c.name()))
                     .collect();
                 if shown.is_empty() {
@@ -496,6 +507,78 @@ fn check_attached(report: &mut DoctorReport, config: &Config, cgroup2: Option<&C
                 attached.len(),
                 config.redirect.attach_cgroup,
                 attached.join(", ")
+            ),
+        );
+    }
+}
+
+/// The bind guard: attached, which ports, armed (pullproxy bound them since the programs were
+/// installed), and how many binds it refused.
+fn check_guard(report: &mut DoctorReport, config: &Config) {
+    if !config.redirect.enabled {
+        return;
+    }
+    let pin_dir = &config.redirect.pin_dir;
+    let links = redirect::pinned_links(pin_dir);
+    let missing: Vec<&str> = redirect::GUARD_PROGRAMS
+        .iter()
+        .copied()
+        .filter(|name| !links.iter().any(|(n, l)| n == name && l.is_some()))
+        .collect();
+    let want = config.guarded_ports();
+    if !missing.is_empty() {
+        report.problem(
+            Check::Guard,
+            format!(
+                "the bind guard is not attached ({} missing): while pullproxy is down any local \
+                 process may listen on port {} and receive the runtimes' redirected connections; \
+                 start pullproxy, which attaches it",
+                missing.join(", "),
+                config.listen.port
+            ),
+        );
+        return;
+    }
+    let guard = match redirect::guard::pinned(pin_dir) {
+        Ok(g) => g,
+        Err(e) => {
+            report.problem(
+                Check::Guard,
+                format!("cannot read the bind guard's maps: {}", error_chain(&e)),
+            );
+            return;
+        }
+    };
+    let refused = redirect::pinned_counters(pin_dir)
+        .ok()
+        .and_then(|c| c.into_iter().find(|(c, _)| *c == Counter::BindRefused))
+        .map_or(0, |(_, v)| v);
+    let ports: Vec<String> = guard.ports.iter().map(u16::to_string).collect();
+    if guard.ports != want {
+        report.problem(
+            Check::Guard,
+            format!(
+                "the bind guard protects port(s) {} but this configuration uses {want:?}: \
+                 restart pullproxy to update it",
+                ports.join(", ")
+            ),
+        );
+    } else if guard.netns == 0 {
+        report.problem(
+            Check::Guard,
+            format!(
+                "the bind guard for port(s) {} is attached but not armed: pullproxy has not bound \
+                 them since it was installed; start pullproxy",
+                ports.join(", ")
+            ),
+        );
+    } else {
+        report.ok(
+            Check::Guard,
+            format!(
+                "bind guard attached: only pullproxy's cgroup may bind port(s) {} in its network \
+                 namespace; {refused} bind(s) refused",
+                ports.join(", ")
             ),
         );
     }

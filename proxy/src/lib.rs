@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod hub;
 pub mod oci;
 pub mod original_dst;
+pub mod port_holder;
 pub mod redirect;
 pub mod registry;
 pub mod runtimes;

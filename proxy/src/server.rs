@@ -38,22 +38,32 @@ const HTTP_PEEK_LIMIT: usize = 16 << 10;
 /// Listen backlog: a node pulling many images opens many connections at once.
 const BACKLOG: u32 = 1024;
 
+/// A listener that could not be set up, with its address.
+#[derive(Debug, thiserror::Error)]
+#[error("binding {addr}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Binds the proxy port on each loopback address.
-pub fn bind(addresses: &[std::net::IpAddr], port: u16) -> std::io::Result<Vec<TcpListener>> {
+pub fn bind(addresses: &[std::net::IpAddr], port: u16) -> Result<Vec<TcpListener>, BindError> {
     addresses
         .iter()
         .map(|ip| {
             let addr = SocketAddr::new(*ip, port);
-            let socket = if ip.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
+            let listen = || {
+                let socket = if ip.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                socket.set_reuseaddr(true)?;
+                socket.bind(addr)?;
+                socket.listen(BACKLOG)
             };
-            socket.set_reuseaddr(true)?;
-            socket
-                .bind(addr)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
-            socket.listen(BACKLOG)
+            listen().map_err(|source| BindError { addr, source })
         })
         .collect()
 }

@@ -7,7 +7,8 @@
 //! (`registry_client`), image content built in Rust (`images`), test CAs (`testca`), and
 //! unmodified clients (`skopeo`, `podman`, `containerd` with `ctr` and a CRI client in `cri`)
 //! that see fake registries through a private mount namespace (`mountns`: hosts file and CA
-//! bundle). `world` puts a node, the hub, the fake upstreams and pullproxy together.
+//! bundle). `world` puts a node, the hub, the fake upstreams and pullproxy together. `squatter`
+//! tries to take pullproxy's ports, or poses as a container runtime.
 //!
 //! For benchmarks: a load generator that every measured system is pulled with (`loadgen`), and
 //! nginx as a caching TLS reverse proxy (`nginx`), a peer of pullproxy.
@@ -35,6 +36,7 @@ pub mod pullproxy;
 pub mod registry;
 pub mod registry_client;
 pub mod skopeo;
+pub mod squatter;
 pub mod testca;
 pub mod token;
 pub mod world;

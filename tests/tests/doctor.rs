@@ -59,13 +59,27 @@ fn a_running_pullproxy_is_reported_attached() {
         "{attached:?}"
     );
 
+    let guard = findings(&before, Check::Guard);
+    assert!(
+        matches!(&guard[..], [(Verdict::Problem, m)] if m.contains("bind guard is not attached")
+            && m.contains("pp_bind4, pp_bind6")),
+        "{guard:?}"
+    );
+
     let _proxy = node.start_proxy(&[]);
     let report = diagnose(&node, &config);
     let attached = findings(&report, Check::Attached);
     assert!(
-        matches!(&attached[..], [(Verdict::Ok, m)] if m.starts_with("5 program(s) attached at")
-            && m.contains("pp_connect4") && m.contains("pp_sockops")),
+        matches!(&attached[..], [(Verdict::Ok, m)] if m.starts_with("7 program(s) attached at")
+            && m.contains("pp_connect4") && m.contains("pp_sockops") && m.contains("pp_bind6")),
         "{attached:?}"
+    );
+    let guard = findings(&report, Check::Guard);
+    assert!(
+        matches!(&guard[..], [(Verdict::Ok, m)]
+            if m.contains("only pullproxy's cgroup may bind port(s) 15090, 15443")
+                && m.contains("0 bind(s) refused")),
+        "{guard:?}"
     );
     let runtimes = findings(&report, Check::Runtimes);
     assert!(
@@ -101,7 +115,7 @@ fn a_running_pullproxy_is_reported_attached() {
     assert!(
         stdout
             .lines()
-            .any(|l| l.starts_with("ok      attached   5 program(s) attached")),
+            .any(|l| l.starts_with("ok      attached   7 program(s) attached")),
         "{stdout}"
     );
     assert_eq!(out.status.success(), report.healthy(), "{stdout}");

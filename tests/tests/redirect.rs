@@ -217,7 +217,7 @@ fn stopped_proxy_fails_open_and_a_restart_resumes_without_reattaching() {
     let proxy = w.start_proxy(&[]);
     assert_eq!(
         proxy.all("swapped into pinned link").len(),
-        5,
+        7,
         "{}",
         proxy.dump()
     );

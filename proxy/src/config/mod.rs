@@ -549,6 +549,16 @@ impl Config {
     }
 
     /// What the kernel redirect needs.
+    /// The ports only pullproxy may bind (the bind guard): the proxy port, and the admin
+    /// listener's, whose squatter could answer Prometheus and the kubelet's probes.
+    pub fn guarded_ports(&self) -> Vec<u16> {
+        let mut ports = vec![self.listen.port, self.admin.listen.port()];
+        ports.retain(|p| *p != 0);
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
     pub fn redirect_settings(&self) -> RedirectSettings {
         let r = &self.redirect;
         RedirectSettings {
@@ -556,6 +566,7 @@ impl Config {
             pin_dir: r.pin_dir.clone(),
             ports: r.ports.clone(),
             proxy_port: self.listen.port,
+            guarded_ports: self.guarded_ports(),
             exclude: r.exclude.clone(),
             targets: self.targets().expect("validated at load"),
             rescan_interval: r.rescan_interval,
@@ -632,6 +643,16 @@ mod tests {
         // A file of comments only is the defaults.
         let c = Config::from_yaml("# nothing yet\n", "x.yaml", no_env()).unwrap();
         assert_eq!(c.listen.port, d.listen.port);
+    }
+
+    #[test]
+    fn the_guard_covers_the_proxy_and_admin_ports_once_each() {
+        let c = Config::from_yaml("# defaults\n", "x.yaml", no_env()).unwrap();
+        assert_eq!(c.guarded_ports(), vec![15090, 15443]);
+        assert_eq!(c.redirect_settings().guarded_ports, vec![15090, 15443]);
+        let text = "listen: {port: 9000}\nadmin: {listen: \"0.0.0.0:9000\"}\n";
+        let c = Config::from_yaml(text, "x.yaml", no_env()).unwrap();
+        assert_eq!(c.guarded_ports(), vec![9000]);
     }
 
     #[test]

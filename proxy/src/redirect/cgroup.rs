@@ -7,10 +7,20 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::runtimes::{self, RUNTIME_UNITS};
+use crate::runtimes::{self, RUNTIME_UNITS, RuntimeProc, Vetting};
 
 /// How deep below the root the unit scan looks (`system.slice/x.service` is depth 2).
 const UNIT_SCAN_DEPTH: usize = 3;
+
+/// What a scan for runtimes found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Detection {
+    /// Cgroup paths of the runtimes: their systemd units and the cgroups of vetted processes.
+    pub cgroups: BTreeSet<String>,
+    /// Processes named like a runtime whose cgroups do not count (impostors, or unverified),
+    /// except those in a cgroup that is a target anyway (a runtime's unit).
+    pub skipped: Vec<RuntimeProc>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -106,25 +116,19 @@ impl Cgroup2 {
     }
 
     /// Finds the runtimes' cgroups: known systemd units near the top of the tree, and the cgroups
-    /// of processes named like a runtime under `proc_root`. The root cgroup is never returned:
-    /// targeting it would redirect every process on the node.
-    pub fn detect_runtimes(&self, proc_root: &Path) -> BTreeSet<String> {
-        let mut found = BTreeSet::new();
-        self.scan_units(Path::new("/"), 0, &mut found);
-        for process in runtimes::running(proc_root) {
-            // A path with `..` is another cgroup namespace's view (a pod with hostPID): not
-            // resolvable here, and the unit scan finds systemd-managed runtimes anyway.
-            if let Ok(text) = fs::read_to_string(process.dir.join("cgroup"))
-                && let Some(path) = unified_path(&text)
-                && path != "/"
-                && !path.split('/').any(|c| c == "..")
-            {
-                found.insert(path.to_owned());
-            }
-        }
-        found
+    /// of processes under `proc_root` that are runtimes (named like one and vetted, see
+    /// [`runtimes::vet`]). The root cgroup is never returned: targeting it would redirect every
+    /// process on the node.
+    pub fn detect_runtimes(&self, proc_root: &Path) -> Detection {
+        let mut units = BTreeSet::new();
+        self.scan_units(Path::new("/"), 0, &mut units);
+        process_cgroups(runtimes::running(proc_root), units)
     }
 
+    /// Units are looked for only in slices (`/system.slice/containerd.service`), as systemd
+    /// places them: a cgroup someone was delegated (a `Delegate=yes` service running as a user,
+    /// a container's scope, a machine) is never a slice, so whoever owns it cannot make a
+    /// directory inside it count as a runtime's unit.
     fn scan_units(&self, cgroup: &Path, depth: usize, found: &mut BTreeSet<String>) {
         if depth >= UNIT_SCAN_DEPTH {
             return;
@@ -141,11 +145,50 @@ impl Cgroup2 {
             let child = cgroup.join(&name);
             if RUNTIME_UNITS.iter().any(|u| name == *u) {
                 found.insert(child.to_string_lossy().into_owned());
-            } else {
+            } else if name.to_string_lossy().ends_with(".slice") {
                 self.scan_units(&child, depth + 1, found);
             }
         }
     }
+}
+
+/// `units` plus the cgroups of the processes vetted as runtimes; the others come back as
+/// skipped unless a target cgroup holds them anyway.
+fn process_cgroups(processes: Vec<RuntimeProc>, units: BTreeSet<String>) -> Detection {
+    let mut found = Detection {
+        cgroups: units,
+        skipped: Vec::new(),
+    };
+    let (vetted, others): (Vec<_>, Vec<_>) = processes
+        .into_iter()
+        .map(|p| (process_cgroup(&p), p))
+        .partition(|(_, p)| p.vetting == Vetting::Runtime);
+    for (path, _) in vetted {
+        // The root cgroup would make every process on the node a target.
+        if let Some(path) = path.filter(|p| p != "/") {
+            found.cgroups.insert(path);
+        }
+    }
+    for (path, process) in others {
+        let covered = path.is_some_and(|path| {
+            found
+                .cgroups
+                .iter()
+                .any(|c| path == *c || path.starts_with(&format!("{c}/")))
+        });
+        if !covered {
+            found.skipped.push(process);
+        }
+    }
+    found
+}
+
+/// A process's cgroup v2 path. A path with `..` is another cgroup namespace's view (a pod with
+/// hostPID): not resolvable here, and the unit scan finds systemd-managed runtimes anyway.
+fn process_cgroup(process: &RuntimeProc) -> Option<String> {
+    let text = fs::read_to_string(process.dir.join("cgroup")).ok()?;
+    let path = unified_path(&text)?;
+    (!path.split('/').any(|c| c == "..")).then(|| path.to_owned())
 }
 
 /// The cgroup v2 path in `/proc/<pid>/cgroup` text (`0::/path`).
@@ -307,29 +350,83 @@ mod tests {
     }
 
     #[test]
-    fn detects_units_and_runtime_processes_but_never_the_root() {
+    fn detects_units_in_slices_only() {
         let tmp = tempdir();
         let cg = tmp.join("cg");
-        fs::create_dir_all(cg.join("system.slice/containerd.service")).unwrap();
-        fs::create_dir_all(cg.join("system.slice/sshd.service")).unwrap();
-        fs::create_dir_all(cg.join("kubepods.slice/x")).unwrap();
-        let proc_root = tmp.join("proc");
-        for (pid, comm, cgroup) in [
-            (10, "dockerd", "/custom/docker"),
-            (11, "bash", "/user.slice"),
-            (12, "crio", "/"),
-            (13, "containerd", "/../../system.slice/containerd.service"),
+        for dir in [
+            "system.slice/containerd.service",
+            "system.slice/sshd.service",
+            "kubepods.slice/x",
+            // Delegated cgroups: a service running as a user, a container's scope, a machine.
+            "system.slice/build.service/docker.service",
+            "system.slice/docker-0123.scope/containerd.service",
+            "machine.slice/machine-a.scope/crio.service",
+            "docker/0123/containerd.service",
+            // Nested slices are fine.
+            "kube.slice/runtime.slice/k3s.service",
         ] {
-            let d = proc_root.join(pid.to_string());
-            fs::create_dir_all(&d).unwrap();
-            fs::write(d.join("comm"), format!("{comm}\n")).unwrap();
-            fs::write(d.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+            fs::create_dir_all(cg.join(dir)).unwrap();
         }
-        let found = Cgroup2::at(&cg).detect_runtimes(&proc_root);
+        let found = Cgroup2::at(&cg).detect_runtimes(&tmp.join("no-proc"));
         assert_eq!(
-            found.into_iter().collect::<Vec<_>>(),
+            found.cgroups.into_iter().collect::<Vec<_>>(),
+            vec![
+                "/kube.slice/runtime.slice/k3s.service",
+                "/system.slice/containerd.service"
+            ]
+        );
+        fs::remove_dir_all(tmp).unwrap();
+    }
+
+    #[test]
+    fn only_vetted_runtime_processes_count_and_never_the_root_cgroup() {
+        let tmp = tempdir();
+        let processes = [
+            (10, "/custom/docker", Vetting::Runtime),
+            (
+                11,
+                "/user.slice/user-1000.slice/session-1.scope",
+                Vetting::Impostor("uid 1000".into()),
+            ),
+            (12, "/", Vetting::Runtime),
+            (
+                13,
+                "/../../system.slice/containerd.service",
+                Vetting::Runtime,
+            ),
+            (
+                14,
+                "/system.slice/cron.service",
+                Vetting::Unverified("denied".into()),
+            ),
+            // Unverified, but in its unit's cgroup: a target anyway, and not reported.
+            (
+                15,
+                "/system.slice/containerd.service",
+                Vetting::Unverified("denied".into()),
+            ),
+        ]
+        .into_iter()
+        .map(|(pid, cgroup, vetting)| {
+            let dir = tmp.join(pid.to_string());
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("cgroup"), format!("0::{cgroup}\n")).unwrap();
+            RuntimeProc {
+                pid,
+                comm: "containerd".into(),
+                dir,
+                vetting,
+            }
+        })
+        .collect();
+        let units = BTreeSet::from(["/system.slice/containerd.service".to_owned()]);
+        let found = process_cgroups(processes, units);
+        assert_eq!(
+            found.cgroups.into_iter().collect::<Vec<_>>(),
             vec!["/custom/docker", "/system.slice/containerd.service"]
         );
+        let skipped: Vec<u32> = found.skipped.iter().map(|p| p.pid).collect();
+        assert_eq!(skipped, vec![11, 14]);
         fs::remove_dir_all(tmp).unwrap();
     }
 

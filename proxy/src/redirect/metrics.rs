@@ -1,5 +1,6 @@
-//! The kernel redirect's metrics: the programs' per-CPU counters, summed at each scrape, as one
-//! family with the outcome as a label.
+//! The kernel redirect's metrics: the programs' per-CPU counters, summed at each scrape: connect
+//! outcomes as one family with the outcome as a label, and the bind guard's refusals on their own
+//! (a refused bind is not a connection, so it would break the family's sum).
 
 use std::sync::{Arc, Mutex};
 
@@ -10,8 +11,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use proxy_common::Counter;
+
 use super::Redirector;
-use crate::telemetry::encode_gauge;
+use crate::telemetry::{encode_counter, encode_gauge};
 
 struct KernelCollector(Arc<Mutex<Redirector>>);
 
@@ -23,9 +26,9 @@ impl std::fmt::Debug for KernelCollector {
 
 impl Collector for KernelCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (counters, targets) = {
+        let (counters, targets, unmarked) = {
             let r = self.0.lock().expect("redirector lock");
-            (r.counters(), r.target_cgroups().len())
+            (r.counters(), r.target_cgroups().len(), r.unmarked_targets())
         };
         let mut family = e.encode_descriptor(
             "redirect_connections",
@@ -34,15 +37,32 @@ impl Collector for KernelCollector {
             None,
             MetricType::Counter,
         )?;
-        for (counter, value) in counters {
+        for (counter, value) in counters.iter().filter(|(c, _)| c.is_connection()) {
             let labels = [("outcome", counter.name())];
-            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            ConstCounter::new(*value).encode(family.encode_family(&labels)?)?;
         }
+        let refused = counters
+            .iter()
+            .find(|(c, _)| *c == Counter::BindRefused)
+            .map_or(0, |(_, v)| *v);
+        encode_counter(
+            &mut e,
+            "guard_refused_binds",
+            "bind() calls to a guarded port (the proxy's, the admin listener's) refused by the \
+             kernel because the caller is not pullproxy",
+            refused,
+        )?;
         encode_gauge(
             &mut e,
             "redirect_target_cgroups",
             "Cgroups whose connections are redirected (the container runtimes found)",
             i64::try_from(targets).unwrap_or(i64::MAX),
+        )?;
+        encode_gauge(
+            &mut e,
+            "redirect_target_cgroups_unmarked",
+            "Target cgroups found but not redirected because the kernel's cgroup map is full",
+            i64::try_from(unmarked).unwrap_or(i64::MAX),
         )
     }
 }

@@ -1,13 +1,16 @@
 //! The kernel redirect: loads the programs embedded in this binary, attaches them at a stable
 //! ancestor cgroup, pins maps and links under the pin directory so a restarted proxy resumes
-//! without re-attaching, and keeps the target cgroup ids current as runtimes restart.
+//! without re-attaching, keeps the target cgroup ids current as runtimes restart, and guards the
+//! proxy's ports so only pullproxy can bind them.
 
 pub mod bpf_sys;
 pub mod cgroup;
+pub mod guard;
+pub mod marks;
 pub mod metrics;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     fs, io,
     net::IpAddr,
     os::fd::AsFd,
@@ -26,8 +29,11 @@ use ipnet::IpNet;
 use proxy_common::{CgroupRole, Counter, globals, maps, programs};
 use tracing::{debug, info, warn};
 
-use self::cgroup::{Cgroup2, CgroupError};
-use crate::{original_dst::KernelOriginalDst, telemetry::error_chain};
+use self::{
+    cgroup::{Cgroup2, CgroupError},
+    marks::Marks,
+};
+use crate::{original_dst::KernelOriginalDst, runtimes::RuntimeProc, telemetry::error_chain};
 
 /// The kernel object built from `proxy-ebpf`.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pullproxy"));
@@ -59,6 +65,9 @@ pub struct RedirectSettings {
     pub ports: Vec<u16>,
     /// The proxy's listening port on 127.0.0.1 and ::1.
     pub proxy_port: u16,
+    /// Ports only pullproxy's own cgroup may bind (the bind guard): the proxy port and the admin
+    /// listener's port.
+    pub guarded_ports: Vec<u16>,
     /// Destinations that always go direct.
     pub exclude: Vec<IpNet>,
     pub targets: Targets,
@@ -114,6 +123,12 @@ pub enum LoaderError {
          would loop. Run it in a cgroup of its own (for example `systemd-run --scope`)"
     )]
     ProxyInTarget { cgroup: String },
+    #[error("cannot mark pullproxy's own cgroup {cgroup} in the kernel map")]
+    OwnCgroup {
+        cgroup: String,
+        #[source]
+        source: marks::MarkError,
+    },
 }
 
 /// The installed redirect: the maps user space writes and reads. Programs and links live on in
@@ -127,27 +142,38 @@ pub struct Redirector {
     /// Processes that rejected the node CA: not redirected until they restart.
     untrusted: HashMap<MapData, u32, u64>,
     counters: PerCpuArray<MapData, u64>,
-    /// Cgroup path -> id as last applied, to log changes once.
-    applied: BTreeMap<u64, (CgroupRole, String)>,
+    /// What the cgroup map holds, as last synced.
+    applied: Marks,
+    /// Target cgroups found but not marked because the map is full.
+    unmarked: BTreeSet<u64>,
+    /// Pids of processes named like a runtime that were not counted, as last logged.
+    skipped: BTreeSet<u32>,
     /// This process's cgroup as last found (searching for it can walk the tree).
     own: Option<String>,
     /// Keeps the aya-log reader alive when kernel logging is on.
     _ebpf: Ebpf,
 }
 
-/// The pinned link of each program, with how to attach it.
-const PROGRAMS: [&str; 5] = [
+/// The programs, each pinned as a link under its own name.
+const PROGRAMS: [&str; 7] = [
     programs::CONNECT4,
     programs::CONNECT6,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
     programs::SOCKOPS,
+    programs::BIND4,
+    programs::BIND6,
 ];
+
+/// The bind guard's programs, among [`PROGRAMS`].
+pub const GUARD_PROGRAMS: [&str; 2] = [programs::BIND4, programs::BIND6];
 
 impl Redirector {
     /// Loads and attaches the programs (or swaps them into the pinned links of an earlier run),
-    /// and writes the ports and exclusions. Returns the redirector and the original-destination
-    /// source the proxy reads on accept.
+    /// writes the ports, exclusions and guarded ports, and marks the target cgroups and this
+    /// process's own (replacing an earlier run's marks). Call it before binding the listeners:
+    /// from here on only this process's cgroup may bind the guarded ports. Returns the
+    /// redirector and the original-destination source the proxy reads on accept.
     pub fn install(settings: RedirectSettings) -> Result<(Self, KernelOriginalDst), LoaderError> {
         preflight()?;
         let cgroup2 = Cgroup2::discover()?;
@@ -211,6 +237,9 @@ impl Redirector {
         let mut v4: LpmTrie<MapData, [u8; 4], u8> = take_map(&mut ebpf, maps::EXCLUDE_V4)?;
         let mut v6: LpmTrie<MapData, [u8; 16], u8> = take_map(&mut ebpf, maps::EXCLUDE_V6)?;
         sync_excludes(&mut v4, &mut v6, &settings.exclude)?;
+        let mut guard_ports = take_map(&mut ebpf, maps::GUARD_PORTS)?;
+        guard::sync_ports(&mut guard_ports, &settings.guarded_ports)?;
+        guard::arm(&mut take_map(&mut ebpf, maps::GUARD_NETNS)?)?;
 
         let by_tuple = take_map(&mut ebpf, maps::BY_TUPLE)?;
         remove_other_layouts(&settings.pin_dir, &map_dir);
@@ -221,7 +250,9 @@ impl Redirector {
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             cgroup2,
             settings,
-            applied: BTreeMap::new(),
+            applied: Marks::new(),
+            unmarked: BTreeSet::new(),
+            skipped: BTreeSet::new(),
             own: None,
             _ebpf: ebpf,
         };
@@ -229,11 +260,17 @@ impl Redirector {
         Ok((redirector, KernelOriginalDst::new(by_tuple)))
     }
 
-    /// Re-resolves target and bypass cgroups and writes the changes to the kernel map.
+    /// Re-resolves target and bypass cgroups and writes the changes to the kernel map. A full
+    /// map leaves targets out (logged, and counted in `pullproxy_redirect_target_cgroups_unmarked`)
+    /// but never stops the rescan; failing to mark pullproxy's own cgroup is an error.
     pub fn refresh_targets(&mut self) -> Result<(), LoaderError> {
-        let mut desired: BTreeMap<u64, (CgroupRole, String)> = BTreeMap::new();
+        let mut desired = Marks::new();
         let paths: BTreeSet<String> = match &self.settings.targets {
-            Targets::Auto => self.cgroup2.detect_runtimes(Path::new("/proc")),
+            Targets::Auto => {
+                let found = self.cgroup2.detect_runtimes(Path::new("/proc"));
+                self.log_skipped(&found.skipped);
+                found.cgroups
+            }
             Targets::Paths(p) => p.iter().cloned().collect(),
         };
         for path in paths {
@@ -255,47 +292,57 @@ impl Redirector {
         if desired.contains_key(&own_id) {
             return Err(LoaderError::ProxyInTarget { cgroup: own });
         }
-        desired.insert(own_id, (CgroupRole::Bypass, own));
+        desired.insert(own_id, (CgroupRole::Bypass, own.clone()));
 
         if desired == self.applied {
             return Ok(());
         }
-        for (id, (role, path)) in &desired {
-            if self.applied.get(id).map(|(r, _)| r) != Some(role) {
-                self.cgroups
-                    .insert(id, &(*role as u32), 0)
-                    .map_err(|source| LoaderError::Map {
-                        map: maps::CGROUPS,
-                        source,
-                    })?;
-                info!(cgroup = %path, id, role = ?role, "cgroup marked");
-            }
-        }
-        // Entries of earlier runs or of cgroups that are gone.
-        let stale: Vec<u64> = self
-            .cgroups
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|id| !desired.contains_key(id))
-            .collect();
-        for id in stale {
-            let _ = self.cgroups.remove(&id);
-            if let Some((_, path)) = self.applied.get(&id) {
-                info!(cgroup = %path, id, "cgroup unmarked");
-            }
-        }
-        let next = self.generation.get(&0, 0).unwrap_or(0).wrapping_add(1);
-        self.generation
-            .set(0, &next, 0)
-            .map_err(|source| LoaderError::Map {
-                map: maps::GENERATION,
+        let outcome = marks::sync(&mut self.cgroups, &self.applied, &desired);
+        if let Some(source) = outcome.bypass_failed {
+            return Err(LoaderError::OwnCgroup {
+                cgroup: own,
                 source,
-            })?;
+            });
+        }
+        if outcome.full != self.unmarked {
+            if !outcome.full.is_empty() {
+                let paths: Vec<&str> = outcome
+                    .full
+                    .iter()
+                    .filter_map(|id| desired.get(id).map(|(_, p)| p.as_str()))
+                    .collect();
+                warn!(
+                    count = paths.len(),
+                    cgroups = ?paths,
+                    capacity = proxy_common::MAX_CGROUPS,
+                    "the cgroup map is full: these target cgroups are not redirected"
+                );
+            }
+            self.unmarked = outcome.full;
+        }
+        if outcome.changed {
+            let next = self.generation.get(&0, 0).unwrap_or(0).wrapping_add(1);
+            self.generation
+                .set(0, &next, 0)
+                .map_err(|source| LoaderError::Map {
+                    map: maps::GENERATION,
+                    source,
+                })?;
+        }
         if !desired.values().any(|(r, _)| *r == CgroupRole::Target) {
             warn!("no target cgroup found: nothing is redirected until a container runtime starts");
         }
-        self.applied = desired;
+        self.applied = outcome.applied;
         Ok(())
+    }
+
+    /// Logs processes named like a runtime that do not count, once per process.
+    fn log_skipped(&mut self, skipped: &[RuntimeProc]) {
+        let now: BTreeSet<u32> = skipped.iter().map(|p| p.pid).collect();
+        for p in skipped.iter().filter(|p| !self.skipped.contains(&p.pid)) {
+            warn!(pid = p.pid, comm = %p.comm, verdict = %p.vetting, "process named like a container runtime is not redirected");
+        }
+        self.skipped = now;
     }
 
     /// Stops redirecting process `pid`: it rejected the node CA's certificate, so it started
@@ -332,6 +379,11 @@ impl Redirector {
     /// The kernel's counters, summed over CPUs.
     pub fn counters(&self) -> Vec<(Counter, u64)> {
         sum_counters(&self.counters)
+    }
+
+    /// How many target cgroups were found but are not marked because the map is full.
+    pub fn unmarked_targets(&self) -> usize {
+        self.unmarked.len()
     }
 
     /// Ids of the cgroups currently marked as targets.

@@ -9,6 +9,8 @@ use std::{
 
 use rustls_pki_types::CertificateDer;
 
+use crate::runtimes::Vetting;
+
 use super::{
     TlsError,
     trust_store::{InstallState, TrustStore},
@@ -93,11 +95,13 @@ impl ProcFs {
     }
 
     /// The running container runtimes, by pid. Processes that exit while being read are
-    /// skipped.
+    /// skipped, and so are impostors (named like a runtime, but not one). Unverified ones are
+    /// kept: this only informs, and from a pod without CAP_SYS_PTRACE no runtime can be verified.
     pub fn runtimes(&self) -> Result<Vec<RuntimeProcess>, TlsError> {
         let boot = self.boot_time()?;
         let mut found = Vec::new();
-        for process in crate::runtimes::running(&self.root) {
+        let running = crate::runtimes::running(&self.root).into_iter();
+        for process in running.filter(|p| !matches!(p.vetting, Vetting::Impostor(_))) {
             let Ok(stat) = fs::read_to_string(process.dir.join("stat")) else {
                 continue;
             };
@@ -282,7 +286,14 @@ mod tests {
             (77, "bash", 5),
             (456, "dockerd", 250_050),
             (789, "k3s-agent", 100),
+            (790, "containerd", 100),
         ]);
+        // A user's process named containerd is no runtime, so it needs no restart either.
+        fs::write(
+            proc.path().join("790/status"),
+            "Uid:\t1000\t1000\t1000\t1000\n",
+        )
+        .unwrap();
         let found = ProcFs::new(proc.path(), 100).runtimes().unwrap();
         let summary: Vec<(u32, &str, SystemTime)> = found
             .iter()

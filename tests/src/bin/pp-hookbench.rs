@@ -95,6 +95,7 @@ fn bench(args: &Args) -> serde_json::Value {
         pin_dir: pins.clone(),
         ports: vec![443, 80],
         proxy_port: PROXY_PORT,
+        guarded_ports: vec![PROXY_PORT],
         exclude: Vec::new(),
         targets: Targets::Paths(vec![client.path().to_owned()]),
         rescan_interval: Duration::from_secs(3600),
