@@ -195,9 +195,10 @@ impl Connector {
     /// Where `host:port` may be dialled: the pinned address, or what DNS answers that the policy
     /// permits.
     async fn addresses(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        // The pinned client only ever carries its origin's requests, so its host is its
+        // address, whatever port the URI names.
         if let Some((pinned, addr)) = &self.pin
             && **pinned == *host
-            && addr.port() == port
         {
             return Ok(vec![*addr]);
         }

@@ -166,8 +166,13 @@ impl Server {
                 match self.minter.certified_key(&name) {
                     Ok(_) => {
                         self.metrics.decided("terminated");
-                        let origin = origin("https", &name, dst_port, 443, dst);
-                        self.terminate_tls(stream, peer, orig, origin).await
+                        let ctx = ConnContext {
+                            origin: origin("https", &name, dst_port, 443, dst),
+                            orig,
+                            peer,
+                            label: self.minter.label(&name),
+                        };
+                        self.terminate_tls(stream, ctx).await
                     }
                     Err(e) => {
                         warn!(server_name = %name, error = %e, "cannot mint; splicing instead");
@@ -175,16 +180,26 @@ impl Server {
                     }
                 }
             }
-            Ok(ClientHelloPeek::NotTls) => match peek_http_host(&stream).await {
-                Some(host) if self.is_insecure_registry(&host, dst_port) => {
-                    self.metrics.decided("terminated");
-                    let (name, port) = split_host_port(&host);
-                    let origin = origin("http", name, port.or(dst_port), 80, dst);
-                    self.serve_http(TokioIo::new(stream), peer, orig, origin)
-                        .await
+            Ok(ClientHelloPeek::NotTls) => {
+                let host = peek_http_host(&stream).await;
+                let entry = host
+                    .as_deref()
+                    .and_then(|h| self.insecure_entry(h, dst_port));
+                match (host.as_deref(), entry) {
+                    (Some(host), Some(entry)) => {
+                        self.metrics.decided("terminated");
+                        let (name, port) = split_host_port(host);
+                        let ctx = ConnContext {
+                            origin: origin("http", name, port.or(dst_port), 80, dst),
+                            orig,
+                            peer,
+                            label: entry.to_owned(),
+                        };
+                        self.serve_http(TokioIo::new(stream), ctx).await
+                    }
+                    _ => self.splice(stream, orig).await,
                 }
-                _ => self.splice(stream, orig).await,
-            },
+            }
             Ok(other) => {
                 debug!(peek = ?other, "not an intercepted TLS server name; splicing");
                 self.splice(stream, orig).await
@@ -203,26 +218,25 @@ impl Server {
         splice(client, orig).await
     }
 
-    fn is_insecure_registry(&self, host: &str, dst_port: Option<u16>) -> bool {
+    /// The configured insecure registry entry that `host` (a Host header) is, if any.
+    fn insecure_entry(&self, host: &str, dst_port: Option<u16>) -> Option<&str> {
         let (name, port) = split_host_port(host);
         let port = port.or(dst_port).unwrap_or(80);
-        self.insecure.iter().any(|entry| {
-            let (e_name, e_port) = split_host_port(entry);
-            e_name.eq_ignore_ascii_case(name) && e_port.unwrap_or(80) == port
-        })
+        self.insecure
+            .iter()
+            .find(|entry| {
+                let (e_name, e_port) = split_host_port(entry);
+                e_name.eq_ignore_ascii_case(name) && e_port.unwrap_or(80) == port
+            })
+            .map(String::as_str)
     }
 
-    async fn terminate_tls(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: ClientAddr,
-        orig: Option<OriginalDst>,
-        origin: Origin,
-    ) {
+    async fn terminate_tls(self: Arc<Self>, stream: TcpStream, ctx: ConnContext) {
+        let (orig, origin) = (&ctx.orig, &ctx.origin);
         let tls = match self.acceptor.accept(stream).await {
             Ok(s) => s,
             Err(e) => {
-                match (&orig, rejected_our_certificate(&e)) {
+                match (orig, rejected_our_certificate(&e)) {
                     (Some(o), true) => {
                         self.metrics.decided("client_rejected_ca");
                         warn!(
@@ -242,19 +256,14 @@ impl Server {
                 return;
             }
         };
-        self.serve_http(TokioIo::new(tls), peer, orig, origin).await
+        self.serve_http(TokioIo::new(tls), ctx).await
     }
 
-    async fn serve_http<I>(
-        self: Arc<Self>,
-        io: TokioIo<I>,
-        peer: ClientAddr,
-        orig: Option<OriginalDst>,
-        origin: Origin,
-    ) where
+    async fn serve_http<I>(self: Arc<Self>, io: TokioIo<I>, ctx: ConnContext)
+    where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let ctx = Arc::new(ConnContext { origin, orig, peer });
+        let ctx = Arc::new(ctx);
         let proxy = self.proxy.clone();
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let proxy = proxy.clone();

@@ -141,11 +141,25 @@ impl Upstream {
         manifest_timeout: Duration,
         blob_idle_timeout: Duration,
     ) -> Self {
+        Self::with_budget(
+            clients,
+            manifest_timeout,
+            blob_idle_timeout,
+            SMALL_BODY_BUDGET,
+        )
+    }
+
+    fn with_budget(
+        clients: UpstreamClients,
+        manifest_timeout: Duration,
+        blob_idle_timeout: Duration,
+        budget_bytes: usize,
+    ) -> Self {
         Self {
             clients,
             manifest_timeout,
             blob_idle_timeout,
-            small_budget: Arc::new(tokio::sync::Semaphore::new(SMALL_BODY_BUDGET / BUDGET_UNIT)),
+            small_budget: Arc::new(tokio::sync::Semaphore::new(budget_bytes / BUDGET_UNIT)),
         }
     }
 
@@ -354,9 +368,7 @@ impl Upstream {
                         .to_owned(),
                 }
             })?;
-            if next.scheme() != uri.scheme() || next.authority() != uri.authority() {
-                // Never hand the registry's credentials to a CDN, an object store, or anything
-                // in plain text.
+            if !keeps_credentials(&uri, &next) {
                 headers.remove(header::AUTHORIZATION);
             }
             uri = next;
@@ -407,6 +419,12 @@ impl Upstream {
             IdleTimeout::new(body, idle).boxed_unsync(),
         ))
     }
+}
+
+/// Whether a redirect hop from `from` to `to` may carry the client's `Authorization`: only to the
+/// same scheme, host and port. Never to a CDN or an object store, and never down to plain text.
+fn keeps_credentials(from: &Uri, to: &Uri) -> bool {
+    from.scheme() == to.scheme() && from.authority() == to.authority()
 }
 
 /// The absolute URI a redirect points to, resolved against `current`.
@@ -479,6 +497,126 @@ mod tests {
         assert!(redirect_target(&cur, &loc("ftp://x/y")).is_none());
         assert!(redirect_target(&cur, &loc("relative/path")).is_none());
         assert!(redirect_target(&cur, &loc("//evil.example/x")).is_none());
+    }
+
+    #[test]
+    fn credentials_stay_with_the_same_scheme_host_and_port() {
+        let u = |s: &str| s.parse::<Uri>().unwrap();
+        let from = u("https://ghcr.io/v2/a/blobs/sha256:ab");
+        assert!(keeps_credentials(&from, &u("https://ghcr.io/v2/other")));
+        assert!(!keeps_credentials(&from, &u("http://ghcr.io/v2/a")));
+        assert!(!keeps_credentials(&from, &u("https://ghcr.io:8443/v2/a")));
+        assert!(!keeps_credentials(
+            &from,
+            &u("https://pkg-containers.githubusercontent.com/x")
+        ));
+    }
+
+    /// A plain-HTTP server on loopback answering every request with `answer`; counts requests.
+    async fn serve(answer: String) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (addr, hits)
+    }
+
+    fn upstream(budget_bytes: usize) -> Upstream {
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        );
+        let connector = client::Connector::new(
+            tls,
+            client::AddressPolicy::Remote { admin_port: 15090 },
+            Duration::from_secs(2),
+        );
+        Upstream::with_budget(
+            UpstreamClients::new(connector),
+            Duration::from_millis(500),
+            Duration::from_secs(5),
+            budget_bytes,
+        )
+    }
+
+    fn origin_at(addr: std::net::SocketAddr) -> Origin {
+        Origin {
+            scheme: Scheme::HTTP,
+            authority: Authority::from_static("registry.test"),
+            addr: Some(addr),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redirect_into_the_node_is_not_followed() {
+        // The "metadata service" / admin port the registry points at: it must see nothing.
+        let (inside, inside_hits) =
+            serve("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret".into()).await;
+        for location in [
+            format!("http://{inside}/metrics"),
+            "http://169.254.169.254/latest/meta-data".to_owned(),
+            "http://localhost:15090/metrics".to_owned(),
+        ] {
+            let (registry, _) = serve(format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n"
+            ))
+            .await;
+            let err = upstream(64 << 20)
+                .small(
+                    &origin_at(registry),
+                    Method::GET,
+                    &PathAndQuery::from_static("/v2/x/manifests/latest"),
+                    &HeaderMap::new(),
+                )
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, UpstreamError::NoSuchHost { .. }),
+                "{location}: {err}"
+            );
+            assert!(err.to_string().contains("never dials"), "{location}: {err}");
+        }
+        assert_eq!(inside_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn manifest_sized_answers_share_a_memory_budget() {
+        let body = "x".repeat(100 << 10);
+        let (registry, _) = serve(format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+        .await;
+        let path = PathAndQuery::from_static("/v2/x/manifests/latest");
+        // Within the budget: read whole.
+        let s = upstream(1 << 20)
+            .small(&origin_at(registry), Method::GET, &path, &HeaderMap::new())
+            .await
+            .unwrap();
+        assert_eq!(s.body.len(), 100 << 10);
+        // A budget smaller than the answer: it is never held whole; the exchange runs out of time.
+        let err = upstream(64 << 10)
+            .small(&origin_at(registry), Method::GET, &path, &HeaderMap::new())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no answer within"), "{err}");
     }
 
     #[test]

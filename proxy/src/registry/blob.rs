@@ -92,7 +92,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                     self.content.refused(&ask, s.status, &s.headers).await;
                     (Source::Upstream, small_response(s))
                 }
-                Err(e) => (Source::Local, self.upstream_failed(&ctx.origin, &e)),
+                Err(e) => (Source::Local, self.upstream_failed(ctx, &e)),
             };
         }
 
@@ -132,7 +132,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                     return (Source::Upstream, *resp);
                 }
                 Err(FetchError::Failed(e)) => {
-                    return (Source::Local, self.upstream_failed(&ctx.origin, &e));
+                    return (Source::Local, self.upstream_failed(ctx, &e));
                 }
             }
         }
@@ -153,7 +153,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 Source::Local,
                 not_entitled(&self.content, ctx, ask.headers, ask.repo, "blob"),
             ),
-            Verdict::NoSuchHost(e) => (Source::Local, self.upstream_failed(ask.origin, &e)),
+            Verdict::NoSuchHost(e) => (Source::Local, self.upstream_failed(ctx, &e)),
         };
         Err(Box::new(refusal))
     }
@@ -204,6 +204,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
     ) {
         let outcome = blob.outcome.clone();
         let metrics = self.metrics.clone();
+        let registry_label = ctx.label.clone();
         let (registry, repository, digest) = (
             ctx.origin.authority.to_string(),
             name.to_string(),
@@ -219,7 +220,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 Some(FlightOutcome::UpstreamFailed { .. }) => "upstream_failed",
                 Some(FlightOutcome::FetchFailed) | None => "fetch_failed",
             };
-            metrics.upstream_fetch(&registry, label);
+            metrics.upstream_fetch(&registry_label, label);
             match outcome {
                 Some(FlightOutcome::DigestMismatch(m)) => {
                     metrics.digest_mismatch();

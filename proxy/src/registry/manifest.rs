@@ -77,7 +77,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                     Source::Local,
                     not_entitled(&self.content, ctx, &req.headers, name, "manifest"),
                 ),
-                Verdict::NoSuchHost(e) => (Source::Local, self.upstream_failed(&ctx.origin, &e)),
+                Verdict::NoSuchHost(e) => (Source::Local, self.upstream_failed(ctx, &e)),
             };
         }
 
@@ -105,7 +105,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 return (Source::Upstream, small_response(s));
             }
             Err(e @ UpstreamError::NoSuchHost { .. }) => {
-                return (Source::Local, self.upstream_failed(&ctx.origin, &e));
+                return (Source::Local, self.upstream_failed(ctx, &e));
             }
             other => other,
         };
@@ -113,11 +113,11 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         // entitled to it.
         let reason = match &why {
             Ok(s) => {
-                self.metrics.upstream_error(registry, "server_error");
+                self.metrics.upstream_error(&ctx.label, "server_error");
                 format!("upstream answered {}", s.status)
             }
             Err(e) => {
-                self.metrics.upstream_error(registry, e.reason());
+                self.metrics.upstream_error(&ctx.label, e.reason());
                 e.to_string()
             }
         };
@@ -135,7 +135,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         }
         match why {
             Ok(s) => (Source::Upstream, small_response(s)),
-            Err(e) => (Source::Local, self.upstream_failed(&ctx.origin, &e)),
+            Err(e) => (Source::Local, self.upstream_failed(ctx, &e)),
         }
     }
 

@@ -60,6 +60,9 @@ pub struct ConnContext {
     /// The kernel record (absent when a client connected to the proxy port directly).
     pub orig: Option<OriginalDst>,
     pub peer: ClientAddr,
+    /// The registry's label in metrics: a configured name or pattern, never an open-ended
+    /// client-chosen name (logs carry the full name).
+    pub label: String,
 }
 
 /// Serves registry requests.
@@ -101,6 +104,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         let mut record = RequestRecord {
             metrics: self.metrics.clone(),
             registry: ctx.origin.authority.to_string(),
+            label: ctx.label.clone(),
             repository: String::new(),
             reference: String::new(),
             method: req.method().clone(),
@@ -132,7 +136,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 record.reference = req.uri().path().to_owned();
                 let resp = match self.upstream.forward(&ctx.origin, req).await {
                     Ok(resp) => resp,
-                    Err(e) => self.upstream_failed(&ctx.origin, &e),
+                    Err(e) => self.upstream_failed(ctx, &e),
                 };
                 return logged(record, Source::Passthrough, resp);
             }
@@ -178,7 +182,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 (Source::Upstream, small_response(s))
             }
             Err(e @ UpstreamError::NoSuchHost { .. }) => {
-                (Source::Local, self.upstream_failed(&ctx.origin, &e))
+                (Source::Local, self.upstream_failed(ctx, &e))
             }
             other => {
                 debug!(registry = %ctx.origin.authority, upstream = ?other.err(), "answering /v2/ locally");
@@ -205,7 +209,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
             Ok(s) if !s.status.is_server_error() => return (Source::Upstream, small_response(s)),
             Ok(s) => debug!(status = %s.status, "upstream tag list failed"),
             Err(e @ UpstreamError::NoSuchHost { .. }) => {
-                return (Source::Local, self.upstream_failed(&ctx.origin, &e));
+                return (Source::Local, self.upstream_failed(ctx, &e));
             }
             Err(e) => debug!(error = %e, "upstream tag list failed"),
         }
@@ -263,9 +267,8 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
 
     /// The answer when the upstream failed and nothing local can stand in; counted. A name that
     /// does not exist is 404 (`NAME_UNKNOWN`), anything else 502.
-    fn upstream_failed(&self, origin: &Origin, e: &UpstreamError) -> Response<ProxyBody> {
-        self.metrics
-            .upstream_error(origin.authority.as_str(), e.reason());
+    fn upstream_failed(&self, ctx: &ConnContext, e: &UpstreamError) -> Response<ProxyBody> {
+        self.metrics.upstream_error(&ctx.label, e.reason());
         match e {
             UpstreamError::NoSuchHost { .. } => oci_error(
                 StatusCode::NOT_FOUND,

@@ -73,6 +73,8 @@ impl Kind {
 pub struct RequestRecord {
     pub metrics: std::sync::Arc<super::metrics::RegistryMetrics>,
     pub registry: String,
+    /// The registry's bounded metric label.
+    pub label: String,
     pub repository: String,
     /// Tag or digest (empty for other requests).
     pub reference: String,
@@ -88,7 +90,7 @@ impl RequestRecord {
     fn finish(&self, source: Source, status: StatusCode, bytes: u64, error: Option<&str>) {
         let seconds = self.started.elapsed().as_secs_f64();
         self.metrics.request(
-            &self.registry,
+            &self.label,
             self.kind,
             source,
             status.as_u16(),

@@ -172,6 +172,25 @@ impl InterceptSet {
                 .any(|never| name == *never || is_strictly_below(&name, never))
     }
 
+    /// A bounded metric label for `server_name`: the name when it is listed exactly, the
+    /// `*.suffix` pattern that sweeps it in, or `other` (unlisted names, `"*"`).
+    pub fn label(&self, server_name: &str) -> String {
+        let name = normalize(server_name);
+        if self.exact.contains(&name) {
+            return name;
+        }
+        if self.contains(&name)
+            && let Some(suffix) = self
+                .suffixes
+                .iter()
+                .filter(|suffix| is_strictly_below(&name, suffix))
+                .max_by_key(|suffix| suffix.len())
+        {
+            return format!("*.{suffix}");
+        }
+        "other".to_owned()
+    }
+
     /// The patterns, sorted; for logs and error messages.
     pub fn patterns(&self) -> Vec<HostPattern> {
         let mut all: Vec<HostPattern> = self

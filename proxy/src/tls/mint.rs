@@ -27,6 +27,46 @@ pub const LEAF_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const LEAF_CACHE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Distinct server names kept; with `"*"` the set of names is open-ended.
 const LEAF_CACHE_CAPACITY: u64 = 10_000;
+/// Leaves minted at once before the rate limit applies: a node pulling from many registries at
+/// start needs a burst.
+const MINT_BURST: u32 = 64;
+/// Leaves minted per second after a burst. Names under a wildcard (or `"*"`) are open-ended, and
+/// each costs a key pair and a signature: a local process making up names must not be able to
+/// keep pullproxy busy minting. Over the limit a connection is spliced (it still works, directly).
+const MINT_PER_SECOND: u32 = 8;
+
+/// A token bucket for mints.
+struct MintBudget {
+    capacity: u32,
+    per_second: u32,
+    state: std::sync::Mutex<(f64, Instant)>,
+}
+
+impl MintBudget {
+    fn new(capacity: u32, per_second: u32) -> Self {
+        Self {
+            capacity,
+            per_second,
+            state: std::sync::Mutex::new((f64::from(capacity), Instant::now())),
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn take(&self) -> bool {
+        let mut state = self.state.lock().expect("mint budget lock");
+        let (tokens, since) = &mut *state;
+        let now = Instant::now();
+        *tokens = (*tokens + now.duration_since(*since).as_secs_f64() * f64::from(self.per_second))
+            .min(f64::from(self.capacity));
+        *since = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 #[derive(Clone)]
 struct CachedLeaf {
@@ -58,8 +98,10 @@ pub struct LeafMinter {
     ca: Arc<NodeCa>,
     hosts: Arc<InterceptSet>,
     leaves: Cache<String, CachedLeaf>,
+    budget: MintBudget,
     minted: AtomicU64,
     failures: AtomicU64,
+    limited: AtomicU64,
 }
 
 impl std::fmt::Debug for LeafMinter {
@@ -75,6 +117,10 @@ impl std::fmt::Debug for LeafMinter {
 impl LeafMinter {
     /// A minter for the names in `hosts`, signing with `ca`.
     pub fn new(ca: Arc<NodeCa>, hosts: Arc<InterceptSet>) -> Self {
+        Self::with_budget(ca, hosts, MintBudget::new(MINT_BURST, MINT_PER_SECOND))
+    }
+
+    fn with_budget(ca: Arc<NodeCa>, hosts: Arc<InterceptSet>, budget: MintBudget) -> Self {
         Self {
             ca,
             hosts,
@@ -82,9 +128,17 @@ impl LeafMinter {
                 .max_capacity(LEAF_CACHE_CAPACITY)
                 .expire_after(LeafExpiry)
                 .build(),
+            budget,
             minted: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            limited: AtomicU64::new(0),
         }
+    }
+
+    /// The bounded label for `server_name` in metrics: the name or wildcard pattern it was
+    /// intercepted by (never the open-ended name itself), or `other`.
+    pub fn label(&self, server_name: &str) -> String {
+        self.hosts.label(server_name)
     }
 
     /// Whether TLS for `server_name` is terminated (the rest is spliced).
@@ -107,6 +161,10 @@ impl LeafMinter {
         }
         self.leaves
             .try_get_with(name.clone(), || {
+                if !self.budget.take() {
+                    self.limited.fetch_add(1, Ordering::Relaxed);
+                    return Err(TlsError::MintRateLimited);
+                }
                 let leaf = self.ca.mint_leaf(&name, LEAF_VALIDITY);
                 match &leaf {
                     Ok(_) => {
@@ -134,6 +192,11 @@ impl LeafMinter {
     /// Mint attempts that failed since start.
     pub fn mint_failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Mints refused by the rate limit since start.
+    pub fn mints_limited(&self) -> u64 {
+        self.limited.load(Ordering::Relaxed)
     }
 }
 
@@ -192,6 +255,13 @@ impl prometheus_client::collector::Collector for MintCollector {
             "tls_mint_failures",
             "Intercepted hosts the node CA could not mint for (connections were spliced)",
             self.0.mint_failures(),
+        )?;
+        encode_counter(
+            &mut e,
+            "tls_mints_rate_limited",
+            "New server names not minted for because of the mint rate limit (connections were \
+             spliced)",
+            self.0.mints_limited(),
         )
     }
 }
@@ -223,6 +293,39 @@ mod tests {
         let hosts = settings.intercept_set().unwrap();
         let (ca, _) = NodeCa::load_or_generate(&settings, &hosts).unwrap();
         (Arc::new(ca), Arc::new(hosts))
+    }
+
+    #[test]
+    fn made_up_names_cannot_keep_the_minter_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, hosts) = node_ca(dir.path(), &["*.example.com"]);
+        // No refill: the count is exact however slow the machine is.
+        let minter = LeafMinter::with_budget(ca, hosts, MintBudget::new(3, 0));
+        for i in 0..3 {
+            minter
+                .certified_key(&format!("n{i}.example.com"))
+                .expect("within the burst");
+        }
+        let err = minter.certified_key("n3.example.com").unwrap_err();
+        assert!(
+            matches!(&err, TlsError::Mint { source, .. } if matches!(**source, TlsError::MintRateLimited)),
+            "{err}"
+        );
+        assert_eq!((minter.minted(), minter.mints_limited()), (3, 1));
+        // Names already minted are still served: the limit is on new leaves only.
+        minter.certified_key("n0.example.com").unwrap();
+        // Labels stay bounded: the pattern, not the made-up name.
+        assert_eq!(minter.label("n7.Example.com."), "*.example.com");
+        assert_eq!(minter.label("quay.io"), "quay.io");
+        assert_eq!(minter.label("elsewhere.test"), "other");
+    }
+
+    #[test]
+    fn the_budget_refills_over_time() {
+        let b = MintBudget::new(1, 1000);
+        assert!(b.take());
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(b.take(), "20 ms at 1000/s refill at least one token");
     }
 
     /// A client that trusts exactly `ca`, as a runtime does once the CA is installed.

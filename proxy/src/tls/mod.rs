@@ -131,6 +131,8 @@ pub enum TlsError {
     NotCovered { path: PathBuf, host: String },
     #[error("{host} is not an intercepted host")]
     NotIntercepted { host: String },
+    #[error("too many new server names to mint for; try again shortly")]
+    MintRateLimited,
     #[error("intercepted host {pattern:?}: {reason}")]
     HostPattern {
         pattern: String,
