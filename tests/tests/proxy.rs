@@ -129,10 +129,17 @@ fn hub_miss_is_fetched_upstream_cached_and_served_when_the_upstream_is_gone() {
     assert!(abandoned.is_empty(), "{abandoned:?}");
 }
 
+/// A client that connects to pullproxy's port directly (no kernel record) for `host`.
+fn direct(w: &World, host: &str) -> RegistryClient {
+    RegistryClient::new(host, "127.0.0.1:15443".parse().unwrap())
+        .netns(&w.node.ns)
+        .tls(testca::client_config(&[&w.node.node_ca_pem()]))
+}
+
 #[test]
 fn private_images_need_the_clients_own_credentials_even_when_cached() {
     require_root!();
-    let w = World::new("pp-proxy");
+    let mut w = World::new("pp-proxy");
     let image = images::multi_layer(Format::Docker, 1, 256 << 10, 77);
     w.private.client().push_image("team/secret", "1", &image);
     let src = "docker://quay.io/team/secret:1";
@@ -152,10 +159,7 @@ fn private_images_need_the_clients_own_credentials_even_when_cached() {
     out.expect_failure();
 
     // Not even a single cached blob by digest, asked for directly.
-    let client = RegistryClient::new("quay.io", "127.0.0.1:15443".parse().unwrap())
-        .netns(&w.node.ns)
-        .tls(testca::client_config(&[&w.node.node_ca_pem()]))
-        .anonymous();
+    let client = direct(&w, "quay.io").anonymous();
     let resp = client
         .get_blob("team/secret", &image.layers[0].digest, None)
         .unwrap();
@@ -175,6 +179,54 @@ fn private_images_need_the_clients_own_credentials_even_when_cached() {
     let (dir, out) = copy(&w, src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
     out.expect_success();
     verify_dir_copy(dir.path(), &image).unwrap();
+
+    // Through any other door, the private layer and manifest stay closed: another repository of
+    // the same registry, a public repository of another registry, a made-up name under an
+    // intercepted wildcard (it does not resolve), each with no credentials and with alice's.
+    let manifest = image.manifest.digest.to_string();
+    for (host, repo) in [
+        ("quay.io", "team/other"),
+        ("registry-1.docker.io", "library/busybox"),
+        ("a.b.gcr.io", "x"),
+    ] {
+        for client in [
+            direct(&w, host).anonymous(),
+            direct(&w, host).creds(PRIVATE_USER, PRIVATE_PASSWORD),
+        ] {
+            let blob = client
+                .get_blob(repo, &image.layers[0].digest, None)
+                .unwrap();
+            let man = client.get_manifest(repo, &manifest).unwrap();
+            for resp in [&blob, &man] {
+                assert!(
+                    !resp.is_success() && resp.body.len() < 1024,
+                    "{host}/{repo}: {} with {} bytes",
+                    resp.status,
+                    resp.body.len()
+                );
+            }
+        }
+    }
+
+    // The registry down: alice still pulls (stale), nobody else gets a byte.
+    w.private.stop();
+    let (dir, out) = copy(&w, src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
+    out.expect_success();
+    verify_dir_copy(dir.path(), &image).unwrap();
+    for client in [
+        direct(&w, "quay.io").anonymous(),
+        direct(&w, "quay.io").creds(PRIVATE_USER, "wrong"),
+    ] {
+        let resp = client
+            .get_blob("team/secret", &image.layers[0].digest, None)
+            .unwrap();
+        assert!(
+            [401, 503].contains(&resp.status) && resp.body.len() < 1024,
+            "upstream down: {} with {} bytes",
+            resp.status,
+            resp.body.len()
+        );
+    }
 }
 
 #[test]
@@ -322,10 +374,7 @@ fn bearer_token_flow_works_through_the_proxy_and_gates_cached_content() {
     );
     // A token for another repository does not open this one's cached blobs.
     let other = issuer.token(PRIVATE_USER, "team/other", &["pull"], ttl);
-    let client = RegistryClient::new(TOKEN_REGISTRY_HOST, "127.0.0.1:15443".parse().unwrap())
-        .netns(&w.node.ns)
-        .tls(testca::client_config(&[&w.node.node_ca_pem()]))
-        .bearer(&other);
+    let client = direct(&w, TOKEN_REGISTRY_HOST).bearer(&other);
     let resp = client
         .get_blob("team/app", &image.layers[0].digest, None)
         .unwrap();
