@@ -23,7 +23,7 @@
 //! - [`BlobCache::stats`]`() -> CacheStats` for metrics.
 //!
 //! On disk, under `dir`: `blobs/<algo>/<hex>` (blobs and manifests), `tmp/` (partial writes,
-//! emptied at start), `media-types/`, `tags/`, `links/` and `public/` (one small JSON record per entry). See
+//! emptied at start), `media-types/`, `tags/`, `links/`, `hub-links/` and `public/` (one small JSON record per entry). See
 //! `flight.rs` for how downloads are shared and what happens when the disk fails, `fs.rs` for
 //! start-up and verification.
 
@@ -127,6 +127,11 @@ impl Cache {
                 media_types: RecordDir::open(dir("media-types"), tmp.clone(), small)?,
                 tags: RecordDir::open(dir("tags"), tmp.clone(), small)?,
                 links: RecordDir::open(dir("links"), tmp.clone(), repos::MAX_LINKS_RECORD_BYTES)?,
+                hub_links: RecordDir::open(
+                    dir("hub-links"),
+                    tmp.clone(),
+                    repos::MAX_LINKS_RECORD_BYTES,
+                )?,
                 public: RecordDir::open(dir("public"), tmp, small)?,
             };
             Ok::<_, CacheError>((store, records))
@@ -156,6 +161,7 @@ impl Cache {
                 media_types: RecordDir::in_memory(),
                 tags: RecordDir::in_memory(),
                 links: RecordDir::in_memory(),
+                hub_links: RecordDir::in_memory(),
                 public: RecordDir::in_memory(),
             },
         )
@@ -166,7 +172,7 @@ impl Cache {
             blobs: BlobCache::new(store.clone()),
             manifests: ManifestStore::new(store, records.media_types),
             tags: TagIndex::new(records.tags),
-            repos: RepoIndex::new(records.links, records.public),
+            repos: RepoIndex::new(records.links, records.hub_links, records.public),
         }
     }
 
@@ -196,5 +202,6 @@ struct Records {
     media_types: RecordDir<String>,
     tags: RecordDir<manifest::TagRecord>,
     links: RecordDir<Vec<String>>,
+    hub_links: RecordDir<Vec<String>>,
     public: RecordDir<u64>,
 }

@@ -1,7 +1,8 @@
 //! What the content rule rests on, kept across restarts: which repositories are known to hold
 //! which digests (a digest came from a manifest fetched for that repository, or the upstream
-//! confirmed it there, like distribution's repository-scoped blob links), and which repositories
-//! were seen readable without credentials, and when.
+//! confirmed it there, like distribution's repository-scoped blob links), which digests the hub
+//! served for a repository (the node tier), and which repositories were seen readable without
+//! credentials, and when.
 
 use std::fmt;
 
@@ -16,8 +17,10 @@ pub(super) const MAX_LINKS_RECORD_BYTES: u64 = 1 << 20;
 
 /// Repository links and public marks.
 pub struct RepoIndex {
-    /// `registry/repository` -> digests, oldest first.
+    /// `registry/repository` -> digests the upstream vouched for, oldest first.
     links: RecordDir<Vec<String>>,
+    /// `registry/repository` -> digests the hub served for it, oldest first.
+    hub_links: RecordDir<Vec<String>>,
     /// `registry/repository` -> unix seconds when anonymous access last worked.
     public: RecordDir<u64>,
 }
@@ -26,50 +29,53 @@ impl fmt::Debug for RepoIndex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RepoIndex")
             .field("repositories", &self.links.len())
+            .field("from_the_hub", &self.hub_links.len())
             .field("public", &self.public.len())
             .finish()
     }
 }
 
 impl RepoIndex {
-    pub(super) fn new(links: RecordDir<Vec<String>>, public: RecordDir<u64>) -> Self {
-        RepoIndex { links, public }
+    pub(super) fn new(
+        links: RecordDir<Vec<String>>,
+        hub_links: RecordDir<Vec<String>>,
+        public: RecordDir<u64>,
+    ) -> Self {
+        RepoIndex {
+            links,
+            hub_links,
+            public,
+        }
     }
 
-    /// Whether `repository` of `registry` is known to hold `digest`.
+    /// Whether `repository` of `registry` is known (from its upstream) to hold `digest`.
     pub fn holds(&self, registry: &str, repository: &RepositoryName, digest: &Digest) -> bool {
-        let Ok(key) = repo_key(registry, repository) else {
-            return false;
-        };
-        let digest = digest.to_string();
-        self.links
-            .with(&key, |links| links.is_some_and(|l| l.contains(&digest)))
+        contains(&self.links, registry, repository, digest)
     }
 
-    /// Records that `repository` of `registry` holds `digests`.
+    /// Records that `repository` of `registry` holds `digests` (its upstream said so).
     pub async fn link(
         &self,
         registry: &str,
         repository: &RepositoryName,
         digests: &[Digest],
     ) -> Result<(), CacheError> {
-        let key = repo_key(registry, repository)?;
-        let mut links = self.links.get(&key).unwrap_or_default();
-        let before = links.len();
-        for d in digests {
-            let d = d.to_string();
-            if !links.contains(&d) {
-                links.push(d);
-            }
-        }
-        if links.len() == before {
-            return Ok(());
-        }
-        if links.len() > MAX_LINKS_PER_REPOSITORY {
-            let excess = links.len() - MAX_LINKS_PER_REPOSITORY;
-            links.drain(..excess);
-        }
-        self.links.put(key, links).await
+        add(&self.links, registry, repository, digests).await
+    }
+
+    /// Whether the hub served `digest` for `repository` of `registry`.
+    pub fn hub_holds(&self, registry: &str, repository: &RepositoryName, digest: &Digest) -> bool {
+        contains(&self.hub_links, registry, repository, digest)
+    }
+
+    /// Records that the hub served `digests` for `repository` of `registry`.
+    pub async fn hub_link(
+        &self,
+        registry: &str,
+        repository: &RepositoryName,
+        digests: &[Digest],
+    ) -> Result<(), CacheError> {
+        add(&self.hub_links, registry, repository, digests).await
     }
 
     /// When anonymous access to `repository` last worked (unix seconds), if it ever did.
@@ -95,6 +101,44 @@ impl RepoIndex {
     ) -> Result<(), CacheError> {
         self.public.remove(&repo_key(registry, repository)?).await
     }
+}
+
+fn contains(
+    dir: &RecordDir<Vec<String>>,
+    registry: &str,
+    repository: &RepositoryName,
+    digest: &Digest,
+) -> bool {
+    let Ok(key) = repo_key(registry, repository) else {
+        return false;
+    };
+    let digest = digest.to_string();
+    dir.with(&key, |links| links.is_some_and(|l| l.contains(&digest)))
+}
+
+async fn add(
+    dir: &RecordDir<Vec<String>>,
+    registry: &str,
+    repository: &RepositoryName,
+    digests: &[Digest],
+) -> Result<(), CacheError> {
+    let key = repo_key(registry, repository)?;
+    let mut links = dir.get(&key).unwrap_or_default();
+    let before = links.len();
+    for d in digests {
+        let d = d.to_string();
+        if !links.contains(&d) {
+            links.push(d);
+        }
+    }
+    if links.len() == before {
+        return Ok(());
+    }
+    if links.len() > MAX_LINKS_PER_REPOSITORY {
+        let excess = links.len() - MAX_LINKS_PER_REPOSITORY;
+        links.drain(..excess);
+    }
+    dir.put(key, links).await
 }
 
 /// `host[:port]/repository`, the registry validated and lowercased.
@@ -133,6 +177,10 @@ mod tests {
                 .link("Registry-1.Docker.io", &repo, std::slice::from_ref(&d))
                 .await
                 .unwrap();
+            repos
+                .hub_link("quay.io", &other, std::slice::from_ref(&d))
+                .await
+                .unwrap();
             repos.mark_public("quay.io", &other, 1234).await.unwrap();
         }
         let cache = open(dir.path()).await;
@@ -142,6 +190,10 @@ mod tests {
         assert!(!repos.holds("registry-1.docker.io", &other, &d));
         assert!(!repos.holds("registry-1.docker.io", &repo, &Digest::sha256_of(b"x")));
         assert!(!repos.holds("a/b", &repo, &d));
+        // What the hub served is kept apart from what upstreams vouched for.
+        assert!(repos.hub_holds("quay.io", &other, &d));
+        assert!(!repos.holds("quay.io", &other, &d));
+        assert!(!repos.hub_holds("registry-1.docker.io", &repo, &d));
         assert_eq!(repos.public_since("quay.io", &other), Some(1234));
         assert_eq!(repos.public_since("quay.io", &repo), None);
         repos.mark_private("quay.io", &other).await.unwrap();
