@@ -1,26 +1,25 @@
 //! The proxy's listeners and what happens to each accepted connection: it is matched with its
-//! kernel record (where it was going, who opened it), then either terminated (TLS to a registry
-//! host, with a leaf minted by the node CA; or plain HTTP to a configured insecure registry) and
-//! served by the registry proxy, or spliced byte for byte to where it was going.
+//! kernel record (where it was going, who opened it), admitted within its client's connection
+//! budget (or closed at once), then either terminated (TLS to a registry host, with a leaf minted
+//! by the node CA; or plain HTTP to a configured insecure registry) and served by the registry
+//! proxy under the connection deadlines, or spliced byte for byte to where it was going.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use http::uri::{Authority, Scheme};
 use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
 use tokio::{
     io::copy_bidirectional,
     net::{TcpListener, TcpSocket, TcpStream},
     task::JoinSet,
+    time::{Instant, error::Elapsed},
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use crate::{
     client::KnownAddrs,
+    conn::{ClientKey, CloseReason, Gate, Permit, Reset},
     original_dst::{ClientAddr, ListenAddr, OriginalDst, OriginalDstSource},
     registry::{ConnContext, RegistryProxy},
     tls::{ClientHelloPeek, LeafMinter, peek_client_hello},
@@ -29,8 +28,6 @@ use crate::{
 
 /// How long connecting to an original destination may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send its ClientHello or request head.
-const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest plain-HTTP request head looked at for the Host header.
 const HTTP_PEEK_LIMIT: usize = 16 << 10;
 /// Listen backlog: a node pulling many images opens many connections at once.
@@ -70,9 +67,10 @@ impl ServerMetrics {
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         reg.register(
             "connections",
-            "Accepted connections by decision: terminated (served by pullproxy), spliced \
-             (relayed untouched to the original destination), closed (nowhere to go), \
-             client_rejected_ca (the client does not trust the node CA yet)",
+            "Accepted connections (within the connection limits) by decision: terminated \
+             (served by pullproxy), spliced (relayed untouched to the original destination), \
+             closed (nowhere to go), client_rejected_ca (the client does not trust the node CA \
+             yet)",
             self.connections.clone(),
         );
     }
@@ -90,6 +88,8 @@ pub type OnDistrust = Box<dyn Fn(u32) + Send + Sync>;
 /// Everything a connection needs.
 pub struct Server {
     pub metrics: Arc<ServerMetrics>,
+    /// Connection limits and deadlines of the proxy port.
+    pub gate: Gate,
     /// Stops redirecting a process that does not trust the node CA (it started before the CA was
     /// installed): its later connections go direct, so its pulls work until it restarts.
     pub on_distrust: OnDistrust,
@@ -114,28 +114,36 @@ impl Server {
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let (stream, peer) = self.gate.accept(&listener).await;
             let Ok(local) = stream.local_addr() else {
                 continue;
             };
             let orig = self.records.take(ClientAddr(peer), ListenAddr(local));
-            tokio::spawn(self.clone().connection(stream, ClientAddr(peer), orig));
+            let key = match &orig {
+                Some(o) => ClientKey::Process {
+                    cgroup_id: o.process.cgroup_id,
+                    pid: o.process.pid,
+                },
+                None => ClientKey::Direct,
+            };
+            // Over the limit: dropping the stream closes it at once.
+            let Some(permit) = self.gate.admit(key) else {
+                continue;
+            };
+            tokio::spawn(
+                self.clone()
+                    .connection(stream, ClientAddr(peer), orig, permit),
+            );
         }
     }
 
+    /// Serves one admitted connection; its place in the budget is given back when this ends.
     async fn connection(
         self: Arc<Self>,
         stream: TcpStream,
         peer: ClientAddr,
         orig: Option<OriginalDst>,
+        _permit: Permit,
     ) {
         let _ = stream.set_nodelay(true);
         if let Some(o) = &orig {
@@ -148,14 +156,17 @@ impl Server {
             );
         }
         let dst_port = orig.as_ref().map(|o| o.addr.0.port());
-        match peek_client_hello(&stream, PEEK_TIMEOUT).await {
+        let handshake = self.gate.deadlines().handshake;
+        let deadline = Instant::now() + handshake;
+        match peek_client_hello(&stream, handshake).await {
             Ok(ClientHelloPeek::Sni(name)) if self.minter.intercepts(&name) => {
                 // Minting first means a host the CA cannot cover is spliced, not broken.
                 match self.minter.certified_key(&name) {
                     Ok(_) => {
                         self.metrics.decided("terminated");
                         let origin = origin("https", &name, dst_port, 443);
-                        self.terminate_tls(stream, peer, orig, origin).await
+                        self.terminate_tls(stream, peer, orig, origin, deadline)
+                            .await
                     }
                     Err(e) => {
                         warn!(server_name = %name, error = %e, "cannot mint; splicing instead");
@@ -163,25 +174,39 @@ impl Server {
                     }
                 }
             }
-            Ok(ClientHelloPeek::NotTls) => match peek_http_host(&stream).await {
-                Some(host) if self.is_insecure_registry(&host, dst_port) => {
+            Ok(ClientHelloPeek::NotTls) => match peek_http_host(&stream, deadline).await {
+                Ok(Some(host)) if self.is_insecure_registry(&host, dst_port) => {
                     self.metrics.decided("terminated");
                     let (name, port) = split_host_port(&host);
                     let origin = origin("http", name, port.or(dst_port), 80);
-                    self.serve_http(TokioIo::new(stream), peer, orig, origin)
-                        .await
+                    self.serve_http(stream, peer, orig, origin).await
                 }
-                _ => self.splice(stream, orig).await,
+                Ok(_) => self.splice(stream, orig).await,
+                Err(_) => self.peek_timed_out(stream, orig).await,
             },
             Ok(other) => {
                 debug!(peek = ?other, "not an intercepted TLS server name; splicing");
                 self.splice(stream, orig).await
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                self.peek_timed_out(stream, orig).await
             }
             Err(e) => {
                 debug!(error = %e, "no client hello; splicing");
                 self.splice(stream, orig).await
             }
         }
+    }
+
+    /// No ClientHello or request head before the handshake deadline. A redirected connection may
+    /// speak a protocol whose server talks first, so it is spliced as before; a direct one has
+    /// nowhere to go and is closed.
+    async fn peek_timed_out(&self, stream: TcpStream, orig: Option<OriginalDst>) {
+        debug!("no client hello or request head before the handshake deadline");
+        if orig.is_none() {
+            self.gate.closed(CloseReason::PeekTimeout);
+        }
+        self.splice(stream, orig).await
     }
 
     /// Relays the connection untouched, or closes it when there is nowhere to go.
@@ -206,10 +231,16 @@ impl Server {
         peer: ClientAddr,
         orig: Option<OriginalDst>,
         origin: Origin,
+        deadline: Instant,
     ) {
-        let tls = match self.acceptor.accept(stream).await {
-            Ok(s) => s,
-            Err(e) => {
+        let tls = match tokio::time::timeout_at(deadline, self.acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Err(_) => {
+                self.gate.closed(CloseReason::HandshakeTimeout);
+                debug!(registry = %origin.authority, "TLS handshake with the client timed out");
+                return;
+            }
+            Ok(Err(e)) => {
                 match (&orig, rejected_our_certificate(&e)) {
                     (Some(o), true) => {
                         self.metrics.decided("client_rejected_ca");
@@ -230,17 +261,17 @@ impl Server {
                 return;
             }
         };
-        self.serve_http(TokioIo::new(tls), peer, orig, origin).await
+        self.serve_http(tls, peer, orig, origin).await
     }
 
     async fn serve_http<I>(
         self: Arc<Self>,
-        io: TokioIo<I>,
+        io: I,
         peer: ClientAddr,
         orig: Option<OriginalDst>,
         origin: Origin,
     ) where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Reset + Unpin + Send + 'static,
     {
         if let Some(o) = &orig {
             self.known.learn(origin.host(), o.addr.0);
@@ -252,12 +283,7 @@ impl Server {
             let ctx = ctx.clone();
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(&ctx, req).await) }
         });
-        if let Err(e) = auto::Builder::new(TokioExecutor::new())
-            .serve_connection(io, service)
-            .await
-        {
-            debug!(error = %crate::telemetry::error_chain(e.as_ref()), "connection ended with an error");
-        }
+        self.gate.serve_http(io, service).await
     }
 }
 
@@ -298,8 +324,9 @@ fn split_host_port(s: &str) -> (&str, Option<u16>) {
     }
 }
 
-/// The Host header of a plain-HTTP request, read without consuming anything.
-async fn peek_http_host(stream: &TcpStream) -> Option<String> {
+/// The Host header of a plain-HTTP request, read without consuming anything; an error when the
+/// head is not complete by `deadline`.
+async fn peek_http_host(stream: &TcpStream, deadline: Instant) -> Result<Option<String>, Elapsed> {
     let mut buf = vec![0u8; HTTP_PEEK_LIMIT];
     let peek = async {
         loop {
@@ -325,10 +352,7 @@ async fn peek_http_host(stream: &TcpStream) -> Option<String> {
             }
         }
     };
-    tokio::time::timeout(PEEK_TIMEOUT, peek)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout_at(deadline, peek).await
 }
 
 /// Relays bytes between the client and its original destination, untouched. Without a kernel

@@ -132,6 +132,10 @@ pub struct Admin {
     /// How often the hub is checked for `/readyz` and `pullproxy_hub_up`.
     #[serde(with = "humantime_serde")]
     pub hub_check_interval: Duration,
+    /// Connections the admin listener holds at once.
+    pub max_connections: usize,
+    /// Of those, connections from one source address.
+    pub max_connections_per_client: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +262,26 @@ pub struct Listen {
     pub port: u16,
     /// Loopback addresses to listen on (127.0.0.1 and ::1).
     pub addresses: Vec<IpAddr>,
+    /// From accept to a completed TLS handshake, ClientHello included (both listeners).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// From the first byte of a request head to the whole head.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A connection with no request in flight and no byte of the next one.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A response write waiting on a client that does not read.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Connections the proxy port holds at once.
+    pub max_connections: usize,
+    /// Of those, connections of one client process (by the kernel's record of its cgroup and
+    /// pid).
+    pub max_connections_per_client: usize,
+    /// Of those, connections without a kernel record (processes connecting to the port
+    /// directly), all together.
+    pub max_direct_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -470,7 +494,40 @@ impl Config {
         if self.cache.max_size.0 < 1 << 20 {
             return invalid("cache.max_size", "must be at least 1MiB".into());
         }
+        let l = &self.listen;
+        for (key, n, of) in [
+            ("listen.max_connections", l.max_connections, None),
+            (
+                "listen.max_connections_per_client",
+                l.max_connections_per_client,
+                Some(("listen.max_connections", l.max_connections)),
+            ),
+            (
+                "listen.max_direct_connections",
+                l.max_direct_connections,
+                Some(("listen.max_connections", l.max_connections)),
+            ),
+            ("admin.max_connections", self.admin.max_connections, None),
+            (
+                "admin.max_connections_per_client",
+                self.admin.max_connections_per_client,
+                Some(("admin.max_connections", self.admin.max_connections)),
+            ),
+        ] {
+            if n == 0 {
+                return invalid(key, "must be at least 1".into());
+            }
+            if let Some((total_key, total)) = of
+                && n > total
+            {
+                return invalid(key, format!("{n} is more than {total_key} ({total})"));
+            }
+        }
         for (key, d) in [
+            ("listen.handshake_timeout", l.handshake_timeout),
+            ("listen.header_timeout", l.header_timeout),
+            ("listen.idle_timeout", l.idle_timeout),
+            ("listen.write_timeout", l.write_timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.manifest_timeout", self.upstream.manifest_timeout),
             (
@@ -546,6 +603,37 @@ impl Config {
             },
             timeout: h.timeout,
         })
+    }
+
+    /// The deadlines of both listeners' connections.
+    pub fn deadlines(&self) -> crate::conn::Deadlines {
+        let l = &self.listen;
+        crate::conn::Deadlines {
+            handshake: l.handshake_timeout,
+            header: l.header_timeout,
+            idle: l.idle_timeout,
+            write: l.write_timeout,
+        }
+    }
+
+    /// Connection limits of the proxy port.
+    pub fn proxy_limits(&self) -> crate::conn::Limits {
+        let l = &self.listen;
+        crate::conn::Limits {
+            total: l.max_connections,
+            per_client: l.max_connections_per_client,
+            direct: l.max_direct_connections,
+        }
+    }
+
+    /// Connection limits of the admin listener: every client is a source address.
+    pub fn admin_limits(&self) -> crate::conn::Limits {
+        let a = &self.admin;
+        crate::conn::Limits {
+            total: a.max_connections,
+            per_client: a.max_connections_per_client,
+            direct: a.max_connections_per_client,
+        }
     }
 
     /// What the kernel redirect needs.
