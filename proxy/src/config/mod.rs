@@ -495,32 +495,23 @@ impl Config {
             return invalid("cache.max_size", "must be at least 1MiB".into());
         }
         let l = &self.listen;
-        for (key, n, of) in [
-            ("listen.max_connections", l.max_connections, None),
+        // A per-client limit above its listener's is not an error: lowering max_connections
+        // alone must not make the other defaults invalid; the listener's limit caps them.
+        for (key, n) in [
+            ("listen.max_connections", l.max_connections),
             (
                 "listen.max_connections_per_client",
                 l.max_connections_per_client,
-                Some(("listen.max_connections", l.max_connections)),
             ),
-            (
-                "listen.max_direct_connections",
-                l.max_direct_connections,
-                Some(("listen.max_connections", l.max_connections)),
-            ),
-            ("admin.max_connections", self.admin.max_connections, None),
+            ("listen.max_direct_connections", l.max_direct_connections),
+            ("admin.max_connections", self.admin.max_connections),
             (
                 "admin.max_connections_per_client",
                 self.admin.max_connections_per_client,
-                Some(("admin.max_connections", self.admin.max_connections)),
             ),
         ] {
             if n == 0 {
                 return invalid(key, "must be at least 1".into());
-            }
-            if let Some((total_key, total)) = of
-                && n > total
-            {
-                return invalid(key, format!("{n} is more than {total_key} ({total})"));
             }
         }
         for (key, d) in [
@@ -624,6 +615,7 @@ impl Config {
             per_client: l.max_connections_per_client,
             direct: l.max_direct_connections,
         }
+        .within(l.max_connections)
     }
 
     /// Connection limits of the admin listener: every client is a source address.
@@ -634,6 +626,7 @@ impl Config {
             per_client: a.max_connections_per_client,
             direct: a.max_connections_per_client,
         }
+        .within(a.max_connections)
     }
 
     /// What the kernel redirect needs.
@@ -814,6 +807,47 @@ mod tests {
             err.starts_with("environment override PULLPROXY_REDIRECT__PIN_DIR: redirect.pin_dir"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn connection_deadlines_and_limits_are_layered_and_validated() {
+        let d = defaults();
+        assert_eq!(d.deadlines().idle, Duration::from_secs(60));
+        assert!(d.proxy_limits().direct < d.proxy_limits().total);
+        assert!(d.admin_limits().total < d.proxy_limits().direct);
+        let c = Config::from_yaml(
+            "listen: {idle_timeout: 2s, max_direct_connections: 5}\n",
+            "x.yaml",
+            env(&[
+                ("PULLPROXY_LISTEN__WRITE_TIMEOUT", "90s"),
+                ("PULLPROXY_ADMIN__MAX_CONNECTIONS_PER_CLIENT", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.deadlines().idle, Duration::from_secs(2));
+        assert_eq!(c.deadlines().write, Duration::from_secs(90));
+        assert_eq!(c.deadlines().header, d.deadlines().header);
+        assert_eq!(c.proxy_limits().direct, 5);
+        assert_eq!(c.proxy_limits().total, d.proxy_limits().total);
+        assert_eq!(c.admin_limits().per_client, 3);
+
+        let err = error("listen:\n  header_timeout: 0s\n", &[]);
+        assert!(
+            err.starts_with("x.yaml line 2 column 3: listen.header_timeout: must be longer"),
+            "{err}"
+        );
+        let err = error("", &[("PULLPROXY_LISTEN__MAX_CONNECTIONS_PER_CLIENT", "0")]);
+        assert!(
+            err.contains("PULLPROXY_LISTEN__MAX_CONNECTIONS_PER_CLIENT")
+                && err.contains("must be at least 1"),
+            "{err}"
+        );
+        // Lowering the listener's limit alone caps the per-client ones.
+        let c = Config::from_yaml("listen: {max_connections: 100}\n", "x.yaml", no_env()).unwrap();
+        let l = c.proxy_limits();
+        assert_eq!((l.total, l.per_client, l.direct), (100, 100, 100));
+        let c = Config::from_yaml("admin: {max_connections: 4}\n", "x.yaml", no_env()).unwrap();
+        assert_eq!(c.admin_limits().per_client, 4);
     }
 
     #[test]
