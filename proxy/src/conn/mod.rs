@@ -53,6 +53,17 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    const ALL: [Self; 8] = [
+        Self::PeekTimeout,
+        Self::HandshakeTimeout,
+        Self::HeaderTimeout,
+        Self::Idle,
+        Self::WriteTimeout,
+        Self::LimitGlobal,
+        Self::LimitClient,
+        Self::LimitDirect,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::PeekTimeout => "peek_timeout",
@@ -126,6 +137,9 @@ impl ConnMetrics {
 const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// The `reason` of a failed accept: out of descriptors (the process's or the system's), or not.
+const ACCEPT_ERRORS: [&str; 2] = ["fd_limit", "other"];
+
 fn accept_backoff(failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
     ACCEPT_BACKOFF_FIRST
@@ -152,6 +166,18 @@ impl Gate {
             .open
             .get_or_create(&[("listener", kind.label())])
             .clone();
+        // Every series exists from the start at 0: dashboards and alerts see "none yet", not
+        // "unknown", and `rate()` counts the first one.
+        for reason in CloseReason::ALL {
+            let _ = metrics
+                .closed
+                .get_or_create(&[("listener", kind.label()), ("reason", reason.label())]);
+        }
+        for reason in ACCEPT_ERRORS {
+            let _ = metrics
+                .accept_errors
+                .get_or_create(&[("listener", kind.label()), ("reason", reason)]);
+        }
         Self {
             kind,
             deadlines,
@@ -182,8 +208,8 @@ impl Gate {
                 Err(e) => {
                     failures += 1;
                     let reason = match e.raw_os_error() {
-                        Some(libc::EMFILE | libc::ENFILE) => "fd_limit",
-                        _ => "other",
+                        Some(libc::EMFILE | libc::ENFILE) => ACCEPT_ERRORS[0],
+                        _ => ACCEPT_ERRORS[1],
                     };
                     self.metrics
                         .accept_errors
@@ -397,6 +423,8 @@ mod tests {
             r#"pullproxy_connections_closed_total{listener="proxy",reason="idle"} 1"#,
             r#"pullproxy_connections_open{listener="proxy"} 1"#,
             r#"pullproxy_connections_open{listener="admin"} 1"#,
+            r#"pullproxy_connections_closed_total{listener="admin",reason="write_timeout"} 0"#,
+            r#"pullproxy_accept_errors_total{listener="proxy",reason="fd_limit"} 0"#,
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
