@@ -466,13 +466,16 @@ where
                     watch.drain(Instant::now());
                     conn.as_mut().graceful_shutdown();
                 }
-                Verdict::Expired(_) if watch.draining() => {
-                    return Poll::Ready(Ended::Closed(CloseReason::Idle));
-                }
                 Verdict::Expired(reason) => {
                     if reason == CloseReason::WriteTimeout {
                         activity.reset.store(true, Ordering::Release);
                     }
+                    // A connection shut down for idling is counted as idle whatever ends it.
+                    let reason = if watch.draining() {
+                        CloseReason::Idle
+                    } else {
+                        reason
+                    };
                     return Poll::Ready(Ended::Closed(reason));
                 }
             }
