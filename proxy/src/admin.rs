@@ -1,5 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (the process serves) and
 //! `/readyz` (programs attached, listeners up, and the hub reachable unless it is optional).
+//! Reachable from pods when it listens on the node address: its connections have their own
+//! small budget (per source address too) and the same deadlines as the proxy port's.
 
 use std::{
     convert::Infallible,
@@ -12,15 +14,13 @@ use std::{
 
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
 
-use crate::client::{self, ProxyBody};
+use crate::{
+    client::{self, ProxyBody},
+    conn::{ClientKey, Gate},
+};
 
 /// What `/readyz` checks.
 #[derive(Debug, Default)]
@@ -52,28 +52,26 @@ impl Readiness {
 }
 
 /// Serves the admin endpoints on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>, readiness: Arc<Readiness>) {
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    readiness: Arc<Readiness>,
+    gate: Arc<Gate>,
+) {
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
+        let (stream, peer) = gate.accept(&listener).await;
+        // Over the limit: dropping the stream closes it at once.
+        let Some(permit) = gate.admit(ClientKey::peer(peer.ip())) else {
+            continue;
         };
-        let (registry, readiness) = (registry.clone(), readiness.clone());
+        let (registry, readiness, gate) = (registry.clone(), readiness.clone(), gate.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let resp = answer(&req, &registry, &readiness);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(error = %crate::telemetry::error_chain(e.as_ref()), "admin connection ended");
-            }
+            gate.serve_http(stream, service).await;
+            drop(permit);
         });
     }
 }

@@ -23,6 +23,7 @@ use crate::{
     cache::{Cache, CacheError},
     client::{self, AddressPolicy, Connector, UpstreamClients},
     config::Config,
+    conn::{self, ConnMetrics, Gate, ListenerKind},
     hub::{HubClient, HubOutcome},
     original_dst::{MemoryOriginalDst, OriginalDstSource},
     port_holder,
@@ -66,6 +67,21 @@ pub enum RunError {
 
 /// Runs the proxy until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    let fd_limit = match conn::raise_fd_limit() {
+        Ok(l) => {
+            info!(
+                inherited = l.inherited,
+                soft = l.soft,
+                hard = l.hard,
+                "open file limit"
+            );
+            Some(l)
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read or raise the open file limit");
+            None
+        }
+    };
     if config.redirect.enabled {
         crate::redirect::preflight()?;
     }
@@ -135,6 +151,28 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     proxy.metrics.register(&mut registry);
     let server_metrics = Arc::new(ServerMetrics::default());
     server_metrics.register(&mut registry);
+    let conn_metrics = Arc::new(ConnMetrics::default());
+    conn_metrics.register(&mut registry);
+    let admin_limits = config.admin_limits();
+    let mut proxy_limits = config.proxy_limits();
+    if let Some(fd) = fd_limit {
+        let fitted = proxy_limits.within(fd.connections().saturating_sub(admin_limits.total));
+        if fitted != proxy_limits {
+            warn!(
+                configured = proxy_limits.total,
+                max_connections = fitted.total,
+                fd_limit = fd.soft,
+                "listen.max_connections lowered to what the open file limit allows"
+            );
+            proxy_limits = fitted;
+        }
+    }
+    let admin_gate = Arc::new(Gate::new(
+        ListenerKind::Admin,
+        config.deadlines(),
+        admin_limits,
+        conn_metrics.clone(),
+    ));
 
     let (records, on_distrust): (Arc<dyn OriginalDstSource>, OnDistrust) = if config
         .redirect
@@ -186,10 +224,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         admin_listener,
         Arc::new(registry),
         readiness.clone(),
+        admin_gate,
     ));
 
     let server = Arc::new(Server {
         metrics: server_metrics,
+        gate: Gate::new(
+            ListenerKind::Proxy,
+            config.deadlines(),
+            proxy_limits,
+            conn_metrics,
+        ),
         on_distrust,
         records,
         acceptor: tokio_rustls::TlsAcceptor::from(tls::server_config(minter.clone())),

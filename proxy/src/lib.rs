@@ -10,6 +10,7 @@ pub mod app;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod conn;
 pub mod doctor;
 pub mod hub;
 pub mod oci;

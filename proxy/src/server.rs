@@ -1,7 +1,8 @@
 //! The proxy's listeners and what happens to each accepted connection: it is matched with its
-//! kernel record (where it was going, who opened it), then either terminated (TLS to a registry
-//! host, with a leaf minted by the node CA; or plain HTTP to a configured insecure registry) and
-//! served by the registry proxy, or spliced byte for byte to where it was going.
+//! kernel record (where it was going, who opened it), admitted within its client's connection
+//! budget (or closed at once), then either terminated (TLS to a registry host, with a leaf minted
+//! by the node CA; or plain HTTP to a configured insecure registry) and served by the registry
+//! proxy under the connection deadlines, or spliced byte for byte to where it was going.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -9,20 +10,18 @@ use http_body_util::BodyExt as _;
 
 use http::uri::{Authority, Scheme};
 use hyper::service::service_fn;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
 use tokio::{
     io::copy_bidirectional,
     net::{TcpListener, TcpSocket, TcpStream},
     task::JoinSet,
+    time::{Instant, error::Elapsed},
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use crate::{
     client::BoxError,
+    conn::{ClientKey, CloseReason, Gate, Permit, Reset},
     original_dst::{ClientAddr, ListenAddr, OriginalDst, OriginalDstSource},
     registry::{ConnContext, RegistryProxy},
     tls::{ClientHelloPeek, LeafMinter, peek_client_hello},
@@ -31,8 +30,6 @@ use crate::{
 
 /// How long connecting to an original destination may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send its ClientHello or request head.
-const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest plain-HTTP request head looked at for the Host header.
 const HTTP_PEEK_LIMIT: usize = 16 << 10;
 /// Listen backlog: a node pulling many images opens many connections at once.
@@ -82,9 +79,10 @@ impl ServerMetrics {
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         reg.register(
             "connections",
-            "Accepted connections by decision: terminated (served by pullproxy), spliced \
-             (relayed untouched to the original destination), closed (nowhere to go), \
-             client_rejected_ca (the client does not trust the node CA yet)",
+            "Accepted connections (within the connection limits) by decision: terminated \
+             (served by pullproxy), spliced (relayed untouched to the original destination), \
+             closed (nowhere to go), client_rejected_ca (the client does not trust the node CA \
+             yet)",
             self.connections.clone(),
         );
     }
@@ -102,6 +100,8 @@ pub type OnDistrust = Box<dyn Fn(u32) + Send + Sync>;
 /// Everything a connection needs.
 pub struct Server {
     pub metrics: Arc<ServerMetrics>,
+    /// Connection limits and deadlines of the proxy port.
+    pub gate: Gate,
     /// Stops redirecting a process that does not trust the node CA (it started before the CA was
     /// installed): its later connections go direct, so its pulls work until it restarts.
     pub on_distrust: OnDistrust,
@@ -125,28 +125,36 @@ impl Server {
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let (stream, peer) = self.gate.accept(&listener).await;
             let Ok(local) = stream.local_addr() else {
                 continue;
             };
             let orig = self.records.take(ClientAddr(peer), ListenAddr(local));
-            tokio::spawn(self.clone().connection(stream, ClientAddr(peer), orig));
+            let key = match &orig {
+                Some(o) => ClientKey::Process {
+                    cgroup_id: o.process.cgroup_id,
+                    pid: o.process.pid,
+                },
+                None => ClientKey::Direct,
+            };
+            // Over the limit: dropping the stream closes it at once.
+            let Some(permit) = self.gate.admit(key) else {
+                continue;
+            };
+            tokio::spawn(
+                self.clone()
+                    .connection(stream, ClientAddr(peer), orig, permit),
+            );
         }
     }
 
+    /// Serves one admitted connection; its place in the budget is given back when this ends.
     async fn connection(
         self: Arc<Self>,
         stream: TcpStream,
         peer: ClientAddr,
         orig: Option<OriginalDst>,
+        _permit: Permit,
     ) {
         let _ = stream.set_nodelay(true);
         if let Some(o) = &orig {
@@ -160,7 +168,9 @@ impl Server {
         }
         let dst = orig.as_ref().map(|o| o.addr.0);
         let dst_port = dst.map(|d| d.port());
-        match peek_client_hello(&stream, PEEK_TIMEOUT).await {
+        let handshake = self.gate.deadlines().handshake;
+        let deadline = Instant::now() + handshake;
+        match peek_client_hello(&stream, handshake).await {
             Ok(ClientHelloPeek::Sni(name)) if self.minter.intercepts(&name) => {
                 // Minting first means a host the CA cannot cover is spliced, not broken.
                 match self.minter.certified_key(&name) {
@@ -172,7 +182,7 @@ impl Server {
                             peer,
                             label: self.minter.label(&name),
                         };
-                        self.terminate_tls(stream, ctx).await
+                        self.terminate_tls(stream, ctx, deadline).await
                     }
                     Err(e) => {
                         warn!(server_name = %name, error = %e, "cannot mint; splicing instead");
@@ -180,35 +190,47 @@ impl Server {
                     }
                 }
             }
-            Ok(ClientHelloPeek::NotTls) => {
-                let host = peek_http_host(&stream).await;
-                let entry = host
-                    .as_deref()
-                    .and_then(|h| self.insecure_entry(h, dst_port));
-                match (host.as_deref(), entry) {
-                    (Some(host), Some(entry)) => {
+            Ok(ClientHelloPeek::NotTls) => match peek_http_host(&stream, deadline).await {
+                Ok(Some(host)) => match self.insecure_entry(&host, dst_port) {
+                    Some(entry) => {
                         self.metrics.decided("terminated");
-                        let (name, port) = split_host_port(host);
+                        let (name, port) = split_host_port(&host);
                         let ctx = ConnContext {
                             origin: origin("http", name, port.or(dst_port), 80, dst),
                             orig,
                             peer,
                             label: entry.to_owned(),
                         };
-                        self.serve_http(TokioIo::new(stream), ctx).await
+                        self.serve_http(stream, ctx).await
                     }
-                    _ => self.splice(stream, orig).await,
-                }
-            }
+                    None => self.splice(stream, orig).await,
+                },
+                Ok(None) => self.splice(stream, orig).await,
+                Err(_) => self.peek_timed_out(stream, orig).await,
+            },
             Ok(other) => {
                 debug!(peek = ?other, "not an intercepted TLS server name; splicing");
                 self.splice(stream, orig).await
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                self.peek_timed_out(stream, orig).await
             }
             Err(e) => {
                 debug!(error = %e, "no client hello; splicing");
                 self.splice(stream, orig).await
             }
         }
+    }
+
+    /// No ClientHello or request head before the handshake deadline. A redirected connection may
+    /// speak a protocol whose server talks first, so it is spliced as before; a direct one has
+    /// nowhere to go and is closed.
+    async fn peek_timed_out(&self, stream: TcpStream, orig: Option<OriginalDst>) {
+        debug!("no client hello or request head before the handshake deadline");
+        if orig.is_none() {
+            self.gate.closed(CloseReason::PeekTimeout);
+        }
+        self.splice(stream, orig).await
     }
 
     /// Relays the connection untouched, or closes it when there is nowhere to go.
@@ -231,11 +253,21 @@ impl Server {
             .map(String::as_str)
     }
 
-    async fn terminate_tls(self: Arc<Self>, stream: TcpStream, ctx: ConnContext) {
+    async fn terminate_tls(
+        self: Arc<Self>,
+        stream: TcpStream,
+        ctx: ConnContext,
+        deadline: Instant,
+    ) {
         let (orig, origin) = (&ctx.orig, &ctx.origin);
-        let tls = match self.acceptor.accept(stream).await {
-            Ok(s) => s,
-            Err(e) => {
+        let tls = match tokio::time::timeout_at(deadline, self.acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Err(_) => {
+                self.gate.closed(CloseReason::HandshakeTimeout);
+                debug!(registry = %origin.authority, "TLS handshake with the client timed out");
+                return;
+            }
+            Ok(Err(e)) => {
                 match (orig, rejected_our_certificate(&e)) {
                     (Some(o), true) => {
                         self.metrics.decided("client_rejected_ca");
@@ -256,12 +288,12 @@ impl Server {
                 return;
             }
         };
-        self.serve_http(TokioIo::new(tls), ctx).await
+        self.serve_http(tls, ctx).await
     }
 
-    async fn serve_http<I>(self: Arc<Self>, io: TokioIo<I>, ctx: ConnContext)
+    async fn serve_http<I>(self: Arc<Self>, io: I, ctx: ConnContext)
     where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Reset + Unpin + Send + 'static,
     {
         let ctx = Arc::new(ctx);
         let proxy = self.proxy.clone();
@@ -271,12 +303,7 @@ impl Server {
             let req = req.map(|b| b.map_err(BoxError::from).boxed_unsync());
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(&ctx, req).await) }
         });
-        if let Err(e) = auto::Builder::new(TokioExecutor::new())
-            .serve_connection(io, service)
-            .await
-        {
-            debug!(error = %crate::telemetry::error_chain(e.as_ref()), "connection ended with an error");
-        }
+        self.gate.serve_http(io, service).await
     }
 }
 
@@ -325,8 +352,9 @@ fn split_host_port(s: &str) -> (&str, Option<u16>) {
     }
 }
 
-/// The Host header of a plain-HTTP request, read without consuming anything.
-async fn peek_http_host(stream: &TcpStream) -> Option<String> {
+/// The Host header of a plain-HTTP request, read without consuming anything; an error when the
+/// head is not complete by `deadline`.
+async fn peek_http_host(stream: &TcpStream, deadline: Instant) -> Result<Option<String>, Elapsed> {
     let mut buf = vec![0u8; HTTP_PEEK_LIMIT];
     let peek = async {
         loop {
@@ -352,10 +380,7 @@ async fn peek_http_host(stream: &TcpStream) -> Option<String> {
             }
         }
     };
-    tokio::time::timeout(PEEK_TIMEOUT, peek)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout_at(deadline, peek).await
 }
 
 /// Relays bytes between the client and its original destination, untouched. Without a kernel

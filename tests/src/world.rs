@@ -82,6 +82,11 @@ pub struct World {
 impl World {
     /// A node named `prefix-...` with its registries and a running pullproxy.
     pub fn new(prefix: &str) -> Self {
+        Self::with_proxy_env(prefix, &[])
+    }
+
+    /// Like [`World::new`], with more `PULLPROXY_*` overrides for pullproxy (later entries win).
+    pub fn with_proxy_env(prefix: &str, extra: &[(&'static str, String)]) -> Self {
         let node = Node::new(prefix);
         for ip in [
             UPSTREAM_IP,
@@ -134,6 +139,7 @@ impl World {
             ),
             ("PULLPROXY_ADMIN__HUB_CHECK_INTERVAL", "200ms".to_owned()),
         ]);
+        proxy_env.extend_from_slice(extra);
         let proxy = node.start_proxy_with_mounts(hosts(), &proxy_env);
         // Clients trust the node CA (pullproxy generated it at start) and the upstream CA (for
         // when they reach the upstream directly).
@@ -248,6 +254,15 @@ impl World {
     pub fn settle(&self) {
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// The value of the sample whose name and labels start with `prefix` in a `/metrics` text,
+/// summed over matches.
+pub fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// The sources of the `kind` records among `records`.

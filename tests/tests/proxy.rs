@@ -18,7 +18,7 @@ use harness::{
     world::{
         CDN_HOST, CDN_IP, HUB_PASSWORD, HUB_USER, PRIVATE_PASSWORD, PRIVATE_USER, REDIRECTING_HOST,
         REDIRECTING_IP, SITE_IP, TOKEN_REGISTRY_HOST, TOKEN_REGISTRY_IP, TOKEN_SERVICE_HOST,
-        TOKEN_SERVICE_IP, World, hosts,
+        TOKEN_SERVICE_IP, World, hosts, sample,
     },
 };
 use serde_json::Value;
@@ -695,14 +695,6 @@ fn ready_becomes(w: &World, status: u16) -> String {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// The value of the sample whose name and labels start with `prefix`, summed over matches.
-fn sample(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]

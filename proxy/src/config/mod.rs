@@ -132,6 +132,10 @@ pub struct Admin {
     /// How often the hub is checked for `/readyz` and `pullproxy_hub_up`.
     #[serde(with = "humantime_serde")]
     pub hub_check_interval: Duration,
+    /// Connections the admin listener holds at once.
+    pub max_connections: usize,
+    /// Of those, connections from one source address.
+    pub max_connections_per_client: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +262,26 @@ pub struct Listen {
     pub port: u16,
     /// Loopback addresses to listen on (127.0.0.1 and ::1).
     pub addresses: Vec<IpAddr>,
+    /// From accept to a completed TLS handshake, ClientHello included (both listeners).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// From the first byte of a request head to the whole head.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A connection with no request in flight and no byte of the next one.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A response write waiting on a client that does not read.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Connections the proxy port holds at once.
+    pub max_connections: usize,
+    /// Of those, connections of one client process (by the kernel's record of its cgroup and
+    /// pid).
+    pub max_connections_per_client: usize,
+    /// Of those, connections without a kernel record (processes connecting to the port
+    /// directly), all together.
+    pub max_direct_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -470,7 +494,31 @@ impl Config {
         if self.cache.max_size.0 < 1 << 20 {
             return invalid("cache.max_size", "must be at least 1MiB".into());
         }
+        let l = &self.listen;
+        // A per-client limit above its listener's is not an error: lowering max_connections
+        // alone must not make the other defaults invalid; the listener's limit caps them.
+        for (key, n) in [
+            ("listen.max_connections", l.max_connections),
+            (
+                "listen.max_connections_per_client",
+                l.max_connections_per_client,
+            ),
+            ("listen.max_direct_connections", l.max_direct_connections),
+            ("admin.max_connections", self.admin.max_connections),
+            (
+                "admin.max_connections_per_client",
+                self.admin.max_connections_per_client,
+            ),
+        ] {
+            if n == 0 {
+                return invalid(key, "must be at least 1".into());
+            }
+        }
         for (key, d) in [
+            ("listen.handshake_timeout", l.handshake_timeout),
+            ("listen.header_timeout", l.header_timeout),
+            ("listen.idle_timeout", l.idle_timeout),
+            ("listen.write_timeout", l.write_timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.manifest_timeout", self.upstream.manifest_timeout),
             (
@@ -546,6 +594,39 @@ impl Config {
             },
             timeout: h.timeout,
         })
+    }
+
+    /// The deadlines of both listeners' connections.
+    pub fn deadlines(&self) -> crate::conn::Deadlines {
+        let l = &self.listen;
+        crate::conn::Deadlines {
+            handshake: l.handshake_timeout,
+            header: l.header_timeout,
+            idle: l.idle_timeout,
+            write: l.write_timeout,
+        }
+    }
+
+    /// Connection limits of the proxy port.
+    pub fn proxy_limits(&self) -> crate::conn::Limits {
+        let l = &self.listen;
+        crate::conn::Limits {
+            total: l.max_connections,
+            per_client: l.max_connections_per_client,
+            direct: l.max_direct_connections,
+        }
+        .within(l.max_connections)
+    }
+
+    /// Connection limits of the admin listener: every client is a source address.
+    pub fn admin_limits(&self) -> crate::conn::Limits {
+        let a = &self.admin;
+        crate::conn::Limits {
+            total: a.max_connections,
+            per_client: a.max_connections_per_client,
+            direct: a.max_connections_per_client,
+        }
+        .within(a.max_connections)
     }
 
     /// What the kernel redirect needs.
@@ -747,6 +828,47 @@ mod tests {
             err.starts_with("environment override PULLPROXY_REDIRECT__PIN_DIR: redirect.pin_dir"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn connection_deadlines_and_limits_are_layered_and_validated() {
+        let d = defaults();
+        assert_eq!(d.deadlines().idle, Duration::from_secs(60));
+        assert!(d.proxy_limits().direct < d.proxy_limits().total);
+        assert!(d.admin_limits().total < d.proxy_limits().direct);
+        let c = Config::from_yaml(
+            "listen: {idle_timeout: 2s, max_direct_connections: 5}\n",
+            "x.yaml",
+            env(&[
+                ("PULLPROXY_LISTEN__WRITE_TIMEOUT", "90s"),
+                ("PULLPROXY_ADMIN__MAX_CONNECTIONS_PER_CLIENT", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.deadlines().idle, Duration::from_secs(2));
+        assert_eq!(c.deadlines().write, Duration::from_secs(90));
+        assert_eq!(c.deadlines().header, d.deadlines().header);
+        assert_eq!(c.proxy_limits().direct, 5);
+        assert_eq!(c.proxy_limits().total, d.proxy_limits().total);
+        assert_eq!(c.admin_limits().per_client, 3);
+
+        let err = error("listen:\n  header_timeout: 0s\n", &[]);
+        assert!(
+            err.starts_with("x.yaml line 2 column 3: listen.header_timeout: must be longer"),
+            "{err}"
+        );
+        let err = error("", &[("PULLPROXY_LISTEN__MAX_CONNECTIONS_PER_CLIENT", "0")]);
+        assert!(
+            err.contains("PULLPROXY_LISTEN__MAX_CONNECTIONS_PER_CLIENT")
+                && err.contains("must be at least 1"),
+            "{err}"
+        );
+        // Lowering the listener's limit alone caps the per-client ones.
+        let c = Config::from_yaml("listen: {max_connections: 100}\n", "x.yaml", no_env()).unwrap();
+        let l = c.proxy_limits();
+        assert_eq!((l.total, l.per_client, l.direct), (100, 100, 100));
+        let c = Config::from_yaml("admin: {max_connections: 4}\n", "x.yaml", no_env()).unwrap();
+        assert_eq!(c.admin_limits().per_client, 4);
     }
 
     #[test]
