@@ -158,11 +158,11 @@ impl Cache {
         Cache::with_parts(
             store,
             Records {
-                media_types: RecordDir::in_memory(),
-                tags: RecordDir::in_memory(),
-                links: RecordDir::in_memory(),
-                hub_links: RecordDir::in_memory(),
-                public: RecordDir::in_memory(),
+                media_types: RecordDir::in_memory(records::MAX_RECORD_BYTES),
+                tags: RecordDir::in_memory(records::MAX_RECORD_BYTES),
+                links: RecordDir::in_memory(repos::MAX_LINKS_RECORD_BYTES),
+                hub_links: RecordDir::in_memory(repos::MAX_LINKS_RECORD_BYTES),
+                public: RecordDir::in_memory(records::MAX_RECORD_BYTES),
             },
         )
     }

@@ -54,10 +54,11 @@ impl<V> RecordDir<V>
 where
     V: Serialize + DeserializeOwned + Clone + PartialEq + Send + Sync + 'static,
 {
-    pub(super) fn in_memory() -> Self {
+    /// Records kept in memory only, each at most `max_bytes` serialized (as on disk).
+    pub(super) fn in_memory(max_bytes: u64) -> Self {
         RecordDir {
             files: None,
-            max_bytes: MAX_RECORD_BYTES,
+            max_bytes,
             map: RwLock::default(),
             write: tokio::sync::Mutex::new(()),
             seq: AtomicU64::new(0),
@@ -229,7 +230,7 @@ mod tests {
 
     #[tokio::test]
     async fn in_memory_records_work_without_files() {
-        let records = RecordDir::<u32>::in_memory();
+        let records = RecordDir::<u32>::in_memory(MAX_RECORD_BYTES);
         records.put("k".into(), 7).await.unwrap();
         assert_eq!(records.get("k"), Some(7));
     }
