@@ -71,7 +71,7 @@ impl Drop for Cgroup {
 
 /// rmdir, retrying while the kernel finishes tearing down exiting processes.
 fn remove(dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match fs::remove_dir(dir) {
             Ok(()) => return,

@@ -151,8 +151,8 @@ fn start(node: &Node, caps: &[String], preflight: Preflight) -> Result<Running, 
 fn healthz(node: &Node) -> String {
     node.ns.run_in(|| {
         let addr: SocketAddr = "127.0.0.1:15090".parse().unwrap();
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("admin");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(30)).expect("admin");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut out = String::new();

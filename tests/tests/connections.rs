@@ -535,7 +535,7 @@ fn direct_connections_and_a_greedy_runtime_are_held_to_their_budgets() {
     assert_eq!(counts(&text), (20.0, 5.0, 5.0, 0.0), "{text}");
     let warning = w.proxy.wait_for(
         "connection refused: over the connection limit",
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         |r| r["pid"] == u64::from(greedy.pid()) && r["reason"] == "limit_client",
     );
     assert!(warning.is_some(), "no warning naming pid {}", greedy.pid());

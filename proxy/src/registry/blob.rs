@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, StreamBody};
 use tracing::{debug, warn};
 
 use super::{
-    ConnContext, RegistryProxy,
+    ConnContext, HubAnswer, RegistryProxy,
     content::{Ask, Verdict},
     not_entitled, path_of,
     respond::{Source, api_version, digest_headers, relay},
@@ -43,15 +43,8 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         let range = range_header
             .and_then(|v| v.to_str().ok())
             .and_then(ByteRange::parse);
-        let mut hub_headers = HeaderMap::new();
-        if let (Some(_), Some(v)) = (range, range_header) {
-            hub_headers.insert(header::RANGE, v.clone());
-        }
-        if let Some(resp) = self
-            .hub_lookup(ctx, method, name, "blobs", &digest.to_string(), hub_headers)
-            .await
-        {
-            return (Source::Hub, relay(resp, self.idle_timeout));
+        if let Some(answer) = self.blob_from_hub(ctx, req, name, digest, range).await {
+            return answer;
         }
 
         let path = path_of(req);
@@ -138,6 +131,82 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         }
     }
 
+    /// The node tier. A blob the hub served for this repository is served from this node's disk,
+    /// also while the hub is down; one the hub has is fetched from it once (whole, verified and
+    /// kept, however many clients ask) and served from there. `None`: the hub does not have it,
+    /// or cannot be asked and this node has no copy from it.
+    async fn blob_from_hub(
+        &self,
+        ctx: &ConnContext,
+        req: &Parts,
+        name: &RepositoryName,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Option<(Source, Response<ProxyBody>)> {
+        let registry = ctx.origin.authority.as_str();
+        let blobs = self.cache.blobs();
+        let here = blobs.lookup(digest).await.is_some() || blobs.in_flight(digest);
+        let mut hub_body = None;
+        if !(here && self.cache.repos().hub_holds(registry, name, digest)) {
+            // Only the head when the bytes are here already (or the client asks only that).
+            let method = if here || req.method == Method::HEAD {
+                Method::HEAD
+            } else {
+                Method::GET
+            };
+            let key = digest.to_string();
+            match self
+                .hub_lookup(ctx, &method, name, "blobs", &key, HeaderMap::new())
+                .await
+            {
+                HubAnswer::Found(resp) if resp.status() == StatusCode::OK => {
+                    self.hub_served(registry, name, std::slice::from_ref(digest))
+                        .await;
+                    if req.method == Method::HEAD && !here {
+                        return Some((Source::Hub, relay(resp, self.idle_timeout)));
+                    }
+                    if method == Method::GET {
+                        hub_body = Some(resp);
+                    }
+                }
+                HubAnswer::Found(other) => {
+                    return Some((Source::Hub, relay(other, self.idle_timeout)));
+                }
+                HubAnswer::Missing | HubAnswer::Unavailable => return None,
+            }
+        }
+        if req.method == Method::HEAD {
+            let len = blobs.lookup(digest).await?;
+            return Some((Source::Node, blob_head(digest, len)));
+        }
+        // The bytes from this node, from a download under way, or from the hub's answer in hand
+        // (streamed to this client and into the cache at once).
+        // Evicted since it was looked up: nothing in hand, so the cache and upstream path decides.
+        let fetch = || async move {
+            hub_body
+                .map(upstream_blob)
+                .ok_or(FetchError::Failed(UpstreamError::Unreachable {
+                    host: "the hub".into(),
+                    reason: "the node's copy was evicted".into(),
+                }))
+        };
+        match blobs.get_or_fetch(digest, range, fetch).await {
+            Ok(blob) => {
+                let source = if blob.source == BlobSource::Hit {
+                    Source::Node
+                } else {
+                    Source::Hub
+                };
+                if blob.source == BlobSource::Fetched {
+                    self.watch_flight(ctx, name, digest, &blob);
+                }
+                Some((source, blob_response(digest, blob)))
+            }
+            // Gone from the node and from the hub: the cache and upstream path decides.
+            Err(_) => None,
+        }
+    }
+
     /// The content rule for a cached (or arriving) blob: the source to serve it as, or the
     /// response that refuses it.
     async fn check(
@@ -179,16 +248,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
             if resp.status() != StatusCode::OK {
                 return Err(FetchError::Status(Box::new(resp)));
             }
-            let len = resp
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
-            let body = resp
-                .into_body()
-                .into_data_stream()
-                .map_err(|e| std::io::Error::other(crate::telemetry::error_chain(e.as_ref())));
-            Ok(UpstreamBlob::new(len, body))
+            Ok(upstream_blob(resp))
         };
         self.cache.blobs().get_or_fetch(digest, range, fetch).await
     }
@@ -242,6 +302,20 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
             }
         });
     }
+}
+
+/// A 200 answer's body as a blob download for the cache.
+fn upstream_blob(resp: Response<ProxyBody>) -> UpstreamBlob {
+    let len = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let body = resp
+        .into_body()
+        .into_data_stream()
+        .map_err(|e| std::io::Error::other(crate::telemetry::error_chain(e.as_ref())));
+    UpstreamBlob::new(len, body)
 }
 
 fn blob_head(digest: &Digest, len: u64) -> Response<ProxyBody> {

@@ -3,11 +3,13 @@
 //! What the upstream serves is verified against its digest (sha256 or sha512), cached, and its
 //! references linked to the repository.
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header, request::Parts};
+use http_body_util::BodyExt as _;
 use tracing::warn;
 
 use super::{
-    ConnContext, RegistryProxy,
+    ConnContext, HubAnswer, RegistryProxy,
     content::{Ask, Verdict},
     not_entitled, path_of,
     respond::{Source, api_version, digest_headers, oci_error, relay},
@@ -15,14 +17,17 @@ use super::{
     sources::{HubSource, UpstreamSource},
 };
 use crate::{
-    cache::{Manifest, TagTarget},
+    cache::{MAX_MANIFEST_BYTES, Manifest, TagTarget},
     client::{self, ProxyBody},
     oci::{Digest, ErrorCode, ManifestRefs, Reference, RepositoryName, media_type},
     upstream::{Small, UpstreamError},
 };
 
-/// An upstream manifest whose bytes do not hash to the digest it was asked for (or announced).
+/// A manifest whose bytes do not hash to the digest it was asked for (or announced).
 struct DigestDisagrees;
+
+/// How long reading a manifest the hub is sending may take.
+const HUB_MANIFEST_READ: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
     pub(super) async fn manifest(
@@ -45,18 +50,11 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 HeaderValue::from_static(media_type::MANIFEST_ACCEPT),
             );
         }
-        if let Some(resp) = self
-            .hub_lookup(
-                ctx,
-                method,
-                name,
-                "manifests",
-                &reference.to_string(),
-                hub_headers,
-            )
+        if let Some(answer) = self
+            .manifest_from_hub(ctx, req, name, reference, hub_headers)
             .await
         {
-            return (Source::Hub, relay(resp, self.idle_timeout));
+            return answer;
         }
 
         let path = path_of(req);
@@ -168,9 +166,8 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         self.cache.manifests().get(&digest).await
     }
 
-    /// Takes in what the upstream answered for a manifest: the bytes, verified against the digest
-    /// asked for (or announced), cached by digest (GET); where the tag points; and the links of
-    /// the manifest and everything it references to the repository.
+    /// Takes in what the upstream answered for a manifest (see [`Self::keep_manifest`]) and
+    /// tells the content rule the upstream vouched for it.
     async fn remember_manifest(
         &self,
         ask: &Ask<'_>,
@@ -178,16 +175,122 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         method: &Method,
         s: &Small,
     ) -> Result<(), DigestDisagrees> {
-        let registry = ask.origin.authority.as_str();
-        let name = ask.repo;
-        let content_type = s
-            .headers
+        let linked = self
+            .keep_manifest(
+                ask.origin.authority.as_str(),
+                ask.repo,
+                reference,
+                method,
+                &s.headers,
+                &s.body,
+            )
+            .await?;
+        if !linked.is_empty() {
+            self.content.confirmed(ask, &linked).await;
+        }
+        Ok(())
+    }
+
+    /// The node tier for manifests. By digest, what the hub served for this repository is served
+    /// from this node. Otherwise the hub is asked (tags every time: the hub is authoritative for
+    /// the tags it holds); what it serves is verified, kept and recorded. While it cannot be
+    /// asked, a tag it served before is served from this node. `None`: on to the cache and the
+    /// upstream.
+    async fn manifest_from_hub(
+        &self,
+        ctx: &ConnContext,
+        req: &Parts,
+        name: &RepositoryName,
+        reference: &Reference,
+        accept: HeaderMap,
+    ) -> Option<(Source, Response<ProxyBody>)> {
+        let registry = ctx.origin.authority.as_str();
+        let method = &req.method;
+        if let Reference::Digest(d) = reference
+            && self.cache.repos().hub_holds(registry, name, d)
+            && let Some(m) = self.cache.manifests().get(d).await
+        {
+            return Some((Source::Node, manifest_response(&m, method)));
+        }
+        let resp = match self
+            .hub_lookup(
+                ctx,
+                method,
+                name,
+                "manifests",
+                &reference.to_string(),
+                accept,
+            )
+            .await
+        {
+            HubAnswer::Found(resp) => resp,
+            HubAnswer::Missing => return None,
+            HubAnswer::Unavailable => {
+                let Reference::Tag(tag) = reference else {
+                    return None;
+                };
+                let target = self.cache.tags().get(registry, name, tag)?;
+                if !self.cache.repos().hub_holds(registry, name, &target.digest) {
+                    return None;
+                }
+                let m = self.cache.manifests().get(&target.digest).await?;
+                return Some((Source::Node, manifest_response(&m, method)));
+            }
+        };
+        if !resp.status().is_success() {
+            return Some((Source::Hub, relay(resp, self.idle_timeout)));
+        }
+        let (parts, body) = resp.into_parts();
+        let body = if *method == Method::GET {
+            match tokio::time::timeout(HUB_MANIFEST_READ, read_manifest(body)).await {
+                Ok(Some(bytes)) => bytes,
+                _ => {
+                    warn!(registry, repository = %name, %reference, "the hub's manifest could not be read whole");
+                    return None;
+                }
+            }
+        } else {
+            Bytes::new()
+        };
+        match self
+            .keep_manifest(registry, name, reference, method, &parts.headers, &body)
+            .await
+        {
+            Ok(linked) => self.hub_served(registry, name, &linked).await,
+            Err(DigestDisagrees) => {
+                return Some((
+                    Source::Hub,
+                    oci_error(
+                        StatusCode::BAD_GATEWAY,
+                        ErrorCode::ManifestInvalid,
+                        "the hub's manifest does not match its digest",
+                    ),
+                ));
+            }
+        }
+        let mut resp = Response::from_parts(parts, client::full(body));
+        crate::upstream::strip_hop_by_hop(resp.headers_mut());
+        Some((Source::Hub, resp))
+    }
+
+    /// Takes in a manifest answer (hub or upstream): the bytes, verified against the digest asked
+    /// for (or announced), cached by digest (GET), where the tag points; returns the digests to
+    /// link to the repository (the manifest and everything it references).
+    async fn keep_manifest(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        reference: &Reference,
+        method: &Method,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<Vec<Digest>, DigestDisagrees> {
+        let content_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        let announced: Option<Digest> = s
-            .headers
+        let announced: Option<Digest> = headers
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
@@ -199,33 +302,33 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         let digest = if *method == Method::GET {
             let digest = match expected {
                 Some(expected) => {
-                    let computed = Digest::compute(expected.algorithm(), &s.body);
+                    let computed = Digest::compute(expected.algorithm(), body);
                     if computed != expected {
                         self.metrics.digest_mismatch();
-                        warn!(registry, repository = %name, %reference, %computed, %expected, "upstream manifest does not match its digest; not cached");
+                        warn!(registry, repository = %name, %reference, %computed, %expected, "manifest does not match its digest; not cached");
                         return Err(DigestDisagrees);
                     }
                     expected
                 }
-                None => Digest::sha256_of(&s.body),
+                None => Digest::sha256_of(body),
             };
             if media_type::is_manifest(&content_type) {
                 if let Err(e) = self
                     .cache
                     .manifests()
-                    .put(&digest, &content_type, s.body.clone())
+                    .put(&digest, &content_type, body.clone())
                     .await
                 {
                     warn!(registry, repository = %name, error = %e, "caching a manifest failed");
                 }
-                linked = ManifestRefs::parse(&s.body).digests();
+                linked = ManifestRefs::parse(body).digests();
             }
             Some(digest)
         } else {
             expected
         };
         let Some(digest) = digest else {
-            return Ok(());
+            return Ok(linked);
         };
         if let Reference::Tag(tag) = reference
             && media_type::is_manifest(&content_type)
@@ -239,9 +342,22 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
             }
         }
         linked.push(digest);
-        self.content.confirmed(ask, &linked).await;
-        Ok(())
+        Ok(linked)
     }
+}
+
+/// A manifest body, whole, if it is no larger than a manifest may be.
+async fn read_manifest(mut body: ProxyBody) -> Option<Bytes> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if buf.len() + data.len() > MAX_MANIFEST_BYTES {
+                return None;
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Some(buf.freeze())
 }
 
 fn manifest_response(m: &Manifest, method: &Method) -> Response<ProxyBody> {

@@ -48,7 +48,7 @@ use crate::{
     cache::Cache,
     client::{self, ProxyBody},
     hub::{HubClient, HubOutcome},
-    oci::{ErrorCode, RepositoryName, Route},
+    oci::{Digest, ErrorCode, RepositoryName, Route},
     original_dst::{ClientAddr, OriginalDst},
     upstream::{Origin, Small, Upstream, UpstreamError},
 };
@@ -75,6 +75,17 @@ pub struct RegistryProxy<H = HubClient, U = Upstream> {
     /// Idle timeout for relayed bodies.
     idle_timeout: Duration,
     hub_warned: AtomicU64,
+}
+
+/// What the hub said.
+enum HubAnswer {
+    /// It has the content: its answer.
+    Found(Response<ProxyBody>),
+    /// It does not have it (or there is no hub).
+    Missing,
+    /// It cannot be asked (down, refusing pullproxy's credentials): what it served before, and
+    /// this node kept, still counts.
+    Unavailable,
 }
 
 /// Hub trouble is logged at most this often (every request is counted in metrics).
@@ -217,8 +228,8 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
             .hub_lookup(ctx, &req.method, name, "tags", "list", HeaderMap::new())
             .await
         {
-            Some(resp) => (Source::Hub, relay(resp, self.idle_timeout)),
-            None => (
+            HubAnswer::Found(resp) => (Source::Hub, relay(resp, self.idle_timeout)),
+            HubAnswer::Missing | HubAnswer::Unavailable => (
                 Source::Local,
                 oci_error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -229,8 +240,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         }
     }
 
-    /// The hub's response if it has the content; hub trouble is logged (rate-limited) and
-    /// falls through to the cache and the upstream.
+    /// What the hub says about the content; hub trouble is logged (rate-limited) and counted.
     async fn hub_lookup(
         &self,
         ctx: &ConnContext,
@@ -239,21 +249,26 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         kind: &str,
         reference: &str,
         headers: HeaderMap,
-    ) -> Option<Response<ProxyBody>> {
-        let hub = self.hub.as_ref()?;
+    ) -> HubAnswer {
+        let Some(hub) = self.hub.as_ref() else {
+            return HubAnswer::Missing;
+        };
         let hub_repo = hub.hub_repo(ctx.origin.host(), name.as_str());
         let outcome = hub
             .lookup(method.clone(), &hub_repo, kind, reference, headers)
             .await;
         self.metrics.hub_lookup(outcome.label());
         match outcome {
-            HubOutcome::Found(resp) => return Some(resp),
-            HubOutcome::NotFound => debug!(%hub_repo, kind, reference, "not on the hub"),
+            HubOutcome::Found(resp) => return HubAnswer::Found(resp),
+            HubOutcome::NotFound => {
+                debug!(%hub_repo, kind, reference, "not on the hub");
+                return HubAnswer::Missing;
+            }
             HubOutcome::Unreachable(reason) if self.may_warn_about_hub() => {
-                warn!(hub = %hub.url(), %reason, "hub unreachable; serving from the cache and upstream")
+                warn!(hub = %hub.url(), %reason, "hub unreachable; serving from this node, the cache and upstream")
             }
             HubOutcome::NoCredentials(reason) if self.may_warn_about_hub() => {
-                warn!(hub = %hub.url(), %reason, "cannot read the hub credentials; serving from the cache and upstream")
+                warn!(hub = %hub.url(), %reason, "cannot read the hub credentials; serving from this node, the cache and upstream")
             }
             HubOutcome::Refused(status) if self.may_warn_about_hub() => warn!(
                 hub = %hub.url(),
@@ -262,7 +277,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
             ),
             _ => {}
         }
-        None
+        HubAnswer::Unavailable
     }
 
     /// The answer when the upstream failed and nothing local can stand in; counted. A name that
@@ -280,6 +295,13 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 ErrorCode::Unsupported,
                 &e.to_string(),
             ),
+        }
+    }
+
+    /// Records that the hub served `digests` for `name` (the node tier serves them from here).
+    async fn hub_served(&self, registry: &str, name: &RepositoryName, digests: &[Digest]) {
+        if let Err(e) = self.cache.repos().hub_link(registry, name, digests).await {
+            warn!(registry, repository = %name, error = %e, "recording what the hub served failed");
         }
     }
 

@@ -25,6 +25,8 @@ use crate::{
 pub enum Source {
     /// The cluster's hub.
     Hub,
+    /// This node's copy of what the hub served (the node tier).
+    Node,
     /// The local cache, after the upstream confirmed (or recently confirmed) access.
     Cache,
     /// The local cache because the upstream could not be asked (stale-if-error).
@@ -41,6 +43,7 @@ impl Source {
     pub fn label(self) -> &'static str {
         match self {
             Source::Hub => "hub",
+            Source::Node => "node",
             Source::Cache => "cache",
             Source::Stale => "stale",
             Source::Upstream => "upstream",

@@ -332,9 +332,30 @@ impl UpstreamSource for FakeUpstream {
 /// The hub: `hub repository -> image`, up or down.
 #[derive(Default)]
 struct FakeHub {
-    repos: Mutex<HashMap<String, Image>>,
+    /// Hub repository -> (tag, image).
+    repos: Mutex<HashMap<String, (String, Image)>>,
     down: std::sync::atomic::AtomicBool,
     url: Uri,
+    /// Lookups seen, as `METHOD kind reference`.
+    seen: Mutex<Vec<String>>,
+}
+
+impl FakeHub {
+    fn put(&self, repo: &str, tag: &str, image: &Image) {
+        self.repos
+            .lock()
+            .unwrap()
+            .insert(repo.to_owned(), (tag.to_owned(), image.clone()));
+    }
+
+    fn count(&self, what: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.starts_with(what))
+            .count()
+    }
 }
 
 impl HubSource for FakeHub {
@@ -352,16 +373,31 @@ impl HubSource for FakeHub {
         hub_repo: &str,
         kind: &str,
         reference: &str,
-        headers: HeaderMap,
+        _headers: HeaderMap,
     ) -> HubOutcome {
+        self.seen
+            .lock()
+            .unwrap()
+            .push(format!("{method} {kind} {reference}"));
         if self.down.load(Ordering::SeqCst) {
             return HubOutcome::Unreachable("hub down".into());
         }
-        let Some(image) = self.repos.lock().unwrap().get(hub_repo).cloned() else {
+        let Some((tag, image)) = self.repos.lock().unwrap().get(hub_repo).cloned() else {
             return HubOutcome::NotFound;
         };
+        let mut headers = HeaderMap::new();
         let body = match kind {
-            "manifests" => Some(image.manifest.clone()),
+            "manifests" if reference == tag || reference == image.digest.to_string() => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(media_type::OCI_MANIFEST),
+                );
+                headers.insert(
+                    "docker-content-digest",
+                    image.digest.to_string().parse().unwrap(),
+                );
+                Some(image.manifest.clone())
+            }
             "blobs" => image
                 .layers
                 .iter()
@@ -372,24 +408,13 @@ impl HubSource for FakeHub {
         let Some(body) = body else {
             return HubOutcome::NotFound;
         };
-        let range = headers
-            .get(header::RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::oci::ByteRange::parse);
-        let (status, body) = match range.map(|r| r.resolve(body.len() as u64)) {
-            None => (StatusCode::OK, body),
-            Some(Ok(r)) => (
-                StatusCode::PARTIAL_CONTENT,
-                body.slice(r.start as usize..=r.end as usize),
-            ),
-            Some(Err(_)) => (StatusCode::RANGE_NOT_SATISFIABLE, Bytes::new()),
-        };
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         let mut resp = Response::new(client::full(if method == Method::HEAD {
             Bytes::new()
         } else {
             body
         }));
-        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
         HubOutcome::Found(resp)
     }
 }
@@ -1098,11 +1123,7 @@ async fn a_repository_that_turns_private_loses_its_public_mark() {
 async fn the_hub_answers_first_and_its_range_answers_are_kept() {
     let s = scene().await;
     let hub_img = Image::new("hubbed", &[1000]);
-    s.w.hub
-        .repos
-        .lock()
-        .unwrap()
-        .insert("library/hubbed".into(), hub_img.clone());
+    s.w.hub.put("library/hubbed", "latest", &hub_img);
     s.w.up.set(HUB, State::Down);
     let layer = hub_img.layer(0);
     let got = s.w.manifest(HUB, "library/hubbed", "latest", &[]).await;
@@ -1279,4 +1300,99 @@ fn bearer_challenges_are_rescoped_to_the_repository_asked_for() {
     // Only 401s teach a challenge.
     rule.learn_challenge(QUAY, StatusCode::FORBIDDEN, &h);
     assert_eq!(rule.challenge(QUAY, None), None);
+}
+
+#[tokio::test]
+async fn the_node_keeps_what_the_hub_served_and_serves_it_when_the_hub_is_down() {
+    let w = World::new();
+    let img = Image::new("tiered", &[2000, 300]);
+    w.hub.put("library/tiered", "v1", &img);
+    // The upstream does not have it at all: every byte comes from the hub, then this node.
+    w.pull(HUB, "library/tiered", "v1", &img, None).await;
+    assert_eq!(
+        w.hub.count("GET blobs"),
+        2,
+        "each layer fetched from the hub once"
+    );
+    // Again: the tag is asked of the hub (it is authoritative), the layers come from disk.
+    w.pull(HUB, "library/tiered", "v1", &img, None).await;
+    assert_eq!(w.hub.count("GET blobs"), 2);
+    assert_eq!(w.hub.count("GET manifests v1"), 2);
+    // The hub down (and no upstream): everything pulled before still pulls.
+    w.hub.down.store(true, Ordering::SeqCst);
+    w.pull(HUB, "library/tiered", "v1", &img, None).await;
+    let got = w
+        .manifest(HUB, "library/tiered", &img.digest.to_string(), &[])
+        .await;
+    assert_eq!(got.body, img.manifest);
+    let got = w
+        .blob(
+            HUB,
+            "library/tiered",
+            &img.layer(0),
+            &[("range", "bytes=1000-")],
+        )
+        .await;
+    assert_eq!(
+        (got.status, got.body.clone()),
+        (StatusCode::PARTIAL_CONTENT, img.layers[0].slice(1000..))
+    );
+    assert!(
+        w.up.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| !s.contains("/blobs/"))
+    );
+    // Not under another repository, nor a tag the hub never served.
+    let got = w.blob(HUB, "library/other", &img.layer(0), &[]).await;
+    assert_ne!(got.status, StatusCode::OK);
+    let got = w.manifest(HUB, "library/tiered", "v2", &[]).await;
+    assert_ne!(got.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_tag_repushed_to_the_hub_is_served_on_the_next_pull() {
+    let w = World::new();
+    let (one, two) = (Image::new("one", &[100]), Image::new("two", &[200]));
+    w.hub.put("team/app", "stable", &one);
+    w.pull(HUB, "team/app", "stable", &one, None).await;
+    w.hub.put("team/app", "stable", &two);
+    w.pull(HUB, "team/app", "stable", &two, None).await;
+    // With the hub gone, the tag is where the hub last said.
+    w.hub.down.store(true, Ordering::SeqCst);
+    let got = w.manifest(HUB, "team/app", "stable", &[]).await;
+    assert_eq!(got.body, two.manifest);
+}
+
+#[tokio::test]
+async fn many_clients_of_a_hub_blob_cost_the_hub_one_download() {
+    let w = Arc::new(World::new());
+    let img = Image::new("popular", &[256 << 10]);
+    w.hub.put("library/popular", "v1", &img);
+    let layer = img.layer(0);
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let (w, layer) = (w.clone(), layer.clone());
+            tokio::spawn(async move { w.blob(HUB, "library/popular", &layer, &[]).await })
+        })
+        .collect();
+    for c in clients {
+        let got = c.await.unwrap();
+        assert_eq!(got.body, img.layers[0]);
+    }
+    assert_eq!(w.hub.count("GET blobs"), 1);
+}
+
+#[tokio::test]
+async fn a_corrupt_hub_manifest_is_refused() {
+    let w = World::new();
+    let img = Image::new("liar", &[10]);
+    let mut liar = img.clone();
+    liar.manifest = Bytes::from_static(br#"{"schemaVersion":2,"layers":[]}"#);
+    w.hub.put("x/liar", "v1", &liar);
+    // The hub announces the original digest for other bytes.
+    let got = w.manifest(HUB, "x/liar", "v1", &[]).await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert!(w.cache.manifests().get(&img.digest).await.is_none());
 }
