@@ -48,11 +48,11 @@ pub use flight::{
 pub use fs::FsBlobStore;
 pub use manifest::{MAX_MANIFEST_BYTES, Manifest, ManifestStore, TagIndex, TagTarget};
 pub use memory::MemoryBlobStore;
+pub(crate) use records::{MAX_RECORD_BYTES, RecordDir};
 pub use repos::{MAX_LINKS_PER_REPOSITORY, RepoIndex};
 pub use store::{BlobIngest, BlobRead, BlobStore, StoreUsage, StoredBlob};
 
 use crate::oci::{Digest, DigestMismatch};
-use records::RecordDir;
 
 /// Where the cache lives and how big it may grow.
 #[derive(Debug, Clone, PartialEq, Eq)]

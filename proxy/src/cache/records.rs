@@ -22,7 +22,7 @@ use super::CacheError;
 use crate::oci::Digest;
 
 /// Records larger than this are not ours (unless the directory says otherwise).
-pub(super) const MAX_RECORD_BYTES: u64 = 64 * 1024;
+pub(crate) const MAX_RECORD_BYTES: u64 = 64 * 1024;
 
 #[derive(Serialize, Deserialize)]
 struct Record<V> {
@@ -36,7 +36,7 @@ struct Files {
     tmp: PathBuf,
 }
 
-pub(super) struct RecordDir<V> {
+pub(crate) struct RecordDir<V> {
     files: Option<Files>,
     /// Files larger than this are not loaded.
     max_bytes: u64,
@@ -55,7 +55,7 @@ where
     V: Serialize + DeserializeOwned + Clone + PartialEq + Send + Sync + 'static,
 {
     /// Records kept in memory only, each at most `max_bytes` serialized (as on disk).
-    pub(super) fn in_memory(max_bytes: u64) -> Self {
+    pub(crate) fn in_memory(max_bytes: u64) -> Self {
         RecordDir {
             files: None,
             max_bytes,
@@ -67,7 +67,7 @@ where
 
     /// Loads every record in `dir` (files up to `max_bytes`), deleting files that are not valid
     /// records. Blocking.
-    pub(super) fn open(dir: PathBuf, tmp: PathBuf, max_bytes: u64) -> Result<Self, CacheError> {
+    pub(crate) fn open(dir: PathBuf, tmp: PathBuf, max_bytes: u64) -> Result<Self, CacheError> {
         let io_err = |op, path: &Path| {
             let path = path.to_owned();
             move |source| CacheError::Io { op, path, source }
@@ -99,7 +99,7 @@ where
         })
     }
 
-    pub(super) fn get(&self, key: &str) -> Option<V> {
+    pub(crate) fn get(&self, key: &str) -> Option<V> {
         self.map.read().unwrap().get(key).cloned()
     }
 
@@ -109,7 +109,7 @@ where
     }
 
     /// Deletes the record under `key`, if any.
-    pub(super) async fn remove(&self, key: &str) -> Result<(), CacheError> {
+    pub(crate) async fn remove(&self, key: &str) -> Result<(), CacheError> {
         let _writer = self.write.lock().await;
         if self.map.write().unwrap().remove(key).is_none() {
             return Ok(());
@@ -131,7 +131,7 @@ where
     }
 
     /// Stores `value` under `key`; a no-op when it is already there.
-    pub(super) async fn put(&self, key: String, value: V) -> Result<(), CacheError> {
+    pub(crate) async fn put(&self, key: String, value: V) -> Result<(), CacheError> {
         let _writer = self.write.lock().await;
         if self.get(&key).as_ref() == Some(&value) {
             return Ok(());
@@ -179,7 +179,17 @@ where
         Ok(())
     }
 
-    pub(super) fn len(&self) -> usize {
+    /// Every record, in no particular order.
+    pub(crate) fn entries(&self) -> Vec<(String, V)> {
+        self.map
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub(crate) fn len(&self) -> usize {
         self.map.read().unwrap().len()
     }
 }

@@ -4,15 +4,17 @@
 
 use std::future::Future;
 
+use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri, uri::PathAndQuery};
 
 use crate::{
     client::ProxyBody,
-    hub::{HubClient, HubOutcome},
+    hub::{HubClient, HubError, HubOutcome},
+    oci::Digest,
     upstream::{Origin, Small, Upstream, UpstreamError},
 };
 
-/// The cluster's registry.
+/// The cluster's registry: lookups, and the pushes of write-back.
 pub trait HubSource: Send + Sync + 'static {
     /// The hub's base URL, for logs.
     fn url(&self) -> &Uri;
@@ -27,6 +29,29 @@ pub trait HubSource: Send + Sync + 'static {
         reference: &str,
         headers: HeaderMap,
     ) -> impl Future<Output = HubOutcome> + Send;
+    /// Whether the hub has `digest` in `hub_repo` (`kind`: `blobs` or `manifests`).
+    fn has(
+        &self,
+        hub_repo: &str,
+        kind: &str,
+        digest: &Digest,
+    ) -> impl Future<Output = Result<bool, HubError>> + Send;
+    /// Uploads a blob into `hub_repo`.
+    fn upload_blob(
+        &self,
+        hub_repo: &str,
+        digest: &Digest,
+        len: u64,
+        body: ProxyBody,
+    ) -> impl Future<Output = Result<(), HubError>> + Send;
+    /// Puts a manifest by digest into `hub_repo`.
+    fn put_manifest(
+        &self,
+        hub_repo: &str,
+        digest: &Digest,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> impl Future<Output = Result<(), HubError>> + Send;
 }
 
 /// The registry a connection was going to.
@@ -79,6 +104,35 @@ impl HubSource for HubClient {
         headers: HeaderMap,
     ) -> impl Future<Output = HubOutcome> + Send {
         HubClient::lookup(self, method, hub_repo, kind, reference, headers)
+    }
+
+    fn has(
+        &self,
+        hub_repo: &str,
+        kind: &str,
+        digest: &Digest,
+    ) -> impl Future<Output = Result<bool, HubError>> + Send {
+        HubClient::has(self, hub_repo, kind, digest)
+    }
+
+    fn upload_blob(
+        &self,
+        hub_repo: &str,
+        digest: &Digest,
+        len: u64,
+        body: ProxyBody,
+    ) -> impl Future<Output = Result<(), HubError>> + Send {
+        HubClient::upload_blob(self, hub_repo, digest, len, body)
+    }
+
+    fn put_manifest(
+        &self,
+        hub_repo: &str,
+        digest: &Digest,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> impl Future<Output = Result<(), HubError>> + Send {
+        HubClient::put_manifest(self, hub_repo, digest, media_type, bytes)
     }
 }
 

@@ -25,7 +25,7 @@ use super::{ConnContext, RegistryProxy, sources::HubSource, sources::UpstreamSou
 use crate::{
     cache::Cache,
     client::{self, BoxError, ProxyBody},
-    hub::HubOutcome,
+    hub::{HubError, HubOutcome},
     oci::{Digest, Reference, RepositoryName, Route, media_type},
     original_dst::ClientAddr,
     upstream::{Origin, Small, UpstreamError},
@@ -338,6 +338,10 @@ struct FakeHub {
     url: Uri,
     /// Lookups seen, as `METHOD kind reference`.
     seen: Mutex<Vec<String>>,
+    /// What was pushed into it: `hub repository` -> digest -> (media type, bytes).
+    pushed: Mutex<HashMap<String, HashMap<Digest, (String, Bytes)>>>,
+    /// Pushes refused (credentials without push rights).
+    read_only: std::sync::atomic::AtomicBool,
 }
 
 impl FakeHub {
@@ -416,6 +420,79 @@ impl HubSource for FakeHub {
         }));
         *resp.headers_mut() = headers;
         HubOutcome::Found(resp)
+    }
+
+    async fn has(&self, hub_repo: &str, _kind: &str, digest: &Digest) -> Result<bool, HubError> {
+        self.reachable()?;
+        Ok(self
+            .pushed
+            .lock()
+            .unwrap()
+            .get(hub_repo)
+            .is_some_and(|r| r.contains_key(digest)))
+    }
+
+    async fn upload_blob(
+        &self,
+        hub_repo: &str,
+        digest: &Digest,
+        len: u64,
+        body: ProxyBody,
+    ) -> Result<(), HubError> {
+        self.reachable()?;
+        let bytes = body.collect().await.map_err(|e| HubError::Unreachable(e.to_string()))?.to_bytes();
+        if bytes.len() as u64 != len || Digest::compute(digest.algorithm(), &bytes) != *digest {
+            return Err(HubError::Status {
+                what: "a blob upload",
+                status: StatusCode::BAD_REQUEST,
+            });
+        }
+        self.store(hub_repo, digest, "application/octet-stream", bytes);
+        Ok(())
+    }
+
+    async fn put_manifest(
+        &self,
+        hub_repo: &str,
+        digest: &Digest,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<(), HubError> {
+        self.reachable()?;
+        // As distribution does: a manifest whose blobs are not there is refused.
+        let missing = crate::oci::ManifestRefs::parse(&bytes)
+            .digests()
+            .into_iter()
+            .any(|d| !self.pushed.lock().unwrap().get(hub_repo).is_some_and(|r| r.contains_key(&d)));
+        if missing {
+            return Err(HubError::Status {
+                what: "a manifest put",
+                status: StatusCode::BAD_REQUEST,
+            });
+        }
+        self.store(hub_repo, digest, media_type, bytes);
+        Ok(())
+    }
+}
+
+impl FakeHub {
+    fn reachable(&self) -> Result<(), HubError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(HubError::Unreachable("hub down".into()));
+        }
+        if self.read_only.load(Ordering::SeqCst) {
+            return Err(HubError::Refused(StatusCode::FORBIDDEN));
+        }
+        Ok(())
+    }
+
+    fn store(&self, hub_repo: &str, digest: &Digest, media_type: &str, bytes: Bytes) {
+        self.pushed
+            .lock()
+            .unwrap()
+            .entry(hub_repo.to_owned())
+            .or_default()
+            .insert(digest.clone(), (media_type.to_owned(), bytes));
     }
 }
 

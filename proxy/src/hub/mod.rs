@@ -16,6 +16,8 @@ use http_body_util::BodyExt as _;
 
 use crate::client::{self, BoxError, HttpClient, ProxyBody};
 
+mod push;
+
 /// Where the hub password comes from.
 #[derive(Debug, Clone)]
 pub enum PasswordSource {
@@ -300,48 +302,95 @@ impl HubClient {
         .await
     }
 
-    async fn send(&self, method: Method, path: &str, mut headers: HeaderMap) -> HubOutcome {
-        let auth = match self.credentials.header() {
-            Ok(a) => a,
-            Err(e) => return HubOutcome::NoCredentials(crate::telemetry::error_chain(&e)),
+    async fn send(&self, method: Method, path: &str, headers: HeaderMap) -> HubOutcome {
+        let resp = match self
+            .exchange(method, path, headers, client::empty(), self.timeout)
+            .await
+        {
+            Ok(resp) => resp,
+            Err(HubError::Credentials(reason)) => return HubOutcome::NoCredentials(reason),
+            Err(e) => return HubOutcome::Unreachable(e.to_string()),
         };
+        match resp.status() {
+            // 416: the hub has the blob, the range is outside it; the client gets that answer.
+            s if s.is_success() || s == StatusCode::RANGE_NOT_SATISFIABLE => {
+                HubOutcome::Found(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()))
+            }
+            StatusCode::NOT_FOUND => HubOutcome::NotFound,
+            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => HubOutcome::Refused(s),
+            s => HubOutcome::Unreachable(format!("hub answered {s}")),
+        }
+    }
+
+    /// One request to the hub with pullproxy's credentials; the response head within `timeout`.
+    /// `path` is a path and query, or an absolute URL on the hub (an upload location).
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        mut headers: HeaderMap,
+        body: ProxyBody,
+        timeout: Duration,
+    ) -> Result<Response<hyper::body::Incoming>, HubError> {
+        let auth = self
+            .credentials
+            .header()
+            .map_err(|e| HubError::Credentials(crate::telemetry::error_chain(&e)))?;
         if let Some(auth) = auth {
             headers.insert(header::AUTHORIZATION, auth);
         }
-        let uri = match Uri::builder()
-            .scheme(self.base.scheme_str().unwrap_or("http"))
-            .authority(
-                self.base
-                    .authority()
-                    .map(|a| a.as_str())
-                    .unwrap_or_default(),
-            )
-            .path_and_query(path)
-            .build()
-        {
-            Ok(u) => u,
-            Err(e) => return HubOutcome::Unreachable(format!("bad hub URL for {path}: {e}")),
-        };
+        let uri = self.uri(path)?;
         let mut req = Request::builder()
             .method(method)
             .uri(uri)
-            .body(client::empty())
+            .body(body)
             .expect("valid request");
         *req.headers_mut() = headers;
-        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-            Err(_) => HubOutcome::Unreachable(format!("no answer within {:?}", self.timeout)),
-            Ok(Err(e)) => HubOutcome::Unreachable(crate::telemetry::error_chain(&e)),
-            Ok(Ok(resp)) => match resp.status() {
-                // 416: the hub has the blob, the range is outside it; the client gets that answer.
-                s if s.is_success() || s == StatusCode::RANGE_NOT_SATISFIABLE => {
-                    HubOutcome::Found(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()))
-                }
-                StatusCode::NOT_FOUND => HubOutcome::NotFound,
-                s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => HubOutcome::Refused(s),
-                s => HubOutcome::Unreachable(format!("hub answered {s}")),
-            },
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Err(_) => Err(HubError::Unreachable(format!("no answer within {timeout:?}"))),
+            Ok(Err(e)) => Err(HubError::Unreachable(crate::telemetry::error_chain(&e))),
+            Ok(Ok(resp)) => Ok(resp),
         }
     }
+
+    /// `path` on the hub: a path and query, or an absolute URL that must be on the hub itself
+    /// (an upload location the hub handed out; never anywhere else, with our credentials).
+    fn uri(&self, path: &str) -> Result<Uri, HubError> {
+        let bad = |reason: String| HubError::BadLocation(format!("{path:?}: {reason}"));
+        if path.starts_with('/') {
+            return Uri::builder()
+                .scheme(self.base.scheme_str().unwrap_or("http"))
+                .authority(
+                    self.base
+                        .authority()
+                        .map(|a| a.as_str())
+                        .unwrap_or_default(),
+                )
+                .path_and_query(path)
+                .build()
+                .map_err(|e| bad(e.to_string()));
+        }
+        let uri: Uri = path.parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
+        if uri.scheme() != self.base.scheme() || uri.authority() != self.base.authority() {
+            return Err(bad("not on the hub".into()));
+        }
+        Ok(uri)
+    }
+}
+
+/// What can go wrong talking to the hub.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("hub credentials: {0}")]
+    Credentials(String),
+    #[error("hub unreachable: {0}")]
+    Unreachable(String),
+    #[error("hub refused pullproxy's credentials ({0})")]
+    Refused(StatusCode),
+    #[error("hub answered {status} to {what}")]
+    Status { what: &'static str, status: StatusCode },
+    #[error("hub gave an unusable location {0}")]
+    BadLocation(String),
 }
 
 #[cfg(test)]
