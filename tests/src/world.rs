@@ -82,6 +82,12 @@ pub struct World {
 impl World {
     /// A node named `prefix-...` with its registries and a running pullproxy.
     pub fn new(prefix: &str) -> Self {
+        Self::with_proxy_env(prefix, &[])
+    }
+
+    /// [`World::new`] with more `PULLPROXY_*` overrides for pullproxy (later entries win; they
+    /// also apply to [`World::restart_proxy`]).
+    pub fn with_proxy_env(prefix: &str, extra: &[(&'static str, String)]) -> Self {
         let node = Node::new(prefix);
         for ip in [
             UPSTREAM_IP,
@@ -134,6 +140,7 @@ impl World {
             ),
             ("PULLPROXY_ADMIN__HUB_CHECK_INTERVAL", "200ms".to_owned()),
         ]);
+        proxy_env.extend_from_slice(extra);
         let proxy = node.start_proxy_with_mounts(hosts(), &proxy_env);
         // Clients trust the node CA (pullproxy generated it at start) and the upstream CA (for
         // when they reach the upstream directly).
