@@ -170,6 +170,8 @@ const RUNNER_UNIT: &str = "\
 [Unit]
 Description=pullproxy test suites from the host's work tree (cargo xtask vm-test)
 After=multi-user.target containerd.service
+SuccessAction=poweroff-immediate
+FailureAction=poweroff-immediate
 
 [Service]
 Type=oneshot
@@ -177,8 +179,6 @@ ExecStart=/usr/local/sbin/pullproxy-vm-test
 StandardOutput=file:/dev/ttyS1
 StandardError=inherit
 Delegate=yes
-SuccessAction=poweroff-immediate
-FailureAction=poweroff-immediate
 
 [Install]
 WantedBy=multi-user.target
