@@ -191,16 +191,24 @@ impl ContainerdService {
         me
     }
 
-    /// `systemctl restart containerd`, then waits until it serves its socket again.
+    /// `systemctl restart containerd`, then waits until its CRI plugin answers (the socket
+    /// accepts before the plugin is initialized: "server is not initialized yet").
     pub fn restart(&self) {
         systemctl(&["restart", CONTAINERD_UNIT]);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::os::unix::net::UnixStream::connect(CONTAINERD_SOCKET).is_err() {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let answered = CriClient::connect(Path::new(CONTAINERD_SOCKET))
+                .ok()
+                .is_some_and(|c| c.list_images().is_ok());
+            if answered {
+                return;
+            }
             assert!(
                 Instant::now() < deadline,
-                "containerd.service does not serve {CONTAINERD_SOCKET} after a restart"
+                "containerd.service's CRI plugin does not answer on {CONTAINERD_SOCKET} after a \
+                 restart"
             );
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
