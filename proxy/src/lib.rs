@@ -15,6 +15,7 @@ pub mod hub;
 pub mod oci;
 pub mod original_dst;
 pub mod port_holder;
+pub mod private_state;
 pub mod redirect;
 pub mod registry;
 pub mod runtimes;

@@ -109,15 +109,8 @@ impl ManifestStore {
         if matches!(self.store.open(digest).await, Ok(Some(_))) {
             return Ok(());
         }
-        let mut ingest = self.store.ingest(digest).await?;
-        ingest
-            .write(vec![bytes])
-            .await
-            .map_err(|source| CacheError::Io {
-                op: "writing manifest for",
-                path: digest.to_string().into(),
-                source,
-            })?;
+        let mut ingest = self.store.ingest(digest, Some(bytes.len() as u64)).await?;
+        ingest.write(vec![bytes]).await?;
         ingest.commit(proof).await
     }
 }
@@ -318,11 +311,13 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, CacheError::ManifestTooLarge { .. }), "{err}");
-        let digest = Digest::sha256_of(MANIFEST);
+        // A manifest that declares no media type, so that the Content-Type would be recorded.
+        let bare: &[u8] = br#"{"schemaVersion":2}"#;
+        let digest = Digest::sha256_of(bare);
         for bad in ["", "text/plain\r\nX-Evil: 1", &"a".repeat(256)] {
             let err = cache
                 .manifests()
-                .put(&digest, bad, Bytes::from_static(MANIFEST))
+                .put(&digest, bad, Bytes::from_static(bare))
                 .await
                 .unwrap_err();
             assert!(matches!(err, CacheError::InvalidMediaType), "{bad:?}");

@@ -95,6 +95,28 @@ pub enum CacheError {
     InvalidRegistry,
     #[error("record of {len} bytes; at most {max} are kept")]
     RecordTooLarge { len: usize, max: u64 },
+    #[error("{digest} is {len} bytes or more; the cache holds at most {max} (cache.max_size)")]
+    TooLarge { digest: Digest, len: u64, max: u64 },
+    #[error(
+        "no room left for {digest} after {reserved} bytes: the downloads in flight need more \
+         than the cache's {max} bytes (cache.max_size)"
+    )]
+    NoRoom {
+        digest: Digest,
+        reserved: u64,
+        max: u64,
+    },
+}
+
+impl CacheError {
+    /// The blob did not fit in the size limit (alone, or beside the other downloads in
+    /// flight): not a disk failure.
+    pub fn is_no_room(&self) -> bool {
+        matches!(
+            self,
+            CacheError::TooLarge { .. } | CacheError::NoRoom { .. }
+        )
+    }
 }
 
 /// The blob cache, manifest store, tag index and repository index over one store.
@@ -153,10 +175,10 @@ impl Cache {
         Cache::with_parts(
             store,
             Records {
-                media_types: RecordDir::in_memory(),
-                tags: RecordDir::in_memory(),
-                links: RecordDir::in_memory(),
-                public: RecordDir::in_memory(),
+                media_types: RecordDir::in_memory(records::MAX_RECORD_BYTES),
+                tags: RecordDir::in_memory(records::MAX_RECORD_BYTES),
+                links: RecordDir::in_memory(repos::MAX_LINKS_RECORD_BYTES),
+                public: RecordDir::in_memory(records::MAX_RECORD_BYTES),
             },
         )
     }
