@@ -1503,6 +1503,143 @@ mod tests {
         );
     }
 
+    /// Bytes in the files under `dir` (what a directory listing shows on disk).
+    fn bytes_under(dir: &Path) -> u64 {
+        let mut total = 0;
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let meta = entry.as_ref().unwrap().metadata().unwrap();
+                if meta.is_dir() {
+                    stack.push(entry.unwrap().path());
+                } else {
+                    total += meta.len();
+                }
+            }
+        }
+        total
+    }
+
+    /// Sends `blob` in 256 KiB chunks and reads the body along, checking after each chunk
+    /// (once the client has read every byte of it the flight may release, so the flight has
+    /// written it) that the files under `dir` hold at most `max` bytes. Returns the body read
+    /// and the most bytes seen on disk.
+    async fn stream_checking_disk(
+        tx: Chunks,
+        mut body: BlobBody,
+        blob: &[u8],
+        dir: &Path,
+        max: u64,
+    ) -> (Vec<u8>, u64) {
+        let mut got = Vec::new();
+        let mut most = 0;
+        let mut sent = 0;
+        for chunk in blob.chunks(256 * 1024) {
+            tx.send(Ok(Bytes::copy_from_slice(chunk))).unwrap();
+            sent += chunk.len();
+            // The last byte received waits for the end (and the digest check).
+            while got.len() < sent - 1 {
+                got.extend_from_slice(&body.next().await.unwrap().unwrap());
+            }
+            let on_disk = bytes_under(dir);
+            assert!(
+                on_disk <= max,
+                "{on_disk} bytes on disk after {sent} received; the limit is {max}"
+            );
+            most = most.max(on_disk);
+        }
+        drop(tx);
+        got.extend_from_slice(&drain_ok(body).await);
+        (got, most)
+    }
+
+    #[tokio::test]
+    async fn an_upstream_body_without_a_length_cannot_fill_the_disk() {
+        const MAX: u64 = 4 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsBlobStore::open(dir.path(), MAX).unwrap());
+        let cache = BlobCache::new(store.clone());
+        let mut old = Vec::new();
+        for seed in 0..3 {
+            old.push(put(&*store, &data(1 << 20, 50 + seed)).await);
+        }
+        // A hostile upstream: no Content-Length and more than twice the cache.
+        let blob = data(10 << 20, 60);
+        let digest = Digest::sha256_of(&blob);
+        let (tx, upstream) = manual_upstream(None);
+        let response = cache
+            .get_or_fetch(&digest, None, || ready(upstream))
+            .await
+            .unwrap();
+        let outcome = response.outcome.clone();
+        let (got, most) = stream_checking_disk(tx, response.body, &blob, dir.path(), MAX).await;
+        assert!(got == blob, "the client gets every byte");
+        assert!(
+            most > MAX - (1 << 20),
+            "the download did reach the limit: {most}"
+        );
+        let outcome = outcome.wait().await.unwrap();
+        assert!(
+            matches!(&outcome, FlightOutcome::NoRoom { error } if error.contains("cache.max_size")),
+            "{outcome:?}"
+        );
+        assert_eq!(cache.lookup(&digest).await, None, "nothing cached");
+        for d in &old {
+            assert_eq!(cache.lookup(d).await, None, "evicted to make room");
+        }
+        let stats = cache.stats();
+        assert_eq!(
+            (
+                stats.no_room,
+                stats.write_errors,
+                stats.in_flight_bytes,
+                stats.bytes
+            ),
+            (1, 0, 0, 0)
+        );
+        assert_eq!(bytes_under(dir.path()), 0);
+
+        // The cache keeps working.
+        let small = data(300_000, 61);
+        let r = fetch(&cache, &Digest::sha256_of(&small), None, &small).await;
+        assert_eq!(drain_ok(r.body).await, small);
+        assert_eq!(r.outcome.wait().await, Some(FlightOutcome::Cached));
+        assert_eq!(cache.stats().bytes, small.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_blob_announced_larger_than_the_cache_is_never_written() {
+        const MAX: u64 = 4 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsBlobStore::open(dir.path(), MAX).unwrap());
+        let cache = BlobCache::new(store.clone());
+        let kept = put(&*store, &data(1 << 20, 70)).await;
+        let blob = data(5 << 20, 71);
+        let digest = Digest::sha256_of(&blob);
+        let (tx, upstream) = manual_upstream(Some(blob.len() as u64));
+        let response = cache
+            .get_or_fetch(&digest, None, || ready(upstream))
+            .await
+            .unwrap();
+        assert_eq!(response.len, Some(blob.len() as u64));
+        let outcome = response.outcome.clone();
+        // Never more than the blob already cached: no temp file at all.
+        let (got, most) = stream_checking_disk(tx, response.body, &blob, dir.path(), 1 << 20).await;
+        assert!(got == blob, "the client gets every byte");
+        assert_eq!(most, 1 << 20);
+        assert!(matches!(
+            outcome.wait().await,
+            Some(FlightOutcome::NoRoom { .. })
+        ));
+        assert_eq!(cache.lookup(&digest).await, None);
+        assert_eq!(cache.lookup(&kept).await, Some(1 << 20), "nothing evicted");
+        let stats = cache.stats();
+        assert_eq!(
+            (stats.no_room, stats.evictions, stats.write_errors),
+            (1, 0, 0)
+        );
+    }
+
     #[tokio::test]
     async fn no_temp_file_at_all_still_serves_every_client() {
         let dir = tempfile::tempdir().unwrap();
