@@ -220,3 +220,85 @@ struct Records {
     links: RecordDir<Vec<String>>,
     public: RecordDir<u64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{
+        oci::{RepositoryName, Tag, media_type::OCI_MANIFEST},
+        private_state::tests::too_open,
+    };
+
+    /// Opens a cache in `dir` and writes one of everything it keeps.
+    async fn fill(dir: &std::path::Path) {
+        let cache = Cache::open(&CacheSettings {
+            dir: dir.to_owned(),
+            max_bytes: 1 << 20,
+        })
+        .await
+        .unwrap();
+        let manifest: &[u8] = br#"{"schemaVersion":2}"#;
+        let digest = Digest::sha256_of(manifest);
+        cache
+            .manifests()
+            .put(&digest, OCI_MANIFEST, Bytes::from_static(manifest))
+            .await
+            .unwrap();
+        let repo: RepositoryName = "library/app".parse().unwrap();
+        let tag: Tag = "1.0".parse().unwrap();
+        let target = TagTarget {
+            digest: digest.clone(),
+            media_type: OCI_MANIFEST.into(),
+        };
+        cache
+            .tags()
+            .put("quay.io", &repo, &tag, &target)
+            .await
+            .unwrap();
+        cache
+            .repos()
+            .link("quay.io", &repo, &[digest])
+            .await
+            .unwrap();
+        cache
+            .repos()
+            .mark_public("quay.io", &repo, 1)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn every_directory_and_file_of_the_cache_is_root_only() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("cache");
+        fill(&dir).await;
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names.len(),
+            6,
+            "blobs, tmp and the record directories: {names:?}"
+        );
+        assert_eq!(too_open(&dir), [], "as created");
+
+        // What an older version (no explicit modes, umask 022) left: all of it readable.
+        let mut stack = vec![dir.clone()];
+        while let Some(path) = stack.pop() {
+            let is_dir = path.is_dir();
+            let mode = if is_dir { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            if is_dir {
+                stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            }
+        }
+        assert_eq!(too_open(&dir).len(), 14, "{:?}", too_open(&dir));
+        fill(&dir).await;
+        assert_eq!(too_open(&dir), [], "narrowed at open");
+    }
+}
