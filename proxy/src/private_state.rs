@@ -6,7 +6,7 @@ use std::{
     fs::{self, DirBuilder, Metadata, OpenOptions, Permissions},
     io,
     os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 /// Mode of every state directory.
@@ -40,6 +40,27 @@ pub fn new_file() -> OpenOptions {
     options
 }
 
+/// Every directory under `root` (itself included) whose mode is not [`DIR_MODE`] and every
+/// other entry whose mode is not [`FILE_MODE`], with that mode; symlinks are not followed. What
+/// a check of the state on disk reports.
+pub fn too_open(root: &Path) -> io::Result<Vec<(PathBuf, u32)>> {
+    let mut wrong = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(path) = stack.pop() {
+        let meta = fs::symlink_metadata(&path)?;
+        let mode = meta.mode() & 0o7777;
+        if mode != if meta.is_dir() { DIR_MODE } else { FILE_MODE } {
+            wrong.push((path.clone(), mode));
+        }
+        if meta.is_dir() {
+            for entry in fs::read_dir(&path)? {
+                stack.push(entry?.path());
+            }
+        }
+    }
+    Ok(wrong)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -47,24 +68,6 @@ pub(crate) mod tests {
     /// The permission bits of `path`.
     pub(crate) fn mode_of(path: &Path) -> u32 {
         fs::symlink_metadata(path).unwrap().mode() & 0o7777
-    }
-
-    /// Every directory and file under `root` (itself included) whose mode is not what state
-    /// should have, with that mode.
-    pub(crate) fn too_open(root: &Path) -> Vec<(String, u32)> {
-        let mut wrong = Vec::new();
-        let mut stack = vec![root.to_owned()];
-        while let Some(path) = stack.pop() {
-            let meta = fs::symlink_metadata(&path).unwrap();
-            let want = if meta.is_dir() { DIR_MODE } else { FILE_MODE };
-            if meta.mode() & 0o7777 != want {
-                wrong.push((path.display().to_string(), meta.mode() & 0o7777));
-            }
-            if meta.is_dir() {
-                stack.extend(fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
-            }
-        }
-        wrong
     }
 
     #[test]
@@ -92,17 +95,22 @@ pub(crate) mod tests {
 
     #[test]
     fn new_files_are_0600_and_never_follow_a_symlink() {
-        let root = tempfile::tempdir().unwrap();
-        let path = root.path().join("f");
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("state");
+        create_dir(&root).unwrap();
+        let path = root.join("f");
         new_file().open(&path).unwrap();
         assert_eq!(mode_of(&path), 0o600);
-        let link = root.path().join("link");
-        std::os::unix::fs::symlink(root.path().join("target"), &link).unwrap();
+        let link = root.join("link");
+        std::os::unix::fs::symlink(root.join("target"), &link).unwrap();
         assert!(new_file().open(&link).is_err());
-        assert!(!root.path().join("target").exists());
+        assert!(!root.join("target").exists());
 
         fs::set_permissions(&path, Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(too_open(&root).unwrap().len(), 2);
         restrict(&path, &fs::metadata(&path).unwrap(), FILE_MODE).unwrap();
         assert_eq!(mode_of(&path), 0o600);
+        // The symlink (0777) is what is left to report.
+        assert_eq!(too_open(&root).unwrap(), [(link, 0o777)]);
     }
 }

@@ -5,7 +5,7 @@
 
 use std::{
     net::SocketAddr,
-    os::unix::fs::{MetadataExt, PermissionsExt},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Command,
     sync::Arc,
@@ -28,6 +28,7 @@ use harness::{
         TOKEN_SERVICE_IP, World, hosts,
     },
 };
+use pullproxy::private_state::too_open;
 use serde_json::Value;
 
 fn copy(
@@ -624,24 +625,6 @@ fn a_rotated_hub_password_is_used_on_the_next_request() {
     }
 }
 
-/// Every directory under `root` (itself included) that is not 0700 and every file that is not
-/// 0600, with its mode.
-fn too_open(root: &Path) -> Vec<(PathBuf, u32)> {
-    let mut wrong = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        let meta = std::fs::symlink_metadata(&path).unwrap();
-        let mode = meta.mode() & 0o7777;
-        if mode != if meta.is_dir() { 0o700 } else { 0o600 } {
-            wrong.push((path.clone(), mode));
-        }
-        if meta.is_dir() {
-            stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
-        }
-    }
-    wrong
-}
-
 /// `cat path` as nobody (uid and gid 65534, no groups).
 fn cat_as_nobody(path: &Path) -> std::process::Output {
     Command::new("setpriv")
@@ -657,7 +640,7 @@ fn state_is_root_only(w: &World, layer: &Digest) {
     let cached = w.node.cache_dir().join("blobs/sha256").join(layer.hex());
     assert!(cached.is_file(), "{} is cached", cached.display());
     for dir in [w.node.cache_dir(), w.node.tls_dir()] {
-        let open = too_open(&dir);
+        let open = too_open(&dir).unwrap();
         assert!(open.is_empty(), "readable by others: {open:?}");
     }
     // The node's own directory lets others through, so only pullproxy's modes stand in the way;

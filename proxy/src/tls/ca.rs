@@ -662,21 +662,21 @@ mod tests {
 
     #[test]
     fn an_old_readable_state_dir_is_narrowed_and_its_ca_kept() {
-        use crate::private_state::tests::too_open;
+        use crate::private_state::too_open;
 
         let dir = tempfile::tempdir().unwrap();
         let s = settings(dir.path());
         let hosts = s.intercept_set().unwrap();
         let (ca, _) = NodeCa::load_or_generate(&s, &hosts).unwrap();
-        assert_eq!(too_open(&s.state_dir), [], "as created");
+        assert_eq!(too_open(&s.state_dir).unwrap(), [], "as created");
         // What an older version left: the directory, the certificate and the lock readable.
         let chmod = |p: &Path, m| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
         chmod(&s.state_dir, 0o755);
         chmod(&s.ca_cert_path(), 0o644);
         chmod(&lock_path(&s.ca_key_path()), 0o644);
-        assert_eq!(too_open(&s.state_dir).len(), 3);
+        assert_eq!(too_open(&s.state_dir).unwrap().len(), 3);
         let (again, notices) = NodeCa::load_or_generate(&s, &hosts).unwrap();
-        assert_eq!(too_open(&s.state_dir), [], "narrowed at start");
+        assert_eq!(too_open(&s.state_dir).unwrap(), [], "narrowed at start");
         assert!(notices.is_empty(), "{notices:?}");
         assert_eq!(
             again.cert_der(),
