@@ -291,7 +291,7 @@ mod tests {
             .collect();
         assert_eq!(
             names.len(),
-            6,
+            7,
             "blobs, tmp and the record directories: {names:?}"
         );
         assert_eq!(too_open(&dir).unwrap(), [], "as created");
@@ -308,7 +308,7 @@ mod tests {
         }
         assert_eq!(
             too_open(&dir).unwrap().len(),
-            14,
+            15,
             "{:?}",
             too_open(&dir).unwrap()
         );
