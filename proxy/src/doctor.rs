@@ -22,8 +22,6 @@ use crate::{
     tls::{self, NodeCa, ProcFs, TrustReport, runtimes::RuntimeTrust, trust_store::InstallState},
 };
 
-/// Filesystem magic of bpffs (`BPF_FS_MAGIC`).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where pullproxy expects bpffs (and mounts it when it may).
 const BPFFS: &str = "/sys/fs/bpf";
 /// Less free space than this on the cache's filesystem is a problem: the cache stops filling
@@ -352,8 +350,8 @@ fn check_bpffs(report: &mut DoctorReport, pin_dir: &Path) {
     } else {
         pin_dir.parent().unwrap_or(pin_dir)
     };
-    match fs_magic(probe) {
-        Some(BPF_FS_MAGIC) => report.ok(
+    match redirect::fs_magic(probe) {
+        Some(redirect::BPF_FS_MAGIC) => report.ok(
             Check::Bpffs,
             format!(
                 "bpffs mounted at {}; pins go to {}",
@@ -376,15 +374,6 @@ fn check_bpffs(report: &mut DoctorReport, pin_dir: &Path) {
             ),
         ),
     }
-}
-
-fn fs_magic(path: &Path) -> Option<i64> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statfs is plain old data; all zeroes is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid C string and `st` a writable statfs.
-    let ret = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    (ret == 0).then_some(st.f_type)
 }
 
 fn check_runtimes(report: &mut DoctorReport, config: &Config, cgroup2: &Cgroup2, proc: &Path) {

@@ -16,6 +16,7 @@ pub mod hub;
 pub mod oci;
 pub mod original_dst;
 pub mod port_holder;
+pub mod private_state;
 pub mod redirect;
 pub mod registry;
 pub mod runtimes;

@@ -97,6 +97,12 @@ fn run_doctor(config: Option<PathBuf>, args: &DoctorArgs) -> anyhow::Result<()> 
 }
 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
+    // Whatever the daemon creates is root's alone, also where a library or a future file forgets
+    // to say so (the cache and the node CA set their modes explicitly). Only here: `ca install`
+    // writes the system trust store, which everyone must be able to read.
+    // SAFETY: umask only replaces the process's file mode creation mask; it touches no memory
+    // and cannot fail.
+    unsafe { libc::umask(0o077) };
     let config = Config::load(config.as_deref())?;
     telemetry::init(&config.log);
     for var in &config.ignored_env {

@@ -1,12 +1,15 @@
-//! Test cgroups under the cgroup v2 mount, removed on drop (their processes killed first).
+//! Test cgroups under the cgroup v2 mount, removed on drop (their processes killed first). Under
+//! systemd they go below the test process's own cgroup when systemd delegated it (`Delegate=yes`),
+//! because systemd owns every cgroup it did not delegate.
 
 use std::{
     fs,
     path::{Path, PathBuf},
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
-use pullproxy::redirect::cgroup::Cgroup2;
+use pullproxy::redirect::cgroup::{self, Cgroup2};
 
 /// A cgroup the test created. Children are removed before their parent as guards drop in
 /// reverse order of creation.
@@ -16,9 +19,12 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
-    /// A new cgroup directly below the root of the cgroup v2 hierarchy.
+    /// A new top-level cgroup of the test: directly below the root of the cgroup v2 hierarchy,
+    /// or below this process's own cgroup when that is delegated (see [`test_parent`]).
     pub fn new_root(prefix: &str) -> Self {
-        Self::create(format!("/{}", crate::unique(prefix)))
+        let parent = test_parent();
+        let parent = if parent == "/" { "" } else { parent };
+        Self::create(format!("{parent}/{}", crate::unique(prefix)))
     }
 
     /// A child of this cgroup.
@@ -38,6 +44,13 @@ impl Cgroup {
     /// The cgroup path (`/pp-test-1-0/target`), as in `/proc/<pid>/cgroup`.
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// The last component of the path (`target`): unique for a top-level test cgroup, whose
+    /// parent path (a delegated unit's cgroup) may hold dots and slashes that bpffs pin names and
+    /// flat temp directories must not.
+    pub fn name(&self) -> &str {
+        self.path.rsplit('/').next().unwrap_or(&self.path)
     }
 
     /// The directory in the cgroup filesystem.
@@ -67,6 +80,44 @@ impl Drop for Cgroup {
             remove(&self.dir);
         }
     }
+}
+
+/// The cgroup tests create theirs in. systemd owns the cgroup tree except subtrees it delegated
+/// (its CGROUP_DELEGATION rules): a process in a `Delegate=yes` unit may create cgroups below its
+/// own, and nowhere else. systemd marks a delegated cgroup with the `trusted.delegate` extended
+/// attribute (`user.delegate` for unprivileged managers), so that mark decides: this process's
+/// cgroup when delegated, otherwise the root (a machine without systemd, or a test run from a
+/// shell, as on the development hosts).
+pub fn test_parent() -> &'static str {
+    static PARENT: OnceLock<String> = OnceLock::new();
+    PARENT.get_or_init(|| {
+        let cg = Cgroup2::discover().expect("cgroup v2 mount");
+        let own = cgroup::own_cgroup(&cg, None).expect("this process's cgroup");
+        let dir = cg.dir(&own).expect("cgroup path");
+        if own != "/" && is_delegated(&dir) {
+            own
+        } else {
+            "/".to_owned()
+        }
+    })
+}
+
+/// Whether systemd marked this cgroup directory as delegated.
+fn is_delegated(dir: &Path) -> bool {
+    let path = crate::mountns::c_path(dir);
+    [c"trusted.delegate", c"user.delegate"].iter().any(|name| {
+        let mut value = [0u8; 8];
+        // SAFETY: valid C strings; the buffer is writable for its length.
+        let len = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        len > 0 && value[..len as usize].starts_with(b"1")
+    })
 }
 
 /// rmdir, retrying while the kernel finishes tearing down exiting processes.

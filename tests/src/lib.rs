@@ -8,14 +8,17 @@
 //! unmodified clients (`skopeo`, `podman`, `containerd` with `ctr` and a CRI client in `cri`)
 //! that see fake registries through a private mount namespace (`mountns`: hosts file and CA
 //! bundle). `world` puts a node, the hub, the fake upstreams and pullproxy together. `squatter`
-//! tries to take pullproxy's ports, or poses as a container runtime.
+//! tries to take pullproxy's ports, or poses as a container runtime. `systemd` drives the
+//! machine's own units (the real `containerd.service`, `pullproxy.service`) where a test may
+//! change them: the VM of `cargo xtask vm-test`.
 //!
 //! For benchmarks: a load generator that every measured system is pulled with (`loadgen`), and
 //! nginx as a caching TLS reverse proxy (`nginx`), a peer of pullproxy.
 //!
 //! `unsafe` appears only where a child must join a namespace and a cgroup between fork and exec
 //! (`process.rs`, `mountns.rs`), a thread must enter a network namespace (`netns.rs`,
-//! `registry_client.rs`), or a process started indirectly is signalled (`process.rs`).
+//! `registry_client.rs`), a process started indirectly is signalled (`process.rs`), or systemd's
+//! delegation mark on a cgroup is read (`cgroup.rs`).
 
 pub mod bpffs;
 pub mod cgroup;
@@ -37,6 +40,7 @@ pub mod registry;
 pub mod registry_client;
 pub mod skopeo;
 pub mod squatter;
+pub mod systemd;
 pub mod testca;
 pub mod token;
 pub mod world;

@@ -53,7 +53,7 @@ impl Node {
     pub fn new(prefix: &str) -> Self {
         let ns = NetNs::new(prefix);
         let root = Cgroup::new_root(prefix);
-        let name = root.path().trim_start_matches('/').to_owned();
+        let name = root.name().to_owned();
         let state = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&state).expect("state dir");
         let bpffs = Bpffs::mount(state.join("bpf"));

@@ -85,7 +85,8 @@ impl World {
         Self::with_proxy_env(prefix, &[])
     }
 
-    /// Like [`World::new`], with more `PULLPROXY_*` overrides for pullproxy (later entries win).
+    /// [`World::new`] with more `PULLPROXY_*` overrides for pullproxy (later entries win; they
+    /// also apply to [`World::restart_proxy`]).
     pub fn with_proxy_env(prefix: &str, extra: &[(&'static str, String)]) -> Self {
         let node = Node::new(prefix);
         for ip in [

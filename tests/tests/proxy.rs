@@ -3,7 +3,14 @@
 //! unmodified `skopeo` whose connections the kernel redirects to pullproxy. Some tests also talk
 //! to the proxy port directly (many concurrent clients, exact ranges, hostile requests).
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::Duration,
+};
 
 use harness::{
     images::{self, Digest, Format, Image},
@@ -21,6 +28,7 @@ use harness::{
         TOKEN_SERVICE_IP, World, hosts, sample,
     },
 };
+use pullproxy::private_state::too_open;
 use serde_json::Value;
 
 fn copy(
@@ -97,6 +105,7 @@ fn hub_miss_is_fetched_upstream_cached_and_served_when_the_upstream_is_gone() {
             "a cached blob must not be fetched again"
         );
     }
+    state_is_root_only(&w, &image.layers[0].digest);
 
     // The upstream goes away: the cached tag mapping is served (stale-if-error), and the blobs
     // come from the cache (the upstream approved these credentials for this repository minutes
@@ -663,6 +672,40 @@ fn a_rotated_hub_password_is_used_on_the_next_request() {
     for secret in [HUB_PASSWORD, "hub-secret-2"] {
         assert!(!logs.contains(secret), "a password leaked into the logs");
     }
+}
+
+/// `cat path` as nobody (uid and gid 65534, no groups).
+fn cat_as_nobody(path: &Path) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(path)
+        .output()
+        .expect("setpriv")
+}
+
+/// pullproxy's cache and TLS state are root's alone: directories 0700, files 0600, and another
+/// user cannot read the cached `layer`.
+fn state_is_root_only(w: &World, layer: &Digest) {
+    let cached = w.node.cache_dir().join("blobs/sha256").join(layer.hex());
+    assert!(cached.is_file(), "{} is cached", cached.display());
+    for dir in [w.node.cache_dir(), w.node.tls_dir()] {
+        let open = too_open(&dir).unwrap();
+        assert!(open.is_empty(), "readable by others: {open:?}");
+    }
+    // The node's own directory lets others through, so only pullproxy's modes stand in the way;
+    // and nobody can read a file there that is meant for everyone, so a refusal means something.
+    std::fs::set_permissions(w.node.state(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let control = w.node.state().join("readable-by-all");
+    std::fs::write(&control, b"ok").unwrap();
+    std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = cat_as_nobody(&control);
+    assert!(out.status.success() && out.stdout == b"ok", "{out:?}");
+    let out = cat_as_nobody(&cached);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && out.stdout.is_empty() && said.contains("Permission denied"),
+        "nobody read a cached blob: {out:?}"
+    );
 }
 
 fn dir_listing(dir: &std::path::Path) -> Vec<PathBuf> {

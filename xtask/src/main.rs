@@ -5,6 +5,7 @@ mod bench;
 mod cmd;
 mod report;
 mod setup;
+mod vm;
 
 use std::{os::unix::process::CommandExt as _, process::Command};
 
@@ -72,6 +73,23 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the privileged suites as root in a Debian guest on another kernel (qemu, TCG): systemd
+    /// as PID 1, pure cgroup v2, the real containerd.service. The guest image is built once and
+    /// cached in ~/.cache/pullproxy/vm/. Arguments after `--` go to every test binary.
+    VmTest {
+        /// The guest's kernel.
+        #[arg(long, value_enum, default_value = "6.1")]
+        kernel: vm::Kernel,
+        /// A suite to run (tests/tests/<suite>.rs); repeat for more. Default: redirect, proxy,
+        /// containerd and systemd.
+        #[arg(long = "suite")]
+        suites: Vec<String>,
+        /// Hard limit for the guest's run in minutes, boot included.
+        #[arg(long, default_value_t = 80)]
+        timeout_minutes: u64,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -98,6 +116,21 @@ fn main() -> anyhow::Result<()> {
             report_only,
         }),
         Task::Manifests => manifests(),
+        Task::VmTest {
+            kernel,
+            suites,
+            timeout_minutes,
+            args,
+        } => vm::vm_test(&vm::VmArgs {
+            kernel,
+            suites: if suites.is_empty() {
+                vm::DEFAULT_SUITES.iter().map(|s| (*s).to_owned()).collect()
+            } else {
+                suites
+            },
+            timeout: std::time::Duration::from_secs(timeout_minutes * 60),
+            args,
+        }),
         Task::Demo => demo(),
     }
 }

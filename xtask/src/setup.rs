@@ -113,12 +113,16 @@ pub fn test_deps() -> anyhow::Result<()> {
     run(&mut install)
 }
 
+/// `~/.cache/pullproxy`: what xtask builds or downloads outside the work tree.
+pub fn cache_dir() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(Path::new(&home).join(".cache/pullproxy"))
+}
+
 /// Where `ensure_helm` puts helm: `~/.cache/pullproxy/helm-<version>/helm`. The deployment tests
 /// look there too (or at `$PULLPROXY_HELM`).
 pub fn helm_path() -> anyhow::Result<PathBuf> {
-    let home = std::env::var_os("HOME").context("HOME is not set")?;
-    Ok(Path::new(&home)
-        .join(".cache/pullproxy")
+    Ok(cache_dir()?
         .join(format!("helm-{HELM_VERSION}"))
         .join("helm"))
 }
@@ -231,10 +235,7 @@ fn ensure_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
         .expect("toolchain dir")
         .to_string_lossy()
         .into_owned();
-    let home = std::env::var_os("HOME").context("HOME is not set")?;
-    let prefix = Path::new(&home)
-        .join(".cache/pullproxy")
-        .join(format!("llvm-{toolchain}"));
+    let prefix = cache_dir()?.join(format!("llvm-{toolchain}"));
     let lib = prefix.join("lib");
     fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
     for name in ["libLLVM.so", llvm_name.as_str()] {

@@ -13,12 +13,15 @@
 //! - The final byte of the blob is held back until the digest has been verified, so no client
 //!   ever receives a complete body that does not match; on a mismatch every body ends with an
 //!   error instead, and nothing is stored.
-//! - If the disk fails (the temp file cannot be created or a write fails), the flight carries on
-//!   without the file: bytes from that point go into an in-memory window that readers consume,
+//! - If the disk fails (the temp file cannot be created or a write fails), or the blob does not
+//!   fit in the cache's size limit (announced larger, grown larger, or squeezed out by the other
+//!   downloads in flight: the store counts bytes being written), the flight carries on without
+//!   the file: bytes from that point go into an in-memory window that readers consume,
 //!   and that window is bounded, so here the download does wait for the slowest reader (one
 //!   that stalls past a timeout is cut off so the others can finish). Such a flight takes
 //!   joiners only while the window still holds every byte since the file failed; after that,
-//!   a new client starts a new fetch. The blob is not cached; the write error is counted. Resuming from upstream with a `Range` request was the alternative; it
+//!   a new client starts a new fetch. The blob is not cached; the write error (or the lack of
+//!   room) is counted. Resuming from upstream with a `Range` request was the alternative; it
 //!   would need the fetch closure to speak ranges and keep credentials valid for longer,
 //!   for a case (disk full) that should stay rare.
 //! - If the fetch itself fails (say 401), the client that ran it gets its own error back;
@@ -43,8 +46,14 @@ use futures_util::{FutureExt, Stream, StreamExt, future::BoxFuture, stream::BoxS
 use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
 
-use super::store::{BlobRead, BlobStore, StoredBlob};
-use crate::oci::{ByteRange, Digest, DigestMismatch, ResolvedRange, Unsatisfiable};
+use super::{
+    CacheError,
+    store::{BlobIngest, BlobRead, BlobStore, StoredBlob},
+};
+use crate::{
+    oci::{ByteRange, Digest, DigestMismatch, ResolvedRange, Unsatisfiable},
+    telemetry::error_chain,
+};
 
 /// Size of the reads that serve a body: large enough that a 256 MiB hit is ~1000 reads, small
 /// enough that many concurrent clients do not add up to much memory.
@@ -114,6 +123,9 @@ pub enum FlightOutcome {
     AlreadyCached,
     /// Verified and served, but not stored: the disk failed.
     WriteFailed { error: String },
+    /// Verified and served, but not stored: it did not fit in the cache's size limit, alone or
+    /// beside the other downloads in flight.
+    NoRoom { error: String },
     /// The bytes did not hash to the digest: bodies ended with an error, nothing stored.
     DigestMismatch(DigestMismatch),
     /// Upstream failed, ended early or sent too much: bodies ended with an error.
@@ -208,6 +220,8 @@ pub struct CacheStats {
     /// Bytes of stored blobs.
     pub bytes: u64,
     pub entries: u64,
+    /// Bytes reserved for downloads being written, counted against the size limit.
+    pub in_flight_bytes: u64,
     pub evictions: u64,
     /// Stored blobs that failed re-verification and were dropped.
     pub corrupt: u64,
@@ -218,6 +232,9 @@ pub struct CacheStats {
     pub joins: u64,
     /// Downloads that could not be cached because the disk failed (served anyway).
     pub write_errors: u64,
+    /// Downloads that could not be cached because they did not fit in the size limit (served
+    /// anyway).
+    pub no_room: u64,
     /// Downloads whose content did not match their digest.
     pub digest_mismatches: u64,
     /// Downloads that failed after the fetch returned (error, short or long body).
@@ -230,6 +247,7 @@ struct Counters {
     fetches: AtomicU64,
     joins: AtomicU64,
     write_errors: AtomicU64,
+    no_room: AtomicU64,
     digest_mismatches: AtomicU64,
     upstream_failures: AtomicU64,
 }
@@ -334,12 +352,14 @@ impl BlobCache {
         CacheStats {
             bytes: usage.bytes,
             entries: usage.entries,
+            in_flight_bytes: usage.in_flight,
             evictions: usage.evictions,
             corrupt: usage.corrupt,
             hits: get(&c.hits),
             fetches: get(&c.fetches),
             joins: get(&c.joins),
             write_errors: get(&c.write_errors),
+            no_room: get(&c.no_room),
             digest_mismatches: get(&c.digest_mismatches),
             upstream_failures: get(&c.upstream_failures),
         }
@@ -921,16 +941,13 @@ async fn download(inner: Arc<Inner>, flight: Arc<Flight>, upstream: UpstreamBlob
     };
     let digest = &flight.digest;
     let expected_len = upstream.len;
-    let mut write_error = None;
-    let mut ingest = match inner.store.ingest(digest).await {
-        Ok(ingest) => Some(ingest),
-        Err(e) => {
-            write_error = Some(e.to_string());
-            degrade(&inner, &flight, 0, &e.to_string());
-            None
-        }
-    };
-    flight.shared.lock().unwrap().content = ingest.as_ref().map(|i| i.content());
+    // The temp file, or why there is none (the outcome if the download succeeds).
+    let mut ingest: Result<Box<dyn BlobIngest>, FlightOutcome> =
+        match inner.store.ingest(digest, expected_len).await {
+            Ok(ingest) => Ok(ingest),
+            Err(e) => Err(degrade(&inner, &flight, 0, &e)),
+        };
+    flight.shared.lock().unwrap().content = ingest.as_ref().ok().map(|i| i.content());
     flight.progress.send_modify(|p| {
         p.phase = Phase::Streaming;
         p.len = expected_len;
@@ -986,8 +1003,8 @@ async fn download(inner: Arc<Inner>, flight: Arc<Flight>, upstream: UpstreamBlob
             });
             let writing = async {
                 match ingest.as_mut() {
-                    Some(i) => Some(i.write(batch.clone()).await),
-                    None => None,
+                    Ok(i) => Some(i.write(batch.clone()).await),
+                    Err(_) => None,
                 }
             };
             let (hashed, written) = tokio::join!(hashing, writing);
@@ -997,20 +1014,14 @@ async fn download(inner: Arc<Inner>, flight: Arc<Flight>, upstream: UpstreamBlob
             };
             match written {
                 Some(Ok(())) => file_end += size,
-                Some(Err(e)) => {
-                    ingest = None;
-                    write_error = Some(e.to_string());
-                    degrade(&inner, &flight, file_end, &e.to_string());
-                }
+                Some(Err(e)) => ingest = Err(degrade(&inner, &flight, file_end, &e)),
                 None => {}
             }
-            if ingest.is_none() && !push_window(&inner, &flight, batch, size).await {
+            if let Err(outcome) = &ingest
+                && !push_window(&inner, &flight, batch, size).await
+            {
                 debug!(%digest, "every reader left an uncacheable download; stopping it");
-                let error = write_error.take().unwrap_or_default();
-                return finish.end(
-                    Some(Phase::Failed(FlightError::Abandoned)),
-                    FlightOutcome::WriteFailed { error },
-                );
+                return finish.end(Some(Phase::Failed(FlightError::Abandoned)), outcome.clone());
             }
             received += size;
             flight.progress.send_modify(|p| {
@@ -1033,7 +1044,7 @@ async fn download(inner: Arc<Inner>, flight: Arc<Flight>, upstream: UpstreamBlob
     };
     flight.progress.send_modify(|p| p.phase = Phase::Verified);
     let outcome = match ingest {
-        Some(ingest) => match ingest.commit(proof).await {
+        Ok(ingest) => match ingest.commit(proof).await {
             Ok(()) => FlightOutcome::Cached,
             Err(e) => {
                 warn!(%digest, error = %e, "storing a verified blob failed; served uncached");
@@ -1043,21 +1054,30 @@ async fn download(inner: Arc<Inner>, flight: Arc<Flight>, upstream: UpstreamBlob
                 }
             }
         },
-        None => FlightOutcome::WriteFailed {
-            error: write_error.unwrap_or_default(),
-        },
+        Err(outcome) => outcome,
     };
     debug!(%digest, ?outcome, bytes = received, "blob download finished");
     finish.end(None, outcome);
 }
 
-/// The temp file failed: serve what follows from memory, and count it.
-fn degrade(inner: &Inner, flight: &Flight, file_end: u64, error: &str) {
-    warn!(digest = %flight.digest, error, "cannot write blob to the cache; serving it uncached");
-    bump(&inner.counters.write_errors);
+/// The temp file failed or ran out of room: serve what follows from memory, and count it.
+/// Returns the flight's outcome should the download succeed.
+fn degrade(inner: &Inner, flight: &Flight, file_end: u64, error: &CacheError) -> FlightOutcome {
+    let no_room = error.is_no_room();
+    let error = error_chain(error);
+    let outcome = if no_room {
+        debug!(digest = %flight.digest, error, "blob does not fit in the cache; serving it uncached");
+        bump(&inner.counters.no_room);
+        FlightOutcome::NoRoom { error }
+    } else {
+        warn!(digest = %flight.digest, error, "cannot write blob to the cache; serving it uncached");
+        bump(&inner.counters.write_errors);
+        FlightOutcome::WriteFailed { error }
+    };
     let mut shared = flight.shared.lock().unwrap();
     shared.window_start = file_end;
     shared.degraded_at = Some(file_end);
+    outcome
 }
 
 /// Adds a batch to the window, waiting for room. False if no reader is left to serve.
@@ -1480,6 +1500,143 @@ mod tests {
                 .unwrap()
                 .next()
                 .is_none()
+        );
+    }
+
+    /// Bytes in the files under `dir` (what a directory listing shows on disk).
+    fn bytes_under(dir: &Path) -> u64 {
+        let mut total = 0;
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let meta = entry.as_ref().unwrap().metadata().unwrap();
+                if meta.is_dir() {
+                    stack.push(entry.unwrap().path());
+                } else {
+                    total += meta.len();
+                }
+            }
+        }
+        total
+    }
+
+    /// Sends `blob` in 256 KiB chunks and reads the body along, checking after each chunk
+    /// (once the client has read every byte of it the flight may release, so the flight has
+    /// written it) that the files under `dir` hold at most `max` bytes. Returns the body read
+    /// and the most bytes seen on disk.
+    async fn stream_checking_disk(
+        tx: Chunks,
+        mut body: BlobBody,
+        blob: &[u8],
+        dir: &Path,
+        max: u64,
+    ) -> (Vec<u8>, u64) {
+        let mut got = Vec::new();
+        let mut most = 0;
+        let mut sent = 0;
+        for chunk in blob.chunks(256 * 1024) {
+            tx.send(Ok(Bytes::copy_from_slice(chunk))).unwrap();
+            sent += chunk.len();
+            // The last byte received waits for the end (and the digest check).
+            while got.len() < sent - 1 {
+                got.extend_from_slice(&body.next().await.unwrap().unwrap());
+            }
+            let on_disk = bytes_under(dir);
+            assert!(
+                on_disk <= max,
+                "{on_disk} bytes on disk after {sent} received; the limit is {max}"
+            );
+            most = most.max(on_disk);
+        }
+        drop(tx);
+        got.extend_from_slice(&drain_ok(body).await);
+        (got, most)
+    }
+
+    #[tokio::test]
+    async fn an_upstream_body_without_a_length_cannot_fill_the_disk() {
+        const MAX: u64 = 4 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsBlobStore::open(dir.path(), MAX).unwrap());
+        let cache = BlobCache::new(store.clone());
+        let mut old = Vec::new();
+        for seed in 0..3 {
+            old.push(put(&*store, &data(1 << 20, 50 + seed)).await);
+        }
+        // A hostile upstream: no Content-Length and more than twice the cache.
+        let blob = data(10 << 20, 60);
+        let digest = Digest::sha256_of(&blob);
+        let (tx, upstream) = manual_upstream(None);
+        let response = cache
+            .get_or_fetch(&digest, None, || ready(upstream))
+            .await
+            .unwrap();
+        let outcome = response.outcome.clone();
+        let (got, most) = stream_checking_disk(tx, response.body, &blob, dir.path(), MAX).await;
+        assert!(got == blob, "the client gets every byte");
+        assert!(
+            most > MAX - (1 << 20),
+            "the download did reach the limit: {most}"
+        );
+        let outcome = outcome.wait().await.unwrap();
+        assert!(
+            matches!(&outcome, FlightOutcome::NoRoom { error } if error.contains("cache.max_size")),
+            "{outcome:?}"
+        );
+        assert_eq!(cache.lookup(&digest).await, None, "nothing cached");
+        for d in &old {
+            assert_eq!(cache.lookup(d).await, None, "evicted to make room");
+        }
+        let stats = cache.stats();
+        assert_eq!(
+            (
+                stats.no_room,
+                stats.write_errors,
+                stats.in_flight_bytes,
+                stats.bytes
+            ),
+            (1, 0, 0, 0)
+        );
+        assert_eq!(bytes_under(dir.path()), 0);
+
+        // The cache keeps working.
+        let small = data(300_000, 61);
+        let r = fetch(&cache, &Digest::sha256_of(&small), None, &small).await;
+        assert_eq!(drain_ok(r.body).await, small);
+        assert_eq!(r.outcome.wait().await, Some(FlightOutcome::Cached));
+        assert_eq!(cache.stats().bytes, small.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_blob_announced_larger_than_the_cache_is_never_written() {
+        const MAX: u64 = 4 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FsBlobStore::open(dir.path(), MAX).unwrap());
+        let cache = BlobCache::new(store.clone());
+        let kept = put(&*store, &data(1 << 20, 70)).await;
+        let blob = data(5 << 20, 71);
+        let digest = Digest::sha256_of(&blob);
+        let (tx, upstream) = manual_upstream(Some(blob.len() as u64));
+        let response = cache
+            .get_or_fetch(&digest, None, || ready(upstream))
+            .await
+            .unwrap();
+        assert_eq!(response.len, Some(blob.len() as u64));
+        let outcome = response.outcome.clone();
+        // Never more than the blob already cached: no temp file at all.
+        let (got, most) = stream_checking_disk(tx, response.body, &blob, dir.path(), 1 << 20).await;
+        assert!(got == blob, "the client gets every byte");
+        assert_eq!(most, 1 << 20);
+        assert!(matches!(
+            outcome.wait().await,
+            Some(FlightOutcome::NoRoom { .. })
+        ));
+        assert_eq!(cache.lookup(&digest).await, None);
+        assert_eq!(cache.lookup(&kept).await, Some(1 << 20), "nothing evicted");
+        let stats = cache.stats();
+        assert_eq!(
+            (stats.no_room, stats.evictions, stats.write_errors),
+            (1, 0, 0)
         );
     }
 

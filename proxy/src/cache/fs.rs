@@ -9,9 +9,12 @@
 //! (disk errors, tampering).
 //!
 //! One process per cache directory: start-up deletes whatever is in `tmp/`.
+//!
+//! Everything is root's alone: directories 0700 and files 0600, narrowed at start where an older
+//! version left them wider.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, File},
     io::{self, Read, Write},
     path::{Path, PathBuf},
     sync::{
@@ -29,11 +32,14 @@ use tracing::{debug, info, warn};
 use super::{
     CacheError,
     store::{
-        BlobIngest, BlobRead, BlobStore, StoreUsage, StoredBlob, Tally, check_proof, kib_capacity,
-        kib_weight,
+        BlobIngest, BlobRead, BlobStore, Held, IndexKey, Reservation, StoreUsage, StoredBlob,
+        Tally, check_fits, check_proof, kib_capacity, kib_weight,
     },
 };
-use crate::oci::{Algorithm, Digest, Verified};
+use crate::{
+    oci::{Algorithm, Digest, Verified},
+    private_state,
+};
 
 /// Read size when hashing a whole file.
 const HASH_CHUNK: usize = 1024 * 1024;
@@ -54,8 +60,10 @@ pub struct FsBlobStore {
 struct Inner {
     root: PathBuf,
     tmp: PathBuf,
-    index: Cache<Digest, Entry>,
+    max_bytes: u64,
+    index: Cache<IndexKey, Slot>,
     tally: Arc<Tally>,
+    /// Numbers temp files and reservations.
     temp_seq: AtomicU64,
     open_temp: Box<TempOpener>,
     verify_locks: Vec<tokio::sync::Mutex<()>>,
@@ -68,6 +76,38 @@ struct Entry {
     len: u64,
     /// False for files found at start-up until they have been hashed.
     verified: bool,
+}
+
+/// What the index holds: blob files, and room reserved for temp files being written.
+#[derive(Debug, Clone)]
+enum Slot {
+    Blob(Entry),
+    Reserved(Held),
+}
+
+impl From<Held> for Slot {
+    fn from(held: Held) -> Self {
+        Slot::Reserved(held)
+    }
+}
+
+impl Inner {
+    fn entry(&self, digest: &Digest) -> Option<Entry> {
+        match self.index.get(&IndexKey::Blob(digest.clone())) {
+            Some(Slot::Blob(entry)) => Some(entry),
+            _ => None,
+        }
+    }
+
+    fn insert(&self, digest: &Digest, entry: Entry) {
+        self.tally.inserted(entry.len);
+        self.index
+            .insert(IndexKey::Blob(digest.clone()), Slot::Blob(entry));
+    }
+
+    fn invalidate(&self, digest: &Digest) {
+        self.index.invalidate(&IndexKey::Blob(digest.clone()));
+    }
 }
 
 fn blob_path(root: &Path, digest: &Digest) -> PathBuf {
@@ -93,8 +133,9 @@ async fn blocking<T: Send + 'static>(
 impl FsBlobStore {
     /// Opens (creating if needed) the store under `root` with room for `max_bytes`, deleting
     /// temp leftovers and misnamed files, and indexing the blobs found, oldest first, so LRU
-    /// evicts the oldest if the limit shrank. Blocks on the filesystem: call it from
-    /// `spawn_blocking` or before the runtime is busy.
+    /// evicts the oldest if the limit shrank. Narrows the modes of `root`, its directories and
+    /// the blob files to root-only. Blocks on the filesystem: call it from `spawn_blocking` or
+    /// before the runtime is busy.
     pub fn open(root: impl Into<PathBuf>, max_bytes: u64) -> Result<Self, CacheError> {
         Self::open_with(root.into(), max_bytes, Box::new(create_temp))
     }
@@ -105,12 +146,15 @@ impl FsBlobStore {
         open_temp: Box<TempOpener>,
     ) -> Result<Self, CacheError> {
         let tmp = root.join("tmp");
-        for dir in Algorithm::ALL
-            .iter()
-            .map(|a| root.join("blobs").join(a.as_str()))
-            .chain([tmp.clone()])
+        for dir in [root.clone(), root.join("blobs"), tmp.clone()]
+            .into_iter()
+            .chain(
+                Algorithm::ALL
+                    .iter()
+                    .map(|a| root.join("blobs").join(a.as_str())),
+            )
         {
-            fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+            private_state::create_dir(&dir).map_err(io_err("creating", &dir))?;
         }
         let tally = Arc::new(Tally::default());
         let index = build_index(&root, max_bytes, tally.clone());
@@ -118,6 +162,7 @@ impl FsBlobStore {
             inner: Arc::new(Inner {
                 root,
                 tmp,
+                max_bytes,
                 index,
                 tally,
                 temp_seq: AtomicU64::new(0),
@@ -186,6 +231,8 @@ impl FsBlobStore {
                 let meta = file.metadata().ok().filter(|m| m.is_file());
                 match (digest, meta) {
                     (Some(digest), Some(meta)) => {
+                        private_state::restrict(&path, &meta, private_state::FILE_MODE)
+                            .map_err(io_err("restricting", &path))?;
                         let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                         found.push((mtime, digest, meta.len()));
                     }
@@ -199,9 +246,8 @@ impl FsBlobStore {
         found.sort();
         let mut pending = Vec::with_capacity(found.len());
         for (_, digest, len) in found {
-            inner.tally.inserted(len);
-            inner.index.insert(
-                digest.clone(),
+            inner.insert(
+                &digest,
                 Entry {
                     len,
                     verified: false,
@@ -243,7 +289,7 @@ impl FsBlobStore {
         let stripe =
             usize::from_str_radix(&digest.encoded()[..4], 16).unwrap_or(0) % VERIFY_STRIPES;
         let _guard = self.inner.verify_locks[stripe].lock().await;
-        let entry = self.inner.index.get(digest)?;
+        let entry = self.inner.entry(digest)?;
         if entry.verified {
             return Some(true);
         }
@@ -253,9 +299,8 @@ impl FsBlobStore {
         match outcome {
             Ok(Ok(true)) => {
                 // Replacing the entry: the listener ignores `Replaced`, the file stays.
-                self.inner.tally.inserted(entry.len);
-                self.inner.index.insert(
-                    digest.clone(),
+                self.inner.insert(
+                    digest,
                     Entry {
                         len: entry.len,
                         verified: true,
@@ -266,17 +311,17 @@ impl FsBlobStore {
             Ok(Ok(false)) => {
                 warn!(%digest, "cached blob does not match its digest; deleting it");
                 self.inner.tally.corrupt();
-                self.inner.index.invalidate(digest);
+                self.inner.invalidate(digest);
                 Some(false)
             }
             Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => {
-                self.inner.index.invalidate(digest);
+                self.inner.invalidate(digest);
                 None
             }
             Ok(Err(e)) => {
                 warn!(%digest, error = %e, "cannot read cached blob to verify it; dropping it");
                 self.inner.tally.corrupt();
-                self.inner.index.invalidate(digest);
+                self.inner.invalidate(digest);
                 Some(false)
             }
             Err(e) => {
@@ -303,20 +348,31 @@ fn hash_file(path: &Path, digest: &Digest) -> io::Result<bool> {
     Ok(verifier.finish().is_ok())
 }
 
-fn build_index(root: &Path, max_bytes: u64, tally: Arc<Tally>) -> Cache<Digest, Entry> {
+fn build_index(root: &Path, max_bytes: u64, tally: Arc<Tally>) -> Cache<IndexKey, Slot> {
     let root = root.to_owned();
     Cache::builder()
         .max_capacity(kib_capacity(max_bytes))
-        .weigher(|_: &Digest, e: &Entry| kib_weight(e.len))
+        .weigher(|_: &IndexKey, slot: &Slot| match slot {
+            Slot::Blob(e) => kib_weight(e.len),
+            Slot::Reserved(held) => held.weight(),
+        })
         .eviction_policy(EvictionPolicy::lru())
-        .eviction_listener(move |digest: Arc<Digest>, entry: Entry, cause| {
+        .eviction_listener(move |key: Arc<IndexKey>, slot: Slot, cause| {
+            let entry = match slot {
+                Slot::Blob(entry) => entry,
+                // Its temp file belongs to its ingest, which learns that it must stop.
+                Slot::Reserved(held) => return held.removed(cause, &tally),
+            };
             tally.removed(entry.len, cause == RemovalCause::Size);
             // `Replaced` is the same blob re-indexed (verified, or committed again): its file
             // is the one now indexed and must stay.
+            let IndexKey::Blob(digest) = &*key else {
+                return;
+            };
             if cause == RemovalCause::Replaced {
                 return;
             }
-            let path = blob_path(&root, &digest);
+            let path = blob_path(&root, digest);
             match fs::remove_file(&path) {
                 Ok(()) => debug!(%digest, ?cause, "blob removed from cache"),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -327,11 +383,7 @@ fn build_index(root: &Path, max_bytes: u64, tally: Arc<Tally>) -> Cache<Digest, 
 }
 
 fn create_temp(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
+    private_state::new_file().read(true).open(path)
 }
 
 /// Deletes everything inside `dir`; returns how many entries went.
@@ -362,7 +414,7 @@ impl BlobStore for FsBlobStore {
         digest: &'a Digest,
     ) -> BoxFuture<'a, Result<Option<StoredBlob>, CacheError>> {
         async move {
-            let Some(entry) = self.inner.index.get(digest) else {
+            let Some(entry) = self.inner.entry(digest) else {
                 return Ok(None);
             };
             if !entry.verified && self.verify(digest).await != Some(true) {
@@ -386,13 +438,13 @@ impl BlobStore for FsBlobStore {
                 Ok((_, len)) => {
                     warn!(%digest, indexed = entry.len, on_disk = len, "cached blob changed size; dropping it");
                     self.inner.tally.corrupt();
-                    self.inner.index.invalidate(digest);
+                    self.inner.invalidate(digest);
                     Ok(None)
                 }
                 // Deleted behind the index's back (or by an eviction racing a re-commit):
                 // forget it, the caller fetches again.
                 Err(CacheError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                    self.inner.index.invalidate(digest);
+                    self.inner.invalidate(digest);
                     Ok(None)
                 }
                 Err(e) => Err(e),
@@ -404,8 +456,10 @@ impl BlobStore for FsBlobStore {
     fn ingest<'a>(
         &'a self,
         digest: &'a Digest,
+        len: Option<u64>,
     ) -> BoxFuture<'a, Result<Box<dyn BlobIngest>, CacheError>> {
         async move {
+            check_fits(digest, len, self.inner.max_bytes)?;
             let seq = self.inner.temp_seq.fetch_add(1, Ordering::Relaxed);
             let tmp_path = self.inner.tmp.join(format!(
                 "{}-{}.{}.{seq}",
@@ -419,19 +473,28 @@ impl BlobStore for FsBlobStore {
                 move || (inner.open_temp)(&tmp_path).map_err(io_err("creating", &tmp_path))
             })
             .await?;
+            let reservation = Reservation::new(
+                self.inner.index.clone(),
+                self.inner.tally.clone(),
+                seq,
+                digest.clone(),
+                len,
+                self.inner.max_bytes,
+            );
             Ok(Box::new(FsIngest {
                 inner: self.inner.clone(),
                 digest: digest.clone(),
                 tmp_path,
                 file: Arc::new(file),
                 written: 0,
+                reservation: Arc::new(Mutex::new(reservation)),
             }) as Box<dyn BlobIngest>)
         }
         .boxed()
     }
 
     fn remove(&self, digest: &Digest) {
-        self.inner.index.invalidate(digest);
+        self.inner.invalidate(digest);
     }
 
     fn usage(&self) -> StoreUsage {
@@ -517,22 +580,28 @@ struct FsIngest {
     tmp_path: PathBuf,
     file: Arc<File>,
     written: u64,
+    /// Shared with the blocking thread of a write, which grows it.
+    reservation: Arc<Mutex<Reservation<Slot>>>,
 }
 
 impl BlobIngest for FsIngest {
-    fn write(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, io::Result<()>> {
+    fn write(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, Result<(), CacheError>> {
         let file = self.file.clone();
+        let reservation = self.reservation.clone();
+        let path = self.tmp_path.clone();
+        let written = self.written;
         async move {
-            let n = tokio::task::spawn_blocking(move || {
-                let mut n = 0u64;
+            let n = blocking(move || {
+                let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+                reservation.lock().unwrap().cover(written + n)?;
                 for chunk in &chunks {
-                    (&*file).write_all(chunk)?;
-                    n += chunk.len() as u64;
+                    (&*file)
+                        .write_all(chunk)
+                        .map_err(io_err("writing", &path))?;
                 }
-                Ok::<_, io::Error>(n)
+                Ok(n)
             })
-            .await
-            .map_err(io::Error::other)??;
+            .await?;
             self.written += n;
             Ok(())
         }
@@ -559,9 +628,11 @@ impl BlobIngest for FsIngest {
                     .map_err(io_err("syncing", &this.tmp_path))?;
                 let dest = blob_path(&this.inner.root, &this.digest);
                 fs::rename(&this.tmp_path, &dest).map_err(io_err("renaming into", &dest))?;
-                this.inner.tally.inserted(this.written);
-                this.inner.index.insert(
-                    this.digest.clone(),
+                // The reservation first, so that the blob's entry does not evict for room the
+                // blob already has.
+                this.reservation.lock().unwrap().release();
+                this.inner.insert(
+                    &this.digest,
                     Entry {
                         len: this.written,
                         verified: true,
@@ -621,7 +692,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path(), 1 << 20).unwrap();
         let digest = Digest::sha256_of(b"abc");
-        let mut ingest = store.ingest(&digest).await.unwrap();
+        let mut ingest = store.ingest(&digest, None).await.unwrap();
         ingest.write(vec![Bytes::from_static(b"ab")]).await.unwrap();
         assert_eq!(files_in(&dir.path().join("tmp")).len(), 1);
         drop(ingest);
@@ -645,17 +716,6 @@ mod tests {
         store.run_pending_tasks();
         assert!(!store.path_of(&b).exists(), "explicit removal deletes too");
         assert_eq!(store.usage().evictions, 1, "a removal is not an eviction");
-    }
-
-    #[tokio::test]
-    async fn a_blob_larger_than_the_cache_is_not_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FsBlobStore::open(dir.path(), 4 * 1024).unwrap();
-        let big = put(&store, &data(8 * 1024, 1)).await;
-        store.run_pending_tasks();
-        assert!(store.open(&big).await.unwrap().is_none());
-        assert!(!store.path_of(&big).exists());
-        assert_eq!(store.usage().bytes, 0);
     }
 
     #[tokio::test]
@@ -766,18 +826,101 @@ mod tests {
     async fn a_full_disk_fails_the_write_and_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open_with_temp_opener(dir.path(), 1 << 20, |_| {
-            OpenOptions::new().read(true).write(true).open("/dev/full")
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/full")
         })
         .unwrap();
         let digest = Digest::sha256_of(b"abc");
-        let mut ingest = store.ingest(&digest).await.unwrap();
+        let mut ingest = store.ingest(&digest, None).await.unwrap();
         let err = ingest
             .write(vec![Bytes::from_static(b"abc")])
             .await
             .unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        assert!(
+            matches!(&err, CacheError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC)),
+            "{err}"
+        );
         drop(ingest);
         assert!(store.open(&digest).await.unwrap().is_none());
         assert!(files_in(&dir.path().join("tmp")).is_empty());
+        assert_eq!(store.usage(), StoreUsage::default());
+    }
+
+    #[tokio::test]
+    async fn a_blob_announced_over_the_limit_gets_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path(), 1 << 20).unwrap();
+        let digest = Digest::sha256_of(b"big");
+        let err = store
+            .ingest(&digest, Some((1 << 20) + 1))
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(err, CacheError::TooLarge { .. }), "{err}");
+        assert!(files_in(&dir.path().join("tmp")).is_empty());
+        // Exactly the limit fits.
+        assert!(store.ingest(&digest, Some(1 << 20)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn temp_files_never_hold_more_than_their_reservation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path(), 3 << 20).unwrap();
+        let endless = data(512 * 1024, 9);
+        let digest = Digest::sha256_of(b"never ends");
+        let mut ingest = store.ingest(&digest, None).await.unwrap();
+        let tmp = dir.path().join("tmp");
+        let on_disk = || -> u64 {
+            fs::read_dir(&tmp)
+                .unwrap()
+                .map(|e| e.unwrap().metadata().unwrap().len())
+                .sum()
+        };
+        let mut batches = 0;
+        let err = loop {
+            match ingest.write(vec![Bytes::copy_from_slice(&endless)]).await {
+                Ok(()) => batches += 1,
+                Err(e) => break e,
+            }
+            assert!(on_disk() <= store.usage().in_flight);
+            assert!(store.usage().in_flight <= 3 << 20);
+        };
+        assert_eq!(batches, 6, "3 MiB in 512 KiB batches, then no more");
+        assert!(matches!(err, CacheError::TooLarge { .. }), "{err}");
+        assert_eq!(on_disk(), 3 << 20, "the refused batch was not written");
+        drop(ingest);
+        assert_eq!(on_disk(), 0);
+    }
+
+    #[tokio::test]
+    async fn state_is_root_only_and_an_old_world_readable_cache_is_narrowed() {
+        use std::os::unix::fs::PermissionsExt;
+
+        use crate::private_state::{tests::mode_of, too_open};
+
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cache");
+        let digest = {
+            let store = FsBlobStore::open(&root, 1 << 20).unwrap();
+            let digest = put(&store, &data(3000, 1)).await;
+            let mut ingest = store.ingest(&Digest::sha256_of(b"x"), None).await.unwrap();
+            ingest.write(vec![Bytes::from_static(b"x")]).await.unwrap();
+            let temp = fs::read_dir(root.join("tmp")).unwrap().next().unwrap();
+            assert_eq!(mode_of(&temp.unwrap().path()), 0o600);
+            assert_eq!(too_open(&root).unwrap(), [], "as created");
+            digest
+        };
+        // What an older version (umask 022, no explicit modes) left behind.
+        let old = |p: &Path, mode| fs::set_permissions(p, fs::Permissions::from_mode(mode));
+        for d in ["", "blobs", "blobs/sha256", "blobs/sha512", "tmp"] {
+            old(&root.join(d), 0o755).unwrap();
+        }
+        let blob = root.join("blobs/sha256").join(digest.encoded());
+        old(&blob, 0o644).unwrap();
+        let store = FsBlobStore::open(&root, 1 << 20).unwrap();
+        assert_eq!(too_open(&root).unwrap(), [], "narrowed at open");
+        assert!(store.open(&digest).await.unwrap().is_some());
     }
 }

@@ -109,15 +109,8 @@ impl ManifestStore {
         if matches!(self.store.open(digest).await, Ok(Some(_))) {
             return Ok(());
         }
-        let mut ingest = self.store.ingest(digest).await?;
-        ingest
-            .write(vec![bytes])
-            .await
-            .map_err(|source| CacheError::Io {
-                op: "writing manifest for",
-                path: digest.to_string().into(),
-                source,
-            })?;
+        let mut ingest = self.store.ingest(digest, Some(bytes.len() as u64)).await?;
+        ingest.write(vec![bytes]).await?;
         ingest.commit(proof).await
     }
 }

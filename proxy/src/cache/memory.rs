@@ -4,7 +4,10 @@
 use std::{
     io,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -14,17 +17,32 @@ use moka::{notification::RemovalCause, policy::EvictionPolicy, sync::Cache};
 use super::{
     CacheError,
     store::{
-        BlobIngest, BlobRead, BlobStore, StoreUsage, StoredBlob, Tally, check_proof, kib_capacity,
-        kib_weight,
+        BlobIngest, BlobRead, BlobStore, Held, IndexKey, Reservation, StoreUsage, StoredBlob,
+        Tally, check_fits, check_proof, kib_capacity, kib_weight,
     },
 };
 use crate::oci::{Digest, Verified};
 
-/// Blobs held in memory under the same size-bounded LRU index as the real store.
+/// Blobs held in memory under the same size-bounded LRU index as the real store, with the same
+/// reservations for ingests in progress.
 pub struct MemoryBlobStore {
-    index: Cache<Digest, Bytes>,
+    max_bytes: u64,
+    index: Cache<IndexKey, Slot>,
     tally: Arc<Tally>,
     faults: Arc<Mutex<Faults>>,
+    reservations: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+enum Slot {
+    Blob(Bytes),
+    Reserved(Held),
+}
+
+impl From<Held> for Slot {
+    fn from(held: Held) -> Self {
+        Slot::Reserved(held)
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -40,16 +58,24 @@ impl MemoryBlobStore {
         let listener_tally = tally.clone();
         let index = Cache::builder()
             .max_capacity(kib_capacity(max_bytes))
-            .weigher(|_: &Digest, b: &Bytes| kib_weight(b.len() as u64))
+            .weigher(|_: &IndexKey, slot: &Slot| match slot {
+                Slot::Blob(b) => kib_weight(b.len() as u64),
+                Slot::Reserved(held) => held.weight(),
+            })
             .eviction_policy(EvictionPolicy::lru())
-            .eviction_listener(move |_, b: Bytes, cause| {
-                listener_tally.removed(b.len() as u64, cause == RemovalCause::Size);
+            .eviction_listener(move |_, slot: Slot, cause| match slot {
+                Slot::Blob(b) => {
+                    listener_tally.removed(b.len() as u64, cause == RemovalCause::Size)
+                }
+                Slot::Reserved(held) => held.removed(cause, &listener_tally),
             })
             .build();
         MemoryBlobStore {
+            max_bytes,
             index,
             tally,
             faults: Arc::default(),
+            reservations: AtomicU64::new(0),
         }
     }
 
@@ -75,16 +101,20 @@ impl BlobStore for MemoryBlobStore {
         &'a self,
         digest: &'a Digest,
     ) -> BoxFuture<'a, Result<Option<StoredBlob>, CacheError>> {
-        let blob = self.index.get(digest).map(|bytes| StoredBlob {
-            len: bytes.len() as u64,
-            content: Arc::new(Committed(bytes)),
-        });
+        let blob = match self.index.get(&IndexKey::Blob(digest.clone())) {
+            Some(Slot::Blob(bytes)) => Some(StoredBlob {
+                len: bytes.len() as u64,
+                content: Arc::new(Committed(bytes)),
+            }),
+            _ => None,
+        };
         futures_util::future::ready(Ok(blob)).boxed()
     }
 
     fn ingest<'a>(
         &'a self,
         digest: &'a Digest,
+        len: Option<u64>,
     ) -> BoxFuture<'a, Result<Box<dyn BlobIngest>, CacheError>> {
         let faults = *self.faults.lock().unwrap();
         let result = if faults.fail_ingest {
@@ -94,19 +124,30 @@ impl BlobStore for MemoryBlobStore {
                 source: io::Error::from(io::ErrorKind::ReadOnlyFilesystem),
             })
         } else {
-            Ok(Box::new(MemoryIngest {
-                digest: digest.clone(),
-                buf: Arc::default(),
-                index: self.index.clone(),
-                tally: self.tally.clone(),
-                faults: self.faults.clone(),
-            }) as Box<dyn BlobIngest>)
+            check_fits(digest, len, self.max_bytes).map(|()| {
+                let id = self.reservations.fetch_add(1, Ordering::Relaxed);
+                Box::new(MemoryIngest {
+                    digest: digest.clone(),
+                    buf: Arc::default(),
+                    index: self.index.clone(),
+                    tally: self.tally.clone(),
+                    faults: self.faults.clone(),
+                    reservation: Reservation::new(
+                        self.index.clone(),
+                        self.tally.clone(),
+                        id,
+                        digest.clone(),
+                        len,
+                        self.max_bytes,
+                    ),
+                }) as Box<dyn BlobIngest>
+            })
         };
         futures_util::future::ready(result).boxed()
     }
 
     fn remove(&self, digest: &Digest) {
-        self.index.invalidate(digest);
+        self.index.invalidate(&IndexKey::Blob(digest.clone()));
     }
 
     fn usage(&self) -> StoreUsage {
@@ -129,21 +170,27 @@ impl BlobRead for Committed {
 struct MemoryIngest {
     digest: Digest,
     buf: Arc<Mutex<Vec<u8>>>,
-    index: Cache<Digest, Bytes>,
+    index: Cache<IndexKey, Slot>,
     tally: Arc<Tally>,
     faults: Arc<Mutex<Faults>>,
+    reservation: Reservation<Slot>,
 }
 
 impl BlobIngest for MemoryIngest {
-    fn write(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, io::Result<()>> {
+    fn write(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, Result<(), CacheError>> {
         let mut buf = self.buf.lock().unwrap();
-        let len: usize = chunks.iter().map(Bytes::len).sum();
+        let total = (buf.len() + chunks.iter().map(Bytes::len).sum::<usize>()) as u64;
         let limit = self.faults.lock().unwrap().fail_writes_after;
-        let result = if limit.is_some_and(|l| (buf.len() + len) as u64 > l) {
-            Err(io::Error::from(io::ErrorKind::StorageFull))
+        let result = if limit.is_some_and(|l| total > l) {
+            Err(CacheError::Io {
+                op: "writing",
+                path: PathBuf::from("memory"),
+                source: io::Error::from(io::ErrorKind::StorageFull),
+            })
         } else {
-            chunks.iter().for_each(|c| buf.extend_from_slice(c));
-            Ok(())
+            self.reservation.cover(total).map(|()| {
+                chunks.iter().for_each(|c| buf.extend_from_slice(c));
+            })
         };
         futures_util::future::ready(result).boxed()
     }
@@ -156,11 +203,14 @@ impl BlobIngest for MemoryIngest {
         Arc::new(Growing(self.buf.clone()))
     }
 
-    fn commit(self: Box<Self>, proof: Verified) -> BoxFuture<'static, Result<(), CacheError>> {
+    fn commit(mut self: Box<Self>, proof: Verified) -> BoxFuture<'static, Result<(), CacheError>> {
         let result = check_proof(&self.digest, self.written(), &proof).map(|()| {
             let bytes = Bytes::from(self.buf.lock().unwrap().clone());
+            // The reservation first, as in the real store.
+            self.reservation.release();
             self.tally.inserted(bytes.len() as u64);
-            self.index.insert(self.digest.clone(), bytes);
+            self.index
+                .insert(IndexKey::Blob(self.digest.clone()), Slot::Blob(bytes));
             self.index.run_pending_tasks();
         });
         futures_util::future::ready(result).boxed()

@@ -27,6 +27,12 @@ impl Collector for CacheCollector {
             "Cached blobs and manifests",
             gauge(s.entries),
         )?;
+        encode_gauge(
+            &mut e,
+            "cache_in_flight_bytes",
+            "Bytes reserved for downloads being written, counted against the size limit",
+            gauge(s.in_flight_bytes),
+        )?;
         encode_counter(
             &mut e,
             "cache_evictions",
@@ -50,6 +56,12 @@ impl Collector for CacheCollector {
             "cache_write_errors",
             "Downloads served but not cached because the disk failed",
             s.write_errors,
+        )?;
+        encode_counter(
+            &mut e,
+            "cache_no_room",
+            "Downloads served but not cached because they did not fit in the size limit",
+            s.no_room,
         )?;
         encode_counter(
             &mut e,
@@ -78,6 +90,8 @@ mod tests {
         for line in [
             "pullproxy_cache_bytes 0",
             "pullproxy_cache_entries 0",
+            "pullproxy_cache_in_flight_bytes 0",
+            "pullproxy_cache_no_room_total 0",
             "pullproxy_cache_evictions_total 0",
             "pullproxy_cache_hits_total 0",
         ] {

@@ -23,7 +23,9 @@
 //! - [`BlobCache::stats`]`() -> CacheStats` for metrics.
 //!
 //! On disk, under `dir`: `blobs/<algo>/<hex>` (blobs and manifests), `tmp/` (partial writes,
-//! emptied at start), `media-types/`, `tags/`, `links/`, `hub-links/` and `public/` (one small JSON record per entry). See
+//! emptied at start), `media-types/`, `tags/`, `links/`, `hub-links/` and `public/` (one small
+//! JSON record per entry), all root's alone (directories 0700, files 0600). Temp files count
+//! toward the size limit while they are written (see `store.rs`). See
 //! `flight.rs` for how downloads are shared and what happens when the disk fails, `fs.rs` for
 //! start-up and verification.
 
@@ -95,6 +97,28 @@ pub enum CacheError {
     InvalidRegistry,
     #[error("record of {len} bytes; at most {max} are kept")]
     RecordTooLarge { len: usize, max: u64 },
+    #[error("{digest} is {len} bytes or more; the cache holds at most {max} (cache.max_size)")]
+    TooLarge { digest: Digest, len: u64, max: u64 },
+    #[error(
+        "no room left for {digest} after {reserved} bytes: the downloads in flight need more \
+         than the cache's {max} bytes (cache.max_size)"
+    )]
+    NoRoom {
+        digest: Digest,
+        reserved: u64,
+        max: u64,
+    },
+}
+
+impl CacheError {
+    /// The blob did not fit in the size limit (alone, or beside the other downloads in
+    /// flight): not a disk failure.
+    pub fn is_no_room(&self) -> bool {
+        matches!(
+            self,
+            CacheError::TooLarge { .. } | CacheError::NoRoom { .. }
+        )
+    }
 }
 
 /// The blob cache, manifest store, tag index and repository index over one store.
@@ -204,4 +228,91 @@ struct Records {
     links: RecordDir<Vec<String>>,
     hub_links: RecordDir<Vec<String>>,
     public: RecordDir<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{
+        oci::{RepositoryName, Tag, media_type::OCI_MANIFEST},
+        private_state::too_open,
+    };
+
+    /// Opens a cache in `dir` and writes one of everything it keeps.
+    async fn fill(dir: &std::path::Path) {
+        let cache = Cache::open(&CacheSettings {
+            dir: dir.to_owned(),
+            max_bytes: 1 << 20,
+        })
+        .await
+        .unwrap();
+        let manifest: &[u8] = br#"{"schemaVersion":2}"#;
+        let digest = Digest::sha256_of(manifest);
+        cache
+            .manifests()
+            .put(&digest, OCI_MANIFEST, Bytes::from_static(manifest))
+            .await
+            .unwrap();
+        let repo: RepositoryName = "library/app".parse().unwrap();
+        let tag: Tag = "1.0".parse().unwrap();
+        let target = TagTarget {
+            digest: digest.clone(),
+            media_type: OCI_MANIFEST.into(),
+        };
+        cache
+            .tags()
+            .put("quay.io", &repo, &tag, &target)
+            .await
+            .unwrap();
+        cache
+            .repos()
+            .link("quay.io", &repo, &[digest])
+            .await
+            .unwrap();
+        cache
+            .repos()
+            .mark_public("quay.io", &repo, 1)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn every_directory_and_file_of_the_cache_is_root_only() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("cache");
+        fill(&dir).await;
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names.len(),
+            7,
+            "blobs, tmp and the record directories: {names:?}"
+        );
+        assert_eq!(too_open(&dir).unwrap(), [], "as created");
+
+        // What an older version (no explicit modes, umask 022) left: all of it readable.
+        let mut stack = vec![dir.clone()];
+        while let Some(path) = stack.pop() {
+            let is_dir = path.is_dir();
+            let mode = if is_dir { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            if is_dir {
+                stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            }
+        }
+        assert_eq!(
+            too_open(&dir).unwrap().len(),
+            15,
+            "{:?}",
+            too_open(&dir).unwrap()
+        );
+        fill(&dir).await;
+        assert_eq!(too_open(&dir).unwrap(), [], "narrowed at open");
+    }
 }

@@ -4,10 +4,12 @@
 //! File names are the sha256 of the key, so nothing a client sends ever becomes a path. Writes
 //! go through the cache's `tmp/` and a rename; they are not fsynced: losing the latest mapping
 //! in a crash only costs a re-validation, and a torn file fails to parse and is deleted at load.
+//! Directories are 0700 and files 0600, like the rest of the cache.
 
 use std::{
     collections::HashMap,
-    fs, io,
+    fs,
+    io::{self, Write},
     path::{Path, PathBuf},
     sync::{
         RwLock,
@@ -19,7 +21,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tracing::warn;
 
 use super::CacheError;
-use crate::oci::Digest;
+use crate::{oci::Digest, private_state};
 
 /// Records larger than this are not ours (unless the directory says otherwise).
 pub(crate) const MAX_RECORD_BYTES: u64 = 64 * 1024;
@@ -66,18 +68,22 @@ where
     }
 
     /// Loads every record in `dir` (files up to `max_bytes`), deleting files that are not valid
-    /// records. Blocking.
+    /// records and narrowing the modes of the rest. Blocking.
     pub(crate) fn open(dir: PathBuf, tmp: PathBuf, max_bytes: u64) -> Result<Self, CacheError> {
         let io_err = |op, path: &Path| {
             let path = path.to_owned();
             move |source| CacheError::Io { op, path, source }
         };
-        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        private_state::create_dir(&dir).map_err(io_err("creating", &dir))?;
         let mut map = HashMap::new();
         for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
             let path = entry.map_err(io_err("listing", &dir))?.path();
             match load(&path, max_bytes) {
-                Ok(Some(record)) if path.file_name() == Some(file_name(&record.key).as_ref()) => {
+                Ok(Some((record, meta)))
+                    if path.file_name() == Some(file_name(&record.key).as_ref()) =>
+                {
+                    private_state::restrict(&path, &meta, private_state::FILE_MODE)
+                        .map_err(io_err("restricting", &path))?;
                     map.insert(record.key, record.value);
                 }
                 result => {
@@ -154,7 +160,9 @@ where
                 .tmp
                 .join(format!("record.{}.{seq}", std::process::id()));
             tokio::task::spawn_blocking(move || {
-                let result = fs::write(&tmp, text)
+                let result = private_state::new_file()
+                    .open(&tmp)
+                    .and_then(|mut file| file.write_all(&text))
                     .map_err(|source| CacheError::Io {
                         op: "writing",
                         path: tmp.clone(),
@@ -194,13 +202,17 @@ where
     }
 }
 
-fn load<V: DeserializeOwned>(path: &Path, max_bytes: u64) -> io::Result<Option<Record<V>>> {
+/// A record file and its metadata; `None` if it is not a record.
+fn load<V: DeserializeOwned>(
+    path: &Path,
+    max_bytes: u64,
+) -> io::Result<Option<(Record<V>, fs::Metadata)>> {
     let meta = fs::symlink_metadata(path)?;
     if !meta.is_file() || meta.len() > max_bytes {
         return Ok(None);
     }
     let text = fs::read(path)?;
-    Ok(serde_json::from_slice(&text).ok())
+    Ok(serde_json::from_slice(&text).ok().map(|r| (r, meta)))
 }
 
 #[cfg(test)]

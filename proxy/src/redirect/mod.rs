@@ -43,7 +43,9 @@ static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 pub const MIN_KERNEL: (u8, u8) = (5, 8);
 
 /// Filesystem magic of bpffs (`BPF_FS_MAGIC`).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Filesystem magic of the cgroup v2 hierarchy (`CGROUP2_SUPER_MAGIC`).
+pub const CGROUP2_MAGIC: i64 = 0x6367_7270;
 
 /// Which cgroups' connections are redirected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -556,7 +558,9 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoaderError> {
     })
 }
 
-fn fs_magic(path: &Path) -> Option<i64> {
+/// The filesystem type (`statfs` `f_type`, e.g. [`BPF_FS_MAGIC`]) of the filesystem holding
+/// `path`, or None if it cannot be read.
+pub fn fs_magic(path: &Path) -> Option<i64> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs is plain old data; all zeroes is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };

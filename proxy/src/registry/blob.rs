@@ -276,6 +276,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 Some(FlightOutcome::Cached) => "cached",
                 Some(FlightOutcome::AlreadyCached) => "already_cached",
                 Some(FlightOutcome::WriteFailed { .. }) => "write_failed",
+                Some(FlightOutcome::NoRoom { .. }) => "no_room",
                 Some(FlightOutcome::DigestMismatch(_)) => "digest_mismatch",
                 Some(FlightOutcome::UpstreamFailed { .. }) => "upstream_failed",
                 Some(FlightOutcome::FetchFailed) | None => "fetch_failed",
@@ -292,6 +293,10 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 Some(FlightOutcome::WriteFailed { error }) => warn!(
                     %registry, %repository, %digest, %error,
                     "blob served but not cached: the cache could not be written"
+                ),
+                Some(FlightOutcome::NoRoom { error }) => warn!(
+                    %registry, %repository, %digest, %error,
+                    "blob served but not cached: it does not fit in the cache"
                 ),
                 Some(FlightOutcome::UpstreamFailed { error }) => warn!(
                     %registry, %repository, %digest, %error, "upstream failed mid-blob"

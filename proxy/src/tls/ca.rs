@@ -10,6 +10,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use crate::private_state::{self, DIR_MODE, FILE_MODE};
+
 use rcgen::{
     BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -33,9 +35,6 @@ pub const CA_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Certificates start this far in the past, so a client whose clock is slightly behind accepts
 /// them.
 const BACKDATE: Duration = Duration::from_secs(3600);
-const KEY_MODE: u32 = 0o600;
-const CERT_MODE: u32 = 0o644;
-const STATE_DIR_MODE: u32 = 0o700;
 
 /// Who made the node CA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,11 +311,14 @@ fn load_generated(
     let key_path = settings.ca_key_path();
     for path in [&cert_path, &key_path] {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(STATE_DIR_MODE)
-                .create(dir)
-                .map_err(TlsError::io("creating", dir))?;
+            // The state directory is pullproxy's: narrowed if an older version left it readable.
+            // A directory elsewhere that the configuration names is only created, never changed.
+            if dir == settings.state_dir {
+                private_state::create_dir(dir)
+            } else {
+                DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)
+            }
+            .map_err(TlsError::io("creating", dir))?;
         }
     }
     // Two pullproxy processes starting at once (an init container and the daemon) must not both
@@ -326,10 +328,18 @@ fn load_generated(
         .create(true)
         .truncate(false)
         .write(true)
-        .mode(KEY_MODE)
+        .mode(FILE_MODE)
         .open(&lock_path)
         .map_err(TlsError::io("opening", &lock_path))?;
     lock.lock().map_err(TlsError::io("locking", &lock_path))?;
+    // Older versions wrote the certificate 0644; the key was always refused unless private.
+    for path in [&lock_path, &cert_path] {
+        match fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_file() => private_state::restrict(path, &meta, FILE_MODE)
+                .map_err(TlsError::io("restricting", path))?,
+            _ => {}
+        }
+    }
 
     let mut notices = Vec::new();
     let have_cert = cert_path.exists();
@@ -429,8 +439,8 @@ fn generate(cert_path: &Path, key_path: &Path, hosts: &InterceptSet) -> Result<N
     // the old pair or a mismatched pair, which the next start detects and replaces.
     let key_tmp = tmp_path(key_path);
     let cert_tmp = tmp_path(cert_path);
-    write_new(&key_tmp, key.serialize_pem().as_bytes(), KEY_MODE)?;
-    write_new(&cert_tmp, cert.pem().as_bytes(), CERT_MODE)?;
+    write_new(&key_tmp, key.serialize_pem().as_bytes())?;
+    write_new(&cert_tmp, cert.pem().as_bytes())?;
     fs::rename(&key_tmp, key_path).map_err(TlsError::io("renaming into", key_path))?;
     fs::rename(&cert_tmp, cert_path).map_err(TlsError::io("renaming into", cert_path))?;
     load(cert_path, key_path, CaOrigin::Generated)
@@ -451,19 +461,16 @@ fn ca_subject() -> DistinguishedName {
     dn
 }
 
-/// Creates `path` with `mode` from the start (never a moment with wider permissions), replacing a
+/// Creates `path` private from the start (never a moment with wider permissions), replacing a
 /// leftover from an interrupted run; `create_new` also refuses to follow a planted symlink.
-fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+fn write_new(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
             return Err(TlsError::io("removing", path)(e));
         }
         _ => {}
     }
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
+    let mut file = private_state::new_file()
         .open(path)
         .map_err(TlsError::io("creating", path))?;
     file.write_all(contents)
@@ -626,7 +633,7 @@ mod tests {
         assert_eq!(notices.len(), 1);
         assert!(notices[0].needs_retrust(), "{}", notices[0]);
         assert_eq!(mode(&s.ca_key_path()), 0o600);
-        assert_eq!(mode(&s.ca_cert_path()), 0o644);
+        assert_eq!(mode(&s.ca_cert_path()), 0o600);
         assert_eq!(mode(&s.state_dir), 0o700);
         assert_eq!(ca.origin(), CaOrigin::Generated);
         assert!(ca.cert_pem().starts_with("-----BEGIN CERTIFICATE-----\n"));
@@ -650,6 +657,31 @@ mod tests {
         assert_eq!(
             NodeCa::read_certificate(&s).unwrap().as_ref(),
             Some(ca.cert_der())
+        );
+    }
+
+    #[test]
+    fn an_old_readable_state_dir_is_narrowed_and_its_ca_kept() {
+        use crate::private_state::too_open;
+
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path());
+        let hosts = s.intercept_set().unwrap();
+        let (ca, _) = NodeCa::load_or_generate(&s, &hosts).unwrap();
+        assert_eq!(too_open(&s.state_dir).unwrap(), [], "as created");
+        // What an older version left: the directory, the certificate and the lock readable.
+        let chmod = |p: &Path, m| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+        chmod(&s.state_dir, 0o755);
+        chmod(&s.ca_cert_path(), 0o644);
+        chmod(&lock_path(&s.ca_key_path()), 0o644);
+        assert_eq!(too_open(&s.state_dir).unwrap().len(), 3);
+        let (again, notices) = NodeCa::load_or_generate(&s, &hosts).unwrap();
+        assert_eq!(too_open(&s.state_dir).unwrap(), [], "narrowed at start");
+        assert!(notices.is_empty(), "{notices:?}");
+        assert_eq!(
+            again.cert_der(),
+            ca.cert_der(),
+            "the same CA: runtimes still trust it"
         );
     }
 
@@ -722,7 +754,7 @@ mod tests {
         NodeCa::load_or_generate(&s, &hosts).unwrap();
         let other = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         fs::remove_file(s.ca_key_path()).unwrap();
-        write_new(&s.ca_key_path(), other.serialize_pem().as_bytes(), 0o600).unwrap();
+        write_new(&s.ca_key_path(), other.serialize_pem().as_bytes()).unwrap();
         let (_, notices) = NodeCa::load_or_generate(&s, &hosts).unwrap();
         assert!(
             matches!(&notices[..], [CaNotice::Regenerated { .. }]),
@@ -751,7 +783,7 @@ mod tests {
         let cert_path = dir.join("operator.crt");
         let key_path = dir.join("operator.key");
         fs::write(&cert_path, cert.pem()).unwrap();
-        write_new(&key_path, key.serialize_pem().as_bytes(), 0o600).unwrap();
+        write_new(&key_path, key.serialize_pem().as_bytes()).unwrap();
         TlsSettings {
             ca_cert: Some(cert_path),
             ca_key: Some(key_path),
@@ -825,7 +857,6 @@ mod tests {
         write_new(
             not_ca.ca_key.as_ref().unwrap(),
             leaf_key.serialize_pem().as_bytes(),
-            0o600,
         )
         .unwrap();
         not_ca.ca_supplied = true;

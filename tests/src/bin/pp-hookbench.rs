@@ -88,7 +88,7 @@ fn bench(args: &Args) -> serde_json::Value {
     let client = root.child("client");
     let _home = ReturnHome(home);
     move_self(&setup);
-    let bpffs = Bpffs::mount(std::env::temp_dir().join(root.path().trim_start_matches('/')));
+    let bpffs = Bpffs::mount(std::env::temp_dir().join(root.name()));
     let pins = bpffs.path().join("pullproxy");
     let settings = RedirectSettings {
         attach_cgroup: root.path().to_owned(),
