@@ -32,6 +32,7 @@ use crate::{
     server::{self, BindError, OnDistrust, Server, ServerMetrics},
     tls::{self, LeafMinter, NodeCa, TlsError},
     upstream::Upstream,
+    writeback::{Jobs, Policy, WriteBack},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -138,16 +139,41 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     );
     crate::cache::metrics::register(&mut registry, cache.clone());
     crate::tls::mint::register(&mut registry, minter.clone());
-    let proxy = Arc::new(RegistryProxy::new(
+    let mut proxy = RegistryProxy::new(
         hub.clone(),
         Arc::new(Upstream::new(
             upstream_clients,
             config.upstream.manifest_timeout,
             config.upstream.blob_idle_timeout,
         )),
-        cache,
+        cache.clone(),
         config.upstream.blob_idle_timeout,
-    ));
+    );
+    if let Some(hub) = &hub
+        && config.hub.write_back != Policy::Off
+    {
+        let dir = cache_settings.dir.clone();
+        let jobs = tokio::task::spawn_blocking(move || Jobs::open(&dir))
+            .await
+            .map_err(|e| RunError::Cache {
+                dir: cache_settings.dir.clone(),
+                source: crate::cache::CacheError::Task(e.to_string()),
+            })?
+            .map_err(|source| RunError::Cache {
+                dir: cache_settings.dir.clone(),
+                source,
+            })?;
+        let write_back = WriteBack::start(
+            hub.clone(),
+            cache,
+            config.hub.write_back,
+            jobs,
+            config.hub.write_back_rate.0,
+        );
+        write_back.register(&mut registry);
+        proxy = proxy.with_write_back(write_back);
+    }
+    let proxy = Arc::new(proxy);
     proxy.metrics.register(&mut registry);
     let server_metrics = Arc::new(ServerMetrics::default());
     server_metrics.register(&mut registry);

@@ -663,10 +663,13 @@ async fn check_hub(report: &mut DoctorReport, config: &Config) {
         " (pullproxy stays unready until it is; set hub.optional: true to serve without it)"
     };
     match hub.ping().await {
-        HubOutcome::Found(_) => report.ok(
-            Check::Hub,
-            format!("hub {shown} reachable and accepts pullproxy's credentials"),
-        ),
+        HubOutcome::Found(_) => {
+            report.ok(
+                Check::Hub,
+                format!("hub {shown} reachable and accepts pullproxy's credentials"),
+            );
+            check_push_rights(report, config, &hub, &shown).await;
+        }
         HubOutcome::NotFound => report.problem(
             Check::Hub,
             format!("hub {shown} answers 404 on /v2/: hub.url does not point at a registry"),
@@ -687,6 +690,36 @@ async fn check_hub(report: &mut DoctorReport, config: &Config) {
         HubOutcome::NoCredentials(reason) => report.problem(
             Check::Hub,
             format!("cannot read the hub credentials: {reason}{optional}"),
+        ),
+    }
+}
+
+/// With write-back on, pullproxy's hub credentials must be allowed to push.
+async fn check_push_rights(
+    report: &mut DoctorReport,
+    config: &Config,
+    hub: &HubClient,
+    shown: &str,
+) {
+    let policy = config.hub.write_back;
+    if policy == crate::writeback::Policy::Off {
+        return;
+    }
+    match hub.can_push().await {
+        Ok(true) => report.ok(
+            Check::Hub,
+            format!("pullproxy's hub credentials may push (hub.write_back: {policy})"),
+        ),
+        Ok(false) => report.problem(
+            Check::Hub,
+            format!(
+                "hub {shown} does not let pullproxy's credentials push, and hub.write_back is \
+                 {policy}: give the user push rights, or set hub.write_back: off"
+            ),
+        ),
+        Err(e) => report.problem(
+            Check::Hub,
+            format!("cannot tell whether pullproxy may push into hub {shown}: {e}"),
         ),
     }
 }

@@ -166,6 +166,11 @@ pub struct Hub {
     /// Deadline for a hub lookup (manifest HEAD/GET, blob HEAD).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Push images the upstream served (because the hub lacked them) into the hub: `public`,
+    /// `all` or `off`.
+    pub write_back: crate::writeback::Policy,
+    /// Bytes per second write-back may upload into the hub, all uploads together.
+    pub write_back_rate: ByteSize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -489,6 +494,12 @@ impl Config {
             return invalid(
                 "tls.ca_cert",
                 "set both tls.ca_cert and tls.ca_key, or neither".into(),
+            );
+        }
+        if self.hub.write_back_rate.0 < 1 << 10 {
+            return invalid(
+                "hub.write_back_rate",
+                "must be at least 1KiB (per second)".into(),
             );
         }
         if self.cache.max_size.0 < 1 << 20 {

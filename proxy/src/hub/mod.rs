@@ -347,7 +347,9 @@ impl HubClient {
             .expect("valid request");
         *req.headers_mut() = headers;
         match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Err(_) => Err(HubError::Unreachable(format!("no answer within {timeout:?}"))),
+            Err(_) => Err(HubError::Unreachable(format!(
+                "no answer within {timeout:?}"
+            ))),
             Ok(Err(e)) => Err(HubError::Unreachable(crate::telemetry::error_chain(&e))),
             Ok(Ok(resp)) => Ok(resp),
         }
@@ -370,7 +372,9 @@ impl HubClient {
                 .build()
                 .map_err(|e| bad(e.to_string()));
         }
-        let uri: Uri = path.parse().map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
+        let uri: Uri = path
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
         if uri.scheme() != self.base.scheme() || uri.authority() != self.base.authority() {
             return Err(bad("not on the hub".into()));
         }
@@ -388,7 +392,10 @@ pub enum HubError {
     #[error("hub refused pullproxy's credentials ({0})")]
     Refused(StatusCode),
     #[error("hub answered {status} to {what}")]
-    Status { what: &'static str, status: StatusCode },
+    Status {
+        what: &'static str,
+        status: StatusCode,
+    },
     #[error("hub gave an unusable location {0}")]
     BadLocation(String),
 }

@@ -43,18 +43,34 @@ impl ManifestRefs {
             .filter(|t| media_type::is_manifest(t))
     }
 
+    /// The child manifests of an index (or manifest list), at most [`MAX_REFERENCES`].
+    pub fn manifests(&self) -> Vec<Digest> {
+        valid(self.manifests.iter())
+    }
+
+    /// The blobs an image manifest needs: its config, layers and artifact blobs.
+    pub fn blobs(&self) -> Vec<Digest> {
+        valid(self.config.iter().chain(&self.layers).chain(&self.blobs))
+    }
+
     /// Every valid digest the manifest references, at most [`MAX_REFERENCES`].
     pub fn digests(&self) -> Vec<Digest> {
-        self.config
-            .iter()
-            .chain(&self.layers)
-            .chain(&self.manifests)
-            .chain(&self.blobs)
-            .chain(&self.subject)
-            .filter_map(|d| d.digest.parse().ok())
-            .take(MAX_REFERENCES)
-            .collect()
+        valid(
+            self.config
+                .iter()
+                .chain(&self.layers)
+                .chain(&self.manifests)
+                .chain(&self.blobs)
+                .chain(&self.subject),
+        )
     }
+}
+
+fn valid<'a>(descriptors: impl Iterator<Item = &'a Descriptor>) -> Vec<Digest> {
+    descriptors
+        .filter_map(|d| d.digest.parse().ok())
+        .take(MAX_REFERENCES)
+        .collect()
 }
 
 #[cfg(test)]
@@ -90,6 +106,8 @@ mod tests {
         let refs = ManifestRefs::parse(text.as_bytes());
         assert_eq!(refs.media_type(), None);
         assert_eq!(refs.digests().len(), 2);
+        assert_eq!(refs.manifests().len(), 1);
+        assert!(refs.blobs().is_empty());
         for odd in [&b"[1,2]"[..], b"not json", b"{\"layers\":\"x\"}", b""] {
             assert!(ManifestRefs::parse(odd).digests().is_empty());
         }

@@ -26,6 +26,16 @@ use crate::{
 /// A manifest whose bytes do not hash to the digest it was asked for (or announced).
 struct DigestDisagrees;
 
+/// What the node tier did with a manifest request.
+enum FromHub {
+    /// Answered it (the hub's answer, or this node's copy of what the hub served).
+    Served((Source, Response<ProxyBody>)),
+    /// The hub does not have it (or there is no hub).
+    Missing,
+    /// The hub cannot be asked and this node has nothing from it for this request.
+    Unavailable,
+}
+
 /// How long reading a manifest the hub is sending may take.
 const HUB_MANIFEST_READ: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -50,12 +60,14 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 HeaderValue::from_static(media_type::MANIFEST_ACCEPT),
             );
         }
-        if let Some(answer) = self
+        let not_from_hub = match self
             .manifest_from_hub(ctx, req, name, reference, hub_headers)
             .await
         {
-            return answer;
-        }
+            FromHub::Served(answer) => return answer,
+            // Not from the hub (it lacks it, or cannot say): write-back checks before pushing.
+            FromHub::Missing | FromHub::Unavailable => self.hub.is_some(),
+        };
 
         let path = path_of(req);
         let ask = Ask {
@@ -84,10 +96,22 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
             .upstream
             .small(&ctx.origin, method.clone(), &path, &req.headers)
             .await;
+        if let Ok(s) = &upstream {
+            self.metrics.ratelimit(&ctx.label, &s.headers);
+        }
         let why = match upstream {
             Ok(s) if s.status.is_success() => {
                 return match self.remember_manifest(&ask, reference, method, &s).await {
-                    Ok(()) => (Source::Upstream, small_response(s)),
+                    Ok(digest) => {
+                        if not_from_hub
+                            && *method == Method::GET
+                            && let (Some(wb), Some(digest)) = (&self.write_back, digest)
+                        {
+                            let anonymous = !req.headers.contains_key(header::AUTHORIZATION);
+                            wb.offer(registry, name, &digest, anonymous).await;
+                        }
+                        (Source::Upstream, small_response(s))
+                    }
                     Err(DigestDisagrees) => (
                         Source::Upstream,
                         oci_error(
@@ -166,15 +190,15 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         self.cache.manifests().get(&digest).await
     }
 
-    /// Takes in what the upstream answered for a manifest (see [`Self::keep_manifest`]) and
-    /// tells the content rule the upstream vouched for it.
+    /// Takes in what the upstream answered for a manifest (see [`Self::keep_manifest`]), tells
+    /// the content rule the upstream vouched for it, and returns its digest if known.
     async fn remember_manifest(
         &self,
         ask: &Ask<'_>,
         reference: &Reference,
         method: &Method,
         s: &Small,
-    ) -> Result<(), DigestDisagrees> {
+    ) -> Result<Option<Digest>, DigestDisagrees> {
         let linked = self
             .keep_manifest(
                 ask.origin.authority.as_str(),
@@ -188,13 +212,14 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         if !linked.is_empty() {
             self.content.confirmed(ask, &linked).await;
         }
-        Ok(())
+        // keep_manifest puts the manifest itself last.
+        Ok(linked.last().cloned())
     }
 
     /// The node tier for manifests. By digest, what the hub served for this repository is served
     /// from this node. Otherwise the hub is asked (tags every time: the hub is authoritative for
     /// the tags it holds); what it serves is verified, kept and recorded. While it cannot be
-    /// asked, a tag it served before is served from this node. `None`: on to the cache and the
+    /// asked, a tag it served before is served from this node. Otherwise on to the cache and the
     /// upstream.
     async fn manifest_from_hub(
         &self,
@@ -203,14 +228,14 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         name: &RepositoryName,
         reference: &Reference,
         accept: HeaderMap,
-    ) -> Option<(Source, Response<ProxyBody>)> {
+    ) -> FromHub {
         let registry = ctx.origin.authority.as_str();
         let method = &req.method;
         if let Reference::Digest(d) = reference
             && self.cache.repos().hub_holds(registry, name, d)
             && let Some(m) = self.cache.manifests().get(d).await
         {
-            return Some((Source::Node, manifest_response(&m, method)));
+            return FromHub::Served((Source::Node, manifest_response(&m, method)));
         }
         let resp = match self
             .hub_lookup(
@@ -224,21 +249,16 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
             .await
         {
             HubAnswer::Found(resp) => resp,
-            HubAnswer::Missing => return None,
+            HubAnswer::Missing => return FromHub::Missing,
             HubAnswer::Unavailable => {
-                let Reference::Tag(tag) = reference else {
-                    return None;
+                return match self.node_copy_of_hub_tag(registry, name, reference).await {
+                    Some(m) => FromHub::Served((Source::Node, manifest_response(&m, method))),
+                    None => FromHub::Unavailable,
                 };
-                let target = self.cache.tags().get(registry, name, tag)?;
-                if !self.cache.repos().hub_holds(registry, name, &target.digest) {
-                    return None;
-                }
-                let m = self.cache.manifests().get(&target.digest).await?;
-                return Some((Source::Node, manifest_response(&m, method)));
             }
         };
         if !resp.status().is_success() {
-            return Some((Source::Hub, relay(resp, self.idle_timeout)));
+            return FromHub::Served((Source::Hub, relay(resp, self.idle_timeout)));
         }
         let (parts, body) = resp.into_parts();
         let body = if *method == Method::GET {
@@ -246,7 +266,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 Ok(Some(bytes)) => bytes,
                 _ => {
                     warn!(registry, repository = %name, %reference, "the hub's manifest could not be read whole");
-                    return None;
+                    return FromHub::Unavailable;
                 }
             }
         } else {
@@ -258,7 +278,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         {
             Ok(linked) => self.hub_served(registry, name, &linked).await,
             Err(DigestDisagrees) => {
-                return Some((
+                return FromHub::Served((
                     Source::Hub,
                     oci_error(
                         StatusCode::BAD_GATEWAY,
@@ -270,7 +290,25 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         }
         let mut resp = Response::from_parts(parts, client::full(body));
         crate::upstream::strip_hop_by_hop(resp.headers_mut());
-        Some((Source::Hub, resp))
+        FromHub::Served((Source::Hub, resp))
+    }
+
+    /// While the hub cannot be asked: this node's copy of the manifest a tag pointed to when the
+    /// hub last served it.
+    async fn node_copy_of_hub_tag(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        reference: &Reference,
+    ) -> Option<Manifest> {
+        let Reference::Tag(tag) = reference else {
+            return None;
+        };
+        let target = self.cache.tags().get(registry, name, tag)?;
+        if !self.cache.repos().hub_holds(registry, name, &target.digest) {
+            return None;
+        }
+        self.cache.manifests().get(&target.digest).await
     }
 
     /// Takes in a manifest answer (hub or upstream): the bytes, verified against the digest asked

@@ -4,7 +4,7 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
 
@@ -41,6 +41,11 @@ struct RegistryOutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegistryLabels {
+    registry: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RegistryReasonLabels {
     registry: String,
     reason: &'static str,
@@ -68,6 +73,8 @@ pub struct RegistryMetrics {
     upstream_errors: Family<RegistryReasonLabels, Counter>,
     digest_mismatches: Counter,
     invalid_requests: Family<ReasonLabels, Counter>,
+    saved: Counter,
+    ratelimit: Family<RegistryLabels, Gauge>,
 }
 
 impl Default for RegistryMetrics {
@@ -83,6 +90,8 @@ impl Default for RegistryMetrics {
             upstream_errors: Family::default(),
             digest_mismatches: Counter::default(),
             invalid_requests: Family::default(),
+            saved: Counter::default(),
+            ratelimit: Family::default(),
         }
     }
 }
@@ -132,6 +141,35 @@ impl RegistryMetrics {
             "Requests refused before routing (bad names, digests, paths), by reason",
             self.invalid_requests.clone(),
         );
+        reg.register_with_unit(
+            "upstream_saved",
+            "Response body bytes served from the hub, this node or the cache instead of an \
+             upstream registry",
+            Unit::Bytes,
+            self.saved.clone(),
+        );
+        reg.register(
+            "upstream_ratelimit_remaining",
+            "Requests an upstream registry says are left in its rate-limit window (its \
+             RateLimit-Remaining header, as Docker Hub sends it), by registry",
+            self.ratelimit.clone(),
+        );
+    }
+
+    /// Records an upstream's `RateLimit-Remaining` (`76;w=21600`), if it sent one.
+    pub fn ratelimit(&self, registry: &str, headers: &http::HeaderMap) {
+        let remaining = headers
+            .get("ratelimit-remaining")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .and_then(|n| n.trim().parse::<i64>().ok());
+        if let Some(n) = remaining {
+            self.ratelimit
+                .get_or_create(&RegistryLabels {
+                    registry: registry.to_owned(),
+                })
+                .set(n);
+        }
     }
 
     /// A request is done: `bytes` of body were sent in `seconds`.
@@ -157,6 +195,12 @@ impl RegistryMetrics {
                 source: source.label(),
             })
             .inc_by(bytes);
+        if matches!(
+            source,
+            Source::Hub | Source::Node | Source::Cache | Source::Stale
+        ) {
+            self.saved.inc_by(bytes);
+        }
         self.duration
             .get_or_create(&KindSourceLabels {
                 kind: kind.label(),
@@ -215,6 +259,10 @@ mod tests {
         m.upstream_error("quay.io", "unreachable");
         m.digest_mismatch();
         m.invalid_request("digest");
+        let mut h = http::HeaderMap::new();
+        h.insert("ratelimit-remaining", "76;w=21600".parse().unwrap());
+        m.ratelimit("registry-1.docker.io", &h);
+        m.request("quay.io", Kind::Blob, Source::Upstream, 200, 5000, 0.003);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
         for line in [
@@ -225,6 +273,8 @@ mod tests {
             r#"pullproxy_upstream_fetches_total{registry="quay.io",outcome="cached"} 1"#,
             r#"pullproxy_upstream_errors_total{registry="quay.io",reason="unreachable"} 1"#,
             "pullproxy_digest_mismatches_total 1",
+            "pullproxy_upstream_saved_bytes_total 1024",
+            r#"pullproxy_upstream_ratelimit_remaining{registry="registry-1.docker.io"} 76"#,
             r#"pullproxy_invalid_requests_total{reason="digest"} 1"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");

@@ -51,6 +51,7 @@ use crate::{
     oci::{Digest, ErrorCode, RepositoryName, Route},
     original_dst::{ClientAddr, OriginalDst},
     upstream::{Origin, Small, Upstream, UpstreamError},
+    writeback::WriteBack,
 };
 
 /// What is known about a terminated connection.
@@ -75,6 +76,8 @@ pub struct RegistryProxy<H = HubClient, U = Upstream> {
     /// Idle timeout for relayed bodies.
     idle_timeout: Duration,
     hub_warned: AtomicU64,
+    /// Pushes what upstreams served into the hub.
+    write_back: Option<WriteBack<H>>,
 }
 
 /// What the hub said.
@@ -106,7 +109,14 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
             metrics: Arc::default(),
             idle_timeout,
             hub_warned: AtomicU64::new(0),
+            write_back: None,
         }
+    }
+
+    /// Writes what upstreams serve (because the hub lacked it) back into the hub.
+    pub fn with_write_back(mut self, write_back: WriteBack<H>) -> Self {
+        self.write_back = Some(write_back);
+        self
     }
 
     /// Answers one request of a terminated connection.
