@@ -32,6 +32,7 @@ use crate::{
     server::{self, BindError, OnDistrust, Server, ServerMetrics},
     tls::{self, LeafMinter, NodeCa, TlsError},
     upstream::Upstream,
+    warm::Warmer,
     writeback::{Jobs, Policy, WriteBack},
 };
 
@@ -228,6 +229,18 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     readiness.listening.store(true, Ordering::Relaxed);
     info!(port = config.listen.port, admin = %config.admin.listen, "listening");
     readiness.attached.store(true, Ordering::Relaxed);
+    if !config.warm.images.is_empty() || config.source.is_some() {
+        match Warmer::new(&config, None) {
+            Ok(warmer) => {
+                tokio::spawn(crate::warm::run_daemon(
+                    Arc::new(warmer),
+                    config.warm.images.clone(),
+                    config.source.clone(),
+                ));
+            }
+            Err(e) => warn!(error = %crate::telemetry::error_chain(&e), "warm-up unavailable"),
+        }
+    }
 
     let hub_up = Gauge::<i64, AtomicI64>::default();
     registry.register(

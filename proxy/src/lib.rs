@@ -24,4 +24,5 @@ pub mod server;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod warm;
 pub mod writeback;

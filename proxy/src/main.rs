@@ -10,6 +10,7 @@ use pullproxy::{
     doctor::{self, DoctorArgs},
     redirect, telemetry,
     tls::{self, CaCommand},
+    warm,
 };
 
 #[derive(Parser)]
@@ -40,6 +41,19 @@ enum Command {
     /// The node CA: print it, install it into the system trust store, or check who trusts it.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Fill this node's cache with images ahead of a rollout, pulled through the running
+    /// pullproxy (not into the container runtime's image store).
+    Warm {
+        /// Images: `nginx`, `quay.io/team/app:1.2`, `registry.k8s.io/pause@sha256:...`.
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// User for registries or token services that want credentials.
+        #[arg(long)]
+        user: Option<String>,
+        /// File holding that user's password.
+        #[arg(long, requires = "user")]
+        password_file: Option<PathBuf>,
+    },
     /// Check this node: kernel, BPF, cgroups, privileges, bpffs, runtimes, attached programs,
     /// trust in the node CA, the hub and the cache. Exits non-zero when something needs fixing.
     Doctor(DoctorArgs),
@@ -55,6 +69,11 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|c| Ok(tls::cli::run(cmd, &c.tls_settings())?)),
         Command::Doctor(args) => run_doctor(cli.config, &args),
+        Command::Warm {
+            images,
+            user,
+            password_file,
+        } => warm(cli.config, &images, user, password_file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,6 +113,54 @@ fn run_doctor(config: Option<PathBuf>, args: &DoctorArgs) -> anyhow::Result<()> 
     } else {
         anyhow::bail!("the node needs the fixes listed above")
     }
+}
+
+/// Prints warm-up progress, one line per step.
+struct Printed;
+
+impl warm::Progress for Printed {
+    fn step(&self, image: &pullproxy::oci::ImageRef, message: &str) {
+        println!("{image}: {message}");
+    }
+}
+
+fn warm(
+    config: Option<PathBuf>,
+    images: &[String],
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let config = Config::load(config.as_deref())?;
+    let refs = images
+        .iter()
+        .map(|i| i.parse().with_context(|| format!("{i:?}")))
+        .collect::<anyhow::Result<Vec<pullproxy::oci::ImageRef>>>()?;
+    let password = match &password_file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading {}", f.display()))?
+            .trim_end_matches(['\n', '\r'])
+            .to_owned(),
+        None => String::new(),
+    };
+    let warmer = warm::Warmer::new(&config, user.as_deref().map(|u| (u, password.as_str())))?;
+    let failed = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(async {
+            let mut failed = 0;
+            for image in &refs {
+                if let Err(e) = warmer.warm(image, &Printed).await {
+                    eprintln!("{image}: {}", telemetry::error_chain(&e));
+                    failed += 1;
+                }
+            }
+            failed
+        });
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} image(s) could not be warmed", refs.len());
+    }
+    Ok(())
 }
 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {

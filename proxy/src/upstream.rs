@@ -272,58 +272,21 @@ impl Upstream {
         Ok(second.status.is_success())
     }
 
-    /// A token from `challenge`'s realm, asked for without credentials. The realm must be HTTPS
-    /// (or plain HTTP for a plain-HTTP registry) and is dialled under the remote-address policy.
+    /// A token from `challenge`'s realm, asked for without credentials, dialled under the
+    /// remote-address policy.
     async fn anonymous_token(
         &self,
         origin: &Origin,
         challenge: &BearerChallenge,
     ) -> Result<Option<String>, UpstreamError> {
-        let Ok(url) = challenge.token_url().parse::<Uri>() else {
-            return Ok(None);
-        };
-        let scheme_ok = match url.scheme_str() {
-            Some("https") => true,
-            Some("http") => origin.scheme == Scheme::HTTP,
-            _ => false,
-        };
-        if !scheme_ok || url.host().is_none() {
-            return Ok(None);
-        }
-        let host = url.host().unwrap_or_default().to_owned();
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(url)
-            .body(client::empty())
-            .expect("valid request");
-        let exchange = async {
-            let resp = self
-                .clients
-                .dns()
-                .request(req)
-                .await
-                .map_err(|e| UpstreamError::from_client(&host, &e))?;
-            if !resp.status().is_success() {
-                return Ok(None);
-            }
-            let body = http_body_util::Limited::new(resp.into_body(), MAX_TOKEN_ANSWER)
-                .collect()
-                .await
-                .map_err(|e| UpstreamError::Unreachable {
-                    host: host.clone(),
-                    reason: crate::telemetry::error_chain(e.as_ref()),
-                })?
-                .to_bytes();
-            Ok(serde_json::from_slice::<TokenAnswer>(&body)
-                .ok()
-                .and_then(TokenAnswer::into_token))
-        };
-        tokio::time::timeout(self.manifest_timeout, exchange)
-            .await
-            .map_err(|_| UpstreamError::Unreachable {
-                host: origin.host().to_owned(),
-                reason: format!("no token within {:?}", self.manifest_timeout),
-            })?
+        fetch_token(
+            self.clients.dns(),
+            challenge,
+            origin.scheme == Scheme::HTTP,
+            None,
+            self.manifest_timeout,
+        )
+        .await
     }
 
     /// Sends a GET/HEAD with the forwarded client headers, following redirects.
@@ -419,6 +382,62 @@ impl Upstream {
             IdleTimeout::new(body, idle).boxed_unsync(),
         ))
     }
+}
+
+/// A token from `challenge`'s realm (the registry token flow), with `auth` if given. The realm must
+/// be HTTPS, or plain HTTP when `plain_http` (a plain-HTTP registry). `None`: no usable token.
+pub async fn fetch_token(
+    client: &HttpClient,
+    challenge: &BearerChallenge,
+    plain_http: bool,
+    auth: Option<HeaderValue>,
+    timeout: Duration,
+) -> Result<Option<String>, UpstreamError> {
+    let Ok(url) = challenge.token_url().parse::<Uri>() else {
+        return Ok(None);
+    };
+    let scheme_ok = match url.scheme_str() {
+        Some("https") => true,
+        Some("http") => plain_http,
+        _ => false,
+    };
+    let Some(host) = url.host().map(str::to_owned).filter(|_| scheme_ok) else {
+        return Ok(None);
+    };
+    let mut req = Request::builder()
+        .method(Method::GET)
+        .uri(url)
+        .body(client::empty())
+        .expect("valid request");
+    if let Some(auth) = auth {
+        req.headers_mut().insert(header::AUTHORIZATION, auth);
+    }
+    let exchange = async {
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| UpstreamError::from_client(&host, &e))?;
+        if !resp.status().is_success() {
+            return Ok(None);
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_TOKEN_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| UpstreamError::Unreachable {
+                host: host.clone(),
+                reason: crate::telemetry::error_chain(e.as_ref()),
+            })?
+            .to_bytes();
+        Ok(serde_json::from_slice::<TokenAnswer>(&body)
+            .ok()
+            .and_then(TokenAnswer::into_token))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| UpstreamError::Unreachable {
+            host: host.clone(),
+            reason: format!("no token within {timeout:?}"),
+        })?
 }
 
 /// Whether a redirect hop from `from` to `to` may carry the client's `Authorization`: only to the

@@ -58,9 +58,20 @@ pub struct Config {
     pub tls: Tls,
     pub upstream: Upstream,
     pub log: Log,
+    pub warm: Warm,
     /// `PULLPROXY_*` variables that are not overrides (logged as a warning at start).
     #[serde(skip)]
     pub ignored_env: Vec<String>,
+    /// The file this configuration was read from (the daemon watches it for `warm.images`).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Warm {
+    /// Images this node's cache is filled with at start and whenever this list changes.
+    pub images: Vec<String>,
 }
 
 /// A secret from the configuration: its `Debug` never shows it, and a value of the wrong type is
@@ -369,7 +380,9 @@ impl Config {
             None => None,
         };
         let origin = path.map(|p| p.display().to_string());
-        Self::layered(text.as_deref().zip(origin.as_deref()), std::env::vars())
+        let mut config = Self::layered(text.as_deref().zip(origin.as_deref()), std::env::vars())?;
+        config.source = path.map(Path::to_path_buf);
+        Ok(config)
     }
 
     /// `text` (named `origin` in messages) over the embedded defaults, then the `PULLPROXY_*`
@@ -495,6 +508,14 @@ impl Config {
                 "tls.ca_cert",
                 "set both tls.ca_cert and tls.ca_key, or neither".into(),
             );
+        }
+        if let Some((image, e)) = self
+            .warm
+            .images
+            .iter()
+            .find_map(|i| i.parse::<crate::oci::ImageRef>().err().map(|e| (i, e)))
+        {
+            return invalid("warm.images", format!("{image:?}: {e}"));
         }
         if self.hub.write_back_rate.0 < 1 << 10 {
             return invalid(

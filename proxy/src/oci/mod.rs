@@ -21,6 +21,7 @@
 
 mod challenge;
 mod digest;
+mod image_ref;
 mod manifest;
 pub mod media_type;
 mod name;
@@ -29,6 +30,7 @@ mod route;
 
 pub use challenge::{BearerChallenge, TokenAnswer};
 pub use digest::{Algorithm, Digest, DigestError, DigestMismatch, DigestVerifier, Verified};
+pub use image_ref::{ImageRef, ImageRefError};
 pub use manifest::{MAX_REFERENCES, ManifestRefs};
 pub use name::{
     MAX_NAME_LEN, MAX_TAG_LEN, NameError, Reference, ReferenceError, RepositoryName, Tag, TagError,
