@@ -9,6 +9,7 @@ use harness::{
     images::{self, Digest, Format, Image},
     nginx::NginxCache,
     process::Placement,
+    pullproxy::sample,
     registry::{Registry, TokenAuth},
     registry_client::{Body, RegistryClient},
     require_root,
@@ -695,14 +696,6 @@ fn ready_becomes(w: &World, status: u16) -> String {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// The value of the sample whose name and labels start with `prefix`, summed over matches.
-fn sample(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]
