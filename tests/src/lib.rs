@@ -7,8 +7,10 @@
 //! (`registry_client`), image content built in Rust (`images`), test CAs (`testca`), and
 //! unmodified clients (`skopeo`, `podman`, `containerd` with `ctr` and a CRI client in `cri`)
 //! that see fake registries through a private mount namespace (`mountns`: hosts file and CA
-//! bundle). `world` puts a node, the hub, the fake upstreams and pullproxy together. `squatter`
-//! tries to take pullproxy's ports, or poses as a container runtime.
+//! bundle). `world` puts a node, the hub, the fake upstreams and pullproxy together; `cluster`
+//! puts several nodes, each with its own pullproxy and containerd, on one bridge with a shared
+//! hub and a fake internet. `squatter` tries to take pullproxy's ports, or poses as a container
+//! runtime.
 //!
 //! For benchmarks: a load generator that every measured system is pulled with (`loadgen`), and
 //! nginx as a caching TLS reverse proxy (`nginx`), a peer of pullproxy.
@@ -19,6 +21,7 @@
 
 pub mod bpffs;
 pub mod cgroup;
+pub mod cluster;
 pub mod containerd;
 pub mod cri;
 pub mod images;
