@@ -67,11 +67,15 @@ const CERTS_D: &str = "/etc/containerd/certs.d";
 /// How long containerd may take to serve its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a `ctr` command may run by default.
+const CTR_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// How to start a [`Containerd`].
 #[derive(Debug, Clone)]
 pub struct ContainerdBuilder {
     placement: Placement,
     hosts_toml: Vec<(String, String)>,
+    ctr_timeout: Duration,
 }
 
 impl ContainerdBuilder {
@@ -80,6 +84,13 @@ impl ContainerdBuilder {
     /// and `ctr` pulls use the same directory (`--hosts-dir`).
     pub fn hosts_toml(mut self, host: &str, toml: &str) -> Self {
         self.hosts_toml.push((host.to_owned(), toml.to_owned()));
+        self
+    }
+
+    /// How long [`Containerd::ctr`] (and so a pull) may run (default 2 minutes): pulls of
+    /// hundreds of MiB on several nodes of a busy machine at once need more.
+    pub fn ctr_timeout(mut self, timeout: Duration) -> Self {
+        self.ctr_timeout = timeout;
         self
     }
 
@@ -141,6 +152,7 @@ impl ContainerdBuilder {
             mount_ns,
             placement: self.placement,
             hosts_dir: !self.hosts_toml.is_empty(),
+            ctr_timeout: self.ctr_timeout,
             dir,
         };
         loop {
@@ -170,6 +182,7 @@ pub struct Containerd {
     /// Network namespace and cgroup (clients run there too).
     placement: Placement,
     hosts_dir: bool,
+    ctr_timeout: Duration,
     dir: TempDir,
 }
 
@@ -192,6 +205,7 @@ impl Containerd {
         ContainerdBuilder {
             placement,
             hosts_toml: Vec::new(),
+            ctr_timeout: CTR_TIMEOUT,
         }
     }
 
@@ -249,9 +263,9 @@ impl Containerd {
         }
     }
 
-    /// `ctr <args>` (2 minutes at most).
+    /// `ctr <args>` (2 minutes at most, or [`ContainerdBuilder::ctr_timeout`]).
     pub fn ctr(&self, args: &[&str]) -> ToolRun {
-        self.ctr_with_timeout(args, Duration::from_secs(120))
+        self.ctr_with_timeout(args, self.ctr_timeout)
     }
 
     /// `ctr images pull [--user u:p] [--all-platforms] <reference>`: fetched by `ctr` itself,

@@ -582,14 +582,22 @@ pub fn big_layer(dir: &Path, size: u64, seed: u64) -> Layer {
     }
 }
 
-/// A linux/amd64 image whose only layer is [`big_layer`] (for benchmarks; not runnable).
-pub fn big_image(format: Format, dir: &Path, size: u64, seed: u64) -> Image {
-    Image::build(
-        format,
-        Platform::linux_amd64(),
-        None,
-        &[big_layer(dir, size, seed)],
-    )
+/// A linux/amd64 image of one [`big_layer`] per entry of `sizes`, seeded `seed`, `seed + 1`, ...
+/// (for benchmarks and the cluster's pulls; not runnable). The layers are written on one thread
+/// each: hashing is the cost, and it parallelises.
+pub fn big_image(format: Format, dir: &Path, sizes: &[u64], seed: u64) -> Image {
+    let layers: Vec<Layer> = std::thread::scope(|s| {
+        let writers: Vec<_> = sizes
+            .iter()
+            .zip(seed..)
+            .map(|(&size, seed)| s.spawn(move || big_layer(dir, size, seed)))
+            .collect();
+        writers
+            .into_iter()
+            .map(|w| w.join().expect("layer writer panicked"))
+            .collect()
+    });
+    Image::build(format, Platform::linux_amd64(), None, &layers)
 }
 
 /// A deterministic tar builder: root-owned entries with a fixed mtime.
@@ -823,6 +831,27 @@ mod tests {
             entries,
             vec![("big-9.bin".to_owned(), tar::EntryType::Regular)]
         );
+    }
+
+    #[test]
+    fn big_image_has_one_distinct_layer_per_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes = [64 * 1024, 64 * 1024, 3 * 1024];
+        let image = big_image(Format::Oci, dir.path(), &sizes, 20);
+        assert_eq!(image.layers.len(), 3);
+        let digests: std::collections::BTreeSet<_> =
+            image.layers.iter().map(|l| &l.digest).collect();
+        assert_eq!(digests.len(), 3, "same-size layers differ by seed");
+        for (layer, size) in image.layers.iter().zip(sizes) {
+            // Header, content padded to a block, two zero blocks.
+            assert_eq!(layer.size, 512 + size.div_ceil(512) * 512 + 1024);
+            assert_eq!(
+                layer.media_type,
+                Format::Oci.layer_type(LayerCompression::None)
+            );
+        }
+        let again = big_image(Format::Oci, dir.path(), &sizes, 20);
+        assert_eq!(again.digest(), image.digest(), "deterministic");
     }
 
     #[test]

@@ -7,10 +7,11 @@
 //! (`registry_client`), image content built in Rust (`images`), test CAs (`testca`), and
 //! unmodified clients (`skopeo`, `podman`, `containerd` with `ctr` and a CRI client in `cri`)
 //! that see fake registries through a private mount namespace (`mountns`: hosts file and CA
-//! bundle). `world` puts a node, the hub, the fake upstreams and pullproxy together. `squatter`
-//! tries to take pullproxy's ports, or poses as a container runtime. `systemd` drives the
-//! machine's own units (the real `containerd.service`, `pullproxy.service`) where a test may
-//! change them: the VM of `cargo xtask vm-test`.
+//! bundle). `world` puts a node, the hub, the fake upstreams and pullproxy together; `cluster`
+//! puts several nodes, each with its own pullproxy and containerd, on one bridge with a shared
+//! hub and a fake internet. `squatter` tries to take pullproxy's ports, or poses as a container
+//! runtime. `systemd` drives the machine's own units (the real `containerd.service`,
+//! `pullproxy.service`) where a test may change them: the VM of `cargo xtask vm-test`.
 //!
 //! For benchmarks: a load generator that every measured system is pulled with (`loadgen`), and
 //! nginx as a caching TLS reverse proxy (`nginx`), a peer of pullproxy.
@@ -22,6 +23,7 @@
 
 pub mod bpffs;
 pub mod cgroup;
+pub mod cluster;
 pub mod containerd;
 pub mod cri;
 pub mod images;

@@ -1,5 +1,6 @@
 //! A network namespace of the test's own, with loopback up and test addresses on `lo`. Addresses
-//! in it exist nowhere else, so "original destinations" are never real hosts.
+//! in it exist nowhere else, so "original destinations" are never real hosts. A [`Switch`] joins
+//! several such namespaces into one network without touching the host's.
 
 use std::{fs::File, os::fd::AsRawFd, path::PathBuf, process::Command};
 
@@ -57,6 +58,49 @@ impl NetNs {
             .join()
             .expect("netns thread panicked")
         })
+    }
+}
+
+/// A Linux bridge in a network namespace of its own: namespaces plugged into it with veth pairs
+/// share one Ethernet segment, and nothing of it exists in the host's namespace. Deleting the
+/// switch's namespace (on drop) deletes the bridge and every port still on it; a member's end of
+/// its pair goes with the member's namespace.
+pub struct Switch {
+    ns: NetNs,
+}
+
+/// The bridge's name inside the switch's namespace.
+const BRIDGE: &str = "br0";
+
+impl Switch {
+    pub fn new(prefix: &str) -> Self {
+        let ns = NetNs::new(prefix);
+        ns.ip(&["link", "add", BRIDGE, "type", "bridge"]);
+        ns.ip(&["link", "set", BRIDGE, "up"]);
+        Self { ns }
+    }
+
+    /// Plugs `member` in: a veth pair whose switch end `port` (at most 15 characters, unique on
+    /// this switch) joins the bridge and whose member end is `ifname` in `member`, up with the
+    /// addresses `cidrs` (`10.210.0.11/24`). Safe to call from several threads at once.
+    pub fn plug(&self, port: &str, member: &NetNs, ifname: &str, cidrs: &[&str]) {
+        self.ns.ip(&[
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            ifname,
+            "netns",
+            member.name(),
+        ]);
+        self.ns.ip(&["link", "set", port, "master", BRIDGE, "up"]);
+        for cidr in cidrs {
+            member.ip(&["addr", "add", cidr, "dev", ifname]);
+        }
+        member.ip(&["link", "set", ifname, "up"]);
     }
 }
 

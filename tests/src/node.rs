@@ -9,9 +9,17 @@ use proxy_common::Counter;
 use pullproxy::redirect;
 
 use crate::{
-    bpffs::Bpffs, cgroup::Cgroup, mountns::MountSpec, netns::NetNs, process::Placement,
+    bpffs::Bpffs,
+    cgroup::Cgroup,
+    mountns::MountSpec,
+    netns::NetNs,
+    process::Placement,
     pullproxy::Pullproxy,
+    registry_client::{Body, RegistryClient},
 };
+
+/// pullproxy's admin listener (`/metrics`, `/healthz`, `/readyz`) inside a node: the default.
+pub const ADMIN_ADDR: &str = "127.0.0.1:15090";
 
 /// Fields drop in declaration order: cgroups (children first), pins, the node's bpffs, state,
 /// then the namespace.
@@ -174,6 +182,24 @@ impl Node {
         let mut env = self.env();
         env.extend_from_slice(extra);
         Pullproxy::start(&at, &env)
+    }
+
+    /// `GET` a path of pullproxy's admin listener inside the node: (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let admin = RegistryClient::new("127.0.0.1", ADMIN_ADDR.parse().expect("addr"))
+            .netns(&self.ns)
+            .anonymous();
+        let resp = admin
+            .request("GET", path, &[], Body::Empty)
+            .unwrap_or_else(|e| panic!("GET {ADMIN_ADDR}{path}: {e}"));
+        (resp.status, resp.text())
+    }
+
+    /// pullproxy's `/metrics` in the classic text format, as curl gets it.
+    pub fn scrape(&self) -> String {
+        let (status, text) = self.admin_get("/metrics");
+        assert_eq!(status, 200, "/metrics: {text}");
+        text
     }
 
     /// A kernel counter of this node's redirect, read from the pins.

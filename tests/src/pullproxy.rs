@@ -1,5 +1,6 @@
 //! A real `pullproxy` process under test: started with the embedded default configuration plus
-//! `PULLPROXY_*` environment overrides, JSON logs collected for assertions.
+//! `PULLPROXY_*` environment overrides, JSON logs collected for assertions, and its metrics text
+//! read back ([`sample`]).
 
 use std::{
     io::{BufRead, BufReader},
@@ -176,6 +177,35 @@ impl Pullproxy {
             .collect()
     }
 
+    /// The per-request records ("pull") for a repository.
+    pub fn pulls(&self, repository: &str) -> Vec<Value> {
+        self.all("pull")
+            .into_iter()
+            .filter(|r| r["repository"] == repository)
+            .collect()
+    }
+
+    /// Waits up to `timeout` until there are at least `at_least` "pull" records of `kind`
+    /// (manifest, blob) for `repository` (a record is written when its response body is done, a
+    /// moment after the client saw the last byte); returns the repository's records then.
+    pub fn wait_pulls(
+        &self,
+        repository: &str,
+        kind: &str,
+        at_least: usize,
+        timeout: Duration,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let records = self.pulls(repository);
+            let n = records.iter().filter(|r| r["kind"] == kind).count();
+            if n >= at_least || Instant::now() > deadline {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits up to `timeout` for a record with `message` that `pred` accepts.
     pub fn wait_for(
         &self,
@@ -215,4 +245,14 @@ impl Pullproxy {
     pub fn stop(&mut self) {
         self.proc.terminate();
     }
+}
+
+/// The value of the sample whose name and labels start with `prefix` in a `/metrics` text,
+/// summed over matches (`pullproxy_requests_total{registry="quay.io"` sums every kind, source
+/// and status).
+pub fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

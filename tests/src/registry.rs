@@ -9,6 +9,7 @@
 //!   needs no restart ([`Registry::set_password`]).
 
 use std::{
+    collections::BTreeMap,
     fs::{self, OpenOptions},
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -176,10 +177,31 @@ pub struct AccessRecord {
     pub user_agent: String,
 }
 
+/// What a registry served of one blob: downloads (`GET`s answered 200 or 206, in any
+/// repository) and the body bytes they carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlobTraffic {
+    pub requests: usize,
+    pub bytes: u64,
+}
+
 impl AccessRecord {
     /// The path without the query.
     pub fn path(&self) -> &str {
         self.uri.split('?').next().unwrap_or_default()
+    }
+
+    /// The blob this record downloaded (a `GET` of `/v2/<repo>/blobs/<digest>` answered with
+    /// content), if it is one.
+    pub fn blob_download(&self) -> Option<Digest> {
+        if self.method != "GET" || !matches!(self.status, 200 | 206) {
+            return None;
+        }
+        let (repo, digest) = self.path().strip_prefix("/v2/")?.rsplit_once("/blobs/")?;
+        if repo.is_empty() {
+            return None;
+        }
+        Digest::parse(digest)
     }
 
     /// Parses a combined-log line:
@@ -372,6 +394,44 @@ impl Registry {
             .count()
     }
 
+    /// Blob downloads logged so far, per digest: distribution's access log records each
+    /// response's body bytes as written, so these are exact.
+    pub fn blob_traffic(&self) -> BTreeMap<Digest, BlobTraffic> {
+        let mut out = BTreeMap::<Digest, BlobTraffic>::new();
+        for r in self.requests() {
+            if let Some(digest) = r.blob_download() {
+                let t = out.entry(digest).or_default();
+                t.requests += 1;
+                t.bytes += r.bytes;
+            }
+        }
+        out
+    }
+
+    /// [`Self::blob_traffic`] of one blob.
+    pub fn blob_served(&self, digest: &Digest) -> BlobTraffic {
+        self.blob_traffic().remove(digest).unwrap_or_default()
+    }
+
+    /// Waits until the bytes logged for blob `digest` reach `at_least` (a request is logged
+    /// when its handler returns, a moment after the client read the last byte); returns what
+    /// was logged then, or at `timeout`.
+    pub fn wait_blob_bytes(
+        &self,
+        digest: &Digest,
+        at_least: u64,
+        timeout: Duration,
+    ) -> BlobTraffic {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let t = self.blob_served(digest);
+            if t.bytes >= at_least || Instant::now() > deadline {
+                return t;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until [`Self::count`] reaches `at_least` (the log line is written when the handler
     /// returns, a moment after the client saw the last byte); returns the final count.
     pub fn wait_count(
@@ -503,5 +563,37 @@ mod tests {
             0
         );
         assert!(AccessRecord::parse("garbage").is_none());
+    }
+
+    #[test]
+    fn only_blob_gets_with_content_are_downloads() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let line = |method: &str, path: &str, status: u16| {
+            AccessRecord::parse(&format!(
+                r#"10.0.0.1 - - [x] "{method} {path} HTTP/1.1" {status} 10 "" "ua""#
+            ))
+            .unwrap()
+        };
+        let blob = format!("/v2/library/app/blobs/{digest}");
+        assert_eq!(
+            line("GET", &format!("{blob}?ns=docker.io"), 200).blob_download(),
+            Digest::parse(&digest)
+        );
+        assert!(line("GET", &blob, 206).blob_download().is_some());
+        assert!(line("HEAD", &blob, 200).blob_download().is_none());
+        assert!(line("GET", &blob, 404).blob_download().is_none());
+        assert!(line("GET", &blob, 307).blob_download().is_none());
+        let manifest = format!("/v2/library/app/manifests/{digest}");
+        assert!(line("GET", &manifest, 200).blob_download().is_none());
+        assert!(
+            line("GET", &format!("/v2/blobs/{digest}"), 200)
+                .blob_download()
+                .is_none()
+        );
+        assert!(
+            line("GET", "/v2/app/blobs/sha256:short", 200)
+                .blob_download()
+                .is_none()
+        );
     }
 }

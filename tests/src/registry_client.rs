@@ -310,6 +310,38 @@ impl RegistryClient {
         Ok(r.status == 200)
     }
 
+    /// `GET /v2/_catalog`: the repositories the registry holds (up to 1000, distribution's
+    /// default page limit).
+    pub fn catalog(&self) -> io::Result<Vec<String>> {
+        let r = self.request("GET", "/v2/_catalog?n=1000", &[], Body::Empty)?;
+        list_field(&r, "repositories")
+    }
+
+    /// `GET /v2/<repo>/tags/list`: the repository's tags (none when the registry does not know
+    /// the repository).
+    pub fn tags(&self, repo: &str) -> io::Result<Vec<String>> {
+        let r = self.request("GET", &format!("/v2/{repo}/tags/list"), &[], Body::Empty)?;
+        if r.status == 404 {
+            return Ok(Vec::new());
+        }
+        list_field(&r, "tags")
+    }
+
+    /// What of `image` the registry lacks in `repo`: its manifest (by digest) and each blob it
+    /// does not have, in that order; empty when it holds the whole image.
+    pub fn missing(&self, repo: &str, image: &Image) -> io::Result<Vec<Digest>> {
+        let mut missing = Vec::new();
+        if self.head_manifest(repo, image.digest().as_str())?.status != 200 {
+            missing.push(image.digest().clone());
+        }
+        for blob in image.blobs() {
+            if !self.has_blob(repo, &blob.digest)? {
+                missing.push(blob.digest.clone());
+            }
+        }
+        Ok(missing)
+    }
+
     /// Uploads `blob` to `repo` unless it is there: `POST /v2/<repo>/blobs/uploads/`, then one
     /// monolithic `PUT <location>&digest=`. Panics with the registry's answer on failure.
     pub fn push_blob(&self, repo: &str, blob: &Blob) {
@@ -412,6 +444,27 @@ impl RegistryClient {
         );
         resp
     }
+}
+
+/// The string list `field` of a JSON answer (`{"tags": [...]}`); `null` is an empty list, as
+/// distribution sends for a repository without tags.
+fn list_field(r: &Response, field: &str) -> io::Result<Vec<String>> {
+    if r.status != 200 {
+        return Err(io::Error::other(format!(
+            "status {} instead of a {field} list: {}",
+            r.status,
+            r.text()
+        )));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&r.body).map_err(io::Error::other)?;
+    Ok(v[field]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default())
 }
 
 /// The path and query of a `Location`, which distribution makes absolute

@@ -19,7 +19,7 @@ use crate::{
     process::Placement,
     pullproxy::Pullproxy,
     registry::Registry,
-    registry_client::{Body, RegistryClient},
+    registry_client::RegistryClient,
     skopeo::Skopeo,
     testca::{self, Leaf, TestCa, ca_bundle},
 };
@@ -47,8 +47,7 @@ pub const TOKEN_REGISTRY_HOST: &str = "registry.gitlab.com";
 /// Its token service: not a registry, so pullproxy splices it untouched.
 pub const TOKEN_SERVICE_IP: &str = "10.204.0.9";
 pub const TOKEN_SERVICE_HOST: &str = "gitlab.com";
-/// pullproxy's admin listener (`/metrics`, `/healthz`, `/readyz`) inside the node.
-pub const ADMIN_ADDR: &str = "127.0.0.1:15090";
+pub use crate::node::ADMIN_ADDR;
 pub const HUB_USER: &str = "admin";
 pub const HUB_PASSWORD: &str = "hub-secret-1";
 pub const PRIVATE_USER: &str = "alice";
@@ -220,29 +219,17 @@ impl World {
 
     /// `GET` a path of pullproxy's admin listener inside the node: (status, body).
     pub fn admin_get(&self, path: &str) -> (u16, String) {
-        let admin = RegistryClient::new("127.0.0.1", ADMIN_ADDR.parse().expect("addr"))
-            .netns(&self.node.ns)
-            .anonymous();
-        let resp = admin
-            .request("GET", path, &[], Body::Empty)
-            .unwrap_or_else(|e| panic!("GET {ADMIN_ADDR}{path}: {e}"));
-        (resp.status, resp.text())
+        self.node.admin_get(path)
     }
 
     /// `/metrics` in the classic text format, as curl gets it.
     pub fn scrape(&self) -> String {
-        let (status, text) = self.admin_get("/metrics");
-        assert_eq!(status, 200, "/metrics: {text}");
-        text
+        self.node.scrape()
     }
 
     /// The proxy's per-request log records ("pull") for a repository.
     pub fn pulls(&self, repository: &str) -> Vec<Value> {
-        self.proxy
-            .all("pull")
-            .into_iter()
-            .filter(|r| r["repository"] == repository)
-            .collect()
+        self.proxy.pulls(repository)
     }
 
     /// The sources of the `kind` (manifest, blob) records of `repository`.
@@ -255,15 +242,6 @@ impl World {
     pub fn settle(&self) {
         std::thread::sleep(Duration::from_millis(300));
     }
-}
-
-/// The value of the sample whose name and labels start with `prefix` in a `/metrics` text,
-/// summed over matches.
-pub fn sample(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// The sources of the `kind` records among `records`.

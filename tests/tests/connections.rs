@@ -19,8 +19,9 @@ use std::{
 use harness::{
     images::{self, Blob, Digest, Format},
     process::Proc,
+    pullproxy::sample,
     require_root, testca,
-    world::{ADMIN_ADDR, UPSTREAM_IP, World, sample},
+    world::{ADMIN_ADDR, UPSTREAM_IP, World},
 };
 use rustls::{ClientConfig, ClientConnection, Stream};
 use rustls_pki_types::ServerName;

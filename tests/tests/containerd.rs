@@ -485,7 +485,7 @@ fn pullproxy_killed_in_the_middle_of_a_blob_the_pull_resumes_direct() {
     require_root!();
     let mut f = Fixture::new();
     let dir = tempfile::tempdir().unwrap();
-    let image = images::big_image(Format::Docker, dir.path(), 256 << 20, 11);
+    let image = images::big_image(Format::Docker, dir.path(), &[256 << 20], 11);
     f.w.upstream.client().push_image("library/big", "1", &image);
     let layer = image.layers[0].clone();
     let name = "docker.io/library/big:1";

@@ -16,6 +16,7 @@ use harness::{
     images::{self, Digest, Format, Image},
     nginx::NginxCache,
     process::Placement,
+    pullproxy::sample,
     registry::{Registry, TokenAuth},
     registry_client::{Body, RegistryClient},
     require_root,
@@ -25,7 +26,7 @@ use harness::{
     world::{
         CDN_HOST, CDN_IP, HUB_PASSWORD, HUB_USER, PRIVATE_PASSWORD, PRIVATE_USER, REDIRECTING_HOST,
         REDIRECTING_IP, SITE_IP, TOKEN_REGISTRY_HOST, TOKEN_REGISTRY_IP, TOKEN_SERVICE_HOST,
-        TOKEN_SERVICE_IP, World, hosts, sample,
+        TOKEN_SERVICE_IP, World, hosts,
     },
 };
 use pullproxy::private_state::too_open;

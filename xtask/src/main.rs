@@ -66,7 +66,13 @@ enum Task {
     /// Show pullproxy at work on this machine, then tear it all down: unmodified containerd
     /// (default configuration) pulls docker.io/library/busybox, served from a local sealos hub.
     /// Runs as root (through sudo when needed); touches nothing of the host's.
-    Demo,
+    Demo {
+        /// Run on a cluster of N nodes (N > 1) on one bridge, with a shared hub and a fake
+        /// internet: they pull one 208 MiB public image one after another, then all at once,
+        /// and the demo shows where each request was served from and what the internet sent.
+        #[arg(long)]
+        nodes: Option<usize>,
+    },
     /// Install what the tests need, lint, and run every test; privileged tests run as root.
     /// Arguments after `--` go to `cargo test` (e.g. a test name filter).
     Test {
@@ -131,7 +137,7 @@ fn main() -> anyhow::Result<()> {
             timeout: std::time::Duration::from_secs(timeout_minutes * 60),
             args,
         }),
-        Task::Demo => demo(),
+        Task::Demo { nodes } => demo(nodes),
     }
 }
 
@@ -229,7 +235,7 @@ fn build_harness_pullproxy() -> anyhow::Result<std::path::PathBuf> {
     Ok(target.join("debug/pullproxy"))
 }
 
-fn demo() -> anyhow::Result<()> {
+fn demo(nodes: Option<usize>) -> anyhow::Result<()> {
     setup::build_deps()?;
     setup::test_deps()?;
     let pullproxy = build_harness_pullproxy()?;
@@ -242,6 +248,9 @@ fn demo() -> anyhow::Result<()> {
         "--bin",
         "pp-demo",
     ]);
+    if let Some(n) = nodes {
+        c.arg("--").arg("--nodes").arg(n.to_string());
+    }
     c.env("PULLPROXY_BIN", &pullproxy);
     if !is_root() {
         say("the demo loads eBPF programs and creates namespaces: pp-demo runs through `sudo -E`");

@@ -214,7 +214,7 @@ impl World {
     /// Builds an image with one `size`-byte layer and pushes it to the upstream ([`REPO`]) and
     /// the hub ([`HUB_REPO`]) as `tag`.
     pub fn fixture(&self, tag: &str, size: u64, seed: u64) -> Fixture {
-        let image = images::big_image(Format::Oci, self.fixtures_dir.path(), size, seed);
+        let image = images::big_image(Format::Oci, self.fixtures_dir.path(), &[size], seed);
         self.upstream.client().push_image(REPO, tag, &image);
         self.hub.client().push_image(HUB_REPO, tag, &image);
         Fixture {
@@ -373,15 +373,7 @@ impl World {
     /// [`Registry::clear_requests`], once the log has settled (a request is logged when its
     /// handler returns).
     pub fn upstream_blob_bytes(&self, digest: &Digest) -> u64 {
-        let suffix = format!("/blobs/{digest}");
-        let sum = || -> u64 {
-            self.upstream
-                .requests()
-                .iter()
-                .filter(|r| r.method == "GET" && r.path().ends_with(&suffix))
-                .map(|r| r.bytes)
-                .sum()
-        };
+        let sum = || self.upstream.blob_served(digest).bytes;
         // Stable for 300 ms.
         let mut last = sum();
         let mut stable_since = Instant::now();
