@@ -111,16 +111,6 @@ pub fn fuzz(args: &FuzzArgs) -> anyhow::Result<()> {
         args.jobs
     ));
     let crashes: Vec<&Outcome> = outcomes.iter().filter(|o| o.crash.is_some()).collect();
-    if let Some(dead) = outcomes
-        .iter()
-        .find(|o| o.stats.executions.unwrap_or(0) == 0)
-    {
-        bail!(
-            "fuzz target {} executed nothing; see {}",
-            dead.target,
-            dead.log.display()
-        );
-    }
     if !crashes.is_empty() {
         let mut msg = String::from("fuzzing found crashes:");
         for c in crashes {
@@ -136,6 +126,17 @@ pub fn fuzz(args: &FuzzArgs) -> anyhow::Result<()> {
             ));
         }
         bail!(msg);
+    }
+    // A run that did nothing (a broken binary, an unreadable corpus) must not pass as clean.
+    if let Some(dead) = outcomes
+        .iter()
+        .find(|o| o.stats.executions.unwrap_or(0) == 0)
+    {
+        bail!(
+            "fuzz target {} executed nothing; see {}",
+            dead.target,
+            dead.log.display()
+        );
     }
     Ok(())
 }
@@ -245,11 +246,8 @@ fn run_target(
     let crash = if status.success() {
         None
     } else {
-        let written = text
-            .lines()
-            .find_map(|l| l.split_once("Test unit written to ").map(|(_, p)| p.trim()));
-        match written {
-            Some(p) => Some(PathBuf::from(p)),
+        match reproducer(&text) {
+            Some(p) => Some(p),
             None => {
                 print_tail(name, &log);
                 bail!(
@@ -265,6 +263,13 @@ fn run_target(
         crash,
         log,
     })
+}
+
+/// The input libFuzzer saved when the target crashed, timed out or ran out of memory.
+fn reproducer(log: &str) -> Option<PathBuf> {
+    log.lines()
+        .find_map(|l| l.split_once("Test unit written to "))
+        .map(|(_, path)| PathBuf::from(path.trim()))
 }
 
 /// The final statistics (`-print_final_stats=1`) and the last coverage line of a libFuzzer log.
@@ -341,5 +346,22 @@ mod tests {
         assert_eq!(s.corpus.as_deref(), Some("24/351b"));
         let none = parse_stats("thread panicked\n");
         assert_eq!((none.executions, none.cov), (None, None));
+    }
+
+    #[test]
+    fn finds_the_reproducer_of_a_crash() {
+        let log = "thread '<unnamed>' panicked at fuzz_targets/hub_mapping.rs:70:9:\n\
+                   ==4242== ERROR: libFuzzer: deadly signal\n\
+                   MS: 2 CopyPart-InsertByte-; base unit: 0123\n\
+                   artifact_prefix='/w/target/fuzz/artifacts/hub_mapping/'; Test unit written to \
+                   /w/target/fuzz/artifacts/hub_mapping/crash-ea1508ce\n\
+                   Base64: cXVheS5pbwo=\n";
+        assert_eq!(
+            reproducer(log),
+            Some(PathBuf::from(
+                "/w/target/fuzz/artifacts/hub_mapping/crash-ea1508ce"
+            ))
+        );
+        assert_eq!(reproducer("Done 10 runs in 1 second(s)\n"), None);
     }
 }
