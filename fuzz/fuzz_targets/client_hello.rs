@@ -50,14 +50,14 @@ fuzz_target!(|data: &[u8]| {
 
     // The name the server routes by is the name rustls hands the certificate resolver: both
     // parse the same bytes, so where both succeed they must agree.
-    if let ClientHelloPeek::Sni(_) | ClientHelloPeek::NoSni = outcome {
-        if let Some(rustls_sni) = rustls_server_name(data) {
-            let ours = match &outcome {
-                ClientHelloPeek::Sni(name) => Some(name.as_str()),
-                _ => None,
-            };
-            assert_eq!(ours, rustls_sni.as_deref(), "our peek and rustls disagree");
-        }
+    if let ClientHelloPeek::Sni(_) | ClientHelloPeek::NoSni = outcome
+        && let Some(rustls_sni) = rustls_server_name(data)
+    {
+        let ours = match &outcome {
+            ClientHelloPeek::Sni(name) => Some(name.as_str()),
+            _ => None,
+        };
+        assert_eq!(ours, rustls_sni.as_deref(), "our peek and rustls disagree");
     }
 });
 

@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
     match got {
         Ok(r) => {
             assert!(r.start <= r.end && r.end < len, "{r:?} outside 0..{len}");
-            assert!(r.len() >= 1 && r.len() <= len);
+            assert!((1..=len).contains(&r.len()), "{r:?} has {} bytes", r.len());
             assert_eq!(
                 r.content_range(len),
                 format!("bytes {}-{}/{len}", r.start, r.end)
