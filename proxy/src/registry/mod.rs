@@ -241,7 +241,16 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         headers: HeaderMap,
     ) -> Option<Response<ProxyBody>> {
         let hub = self.hub.as_ref()?;
-        let hub_repo = hub.hub_repo(ctx.origin.host(), name.as_str());
+        let hub_repo = match hub.hub_repo(ctx.origin.host(), name) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.hub_lookup("invalid_name");
+                if self.may_warn_about_hub() {
+                    warn!(error = %e, "no hub repository for this image; serving from the cache and upstream");
+                }
+                return None;
+            }
+        };
         let outcome = hub
             .lookup(method.clone(), &hub_repo, kind, reference, headers)
             .await;

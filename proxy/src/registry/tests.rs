@@ -25,7 +25,7 @@ use super::{ConnContext, RegistryProxy, sources::HubSource, sources::UpstreamSou
 use crate::{
     cache::Cache,
     client::{self, BoxError, ProxyBody},
-    hub::HubOutcome,
+    hub::{HubOutcome, MappingError},
     oci::{Digest, Reference, RepositoryName, Route, media_type},
     original_dst::ClientAddr,
     upstream::{Origin, Small, UpstreamError},
@@ -342,14 +342,18 @@ impl HubSource for FakeHub {
         &self.url
     }
 
-    fn hub_repo(&self, _registry: &str, repo: &str) -> String {
-        repo.to_owned()
+    fn hub_repo(
+        &self,
+        _registry: &str,
+        repo: &RepositoryName,
+    ) -> Result<RepositoryName, MappingError> {
+        Ok(repo.clone())
     }
 
     async fn lookup(
         &self,
         method: Method,
-        hub_repo: &str,
+        hub_repo: &RepositoryName,
         kind: &str,
         reference: &str,
         headers: HeaderMap,
@@ -357,7 +361,7 @@ impl HubSource for FakeHub {
         if self.down.load(Ordering::SeqCst) {
             return HubOutcome::Unreachable("hub down".into());
         }
-        let Some(image) = self.repos.lock().unwrap().get(hub_repo).cloned() else {
+        let Some(image) = self.repos.lock().unwrap().get(hub_repo.as_str()).cloned() else {
             return HubOutcome::NotFound;
         };
         let body = match kind {
