@@ -331,7 +331,8 @@ async fn push_job<H: HubSource>(inner: &Inner<H>, job: &Job) -> Result<Option<Ou
         }
     }
     let host = job.registry.split(':').next().unwrap_or(&job.registry);
-    let hub_repo = inner.hub.hub_repo(host, repo.as_str());
+    let hub_repo = inner.hub.hub_repo(host, &repo)?;
+    let hub_repo = hub_repo.as_str();
     let manifests = inner.cache.manifests();
     let Some(top) = manifests.get(&digest).await else {
         return Err(PushError::NotHere);
@@ -339,7 +340,7 @@ async fn push_job<H: HubSource>(inner: &Inner<H>, job: &Job) -> Result<Option<Ou
     let refs = ManifestRefs::parse(&top.bytes);
     let children = refs.manifests();
     if children.is_empty() {
-        return Ok(match push_manifest(inner, &hub_repo, &digest).await? {
+        return Ok(match push_manifest(inner, hub_repo, &digest).await? {
             Pushed::Done(true) => Some(Outcome::Pushed),
             Pushed::Done(false) => Some(Outcome::AlreadyPresent),
             Pushed::Missing => None,
@@ -352,7 +353,7 @@ async fn push_job<H: HubSource>(inner: &Inner<H>, job: &Job) -> Result<Option<Ou
             absent += 1;
             continue;
         }
-        match push_manifest(inner, &hub_repo, child).await? {
+        match push_manifest(inner, hub_repo, child).await? {
             Pushed::Done(s) => sent |= s,
             Pushed::Missing => return Ok(None),
         }
@@ -364,7 +365,7 @@ async fn push_job<H: HubSource>(inner: &Inner<H>, job: &Job) -> Result<Option<Ou
             Outcome::AlreadyPresent
         }));
     }
-    Ok(match push_manifest(inner, &hub_repo, &digest).await? {
+    Ok(match push_manifest(inner, hub_repo, &digest).await? {
         Pushed::Done(s) if s || sent => Some(Outcome::Pushed),
         Pushed::Done(_) => Some(Outcome::AlreadyPresent),
         Pushed::Missing => None,
@@ -462,6 +463,8 @@ enum PushError {
     NotHere,
     #[error("a malformed job record")]
     BadJob,
+    #[error(transparent)]
+    Mapping(#[from] crate::hub::MappingError),
 }
 
 /// A byte rate shared by every upload (a token bucket refilled continuously).

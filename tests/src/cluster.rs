@@ -408,6 +408,33 @@ impl ClusterNode {
         }
     }
 
+    /// `pullproxy warm <images>` on this node, with the node's configuration: pulls them
+    /// through the node's pullproxy into its cache.
+    pub fn warm(&self, images: &[&str]) -> ToolRun {
+        let mut cmd = std::process::Command::new(crate::pullproxy::binary());
+        cmd.arg("warm").args(images).env_clear();
+        cmd.env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        for (k, v) in self
+            .node
+            .env()
+            .into_iter()
+            .chain(self.proxy_env.iter().cloned())
+        {
+            cmd.env(k, v);
+        }
+        let finished = crate::process::run_at(
+            cmd,
+            &Placement::new().netns(&self.node.ns).mounts(hosts()),
+            PULL_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("node {}: pullproxy warm: {e}", self.index));
+        ToolRun {
+            tool: "pullproxy warm",
+            args: images.iter().map(|s| (*s).to_owned()).collect(),
+            finished,
+        }
+    }
+
     /// SIGKILL the node's pullproxy (a crash): connections go direct until it is back.
     pub fn kill_proxy(&mut self) {
         self.proxy.kill();

@@ -1,9 +1,9 @@
-//! The cluster test bed (`harness::cluster`) as it stands before the cluster tier: four nodes,
-//! each with its own pullproxy and unmodified containerd, one shared sealos hub and a fake
-//! internet on one bridge. Without write-back every node fetches a public image from the internet
-//! or from its own cache, so N nodes cost the internet N times the image; these tests pin that
-//! down with the internet registry's exact per-blob byte counts and each node's own logs and
-//! metrics, so that the cluster tier's tests can build on a world known to work.
+//! Pull once per cluster, on the cluster test bed (`harness::cluster`): four nodes, each with its
+//! own pullproxy and unmodified containerd, one shared sealos hub and a fake internet on one
+//! bridge. With write-back, an image the internet serves to one node goes into the hub and every
+//! other node gets hub hits; the node tier keeps what the hub served, so with the hub down every
+//! image pulled before still pulls. Everything is counted from the internet's and the hub's own
+//! access logs (bytes per blob) and each node's logs and metrics.
 
 use std::{collections::BTreeSet, time::Instant};
 
@@ -13,8 +13,8 @@ use harness::{
     images::{self, Format, Image},
     registry::BlobTraffic,
     require_root,
+    world::{PRIVATE_PASSWORD, PRIVATE_USER},
 };
-use proxy_common::Counter;
 use serde_json::Value;
 
 const NODES: usize = 4;
@@ -22,9 +22,9 @@ const NODES: usize = 4;
 const REPO: &str = "library/app";
 const NAME: &str = "docker.io/library/app:1.0";
 
-/// Every blob record of `records` has source `want` and was fetched by `comm`, and there is one
-/// per blob of `image`, with the blob's bytes.
-fn assert_blobs(n: &ClusterNode, records: &[Value], image: &Image, want: &[&str], comm: &str) {
+/// Every blob record of `records` has a source in `want` and carries the whole blob, one per
+/// blob of `image`.
+fn assert_blobs(n: &ClusterNode, records: &[Value], image: &Image, want: &[&str]) {
     let blobs: Vec<&Value> = records.iter().filter(|r| r["kind"] == "blob").collect();
     let want_digests: BTreeSet<String> = image.blobs().map(|b| b.digest.to_string()).collect();
     let got_digests: BTreeSet<String> = blobs
@@ -45,99 +45,72 @@ fn assert_blobs(n: &ClusterNode, records: &[Value], image: &Image, want: &[&str]
         assert!(
             want.contains(&r["source"].as_str().unwrap_or_default())
                 && r["status"] == 200
-                && r["bytes"].as_u64() == size
-                && r["comm"] == comm,
-            "node {}: expected a whole blob from {want:?} for {comm}: {r}",
+                && r["bytes"].as_u64() == size,
+            "node {}: expected a whole blob from {want:?}: {r}",
             n.index()
         );
     }
 }
 
-/// The internet's downloads of each blob of `image` are `times` whole copies, exactly.
-fn assert_internet_served(c: &Cluster, image: &Image, times: u64) {
-    for blob in image.blobs() {
-        let got = c
-            .upstream
-            .wait_blob_bytes(&blob.digest, times * blob.size, SETTLE_TIMEOUT);
-        assert_eq!(
-            got,
-            BlobTraffic {
-                requests: times as usize,
-                bytes: times * blob.size
-            },
-            "the internet served blob {} ({} bytes) {times} times?",
-            blob.digest,
-            blob.size
-        );
+/// The internet's downloads of each blob of `image`, in whole copies (exact bytes).
+fn internet_copies(c: &Cluster, image: &Image, at_least: u64) -> Vec<BlobTraffic> {
+    image
+        .blobs()
+        .map(|b| {
+            c.upstream
+                .wait_blob_bytes(&b.digest, at_least * b.size, SETTLE_TIMEOUT)
+        })
+        .collect()
+}
+
+/// Waits until `n`'s write-back queue is empty (every job ended); the outcomes so far.
+fn written_back(n: &ClusterNode) -> String {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let text = n.scrape();
+        let queued = harness::pullproxy::sample(&text, "pullproxy_writeback_queue ");
+        let ended = harness::pullproxy::sample(&text, "pullproxy_writebacks_total");
+        if (queued == 0.0 && ended > 0.0) || Instant::now() > deadline {
+            return text
+                .lines()
+                .filter(|l| l.starts_with("pullproxy_writebacks_total"))
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 
 #[test]
-fn four_nodes_pull_a_public_image_each_from_the_internet_or_their_own_cache() {
+fn a_public_image_costs_the_internet_one_copy_per_cluster_and_survives_the_hub() {
     require_root!();
     let mut c = Cluster::new("pp-cl", NODES);
     eprintln!("timing: {NODES}-node cluster up in {:?}", c.bring_up_time());
-
-    // Every node reaches the hub over the bridge, and the nodes are apart: own CA, own pins,
-    // cache and state.
-    let cas: BTreeSet<String> = c.nodes.iter().map(|n| n.node.node_ca_pem()).collect();
-    assert_eq!(cas.len(), NODES, "every node has a CA of its own");
-    let places: BTreeSet<_> = c
-        .nodes
-        .iter()
-        .flat_map(|n| {
-            [
-                n.node.pins().to_owned(),
-                n.node.cache_dir(),
-                n.node.state().to_owned(),
-            ]
-        })
-        .collect();
-    assert_eq!(places.len(), 3 * NODES);
-    for n in &c.nodes {
-        assert_eq!(n.metric("pullproxy_hub_up"), 1.0, "node {}", n.index());
-    }
-
-    // The hub is shared: what it holds, every node pulls from it.
-    let small = images::multi_layer(Format::Docker, 1, 64 << 10, 0xc1);
-    c.hub_push("library/onhub", "1", &small);
-    assert!(c.hub_repositories().contains(&"library/onhub".to_owned()));
-    assert_eq!(c.hub_tags("library/onhub"), ["1"]);
-    assert!(c.hub_missing("library/onhub", &small).is_empty());
-    let outs = c.on_every_node(|n| n.pull("docker.io/library/onhub:1"));
-    for (n, out) in c.nodes.iter().zip(&outs) {
-        out.expect_success();
-        let pulls = n.wait_pulls("library/onhub", small.layers.len() + 1);
-        assert_blobs(n, &pulls, &small, &["hub"], "ctr");
-    }
-    for blob in small.blobs() {
-        let n = NODES as u64;
-        let served = c
-            .hub
-            .wait_blob_bytes(&blob.digest, n * blob.size, SETTLE_TIMEOUT);
-        assert_eq!(
-            served.requests, NODES,
-            "the hub served {} to each node",
-            blob.digest
-        );
-    }
-
-    // The public image of the issue, on the internet only.
-    let built = Instant::now();
     let image = pull_once_image(c.work_dir());
-    eprintln!(
-        "timing: {} MiB image built in {:?}",
-        image.blob_bytes() >> 20,
-        built.elapsed()
-    );
     assert_eq!(image.layers.len(), 3);
     assert!(image.layers.iter().map(|l| l.size).sum::<u64>() >= 200 << 20);
     c.upstream.client().push_image(REPO, "1.0", &image);
     c.upstream.clear_requests();
     let blob_count = image.blobs().count();
 
-    // 1. One node after another, cold: each node fetches every blob from the internet once.
-    for n in &c.nodes {
+    // One node after another, cold. The first fetches from the internet and writes the image
+    // back into the hub (by digest); the others get every blob from the hub.
+    let first = &c.nodes[0];
+    first.pull(NAME).expect_success();
+    assert_blobs(
+        first,
+        &first.wait_pulls(REPO, blob_count),
+        &image,
+        &["upstream"],
+    );
+    let outcomes = written_back(first);
+    assert!(outcomes.contains(r#"outcome="pushed"} 1"#), "{outcomes}");
+    assert!(
+        c.hub_missing(REPO, &image).is_empty(),
+        "the hub holds the manifest and every blob"
+    );
+    assert!(c.hub_tags(REPO).is_empty(), "tags are never written back");
+    for n in &c.nodes[1..] {
         let started = Instant::now();
         n.pull(NAME).expect_success();
         eprintln!(
@@ -145,124 +118,178 @@ fn four_nodes_pull_a_public_image_each_from_the_internet_or_their_own_cache() {
             n.index(),
             started.elapsed()
         );
-        let pulls = n.wait_pulls(REPO, blob_count);
-        assert_blobs(n, &pulls, &image, &["upstream"], "ctr");
-        assert!(n.node.counter(Counter::Redirected) >= 1);
-    }
-    assert_internet_served(&c, &image, NODES as u64);
-    let docker = r#"registry="registry-1.docker.io""#;
-    for n in &c.nodes {
-        let metrics = n.scrape();
-        let fetched = harness::pullproxy::sample(
-            &metrics,
-            &format!("pullproxy_upstream_fetches_total{{{docker},outcome=\"cached\"}}"),
-        );
-        assert_eq!(fetched, blob_count as f64, "node {}:\n{metrics}", n.index());
-        let logged: u64 = n
-            .proxy
-            .all("pull")
-            .iter()
-            .filter(|r| r["source"] == "upstream")
-            .filter_map(|r| r["bytes"].as_u64())
-            .sum();
+        assert_blobs(n, &n.wait_pulls(REPO, blob_count), &image, &["hub"]);
+        let stored = n.ctd.image(CTR_NAMESPACE, NAME).expect("pulled");
         assert_eq!(
-            harness::pullproxy::sample(
-                &metrics,
-                r#"pullproxy_served_bytes_total{source="upstream"}"#
-            ),
-            logged as f64,
-            "node {}: metrics and logs agree",
+            stored.digest,
+            image.digest().as_str(),
+            "the image keeps its digest"
+        );
+    }
+    let copies = internet_copies(&c, &image, 1);
+    for (blob, traffic) in image.blobs().zip(&copies) {
+        assert_eq!(
+            *traffic,
+            BlobTraffic {
+                requests: 1,
+                bytes: blob.size
+            },
+            "the internet served {} once, to one node",
+            blob.digest
+        );
+    }
+    eprintln!("result: sequential pulls on {NODES} nodes cost the internet 1.00x the image");
+    for n in &c.nodes[1..] {
+        let saved = n.metric("pullproxy_upstream_saved_bytes_total");
+        assert!(
+            saved >= image.blob_bytes() as f64,
+            "node {}: {saved}",
             n.index()
         );
-        for blob in image.blobs() {
-            assert_eq!(
-                n.cached_len(&blob.digest),
-                Some(blob.size),
-                "node {} caches {}",
-                n.index(),
-                blob.digest
-            );
-        }
     }
-    // No write-back yet: the hub never saw the image.
-    assert_eq!(
-        c.hub_missing(REPO, &image).len(),
-        1 + blob_count,
-        "the hub holds none of it"
-    );
-    assert!(c.hub_tags(REPO).is_empty());
 
-    // 2. The hub goes down and every pullproxy restarts (state kept); all nodes pull at the
-    // same moment: each from its own cache, the internet serves no blob again.
+    // The hub down: every node pulls again from its own disk (node tier / cache).
     c.hub_stop();
-    for n in &mut c.nodes {
-        n.restart_proxy();
-    }
     for n in &c.nodes {
-        assert_eq!(
-            n.wait_metric("pullproxy_hub_up", 0.0),
-            0.0,
-            "node {}",
-            n.index()
-        );
+        assert_eq!(n.wait_metric("pullproxy_hub_up", 0.0), 0.0);
         n.remove_image(NAME);
     }
     let before = c.upstream.blob_traffic();
     let outs = c.on_every_node(|n| n.pull(NAME));
     for (n, out) in c.nodes.iter().zip(&outs) {
         out.expect_success();
-        let pulls = n.wait_pulls(REPO, blob_count);
-        assert_blobs(n, &pulls, &image, &["cache"], "ctr");
-    }
-    assert_eq!(c.upstream.blob_traffic(), before, "no blob fetched again");
-
-    // 3. The internet goes down too: the kubelet's path (CRI, the daemon fetches) still gets
-    // the image on every node at once, from each node's cache.
-    c.upstream_stop();
-    for n in &c.nodes {
-        n.remove_image(NAME);
-    }
-    let since: Vec<usize> = c.nodes.iter().map(|n| n.proxy.pulls(REPO).len()).collect();
-    let ids = c.on_every_node(|n| n.cri_pull(NAME));
-    for ((n, id), since) in c.nodes.iter().zip(ids).zip(since) {
-        let id =
-            id.unwrap_or_else(|e| panic!("node {}: PullImage: {e}\n{}", n.index(), n.ctd.log()));
-        assert_eq!(id, image.config.digest.as_str());
         let pulls = n.wait_pulls(REPO, 2 * blob_count);
         assert_blobs(
             n,
-            &pulls[since..],
+            &pulls[pulls.len() - blob_count - 1..],
             &image,
-            &["cache", "stale"],
-            "containerd",
+            &["node", "cache"],
         );
     }
-    c.upstream_start();
+    assert_eq!(
+        c.upstream.blob_traffic(),
+        before,
+        "no blob from the internet again"
+    );
     c.hub_start();
 
-    // 4. Cold caches, all nodes at the same moment: without a cluster tier each node fetches
-    // the whole image itself.
-    for n in &mut c.nodes {
-        n.kill_proxy();
-        std::fs::remove_dir_all(n.node.cache_dir()).expect("empty the cache");
-        n.restart_proxy();
-    }
-    for n in &c.nodes {
-        assert_eq!(
-            n.wait_metric("pullproxy_hub_up", 1.0),
-            1.0,
-            "node {}",
-            n.index()
-        );
-        n.remove_image(NAME);
-    }
+    // A tag the hub holds is the hub's: re-pushed while it is up, the next pull gets the new one.
+    let v1 = images::multi_layer(Format::Docker, 1, 32 << 10, 0xa1);
+    let v2 = images::multi_layer(Format::Docker, 1, 32 << 10, 0xa2);
+    c.hub_push("team/svc", "stable", &v1);
+    let node = &c.nodes[2];
+    assert_eq!(node.wait_metric("pullproxy_hub_up", 1.0), 1.0);
+    node.pull("docker.io/team/svc:stable").expect_success();
+    c.hub_push("team/svc", "stable", &v2);
+    node.pull("docker.io/team/svc:stable").expect_success();
+    let stored = node
+        .ctd
+        .image(CTR_NAMESPACE, "docker.io/team/svc:stable")
+        .expect("pulled");
+    assert_eq!(stored.digest, v2.digest().as_str(), "the re-pushed tag");
+}
+
+#[test]
+fn simultaneous_cold_pulls_and_what_never_goes_into_the_hub() {
+    require_root!();
+    let mut c = Cluster::new("pp-cs", NODES);
+    let image = pull_once_image(c.work_dir());
+    c.upstream.client().push_image(REPO, "1.0", &image);
+    c.upstream.clear_requests();
+
+    // All four at the same moment: none of them finds the image in the hub yet.
     let outs = c.on_every_node(|n| n.pull(NAME));
-    for (n, out) in c.nodes.iter().zip(&outs) {
+    for out in &outs {
         out.expect_success();
-        let pulls = n.wait_pulls(REPO, blob_count);
-        assert_blobs(n, &pulls, &image, &["upstream"], "ctr");
-        let stored = n.ctd.image(CTR_NAMESPACE, NAME).expect("pulled");
-        assert_eq!(stored.digest, image.digest().as_str());
     }
-    assert_internet_served(&c, &image, 2 * NODES as u64);
+    let copies = internet_copies(&c, &image, 1);
+    let total: u64 = copies.iter().map(|t| t.bytes).sum();
+    let ratio = total as f64 / image.blob_bytes() as f64;
+    eprintln!("result: {NODES} simultaneous cold pulls cost the internet {ratio:.2}x the image");
+    assert!(
+        (1.0..=NODES as f64).contains(&ratio),
+        "{ratio:.2}x: {copies:?}"
+    );
+    for n in &c.nodes {
+        written_back(n);
+    }
+    assert!(c.hub_missing(REPO, &image).is_empty());
+
+    // A private image (quay.io, basic auth) pulled with credentials: never written back under
+    // the default `public`.
+    let secret = images::multi_layer(Format::Docker, 2, 256 << 10, 0x5e);
+    c.private.client().push_image("team/secret", "1", &secret);
+    let n = &c.nodes[1];
+    n.ctd
+        .pull(
+            "quay.io/team/secret:1",
+            Some((PRIVATE_USER, PRIVATE_PASSWORD)),
+        )
+        .expect_success();
+    let outcomes = written_back(n);
+    assert!(
+        outcomes.contains(r#"outcome="skipped_private"} 1"#),
+        "{outcomes}"
+    );
+    assert_eq!(
+        c.hub_missing("team/secret", &secret).len(),
+        secret.blobs().count() + 1,
+        "nothing of it is in the hub"
+    );
+
+    // Warm-up: `pullproxy warm` fills a node's cache; then a pull works with the hub and the
+    // internet both down.
+    let warm_image = images::multi_layer(Format::Docker, 2, 512 << 10, 0x3a);
+    c.upstream
+        .client()
+        .push_image("library/warmed", "1", &warm_image);
+    let n = &c.nodes[3];
+    let out = n.warm(&["docker.io/library/warmed:1"]);
+    out.expect_success();
+    assert!(
+        out.stdout_text().contains("done: 3 blob(s)"),
+        "{}",
+        out.stdout_text()
+    );
+    c.hub_stop();
+    c.upstream_stop();
+    c.nodes[3]
+        .pull("docker.io/library/warmed:1")
+        .expect_success();
+}
+
+#[test]
+fn write_back_killed_halfway_never_shows_a_broken_image_and_finishes_after_a_restart() {
+    require_root!();
+    // Slow uploads: the push of ~200 MiB takes long enough to be killed in the middle.
+    let mut c = Cluster::builder("pp-ck")
+        .nodes(1)
+        .proxy_env("PULLPROXY_HUB__WRITE_BACK_RATE", "8MiB")
+        .start();
+    let image = pull_once_image(c.work_dir());
+    c.upstream.client().push_image(REPO, "1.0", &image);
+    let n = &mut c.nodes[0];
+    n.pull(NAME).expect_success();
+    // Kill pullproxy once some bytes went into the hub, but not all.
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let sent = n.metric("pullproxy_writeback_bytes_total");
+        if sent > 0.0 {
+            assert!(sent < image.blob_bytes() as f64, "too late to kill: {sent}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "write-back never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    n.kill_proxy();
+    let missing = c.hub_missing(REPO, &image);
+    assert!(
+        missing.contains(image.digest()),
+        "a manifest without all its blobs in the hub: missing {missing:?}"
+    );
+    // Restarted (state kept, full speed): the job resumes from its record and completes.
+    c.nodes[0].restart_proxy_with(&[("PULLPROXY_HUB__WRITE_BACK_RATE", "1GiB")]);
+    let outcomes = written_back(&c.nodes[0]);
+    assert!(outcomes.contains(r#"outcome="pushed"} 1"#), "{outcomes}");
+    assert!(c.hub_missing(REPO, &image).is_empty());
 }

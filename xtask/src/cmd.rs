@@ -36,12 +36,26 @@ pub fn cmd(program: impl AsRef<OsStr>) -> Command {
     c
 }
 
-/// A command in `proxy-ebpf/`, where rust-toolchain.toml selects the eBPF nightly. cargo exports
-/// the outer toolchain to its children (`RUSTUP_TOOLCHAIN`, `RUSTC`, ...), which would override
-/// that file, so those variables are removed.
+/// A command in `proxy-ebpf/`, where rust-toolchain.toml selects the eBPF nightly.
 pub fn ebpf_cmd(program: impl AsRef<OsStr>) -> Command {
     let mut c = Command::new(program);
     c.current_dir(root().join("proxy-ebpf"));
+    clear_toolchain(&mut c);
+    c
+}
+
+/// A command at the workspace root run with `toolchain` (the eBPF nightly, by its rustup name)
+/// rather than the one rust-toolchain.toml pins there.
+pub fn nightly_cmd(program: impl AsRef<OsStr>, toolchain: &str) -> Command {
+    let mut c = cmd(program);
+    clear_toolchain(&mut c);
+    c.env("RUSTUP_TOOLCHAIN", toolchain);
+    c
+}
+
+/// cargo exports the outer toolchain to its children (`RUSTUP_TOOLCHAIN`, `RUSTC`, ...), which
+/// would override the toolchain a command is meant to use: remove them.
+fn clear_toolchain(c: &mut Command) {
     for var in [
         "RUSTUP_TOOLCHAIN",
         "RUSTC",
@@ -51,7 +65,6 @@ pub fn ebpf_cmd(program: impl AsRef<OsStr>) -> Command {
     ] {
         c.env_remove(var);
     }
-    c
 }
 
 /// Runs a command, echoing it; fails with its exit status.

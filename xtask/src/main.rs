@@ -3,6 +3,7 @@
 
 mod bench;
 mod cmd;
+mod fuzz;
 mod report;
 mod setup;
 mod vm;
@@ -73,8 +74,23 @@ enum Task {
         #[arg(long)]
         nodes: Option<usize>,
     },
-    /// Install what the tests need, lint, and run every test; privileged tests run as root.
-    /// Arguments after `--` go to `cargo test` (e.g. a test name filter).
+    /// Build the fuzz targets in fuzz/ (cargo-fuzz, libFuzzer, the eBPF nightly) and run each for a
+    /// bounded time over its committed corpus: the request router with names, tags, digests and
+    /// ranges, the TLS ClientHello peek, the hub mapping and the configuration loader. Prints
+    /// executions, coverage and new corpus entries per target; a crash fails the command.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets run at the same time, one core each.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
+    /// Install what the tests need, lint, run every test (privileged tests as root), then every
+    /// fuzz target for a short time. Arguments after `--` go to `cargo test` (e.g. a test name
+    /// filter; then the fuzz targets are skipped).
     Test {
         #[arg(last = true)]
         args: Vec<String>,
@@ -112,6 +128,15 @@ fn main() -> anyhow::Result<()> {
         Task::Run { debug, args } => run_pullproxy(debug, &args),
         Task::Lint => lint(),
         Task::Test { args } => test(&args),
+        Task::Fuzz {
+            seconds,
+            jobs,
+            targets,
+        } => fuzz::fuzz(&fuzz::FuzzArgs {
+            seconds,
+            jobs,
+            targets,
+        }),
         Task::Bench {
             rounds,
             quick,
@@ -262,6 +287,14 @@ fn demo(nodes: Option<usize>) -> anyhow::Result<()> {
 fn lint() -> anyhow::Result<()> {
     setup::build_deps()?;
     run(cmd("cargo").args(["fmt", "--all", "--check"]))?;
+    // The fuzz targets are a workspace of their own (built by `cargo xtask fuzz`).
+    run(cmd("cargo").args([
+        "fmt",
+        "--all",
+        "--check",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+    ]))?;
     run(cmd("cargo").args([
         "clippy",
         "--workspace",
@@ -307,5 +340,19 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         say("privileged tests need root: test binaries will run through `sudo -E`");
         c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
-    run(&mut c)
+    run(&mut c)?;
+    if !args.is_empty() {
+        say("a test filter was given: skipping the fuzz targets (`cargo xtask fuzz` runs them)");
+        return Ok(());
+    }
+    fuzz::fuzz(&fuzz::FuzzArgs {
+        seconds: TEST_FUZZ_SECONDS,
+        jobs: 2,
+        targets: Vec::new(),
+    })
 }
+
+/// Seconds each fuzz target runs in `cargo xtask test`, two at a time (CI has 2 cores to itself):
+/// long enough to get well past the seeds' easy mutations, short enough that the whole fuzz step,
+/// build included, stays within about four minutes.
+const TEST_FUZZ_SECONDS: u64 = 20;

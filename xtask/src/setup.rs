@@ -1,6 +1,6 @@
 //! Installs what a fresh machine lacks: the eBPF nightly (with `rust-src`), `bpf-linker` built
-//! against that nightly's LLVM, and, for the tests, Debian packages. Each step says what it does
-//! and is skipped when already done.
+//! against that nightly's LLVM, cargo-fuzz for the fuzz targets, and, for the tests, Debian
+//! packages. Each step says what it does and is skipped when already done.
 
 use std::{
     fs,
@@ -15,6 +15,12 @@ use crate::cmd::{cmd, ebpf_cmd, is_root, output, run, say};
 
 /// bpf-linker release used to link the kernel programs.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// cargo-fuzz release that builds the fuzz targets in `fuzz/` (`cargo xtask fuzz`).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Debian packages the fuzz build needs: libfuzzer-sys compiles libFuzzer, which is C++.
+const FUZZ_PACKAGES: &[(&str, &str)] = &[("g++", "/usr/bin/g++")];
 
 /// Debian packages the tests drive, each with a file that proves it is installed.
 const TEST_PACKAGES: &[(&str, &str)] = &[
@@ -57,6 +63,34 @@ const HELM_SHA256: &str = "210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd2
 
 /// Toolchains and bpf-linker: everything `cargo build` of the workspace needs.
 pub fn build_deps() -> anyhow::Result<()> {
+    let sysroot = ebpf_toolchain()?;
+    ensure_bpf_linker(&sysroot)
+}
+
+/// What `cargo xtask fuzz` needs: the eBPF nightly (cargo-fuzz needs a nightly, and the project
+/// pins one), cargo-fuzz and a C++ compiler. Returns the nightly's rustup name.
+pub fn fuzz_deps() -> anyhow::Result<String> {
+    let sysroot = ebpf_toolchain()?;
+    apt_install(FUZZ_PACKAGES, "the fuzz build uses")?;
+    let want = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
+    let have = output(cmd("cargo").args(["fuzz", "--version"])).unwrap_or_default();
+    if have.trim() != want {
+        say(format!(
+            "installing {want} (builds and runs the fuzz targets)"
+        ));
+        run(cmd("cargo")
+            .args(["install", "--locked", "--force"])
+            .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}")))?;
+    }
+    sysroot
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .context("the eBPF nightly's sysroot has no name")
+}
+
+/// The eBPF nightly pinned in proxy-ebpf/rust-toolchain.toml, with `rust-src`; returns its
+/// sysroot.
+fn ebpf_toolchain() -> anyhow::Result<PathBuf> {
     // `rustup toolchain install` without a name installs what rust-toolchain.toml in the current
     // directory asks for (channel and components); it is a no-op when present.
     if output(Command::new("rustup").arg("--version")).is_none() {
@@ -72,13 +106,17 @@ pub fn build_deps() -> anyhow::Result<()> {
         );
         run(ebpf_cmd("rustup").args(["toolchain", "install"]))?;
     }
-    let sysroot = nightly_sysroot().context("the eBPF nightly has no sysroot")?;
-    ensure_bpf_linker(&sysroot)
+    nightly_sysroot().context("the eBPF nightly has no sysroot")
 }
 
 /// Debian packages for the tests and benchmarks.
 pub fn test_deps() -> anyhow::Result<()> {
-    let missing: Vec<&str> = TEST_PACKAGES
+    apt_install(TEST_PACKAGES, "the tests use")
+}
+
+/// Installs the packages whose proof file is missing; `why` finishes "Debian packages ...".
+fn apt_install(packages: &[(&str, &str)], why: &str) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, file)| !Path::new(file).exists())
         .map(|(pkg, _)| *pkg)
@@ -88,12 +126,12 @@ pub fn test_deps() -> anyhow::Result<()> {
     }
     if output(Command::new("apt-get").arg("--version")).is_none() {
         bail!(
-            "the tests need these Debian packages, and apt-get is not available to install them: {}",
+            "these Debian packages {why} are missing, and apt-get is not available to install them: {}",
             missing.join(" ")
         );
     }
     say(format!(
-        "installing Debian packages the tests use: {}",
+        "installing Debian packages {why}: {}",
         missing.join(" ")
     ));
     let sudo = |args: &[&str]| {

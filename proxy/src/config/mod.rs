@@ -486,20 +486,14 @@ impl Config {
                     .into(),
             );
         }
-        for (host, template) in std::iter::once((&"default".to_owned(), &self.hub.mapping.default))
-            .chain(&self.hub.mapping.overrides)
-        {
-            if !template.contains("{repo}") {
+        let mapping = &self.hub.mapping;
+        let templates = std::iter::once((None, &mapping.default))
+            .chain(mapping.overrides.iter().map(|(h, t)| (Some(h.as_str()), t)));
+        for (host, template) in templates {
+            if let Err(e) = crate::hub::check_template(template, host) {
                 return invalid(
                     "hub.mapping",
-                    format!("{host}: {template:?} must contain {{repo}}"),
-                );
-            }
-            let rest = template.replace("{repo}", "").replace("{host}", "");
-            if rest.contains('{') || rest.contains('}') {
-                return invalid(
-                    "hub.mapping",
-                    format!("{host}: {template:?}: only {{host}} and {{repo}} may be used"),
+                    format!("{}: {template:?} {e}", host.unwrap_or("default")),
                 );
             }
         }
@@ -766,6 +760,39 @@ mod tests {
         let text = "listen: {port: 9000}\nadmin: {listen: \"0.0.0.0:9000\"}\n";
         let c = Config::from_yaml(text, "x.yaml", no_env()).unwrap();
         assert_eq!(c.guarded_ports(), vec![9000]);
+    }
+
+    #[test]
+    fn hub_templates_must_give_repository_names() {
+        let err = error("hub:\n  mapping:\n    default: \"../{repo}\"\n", &[]);
+        assert!(
+            err.starts_with("x.yaml line 2 column 3: hub.mapping"),
+            "{err}"
+        );
+        assert!(
+            err.contains("default") && err.contains("../library/nginx"),
+            "{err}"
+        );
+        let err = error(
+            "hub:\n  mapping:\n    overrides:\n      quay.io: \"{repo}/\"\n",
+            &[],
+        );
+        assert!(
+            err.contains("quay.io") && err.contains("not a repository name"),
+            "{err}"
+        );
+        let c = Config::from_yaml(
+            "hub: {mapping: {overrides: {quay.io: \"{host}/{repo}\"}}}\n",
+            "x.yaml",
+            no_env(),
+        )
+        .unwrap();
+        let mapping = c.hub_settings().unwrap().mapping;
+        let repo = "coreos/etcd".parse().unwrap();
+        assert_eq!(
+            mapping.hub_repo("quay.io", &repo).unwrap().as_str(),
+            "quay.io/coreos/etcd"
+        );
     }
 
     #[test]

@@ -35,7 +35,8 @@ use self::{
 };
 use crate::{original_dst::KernelOriginalDst, runtimes::RuntimeProc, telemetry::error_chain};
 
-/// The kernel object built from `proxy-ebpf`.
+/// The kernel object built from `proxy-ebpf` (empty in cargo-fuzz builds, which never load it:
+/// see build.rs).
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pullproxy"));
 
 /// Oldest kernel with everything used here: bounded loops, BPF links for cgroups, sk lookup and

@@ -118,7 +118,8 @@ impl RegistryMetrics {
         reg.register(
             "hub_lookups",
             "Hub lookups by outcome: found, not_found, unreachable, refused (our credentials), \
-             no_credentials (unreadable credentials file)",
+             no_credentials (unreadable credentials file), invalid_name (the mapping gives no \
+             valid repository name; the hub is not asked)",
             self.hub_lookups.clone(),
         );
         reg.register(

@@ -263,7 +263,16 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         let Some(hub) = self.hub.as_ref() else {
             return HubAnswer::Missing;
         };
-        let hub_repo = hub.hub_repo(ctx.origin.host(), name.as_str());
+        let hub_repo = match hub.hub_repo(ctx.origin.host(), name) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.hub_lookup("invalid_name");
+                if self.may_warn_about_hub() {
+                    warn!(error = %e, "no hub repository for this image; serving from this node, the cache and upstream");
+                }
+                return HubAnswer::Missing;
+            }
+        };
         let outcome = hub
             .lookup(method.clone(), &hub_repo, kind, reference, headers)
             .await;

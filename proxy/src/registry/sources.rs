@@ -9,8 +9,8 @@ use http::{HeaderMap, Method, Request, Response, Uri, uri::PathAndQuery};
 
 use crate::{
     client::ProxyBody,
-    hub::{HubClient, HubError, HubOutcome},
-    oci::Digest,
+    hub::{HubClient, HubError, HubOutcome, MappingError},
+    oci::{Digest, RepositoryName},
     upstream::{Origin, Small, Upstream, UpstreamError},
 };
 
@@ -19,12 +19,16 @@ pub trait HubSource: Send + Sync + 'static {
     /// The hub's base URL, for logs.
     fn url(&self) -> &Uri;
     /// The hub repository that stands for `repo` of `registry`.
-    fn hub_repo(&self, registry: &str, repo: &str) -> String;
+    fn hub_repo(
+        &self,
+        registry: &str,
+        repo: &RepositoryName,
+    ) -> Result<RepositoryName, MappingError>;
     /// `/v2/<hub repo>/<kind>/<reference>` with pullproxy's own hub credentials.
     fn lookup(
         &self,
         method: Method,
-        hub_repo: &str,
+        hub_repo: &RepositoryName,
         kind: &str,
         reference: &str,
         headers: HeaderMap,
@@ -91,14 +95,18 @@ impl HubSource for HubClient {
         HubClient::url(self)
     }
 
-    fn hub_repo(&self, registry: &str, repo: &str) -> String {
+    fn hub_repo(
+        &self,
+        registry: &str,
+        repo: &RepositoryName,
+    ) -> Result<RepositoryName, MappingError> {
         HubClient::hub_repo(self, registry, repo)
     }
 
     fn lookup(
         &self,
         method: Method,
-        hub_repo: &str,
+        hub_repo: &RepositoryName,
         kind: &str,
         reference: &str,
         headers: HeaderMap,

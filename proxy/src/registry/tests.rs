@@ -25,7 +25,7 @@ use super::{ConnContext, RegistryProxy, sources::HubSource, sources::UpstreamSou
 use crate::{
     cache::Cache,
     client::{self, BoxError, ProxyBody},
-    hub::{HubError, HubOutcome},
+    hub::{HubError, HubOutcome, MappingError},
     oci::{Digest, Reference, RepositoryName, Route, media_type},
     original_dst::ClientAddr,
     upstream::{Origin, Small, UpstreamError},
@@ -371,14 +371,18 @@ impl HubSource for FakeHub {
         &self.url
     }
 
-    fn hub_repo(&self, _registry: &str, repo: &str) -> String {
-        repo.to_owned()
+    fn hub_repo(
+        &self,
+        _registry: &str,
+        repo: &RepositoryName,
+    ) -> Result<RepositoryName, MappingError> {
+        Ok(repo.clone())
     }
 
     async fn lookup(
         &self,
         method: Method,
-        hub_repo: &str,
+        hub_repo: &RepositoryName,
         kind: &str,
         reference: &str,
         _headers: HeaderMap,
@@ -390,8 +394,8 @@ impl HubSource for FakeHub {
         if self.down.load(Ordering::SeqCst) {
             return HubOutcome::Unreachable("hub down".into());
         }
-        let Some((tag, image)) = self.repos.lock().unwrap().get(hub_repo).cloned() else {
-            return self.pushed_content(&method, hub_repo, reference);
+        let Some((tag, image)) = self.repos.lock().unwrap().get(hub_repo.as_str()).cloned() else {
+            return self.pushed_content(&method, hub_repo.as_str(), reference);
         };
         let mut headers = HeaderMap::new();
         let body = match kind {
