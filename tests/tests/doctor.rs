@@ -149,13 +149,23 @@ fn hub_credentials_are_checked_and_never_printed() {
     let text = printed(&report);
     assert!(!text.contains(WRONG) && !text.contains(RIGHT), "{text}");
 
+    // The right password: reachable, and (write-back is on by default) allowed to push.
     let report = diagnose(&node, &config(&node, &hub(RIGHT)));
     let found = findings(&report, Check::Hub);
+    assert!(
+        matches!(&found[..], [(Verdict::Ok, m), (Verdict::Ok, p)]
+            if m.contains("reachable") && p.contains("may push")),
+        "{found:?}"
+    );
+    assert!(!printed(&report).contains(RIGHT));
+    // Without write-back, pushing is none of the doctor's business.
+    let mut off = hub(RIGHT);
+    off.push(("PULLPROXY_HUB__WRITE_BACK", "off".to_owned()));
+    let found = findings(&diagnose(&node, &config(&node, &off)), Check::Hub);
     assert!(
         matches!(&found[..], [(Verdict::Ok, m)] if m.contains("reachable")),
         "{found:?}"
     );
-    assert!(!printed(&report).contains(RIGHT));
 
     // Credentials in the URL itself are not printed either.
     let inline = vec![("PULLPROXY_HUB__URL", format!("http://{USER}:{WRONG}@{HUB}"))];

@@ -608,11 +608,16 @@ fn malformed_requests_get_a_4xx_and_never_reach_the_disk_or_crash_the_proxy() {
         .filter(|p| !cache_before.contains(p))
         .collect();
     assert!(
-        after
-            .iter()
-            .all(|p| ["blobs", "media-types", "tags", "links", "public"]
-                .iter()
-                .any(|d| p.starts_with(w.node.cache_dir().join(d)))),
+        after.iter().all(|p| [
+            "blobs",
+            "media-types",
+            "tags",
+            "links",
+            "public",
+            "writeback"
+        ]
+        .iter()
+        .any(|d| p.starts_with(w.node.cache_dir().join(d)))),
         "{after:?}"
     );
     w.upstream.stop();
@@ -633,10 +638,18 @@ fn a_rotated_hub_password_is_used_on_the_next_request() {
             .all(|s| s == "hub")
     );
 
-    // The hub's password changes; pullproxy's file still has the old one: the hub refuses, and
-    // the upstream does not have the image.
+    // The hub's password changes; pullproxy's file still has the old one: the hub refuses (the
+    // upstream does not have the image). What the hub served before still comes from this
+    // node, as while the hub is down.
     w.hub.set_password("hub-secret-2");
-    copy(&w, src, None).1.expect_failure();
+    let before = w.pulls("library/rotate").len();
+    copy(&w, src, None).1.expect_success();
+    w.settle();
+    let meanwhile: Vec<_> = w.pulls("library/rotate").into_iter().skip(before).collect();
+    assert!(
+        !meanwhile.is_empty() && meanwhile.iter().all(|r| r["source"] == "node"),
+        "{meanwhile:?}"
+    );
     assert!(
         w.proxy
             .wait_for(
@@ -664,8 +677,14 @@ fn a_rotated_hub_password_is_used_on_the_next_request() {
     verify_dir_copy(dir.path(), &image).unwrap();
     w.settle();
     let after: Vec<_> = w.pulls("library/rotate").into_iter().skip(before).collect();
+    // The tag is asked of the hub again (with the new password); the rest is this node's.
     assert!(
-        !after.is_empty() && after.iter().all(|r| r["source"] == "hub"),
+        after
+            .iter()
+            .any(|r| r["kind"] == "manifest" && r["source"] == "hub")
+            && after
+                .iter()
+                .all(|r| r["source"] == "hub" || r["source"] == "node"),
         "{after:?}"
     );
     // No credential value ever reaches the logs.
