@@ -20,10 +20,10 @@ use crate::{
 
 /// The binary under test: `$PULLPROXY_BIN` when set, otherwise built here once per test
 /// process, so a plain `cargo test` never runs a stale pullproxy (cargo does not rebuild another
-/// package's binary for these tests). The build uses its own target directory, `target/harness`
-/// (`cargo xtask test` pre-builds into the same place): `cargo build -p proxy` and
-/// `cargo test -p pullproxy-tests` resolve features differently and would otherwise keep
-/// invalidating each other's artifacts.
+/// package's binary for these tests). That build uses its own target directory, `target/harness`:
+/// `cargo build -p proxy` and `cargo test -p pullproxy-tests` resolve features differently and
+/// would otherwise keep invalidating each other's artifacts. (`cargo xtask test` builds pullproxy
+/// with every test target in one invocation and sets `$PULLPROXY_BIN`.)
 pub fn binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {

@@ -243,44 +243,50 @@ fn manifests() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds pullproxy (as the invoking user, not under sudo) where the test harness looks for it:
-/// a target directory of its own (tests/src/pullproxy.rs explains why); returns the binary.
-fn build_harness_pullproxy() -> anyhow::Result<std::path::PathBuf> {
-    let target = root().join("target/harness");
-    run(cmd("cargo")
-        .args([
-            "build",
-            "--package",
-            "proxy",
-            "--bin",
-            "pullproxy",
-            "--target-dir",
-        ])
-        .arg(&target))?;
-    Ok(target.join("debug/pullproxy"))
+/// Builds every target of the workspace (tests, benchmarks, tools, pullproxy) in one cargo
+/// invocation, as the invoking user (not under sudo), and returns the pullproxy binary the
+/// end-to-end tests run. One invocation means one feature resolution: `cargo test` afterwards
+/// reuses every artifact, where a separate `cargo build -p proxy` would compile the dependencies
+/// a second time with other features.
+fn build_for_tests() -> anyhow::Result<std::path::PathBuf> {
+    run(cmd("cargo").args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "proxy-ebpf",
+        "--all-targets",
+    ]))?;
+    Ok(cmd::target_dir().join("debug/pullproxy"))
 }
 
 fn demo(nodes: Option<usize>) -> anyhow::Result<()> {
     setup::build_deps()?;
     setup::test_deps()?;
-    let pullproxy = build_harness_pullproxy()?;
-    let mut c = cmd("cargo");
-    c.args([
-        "run",
-        "--quiet",
+    // pullproxy and the demo in one invocation (one feature resolution, one build).
+    run(cmd("cargo").args([
+        "build",
+        "--package",
+        "proxy",
+        "--bin",
+        "pullproxy",
         "--package",
         "pullproxy-tests",
         "--bin",
         "pp-demo",
-    ]);
-    if let Some(n) = nodes {
-        c.arg("--").arg("--nodes").arg(n.to_string());
-    }
-    c.env("PULLPROXY_BIN", &pullproxy);
-    if !is_root() {
+    ]))?;
+    let bin = cmd::target_dir().join("debug");
+    let mut c = if is_root() {
+        Command::new(bin.join("pp-demo"))
+    } else {
         say("the demo loads eBPF programs and creates namespaces: pp-demo runs through `sudo -E`");
-        c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(bin.join("pp-demo"));
+        c
+    };
+    if let Some(n) = nodes {
+        c.arg("--nodes").arg(n.to_string());
     }
+    c.env("PULLPROXY_BIN", bin.join("pullproxy"));
     run(&mut c)
 }
 
@@ -330,7 +336,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     setup::test_deps()?;
     let helm = setup::ensure_helm()?;
     lint()?;
-    let pullproxy = build_harness_pullproxy()?;
+    let pullproxy = build_for_tests()?;
     let mut c = cmd("cargo");
     c.args(["test", "--workspace", "--exclude", "proxy-ebpf"]);
     c.env("PULLPROXY_BIN", &pullproxy);

@@ -243,7 +243,7 @@ pub fn vm_test(a: &VmArgs) -> anyhow::Result<()> {
     let qemu = ensure_qemu()?;
     let image = ensure_image(a.kernel)?;
     setup::build_deps()?;
-    let pullproxy = crate::build_harness_pullproxy()?;
+    let pullproxy = crate::build_for_tests()?;
     let binaries = build_suites(&a.suites)?;
     let dir = cache_dir()?
         .join("runs")
