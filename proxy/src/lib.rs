@@ -28,6 +28,7 @@ pub mod private_state;
 pub mod redirect;
 pub mod registry;
 pub mod runtimes;
+pub mod secret;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -1,9 +1,24 @@
 //! Logging set-up: `tracing` to stderr, text or JSON. `log` records (aya-log's kernel records)
 //! are bridged into `tracing`.
 
+use serde::Deserialize;
 use tracing_subscriber::{EnvFilter, fmt};
 
-use crate::config::{Log, LogFormat};
+/// The `log` section of the configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `pullproxy=debug`, ...
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over the configured level.
 pub fn init(log: &Log) {

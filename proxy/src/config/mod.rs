@@ -15,6 +15,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::redirect::{RedirectSettings, Targets};
+use crate::secret::Secret;
+use crate::telemetry::Log;
 
 /// The default configuration, embedded in the binary. Every key is documented there.
 pub const DEFAULT_YAML: &str = include_str!("../../../config/pullproxy.yaml");
@@ -73,67 +75,6 @@ pub struct Warm {
     /// Images this node's cache is filled with at start and whenever this list changes.
     pub images: Vec<String>,
 }
-
-/// A secret from the configuration: its `Debug` never shows it, and a value of the wrong type is
-/// refused without repeating it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret itself, for the one place that sends it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Text;
-        impl<'de> serde::de::Visitor<'de> for Text {
-            type Value = Secret;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
-                Ok(Secret(v.to_owned()))
-            }
-            // Every other visit_* falls back to serde's default, which would describe the value:
-            // refuse them here instead, naming only the type.
-            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
-                Err(E::custom(SECRET_NOT_TEXT))
-            }
-            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
-                Err(E::custom(SECRET_NOT_TEXT))
-            }
-            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
-                Err(E::custom(SECRET_NOT_TEXT))
-            }
-            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
-                Err(E::custom(SECRET_NOT_TEXT))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
-                Err(serde::de::Error::custom(SECRET_NOT_TEXT))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
-                Err(serde::de::Error::custom(SECRET_NOT_TEXT))
-            }
-        }
-        d.deserialize_any(Text)
-    }
-}
-
-const SECRET_NOT_TEXT: &str =
-    "a secret must be a string: quote it in YAML (the value is not shown)";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -350,21 +291,6 @@ impl<'de> Deserialize<'de> for TargetsConfig {
         }
         d.deserialize_any(Targets)
     }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Log {
-    pub format: LogFormat,
-    /// A tracing filter: `info`, `pullproxy=debug`, ...
-    pub level: String,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 impl Config {

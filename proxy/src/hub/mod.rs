@@ -25,7 +25,7 @@ mod push;
 #[derive(Debug, Clone)]
 pub enum PasswordSource {
     None,
-    Inline(crate::config::Secret),
+    Inline(crate::secret::Secret),
     /// A file holding the password (trailing newline ignored).
     File(PathBuf),
     /// A `kubernetes.io/dockerconfigjson` Secret file; the entry for the hub's host is used.

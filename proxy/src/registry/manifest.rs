@@ -12,7 +12,8 @@ use super::{
     ConnContext, HubAnswer, RegistryProxy,
     content::{Ask, Verdict},
     not_entitled, path_of,
-    respond::{Source, api_version, digest_headers, oci_error, relay},
+    respond::{api_version, digest_headers, oci_error, relay},
+    served::Source,
     small_response,
     sources::{HubSource, UpstreamSource},
 };

@@ -18,6 +18,7 @@ pub mod content;
 mod manifest;
 mod metrics;
 mod respond;
+mod served;
 pub mod sources;
 #[cfg(test)]
 mod tests;
@@ -42,7 +43,8 @@ use self::{
 };
 pub use self::{
     metrics::RegistryMetrics,
-    respond::{Kind, RequestRecord, Source},
+    respond::RequestRecord,
+    served::{Kind, Source},
 };
 use crate::{
     cache::Cache,
