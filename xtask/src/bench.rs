@@ -72,12 +72,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let env = [("PULLPROXY_BIN", pullproxy.as_path())];
 
     if runs("hook") {
-        let mut hook_args = vec!["--rounds".to_owned()];
-        hook_args.push(
-            args.rounds
-                .unwrap_or(if args.quick { 1 } else { 7 })
-                .to_string(),
-        );
+        let mut hook_args = rounds(args, 7);
         if args.quick {
             hook_args.extend(["--connections".to_owned(), "2000".to_owned()]);
         }
@@ -102,26 +97,17 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     // Figure 3: an unmodified containerd pulling a multi-layer image from the hub through
     // pullproxy vs with a hosts.toml mirror (the containerd harness's own benchmark).
     if runs("containerd") {
-        let mut pull_args = vec!["--rounds".to_owned()];
-        pull_args.push(
-            args.rounds
-                .unwrap_or(if args.quick { 1 } else { 5 })
-                .to_string(),
-        );
+        let pull_args = rounds(args, 5);
         say("running pp-pullbench (containerd: pullproxy vs a hosts.toml mirror)");
         let pull = run_as_root(&bin.join("pp-pullbench"), &pull_args, &env)?;
         std::fs::write(results.join("containerd.json"), stamped(&pull)?)?;
     }
 
     // Figure 4: a cluster of nodes pulling one image, pullproxy with the hub vs a hosts.toml
-    // mirror pointing at distribution's pull-through proxy (`--quick`: one round, 2 nodes).
+    // mirror pointing at distribution's pull-through proxy (`--quick`: one round, 2 nodes, a
+    // 32 MiB image).
     if runs("cluster") {
-        let mut cluster_args = vec!["--rounds".to_owned()];
-        cluster_args.push(
-            args.rounds
-                .unwrap_or(if args.quick { 1 } else { 3 })
-                .to_string(),
-        );
+        let mut cluster_args = rounds(args, 3);
         if args.quick {
             cluster_args.push("--quick".to_owned());
         }
@@ -131,6 +117,13 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     render(&results)
+}
+
+/// `--rounds N` for a benchmark: the rounds asked for, else one for `--quick` and `full`
+/// otherwise.
+fn rounds(args: &BenchArgs, full: usize) -> Vec<String> {
+    let n = args.rounds.unwrap_or(if args.quick { 1 } else { full });
+    vec!["--rounds".to_owned(), n.to_string()]
 }
 
 /// Writes the Markdown report and the plots from `bench.json` and `hook.json` in `results`.
