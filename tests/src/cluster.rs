@@ -11,16 +11,21 @@
 //! | `10.210.0.2` | the hub: docker-registry with htpasswd on `:5000`                     |
 //! | `10.210.0.3` | the fake Docker Hub (TLS, [`PUBLIC_HOSTS`])                           |
 //! | `10.210.0.4` | a private `quay.io` (TLS, htpasswd)                                   |
+//! | `10.210.0.5` | a registry mirror beside the hub, when started ([`Cluster::start_mirror`]) |
 //! | `10.210.0.11`... | node 0, 1, ...                                                    |
 //!
 //! The upstream registries' access logs record each response's body bytes, so a test can tell
-//! exactly how often the internet served a layer ([`Registry::blob_traffic`]). Everything is
+//! exactly how often the internet served a layer ([`Cluster::internet_traffic`]). For
+//! comparisons the cluster can also run without pullproxy: a node's containerd restarted with a
+//! `hosts.toml` mirror ([`ClusterNode::restart_containerd`]) and distribution's pull-through
+//! proxy as that mirror. Everything is
 //! removed on drop, also when a test panics: nodes (containerd, pullproxy, cgroups, pins, state),
 //! registries, then the namespaces, the switch last.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     sync::Barrier,
     time::{Duration, Instant},
 };
@@ -36,7 +41,7 @@ use crate::{
     node::Node,
     process::{Placement, ToolRun},
     pullproxy::{self, Pullproxy},
-    registry::Registry,
+    registry::{BlobTraffic, Registry, RemoteProxy},
     testca::{TestCa, ca_bundle},
     world::{HUB_PASSWORD, HUB_USER, PRIVATE_PASSWORD, PRIVATE_USER, PUBLIC_HOSTS},
 };
@@ -47,8 +52,12 @@ pub const HUB_IP: &str = "10.210.0.2";
 pub const UPSTREAM_IP: &str = "10.210.0.3";
 /// A private quay.io that wants credentials, beside the Docker Hub in the internet namespace.
 pub const PRIVATE_IP: &str = "10.210.0.4";
+/// A registry mirror in the hub's namespace (see [`Cluster::start_mirror`]).
+pub const MIRROR_IP: &str = "10.210.0.5";
 /// The hub's URL as every pullproxy is given it.
 pub const HUB_URL: &str = "http://10.210.0.2:5000";
+/// The mirror's URL, for a `hosts.toml`.
+pub const MIRROR_URL: &str = "http://10.210.0.5:5000";
 /// The last octet of node 0's address; node `i` has `FIRST_NODE_HOST + i`.
 const FIRST_NODE_HOST: usize = 11;
 /// Nodes that fit into the /24 after the first node address.
@@ -64,6 +73,8 @@ pub const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a node may take to report itself ready (hub reachable over the bridge).
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a registry's access log must stay unchanged before its traffic counts as complete.
+const QUIET: Duration = Duration::from_secs(1);
 
 /// Layer sizes of [`pull_once_image`]: three layers, 208 MiB together.
 pub const PULL_ONCE_LAYERS: [u64; 3] = [96 << 20, 64 << 20, 48 << 20];
@@ -73,7 +84,15 @@ pub const PULL_ONCE_LAYERS: [u64; 3] = [96 << 20, 64 << 20, 48 << 20];
 /// Uncompressed because random data does not compress, and containerd unpacks `tar` layers as
 /// it does `tar+gzip` ones.
 pub fn pull_once_image(dir: &Path) -> Image {
-    images::big_image(Format::Oci, dir, &PULL_ONCE_LAYERS, 0xc1_0500)
+    pull_once_image_sized(dir, PULL_ONCE_LAYERS.iter().sum())
+}
+
+/// [`pull_once_image`] with `total` bytes of layers instead of 208 MiB, split in the same
+/// proportions (for a benchmark that must fit a time budget).
+pub fn pull_once_image_sized(dir: &Path, total: u64) -> Image {
+    let whole: u64 = PULL_ONCE_LAYERS.iter().sum();
+    let sizes = PULL_ONCE_LAYERS.map(|l| total / whole * l + total % whole * l / whole);
+    images::big_image(Format::Oci, dir, &sizes, 0xc1_0500)
 }
 
 /// How to start a [`Cluster`].
@@ -111,7 +130,7 @@ impl ClusterBuilder {
         let p = &self.prefix;
         let switch = Switch::new(&format!("{p}-sw"));
         let hub_ns = NetNs::new(&format!("{p}-hub"));
-        switch.plug("hub", &hub_ns, "eth0", &[&cidr(HUB_IP)]);
+        switch.plug("hub", &hub_ns, "eth0", &[&cidr(HUB_IP), &cidr(MIRROR_IP)]);
         let internet = NetNs::new(&format!("{p}-net"));
         switch.plug(
             "net",
@@ -180,11 +199,12 @@ impl ClusterBuilder {
             hub,
             upstream,
             private,
+            mirror: None,
             work,
-            _ca: ca,
+            ca,
             started_in: Duration::ZERO,
             _internet: internet,
-            _hub_ns: hub_ns,
+            hub_ns,
             _switch: switch,
         };
         for n in &cluster.nodes {
@@ -205,14 +225,16 @@ pub struct Cluster {
     pub upstream: Registry,
     /// The private quay.io: [`PRIVATE_USER`] / [`PRIVATE_PASSWORD`].
     pub private: Registry,
+    /// The registry mirror, once started ([`Cluster::start_mirror`]).
+    pub mirror: Option<Registry>,
     /// Scratch space for the test (image fixtures), removed with the cluster.
     work: TempDir,
     /// The CA of the fake internet's registries: every pullproxy reads its certificate, and the
     /// registries their leaves, from its directory (also when restarted).
-    _ca: TestCa,
+    ca: TestCa,
     started_in: Duration,
     _internet: NetNs,
-    _hub_ns: NetNs,
+    hub_ns: NetNs,
     _switch: Switch,
 }
 
@@ -271,6 +293,36 @@ impl Cluster {
         self.hub.start();
     }
 
+    /// An empty hub: restarted with its storage wiped (stop the nodes' pullproxies first, or
+    /// they see it go away for a moment).
+    pub fn hub_reset(&mut self) {
+        self.hub.reset();
+    }
+
+    /// Starts the usual "registry mirror" in the hub's namespace at [`MIRROR_URL`]:
+    /// docker-registry in pull-through proxy mode (plain HTTP, anonymous) in front of the fake
+    /// Docker Hub, which it resolves and trusts like any client. Nodes use it through
+    /// [`ClusterNode::restart_containerd`] with a `hosts.toml`
+    /// ([`crate::containerd::mirror_hosts_toml`]).
+    pub fn start_mirror(&mut self) -> &mut Registry {
+        assert!(self.mirror.is_none(), "the mirror runs already");
+        let bundle = ca_bundle(
+            &self.work.path().join("mirror-bundle.pem"),
+            &[&self.ca.cert_pem()],
+        );
+        let mirror = Registry::builder(SocketAddr::new(ip(MIRROR_IP), 5000))
+            .netns(&self.hub_ns)
+            .server_name("mirror.local")
+            .mounts(hosts().ca_bundle(bundle))
+            .proxy(RemoteProxy {
+                url: "https://registry-1.docker.io".to_owned(),
+                username: None,
+                password: None,
+            })
+            .start();
+        self.mirror.insert(mirror)
+    }
+
     /// Pushes `image` into the hub as `repo:tag` (the sealos repository name: `library/nginx`
     /// for `docker.io/library/nginx`); returns its digest.
     pub fn hub_push(&self, repo: &str, tag: &str, image: &Image) -> Digest {
@@ -312,18 +364,71 @@ impl Cluster {
         self.upstream.start();
         self.private.start();
     }
+
+    /// How many requests for blob `digest` of `repository` the nodes' current pullproxies
+    /// answered from `source` (their "pull" records): each answer from `upstream` is a download
+    /// the internet logs, each from `hub` one the hub logs.
+    pub fn answered_from(&self, repository: &str, digest: &Digest, source: &str) -> usize {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.proxy.pulls(repository))
+            .filter(|r| r["kind"] == "blob" && r["source"] == source)
+            .filter(|r| r["reference"] == digest.as_str())
+            .count()
+    }
+
+    /// The fake Docker Hub's downloads of each blob of `image` so far (requests and exact
+    /// bytes, from its access log), once it logged at least `at_least(digest)` downloads of
+    /// each blob and then nothing new for a second: a download is logged when its handler
+    /// returns, a moment after the client read the last byte. After [`SETTLE_TIMEOUT`], what
+    /// was logged by then.
+    pub fn internet_traffic(
+        &self,
+        image: &Image,
+        at_least: impl Fn(&Digest) -> usize,
+    ) -> BTreeMap<Digest, BlobTraffic> {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let of_image = || -> BTreeMap<Digest, BlobTraffic> {
+            let mut all = self.upstream.blob_traffic();
+            image
+                .blobs()
+                .map(|b| {
+                    let t = all.remove(&b.digest).unwrap_or_default();
+                    (b.digest.clone(), t)
+                })
+                .collect()
+        };
+        let mut last = of_image();
+        let mut unchanged_since = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = of_image();
+            if now != last {
+                last = now;
+                unchanged_since = Instant::now();
+                continue;
+            }
+            let complete = last.iter().all(|(d, t)| t.requests >= at_least(d));
+            if (complete && unchanged_since.elapsed() >= QUIET) || Instant::now() > deadline {
+                return last;
+            }
+        }
+    }
 }
 
 /// One node of a [`Cluster`]: a [`Node`], its pullproxy and its containerd. Fields drop in
 /// declaration order: containerd, pullproxy, then the node.
 pub struct ClusterNode {
-    /// Debian's containerd with its default configuration, in the node's target cgroup.
+    /// Debian's containerd with its default configuration, in the node's target cgroup (or
+    /// with a `hosts.toml`, see [`Self::restart_containerd`]).
     pub ctd: Containerd,
     /// The node's pullproxy. Its logs are those of the current process: a restart starts a new
     /// record.
     pub proxy: Pullproxy,
     index: usize,
     proxy_env: Vec<(&'static str, String)>,
+    /// The CA bundle containerd trusts: this node's CA and the internet's.
+    bundle: PathBuf,
     pub node: Node,
 }
 
@@ -351,21 +456,22 @@ impl ClusterNode {
             &node.state().join("bundle.pem"),
             &[&node.node_ca_pem(), upstream_ca_pem],
         );
-        let ctd = Containerd::builder(
-            Placement::new()
-                .netns(&node.ns)
-                .cgroup(&node.runtime)
-                .mounts(hosts().ca_bundle(bundle)),
-        )
-        .ctr_timeout(PULL_TIMEOUT)
-        .start();
+        let ctd = start_containerd(&node, &bundle, None);
         Self {
             ctd,
             proxy,
             index,
             proxy_env,
+            bundle,
             node,
         }
+    }
+
+    /// Replaces the node's containerd with a fresh one (empty content store, no images): its
+    /// default configuration, or with `docker_io_hosts_toml` as the `hosts.toml` of docker.io
+    /// (for `ctr` and CRI pulls alike).
+    pub fn restart_containerd(&mut self, docker_io_hosts_toml: Option<&str>) {
+        self.ctd = start_containerd(&self.node, &self.bundle, docker_io_hosts_toml);
     }
 
     /// The node's number in the cluster, from 0.
@@ -447,6 +553,40 @@ impl ClusterNode {
         self.proxy = self.node.start_proxy_with_mounts(hosts(), &self.proxy_env);
     }
 
+    /// A pullproxy with nothing of the node's past: killed, its cache directory (blobs, node
+    /// tier, repository links, public marks, write-back jobs) removed, started again with the
+    /// same configuration and node CA; returns once it reports ready.
+    pub fn restart_proxy_empty(&mut self) {
+        self.proxy.kill();
+        let cache = self.node.cache_dir();
+        if cache.exists() {
+            std::fs::remove_dir_all(&cache)
+                .unwrap_or_else(|e| panic!("removing {}: {e}", cache.display()));
+        }
+        self.restart_proxy();
+        self.wait_ready();
+    }
+
+    /// Waits until the write-back queue of the node's pullproxy is empty and at least one job
+    /// ended (or [`SETTLE_TIMEOUT`] passed); returns the `pullproxy_writebacks_total` samples
+    /// (outcomes) then.
+    pub fn wait_written_back(&self) -> String {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let text = self.scrape();
+            let queued = pullproxy::sample(&text, "pullproxy_writeback_queue ");
+            let ended = pullproxy::sample(&text, "pullproxy_writebacks_total");
+            if (queued == 0.0 && ended > 0.0) || Instant::now() > deadline {
+                return text
+                    .lines()
+                    .filter(|l| l.starts_with("pullproxy_writebacks_total"))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// [`Self::restart_proxy`] with further `PULLPROXY_*` overrides from now on (later entries
     /// win), e.g. a new configuration key on one node only.
     pub fn restart_proxy_with(&mut self, env: &[(&'static str, &str)]) {
@@ -516,6 +656,22 @@ impl ClusterNode {
     }
 }
 
+/// A containerd on `node`: in its target cgroup, with the cluster's hosts file and `bundle`, and
+/// `docker_io_hosts_toml` if given.
+fn start_containerd(node: &Node, bundle: &Path, docker_io_hosts_toml: Option<&str>) -> Containerd {
+    let mut builder = Containerd::builder(
+        Placement::new()
+            .netns(&node.ns)
+            .cgroup(&node.runtime)
+            .mounts(hosts().ca_bundle(bundle)),
+    )
+    .ctr_timeout(PULL_TIMEOUT);
+    if let Some(toml) = docker_io_hosts_toml {
+        builder = builder.hosts_toml("docker.io", toml);
+    }
+    builder.start()
+}
+
 /// The value of a joined thread, or its panic, raised again.
 fn joined<T>(r: std::thread::Result<T>) -> T {
     r.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
@@ -552,11 +708,12 @@ mod tests {
     fn node_addresses_stay_in_the_subnet_and_clear_of_the_servers() {
         assert_eq!(node_ip(0), "10.210.0.11");
         assert_eq!(node_ip(MAX_NODES - 1), "10.210.0.210");
-        for server in [HUB_IP, UPSTREAM_IP, PRIVATE_IP] {
+        for server in [HUB_IP, UPSTREAM_IP, PRIVATE_IP, MIRROR_IP] {
             assert!((0..MAX_NODES).all(|i| node_ip(i) != server));
         }
         assert!(std::panic::catch_unwind(|| node_ip(MAX_NODES)).is_err());
         assert!(HUB_URL.contains(HUB_IP));
+        assert!(MIRROR_URL.contains(MIRROR_IP));
     }
 
     #[test]

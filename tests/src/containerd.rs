@@ -52,6 +52,16 @@ pub const CTR_NAMESPACE: &str = "default";
 /// The namespace of images pulled through CRI (the kubelet's).
 pub const CRI_NAMESPACE: &str = "k8s.io";
 
+/// A `hosts.toml` for docker.io that sends pulls and resolves to the registry mirror at
+/// `mirror_url` (`http://10.0.0.5:5000`) first, falling back to Docker Hub itself: the usual
+/// "registry mirror" configuration, for [`ContainerdBuilder::hosts_toml`].
+pub fn mirror_hosts_toml(mirror_url: &str) -> String {
+    format!(
+        "server = \"https://registry-1.docker.io\"\n\n\
+         [host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+    )
+}
+
 /// Directories of the default configuration, each replaced by `<temp>/<name>`.
 const DEFAULT_DIRS: &[(&str, &str)] = &[
     ("lib", "/var/lib/containerd"),

@@ -13,8 +13,9 @@
 //! runtime. `systemd` drives the machine's own units (the real `containerd.service`,
 //! `pullproxy.service`) where a test may change them: the VM of `cargo xtask vm-test`.
 //!
-//! For benchmarks: a load generator that every measured system is pulled with (`loadgen`), and
-//! nginx as a caching TLS reverse proxy (`nginx`), a peer of pullproxy.
+//! For benchmarks: a load generator that every measured system is pulled with (`loadgen`),
+//! nginx as a caching TLS reverse proxy (`nginx`), a peer of pullproxy, and summaries over
+//! rounds (`stats`).
 //!
 //! `unsafe` appears only where a child must join a namespace and a cgroup between fork and exec
 //! (`process.rs`, `mountns.rs`), a thread must enter a network namespace (`netns.rs`,
@@ -48,6 +49,7 @@ pub mod registry;
 pub mod registry_client;
 pub mod skopeo;
 pub mod squatter;
+pub mod stats;
 pub mod systemd;
 pub mod testca;
 pub mod token;

@@ -358,6 +358,29 @@ impl Registry {
         self.start();
     }
 
+    /// A fresh registry on the same address: stopped, its storage and access log emptied, and
+    /// started again (configuration and credentials kept).
+    pub fn reset(&mut self) {
+        self.stop();
+        let storage = self.storage();
+        fs::remove_dir_all(&storage)
+            .unwrap_or_else(|e| panic!("removing {}: {e}", storage.display()));
+        fs::create_dir(&storage).expect("storage dir");
+        self.clear_requests();
+        self.start();
+    }
+
+    /// Whether the registry's storage holds the blob `digest` (committed, in any repository).
+    pub fn stores(&self, digest: &Digest) -> bool {
+        let hex = digest.hex();
+        self.storage()
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+            .exists()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.proc.as_mut().is_some_and(|p| !p.exited())
     }

@@ -63,24 +63,6 @@ fn internet_copies(c: &Cluster, image: &Image, at_least: u64) -> Vec<BlobTraffic
         .collect()
 }
 
-/// Waits until `n`'s write-back queue is empty (every job ended); the outcomes so far.
-fn written_back(n: &ClusterNode) -> String {
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    loop {
-        let text = n.scrape();
-        let queued = harness::pullproxy::sample(&text, "pullproxy_writeback_queue ");
-        let ended = harness::pullproxy::sample(&text, "pullproxy_writebacks_total");
-        if (queued == 0.0 && ended > 0.0) || Instant::now() > deadline {
-            return text
-                .lines()
-                .filter(|l| l.starts_with("pullproxy_writebacks_total"))
-                .collect::<Vec<_>>()
-                .join("\n");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn a_public_image_costs_the_internet_one_copy_per_cluster_and_survives_the_hub() {
     require_root!();
@@ -103,7 +85,7 @@ fn a_public_image_costs_the_internet_one_copy_per_cluster_and_survives_the_hub()
         &image,
         &["upstream"],
     );
-    let outcomes = written_back(first);
+    let outcomes = first.wait_written_back();
     assert!(outcomes.contains(r#"outcome="pushed"} 1"#), "{outcomes}");
     assert!(
         c.hub_missing(REPO, &image).is_empty(),
@@ -211,7 +193,7 @@ fn simultaneous_cold_pulls_and_what_never_goes_into_the_hub() {
         "{ratio:.2}x: {copies:?}"
     );
     for n in &c.nodes {
-        written_back(n);
+        n.wait_written_back();
     }
     assert!(c.hub_missing(REPO, &image).is_empty());
 
@@ -226,7 +208,7 @@ fn simultaneous_cold_pulls_and_what_never_goes_into_the_hub() {
             Some((PRIVATE_USER, PRIVATE_PASSWORD)),
         )
         .expect_success();
-    let outcomes = written_back(n);
+    let outcomes = n.wait_written_back();
     assert!(
         outcomes.contains(r#"outcome="skipped_private"} 1"#),
         "{outcomes}"
@@ -286,7 +268,7 @@ fn write_back_killed_halfway_never_shows_a_broken_image_and_finishes_after_a_res
     );
     // Restarted (state kept, full speed): the job resumes from its record and completes.
     c.nodes[0].restart_proxy_with(&[("PULLPROXY_HUB__WRITE_BACK_RATE", "1GiB")]);
-    let outcomes = written_back(&c.nodes[0]);
+    let outcomes = c.nodes[0].wait_written_back();
     assert!(outcomes.contains(r#"outcome="pushed"} 1"#), "{outcomes}");
     assert!(c.hub_missing(REPO, &image).is_empty());
 }

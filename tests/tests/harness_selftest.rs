@@ -358,13 +358,8 @@ fn pull_through_registry_fetches_from_the_fake_upstream() {
     get();
     // distribution 2.8 serves a miss from one upstream GET and stores the blob from a second,
     // concurrent one; once stored, the mirror answers from its own storage.
-    let stored = mirror.storage().join(format!(
-        "docker/registry/v2/blobs/sha256/{}/{}/data",
-        &layer.hex()[..2],
-        layer.hex()
-    ));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !stored.exists() {
+    while !mirror.stores(layer) {
         assert!(Instant::now() < deadline, "the mirror never stored {layer}");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -1,6 +1,7 @@
-//! `cargo xtask bench`: builds the benchmarks and pullproxy in release, runs the pull suite
-//! (`pp-bench`) and the kernel hook benchmark (`pp-hookbench`) as root, and writes their JSON,
-//! a Markdown report and PNG plots under `results/`.
+//! `cargo xtask bench`: builds the benchmarks and pullproxy in release, runs the kernel hook
+//! benchmark (`pp-hookbench`), the pull suite (`pp-bench`), containerd through pullproxy vs a
+//! mirror (`pp-pullbench`) and the cluster figure (`pp-clusterbench`) as root, and writes their
+//! JSON, a Markdown report and PNG plots under `results/`.
 
 use std::{
     path::Path,
@@ -22,12 +23,25 @@ pub struct BenchArgs {
     pub quick: bool,
     /// Only render the report again from the JSON already in `results/`.
     pub report_only: bool,
+    /// Run only these benchmarks ([`BENCHMARKS`]; empty: all), keeping the others' JSON.
+    pub only: Vec<String>,
 }
+
+/// The benchmarks `--only` selects from: the hook benchmark, the pull suite, containerd through
+/// pullproxy vs a mirror, the cluster figure.
+pub const BENCHMARKS: [&str; 4] = ["hook", "suite", "containerd", "cluster"];
 
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     if args.report_only {
         return render(&root().join("results"));
     }
+    if let Some(unknown) = args.only.iter().find(|b| !BENCHMARKS.contains(&b.as_str())) {
+        bail!(
+            "--only {unknown}: the benchmarks are {}",
+            BENCHMARKS.join(", ")
+        );
+    }
+    let runs = |name: &str| args.only.is_empty() || args.only.iter().any(|b| b == name);
     setup::build_deps()?;
     setup::test_deps()?;
     // One cargo invocation, so the proxy and the benchmarks share one feature resolution.
@@ -46,58 +60,70 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "pp-hookbench",
         "--bin",
         "pp-pullbench",
+        "--bin",
+        "pp-clusterbench",
     ]))?;
     let bin = target_dir().join("release");
     let results = root().join("results");
     std::fs::create_dir_all(&results)?;
     warn_if_busy();
 
-    let mut hook_args = vec!["--rounds".to_owned()];
-    hook_args.push(
-        args.rounds
-            .unwrap_or(if args.quick { 1 } else { 7 })
-            .to_string(),
-    );
-    if args.quick {
-        hook_args.extend(["--connections".to_owned(), "2000".to_owned()]);
-    }
-    say("running pp-hookbench (the kernel hook's connect cost)");
-    let hook = run_as_root(&bin.join("pp-hookbench"), &hook_args, &[])?;
-    std::fs::write(results.join("hook.json"), stamped(&hook)?)?;
-
-    let mut suite_args = Vec::new();
-    if args.quick {
-        suite_args.push("--quick".to_owned());
-    }
-    if let Some(r) = args.rounds {
-        suite_args.extend(["--rounds".to_owned(), r.to_string()]);
-    }
-    say("running pp-bench (the pull suite; progress below)");
     let pullproxy = bin.join("pullproxy");
-    let suite = run_as_root(
-        &bin.join("pp-bench"),
-        &suite_args,
-        &[("PULLPROXY_BIN", pullproxy.as_path())],
-    )?;
-    std::fs::write(results.join("bench.json"), stamped(&suite)?)?;
+    let env = [("PULLPROXY_BIN", pullproxy.as_path())];
+
+    if runs("hook") {
+        let mut hook_args = rounds(args, 7);
+        if args.quick {
+            hook_args.extend(["--connections".to_owned(), "2000".to_owned()]);
+        }
+        say("running pp-hookbench (the kernel hook's connect cost)");
+        let hook = run_as_root(&bin.join("pp-hookbench"), &hook_args, &[])?;
+        std::fs::write(results.join("hook.json"), stamped(&hook)?)?;
+    }
+
+    if runs("suite") {
+        let mut suite_args = Vec::new();
+        if args.quick {
+            suite_args.push("--quick".to_owned());
+        }
+        if let Some(r) = args.rounds {
+            suite_args.extend(["--rounds".to_owned(), r.to_string()]);
+        }
+        say("running pp-bench (the pull suite; progress below)");
+        let suite = run_as_root(&bin.join("pp-bench"), &suite_args, &env)?;
+        std::fs::write(results.join("bench.json"), stamped(&suite)?)?;
+    }
 
     // Figure 3: an unmodified containerd pulling a multi-layer image from the hub through
     // pullproxy vs with a hosts.toml mirror (the containerd harness's own benchmark).
-    let mut pull_args = vec!["--rounds".to_owned()];
-    pull_args.push(
-        args.rounds
-            .unwrap_or(if args.quick { 1 } else { 5 })
-            .to_string(),
-    );
-    say("running pp-pullbench (containerd: pullproxy vs a hosts.toml mirror)");
-    let pull = run_as_root(
-        &bin.join("pp-pullbench"),
-        &pull_args,
-        &[("PULLPROXY_BIN", pullproxy.as_path())],
-    )?;
-    std::fs::write(results.join("containerd.json"), stamped(&pull)?)?;
+    if runs("containerd") {
+        let pull_args = rounds(args, 5);
+        say("running pp-pullbench (containerd: pullproxy vs a hosts.toml mirror)");
+        let pull = run_as_root(&bin.join("pp-pullbench"), &pull_args, &env)?;
+        std::fs::write(results.join("containerd.json"), stamped(&pull)?)?;
+    }
+
+    // Figure 4: a cluster of nodes pulling one image, pullproxy with the hub vs a hosts.toml
+    // mirror pointing at distribution's pull-through proxy (`--quick`: one round, 2 nodes, a
+    // 32 MiB image).
+    if runs("cluster") {
+        let mut cluster_args = rounds(args, 3);
+        if args.quick {
+            cluster_args.push("--quick".to_owned());
+        }
+        say("running pp-clusterbench (a cluster: pullproxy with the hub vs a registry mirror)");
+        let cluster = run_as_root(&bin.join("pp-clusterbench"), &cluster_args, &env)?;
+        std::fs::write(results.join("cluster.json"), stamped(&cluster)?)?;
+    }
 
     render(&results)
+}
+
+/// `--rounds N` for a benchmark: the rounds asked for, else one for `--quick` and `full`
+/// otherwise.
+fn rounds(args: &BenchArgs, full: usize) -> Vec<String> {
+    let n = args.rounds.unwrap_or(if args.quick { 1 } else { full });
+    vec!["--rounds".to_owned(), n.to_string()]
 }
 
 /// Writes the Markdown report and the plots from `bench.json` and `hook.json` in `results`.
@@ -110,6 +136,9 @@ fn render(results: &Path) -> anyhow::Result<()> {
     let mut suite = read("bench.json")?;
     if results.join("containerd.json").exists() {
         merge_containerd(&mut suite, read("containerd.json")?);
+    }
+    if results.join("cluster.json").exists() {
+        merge_cluster(&mut suite, read("cluster.json")?);
     }
     let written = report::write(results, &suite, &read("hook.json")?)?;
     for path in written {
@@ -136,6 +165,44 @@ fn merge_containerd(suite: &mut serde_json::Value, mut pull: serde_json::Value) 
         }
     }
     suite["containerd"] = pull;
+}
+
+/// Figure 4 (from `pp-clusterbench`) joins the suite's report, with its targets: pullproxy's
+/// staggered pulls cost the internet one copy of the image, simultaneous ones at most one per
+/// node (a later issue targets one per cluster there too).
+fn merge_cluster(suite: &mut serde_json::Value, cluster: serde_json::Value) {
+    let nodes = cluster["nodes"].as_u64().unwrap_or(0);
+    let pullproxy = |pattern: &str| {
+        cluster["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["system"] == "pullproxy" && r["pattern"] == pattern)
+            .map(|r| r["upstream_x"].clone())
+    };
+    let mut targets = Vec::new();
+    if let Some(x) = pullproxy("staggered") {
+        let met = x["max"].as_f64().is_some_and(|m| m <= 1.0 + 1e-9);
+        targets.push(serde_json::json!({
+            "name": format!("{nodes} nodes, staggered pulls (pullproxy): internet bytes / image"),
+            "goal": "= 1.0x",
+            "value": x,
+            "met": met,
+        }));
+    }
+    if let Some(x) = pullproxy("simultaneous") {
+        let met = x["median"].as_f64().is_some_and(|m| m <= nodes as f64);
+        targets.push(serde_json::json!({
+            "name": format!("{nodes} nodes, simultaneous pulls (pullproxy): internet bytes / image"),
+            "goal": format!("<= {nodes}.0x (later: 1.0x)"),
+            "value": x,
+            "met": met,
+        }));
+    }
+    if let Some(t) = suite["targets"].as_array_mut() {
+        t.extend(targets);
+    }
+    suite["cluster"] = cluster;
 }
 
 /// Runs a benchmark binary as root (through `sudo` when needed) with `env`; returns its stdout.
@@ -208,4 +275,53 @@ fn git_describe() -> String {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
     out.unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(staggered_max: f64, simultaneous_median: f64) -> serde_json::Value {
+        let row = |pattern: &str, x: serde_json::Value| serde_json::json!({ "system": "pullproxy", "pattern": pattern, "upstream_x": x });
+        serde_json::json!({
+            "nodes": 4,
+            "results": [
+                row("staggered", serde_json::json!({"min": 1.0, "median": 1.0, "max": staggered_max})),
+                row("simultaneous", serde_json::json!({"min": 2.0, "median": simultaneous_median, "max": 4.0})),
+                { "system": "mirror", "pattern": "staggered", "upstream_x": {"min": 9.0, "median": 9.0, "max": 9.0} },
+            ],
+        })
+    }
+
+    fn merged(c: serde_json::Value) -> Vec<(String, bool)> {
+        let mut suite = serde_json::json!({ "targets": [{ "name": "earlier", "met": true }] });
+        merge_cluster(&mut suite, c);
+        assert_eq!(suite["cluster"]["nodes"], 4, "the figure joins the suite");
+        suite["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["goal"].as_str().unwrap_or("").to_owned(),
+                    t["met"] == true,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cluster_targets_are_one_copy_staggered_and_one_per_node_at_once() {
+        assert_eq!(
+            merged(cluster(1.0, 3.5)),
+            [
+                (String::new(), true),
+                ("= 1.0x".to_owned(), true),
+                ("<= 4.0x (later: 1.0x)".to_owned(), true),
+            ]
+        );
+        // One round over a single copy fails the staggered target; the mirror's rows never count.
+        let t = merged(cluster(1.25, 4.5));
+        assert_eq!((t[1].1, t[2].1), (false, false));
+    }
 }

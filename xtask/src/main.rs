@@ -47,19 +47,26 @@ enum Task {
     /// rustfmt check and clippy (-D warnings) on every crate, the eBPF crate with its nightly.
     Lint,
     /// Build in release and run the benchmarks (as root): the pull suite against the hub,
-    /// docker-registry's proxy mode and nginx, and the kernel hook's cost. Writes JSON, a
+    /// docker-registry's proxy mode and nginx, containerd through pullproxy vs a mirror, a
+    /// cluster of nodes vs a registry mirror, and the kernel hook's cost. Writes JSON, a
     /// Markdown report and PNG plots under `results/`.
     Bench {
         /// Rounds per measurement (min/median/max are reported over rounds); default 5 for the
-        /// suite (3 for the concurrency figure) and 7 for the hook benchmark.
+        /// suite and containerd (3 for the concurrency figure), 3 for the cluster and 7 for the
+        /// hook benchmark.
         #[arg(long)]
         rounds: Option<usize>,
-        /// A smoke run (under a minute): one small blob, one round, few clients.
+        /// A smoke run: one small blob, one round, few clients, a cluster of 2 nodes pulling a
+        /// 32 MiB image.
         #[arg(long)]
         quick: bool,
         /// Only render `results/bench.md` and the plots again from the JSON there.
         #[arg(long)]
         report_only: bool,
+        /// Run only these benchmarks (comma-separated: hook, suite, containerd, cluster); the
+        /// report takes the others from the JSON already in `results/`.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Render deploy/manifests/ from the Helm chart with its default values (helm is installed
     /// like the other test tools); the deployment tests fail while they differ.
@@ -141,10 +148,12 @@ fn main() -> anyhow::Result<()> {
             rounds,
             quick,
             report_only,
+            only,
         } => bench::bench(&bench::BenchArgs {
             rounds,
             quick,
             report_only,
+            only,
         }),
         Task::Manifests => manifests(),
         Task::VmTest {

@@ -1,5 +1,6 @@
 //! The benchmark report: `results/bench.md` (tables of ratios with min/median/max over rounds)
-//! and PNG plots, from the JSON that `pp-bench` and `pp-hookbench` print.
+//! and PNG plots, from the JSON that `pp-bench`, `pp-pullbench`, `pp-clusterbench` and
+//! `pp-hookbench` print.
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +38,12 @@ pub fn write(dir: &Path, suite: &Value, hook: &Value) -> anyhow::Result<Vec<Path
     ] {
         let path = dir.join(name);
         plot(&path, suite).with_context(|| format!("plotting {}", path.display()))?;
+        written.push(path);
+    }
+    if suite["cluster"].is_object() {
+        let path = dir.join("cluster.png");
+        plot_cluster(&path, &suite["cluster"])
+            .with_context(|| format!("plotting {}", path.display()))?;
         written.push(path);
     }
     let md = dir.join("bench.md");
@@ -256,7 +263,9 @@ fn markdown(suite: &Value, hook: &Value) -> String {
         md += &format!("Not measured: {}.\n", s(&suite["containerd"]["why"]));
     }
 
-    md += "\n## 4. The kernel hook's connect cost (`pp-hookbench`)\n\n";
+    md += &cluster_section(&suite["cluster"]);
+
+    md += "\n## 5. The kernel hook's connect cost (`pp-hookbench`)\n\n";
     md += &format!(
         "Measured at {}. {} connections per round, {} rounds, each in {} blocks measured once \
          with the programs attached and once detached, back to back; ratios are over those block \
@@ -295,7 +304,7 @@ fn markdown(suite: &Value, hook: &Value) -> String {
         r["added_us_p50"].as_f64().unwrap_or(0.0),
     );
 
-    md += "\n## 5. pullproxy's memory\n\n![memory](memory.png)\n\n";
+    md += "\n## 6. pullproxy's memory\n\n![memory](memory.png)\n\n";
     md += "`VmRSS` / `VmHWM` from `/proc/<pid>/status`; peaks are reset (`clear_refs`) before each \
            measured pull. The peers' peaks under the same concurrent load are given for \
            comparison (nginx: master and workers added up).\n\n";
@@ -309,6 +318,83 @@ fn markdown(suite: &Value, hook: &Value) -> String {
             fc["max_size"].as_str().unwrap_or_default(),
             fc["files"],
             mib(fc["bytes_on_disk"].as_f64().unwrap_or(0.0)),
+        );
+    }
+    md
+}
+
+/// Section 4, from `pp-clusterbench`: a cluster pulling one image, pullproxy vs a mirror.
+fn cluster_section(c: &Value) -> String {
+    let mut md =
+        "\n## 4. A cluster pulling one image: pullproxy vs a registry mirror\n\n".to_owned();
+    if !c.is_object() {
+        md += "Not measured (`pp-clusterbench`; `cargo xtask bench --only cluster`).\n";
+        return md;
+    }
+    let image = &c["image"];
+    let layers: Vec<String> = arr(&image["layers"])
+        .iter()
+        .map(|l| format!("{:.0}", mib(l.as_f64().unwrap_or(0.0))))
+        .collect();
+    let settle_wait = |system: &str| {
+        arr(&c["results"])
+            .iter()
+            .find(|r| r["system"] == system && r["pattern"] == "staggered")
+            .map_or_else(
+                || "not measured".to_owned(),
+                |r| fmt_spread(&r["settle_wait_s"], 1),
+            )
+    };
+    md += "![cluster](cluster.png)\n\n";
+    md += &format!(
+        "`pp-clusterbench` at {}, {} rounds: {} nodes (each its own network namespace, cgroups \
+         and unmodified containerd 1.6) on one bridge with a shared hub and a fake Docker Hub \
+         pull the same public image, {} MiB of blobs in {} layers ({} MiB), with CRI \
+         `PullImage` (the kubelet's path). **pullproxy**: pullproxy on every node with the \
+         shared hub and write-back (the default). **mirror**: pullproxy stopped, containerd \
+         with a `hosts.toml` mirror for docker.io pointing at docker-registry in pull-through \
+         proxy mode (distribution's proxy) beside the hub. Every measurement starts empty: \
+         caches, hub, the mirror's storage, containerd's content store. **Staggered**: node 1, \
+         then 2, 3, ..., each pull after the one before finished; node 2 starts only once what \
+         node 1 pulled settled into the shared store, as in a rollout whose pulls are minutes \
+         apart (pullproxy's write-back into the hub: {} s; the mirror's storage: {} s; these \
+         waits are not in the total). **Simultaneous**: all nodes at \
+         once. Internet bytes are the blob `GET` bytes in the fake Docker Hub's access log \
+         over the image's blob bytes; served bytes those the hub (pullproxy) or the mirror \
+         served the nodes. Total time is from the first pull's start to the last pull's end. \
+         Load average (1 min) during the run: {} (cluster up in {:.1} s, the whole benchmark \
+         {:.0} s).\n\n",
+        measured_at(c),
+        c["rounds"],
+        c["nodes"],
+        mib(image["blob_bytes"].as_f64().unwrap_or(0.0)).round(),
+        layers.len(),
+        layers.join(" + "),
+        settle_wait("pullproxy"),
+        settle_wait("mirror"),
+        fmt_spread(&c["machine"]["load_1m_during"], 1),
+        c["bring_up_s"].as_f64().unwrap_or(0.0),
+        c["elapsed_s"].as_f64().unwrap_or(0.0),
+    );
+    md += "| system | pattern | internet bytes (× image) | internet MiB | served by hub / mirror (× image) | total s | per node s (median) |\n\
+           |---|---|---|---|---|---|---|\n";
+    for r in arr(&c["results"]) {
+        let (lo, med, hi) = spread(&r["upstream_bytes"]);
+        let nodes: Vec<String> = arr(&r["node_s"])
+            .iter()
+            .map(|n| format!("{:.1}", spread(n).1))
+            .collect();
+        md += &format!(
+            "| {} | {} | {} | {:.0} ({:.0}–{:.0}) | {} | {} | {} |\n",
+            s(&r["system"]),
+            s(&r["pattern"]),
+            fmt_spread(&r["upstream_x"], 2),
+            mib(med),
+            mib(lo),
+            mib(hi),
+            fmt_spread(&r["served_x"], 2),
+            fmt_spread(&r["total_s"], 1),
+            nodes.join(", "),
         );
     }
     md
@@ -463,10 +549,11 @@ fn swatch(colour: RGBColor) -> impl Fn((i32, i32)) -> Rectangle<(i32, i32)> {
     move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], colour.filled())
 }
 
-/// Grouped bars with whiskers; `lines` are horizontal reference lines (value, label).
+/// Grouped bars with whiskers in a PNG of `size`; `lines` are horizontal reference lines
+/// (value, label).
 #[expect(
     clippy::too_many_arguments,
-    reason = "one plot's description, each argument a different part of it; two call sites"
+    reason = "one plot's description, each argument a different part of it"
 )]
 fn bars(
     path: &Path,
@@ -480,6 +567,21 @@ fn bars(
 ) -> anyhow::Result<()> {
     let root = BitMapBackend::new(path, size).into_drawing_area();
     root.fill(&WHITE)?;
+    bars_on(&root, title, y_desc, groups, series, data, lines)?;
+    root.present()?;
+    Ok(())
+}
+
+/// [`bars`] drawn on `root` (a whole picture or a panel of one).
+fn bars_on(
+    root: &DrawingArea<BitMapBackend<'_>, Shift>,
+    title: &str,
+    y_desc: &str,
+    groups: &[String],
+    series: &[String],
+    data: &[Bar],
+    lines: &[(f64, &str)],
+) -> anyhow::Result<()> {
     let top = data
         .iter()
         .map(|b| b.value.2)
@@ -489,7 +591,7 @@ fn bars(
         // Room above the bars for the legend.
         * (1.2 + 0.04 * series.len() as f64);
     let n = groups.len() as f64;
-    let mut chart = bar_frame(&root, title, y_desc, groups, top.max(1e-9))?;
+    let mut chart = bar_frame(root, title, y_desc, groups, top.max(1e-9))?;
     let width = 0.8 / series.len() as f64;
     for (si, name) in series.iter().enumerate() {
         let colour = COLOURS[si % COLOURS.len()];
@@ -529,7 +631,6 @@ fn bars(
         )))?;
     }
     legend(&mut chart, SeriesLabelPosition::UpperRight, 13)?;
-    root.present()?;
     Ok(())
 }
 
@@ -566,6 +667,63 @@ fn plot_throughput(path: &Path, suite: &Value) -> anyhow::Result<()> {
         &data,
         &[(1.0, "hub = 1"), (0.8, "target 0.8 (cache hit)")],
     )
+}
+
+/// Figure 4: internet bytes and total pull time, grouped by pattern, a bar per system.
+fn plot_cluster(path: &Path, c: &Value) -> anyhow::Result<()> {
+    let rows = arr(&c["results"]);
+    let mut patterns: Vec<String> = Vec::new();
+    let mut systems: Vec<String> = Vec::new();
+    for r in rows {
+        for (list, key) in [(&mut patterns, "pattern"), (&mut systems, "system")] {
+            let name = s(&r[key]).to_owned();
+            if !list.contains(&name) {
+                list.push(name);
+            }
+        }
+    }
+    // Staggered first, as pulls happen in a rollout.
+    patterns.sort_by_key(|p| p != "staggered");
+    let bars_of = |key: &str| -> Vec<Bar> {
+        rows.iter()
+            .map(|r| Bar {
+                group: patterns
+                    .iter()
+                    .position(|p| p == s(&r["pattern"]))
+                    .unwrap_or(0),
+                series: systems
+                    .iter()
+                    .position(|x| x == s(&r["system"]))
+                    .unwrap_or(0),
+                value: spread(&r[key]),
+            })
+            .collect()
+    };
+    let nodes = c["nodes"].as_u64().unwrap_or(0);
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(700);
+    let every_node = format!("{nodes} copies: one per node");
+    bars_on(
+        &left,
+        &format!("Internet bytes / image, {nodes} nodes"),
+        "× image blob bytes (median, min–max)",
+        &patterns,
+        &systems,
+        &bars_of("upstream_x"),
+        &[(1.0, "1 copy per cluster"), (nodes as f64, &every_node)],
+    )?;
+    bars_on(
+        &right,
+        &format!("Total pull time, {nodes} nodes"),
+        "s, first start to last end (median, min–max)",
+        &patterns,
+        &systems,
+        &bars_of("total_s"),
+        &[],
+    )?;
+    root.present()?;
+    Ok(())
 }
 
 fn plot_latency(path: &Path, suite: &Value) -> anyhow::Result<()> {

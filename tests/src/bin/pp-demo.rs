@@ -16,9 +16,9 @@
 use std::time::{Duration, Instant};
 
 use harness::{
-    cluster::{Cluster, ClusterNode, PULL_ONCE_LAYERS, SETTLE_TIMEOUT, pull_once_image},
+    cluster::{Cluster, ClusterNode, PULL_ONCE_LAYERS, pull_once_image},
     containerd::{CTR_NAMESPACE, Containerd},
-    images::{self, Digest, Format, Image},
+    images::{self, Format, Image},
     privileged::is_root,
     world::{self, HUB_IP, UPSTREAM_IP, World},
 };
@@ -175,29 +175,7 @@ fn summary(sources: &[String]) -> String {
 
 /// The internet's downloads of each blob so far: requests, bytes, and whole copies.
 fn report_internet(c: &Cluster, image: &Image) {
-    // A node logs a blob it fetched once its client has it; the internet's registry logs the
-    // download when its handler returns, a moment later: wait until it logged as many.
-    let fetched = |digest: &Digest| -> usize {
-        c.nodes
-            .iter()
-            .flat_map(|n| n.proxy.pulls(CLUSTER_REPO))
-            .filter(|r| r["kind"] == "blob" && r["source"] == "upstream")
-            .filter(|r| r["reference"] == digest.as_str())
-            .count()
-    };
-    let deadline = Instant::now() + SETTLE_TIMEOUT;
-    let traffic = loop {
-        let traffic = c.upstream.blob_traffic();
-        let logged = |d: &Digest| traffic.get(d).map_or(0, |t| t.requests);
-        if image
-            .blobs()
-            .all(|b| logged(&b.digest) >= fetched(&b.digest))
-            || Instant::now() > deadline
-        {
-            break traffic;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let traffic = c.internet_traffic(image, |d| c.answered_from(CLUSTER_REPO, d, "upstream"));
     say("\"Docker Hub\" served, per blob (from its access log):");
     for blob in image.blobs() {
         let t = traffic.get(&blob.digest).copied().unwrap_or_default();

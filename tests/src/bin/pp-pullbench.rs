@@ -15,10 +15,11 @@
 use std::time::{Duration, Instant};
 
 use harness::{
-    containerd::Containerd,
+    containerd::{Containerd, mirror_hosts_toml},
     images::{self, Format},
     privileged::is_root,
     process::Placement,
+    stats::Spread,
     world::{self, HUB_IP, HUB_PASSWORD, HUB_USER, World},
 };
 use serde_json::json;
@@ -123,9 +124,9 @@ fn main() {
             .map(|(p, m)| p.as_secs_f64() / m.as_secs_f64())
             .collect();
         report[path.name()] = json!({
-            "pullproxy_s": stats(&secs(&via_proxy)),
-            "mirror_s": stats(&secs(&via_mirror)),
-            "ratio_pullproxy_over_mirror": stats(&ratios),
+            "pullproxy_s": Spread::of(&secs(&via_proxy)),
+            "mirror_s": Spread::of(&secs(&via_mirror)),
+            "ratio_pullproxy_over_mirror": Spread::of(&ratios),
             "first_round_ratio": ratios[0],
             "samples": {
                 "pullproxy_s": secs(&via_proxy),
@@ -196,10 +197,7 @@ fn pull_through_pullproxy(w: &World, path: Path, reference: &str) -> Duration {
 /// A fresh containerd whose `hosts.toml` sends docker.io pulls straight to the hub (plain HTTP,
 /// basic auth given by the client), in a cgroup the kernel programs leave alone.
 fn pull_from_a_mirror(w: &World, path: Path, reference: &str) -> Duration {
-    let hosts_toml = format!(
-        "server = \"https://registry-1.docker.io\"\n\n\
-         [host.\"http://{HUB_IP}:5000\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-    );
+    let hosts_toml = mirror_hosts_toml(&format!("http://{HUB_IP}:5000"));
     let at = Placement::new()
         .netns(&w.node.ns)
         .cgroup(&w.node.other)
@@ -212,15 +210,4 @@ fn pull_from_a_mirror(w: &World, path: Path, reference: &str) -> Duration {
 
 fn secs(d: &[Duration]) -> Vec<f64> {
     d.iter().map(Duration::as_secs_f64).collect()
-}
-
-fn stats(xs: &[f64]) -> serde_json::Value {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let median = if v.len() % 2 == 1 {
-        v[v.len() / 2]
-    } else {
-        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-    };
-    json!({ "min": v[0], "median": median, "max": v[v.len() - 1] })
 }

@@ -4,13 +4,14 @@
 
 use std::collections::BTreeMap;
 
-use harness::{loadgen::Outcome, process::Memory};
+use harness::{
+    loadgen::Outcome,
+    process::Memory,
+    stats::{Spread, percentile},
+};
 use serde::Serialize;
 
-use crate::{
-    stats::{Spread, percentile},
-    world::{Fixture, Via, World},
-};
+use crate::world::{Fixture, Via, World};
 
 const MIB: f64 = 1024.0 * 1024.0;
 

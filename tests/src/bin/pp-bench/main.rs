@@ -17,17 +17,18 @@
 //! `harness::loadgen`).
 
 mod figures;
-mod stats;
 mod world;
 
 use std::time::Instant;
 
-use harness::loadgen;
+use harness::{
+    loadgen,
+    stats::{Spread, loadavg},
+};
 use serde_json::{Value, json};
 
 use crate::{
     figures::{MemoryReport, Settings},
-    stats::Spread,
     world::{Via, World},
 };
 
@@ -175,16 +176,6 @@ fn run(s: &Settings) -> Value {
         },
         "targets": targets,
     })
-}
-
-/// The 1-, 5- and 15-minute load averages: a busy machine makes every number suspect.
-fn loadavg() -> Vec<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .filter_map(|v| v.parse().ok())
-        .collect()
 }
 
 /// The project's targets, each with the measured spread and whether its median meets it.

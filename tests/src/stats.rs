@@ -1,4 +1,5 @@
-//! Summaries over rounds (min/median/max) and percentiles of samples.
+//! Summaries for the benchmarks: min/median/max over rounds, percentiles of samples, and the
+//! machine's load average (a busy machine makes every number suspect).
 
 use serde::Serialize;
 
@@ -30,6 +31,16 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     percentile_sorted(&v, p)
+}
+
+/// The 1-, 5- and 15-minute load averages.
+pub fn loadavg() -> Vec<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .filter_map(|v| v.parse().ok())
+        .collect()
 }
 
 fn percentile_sorted(v: &[f64], p: f64) -> f64 {
