@@ -10,7 +10,8 @@
 //! bundle). `world` puts a node, the hub, the fake upstreams and pullproxy together. `squatter`
 //! tries to take pullproxy's ports, or poses as a container runtime. `systemd` drives the
 //! machine's own units (the real `containerd.service`, `pullproxy.service`) where a test may
-//! change them: the VM of `cargo xtask vm-test`.
+//! change them: the VM of `cargo xtask vm-test`. `ktls` says whether this kernel can run the
+//! kernel TLS tests (the VM's can).
 //!
 //! For benchmarks: a load generator that every measured system is pulled with (`loadgen`), and
 //! nginx as a caching TLS reverse proxy (`nginx`), a peer of pullproxy.
@@ -25,6 +26,7 @@ pub mod cgroup;
 pub mod containerd;
 pub mod cri;
 pub mod images;
+pub mod ktls;
 pub mod loadgen;
 pub mod mountns;
 pub mod netns;

@@ -17,7 +17,7 @@ use rustls::{
 };
 use tracing::{debug, warn};
 
-use super::{TlsError, ca::NodeCa, crypto_provider, hosts::InterceptSet};
+use super::{TlsError, ca::NodeCa, hosts::InterceptSet};
 
 /// Validity of a minted leaf (capped at the CA's own expiry). Short, so a leaked leaf key is
 /// useful only briefly; minting is cheap.
@@ -340,7 +340,7 @@ mod tests {
     use tokio_rustls::{TlsAcceptor, TlsConnector};
 
     use super::*;
-    use crate::tls::TlsSettings;
+    use crate::tls::{TlsSettings, crypto_provider};
 
     fn node_ca(dir: &Path, extra_hosts: &[&str]) -> (Arc<NodeCa>, Arc<InterceptSet>) {
         let mut settings = TlsSettings::new(dir);

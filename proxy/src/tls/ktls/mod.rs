@@ -35,6 +35,14 @@ use self::sys::{CryptoInfo, Direction};
 pub use self::{stream::KtlsStream, sys::Cipher};
 use super::{LeafMinter, client_hello::TlsOffer, mint::kernel_server_config};
 
+/// The start-up line when kernel TLS is in use (with a `ciphers` field).
+pub const LOG_IN_USE: &str = "kernel TLS is available: HTTP/1.1 TLS 1.3 connections hand their \
+                              keys to the kernel and cache hits go out with sendfile";
+/// The start-up line when the kernel has no `tls` (with a `reason` field).
+pub const LOG_UNAVAILABLE: &str = "kernel TLS is not available: TLS stays in user space";
+/// The start-up line when `listen.kernel_tls` is false.
+pub const LOG_OFF: &str = "kernel TLS is off (listen.kernel_tls: false): TLS stays in user space";
+
 /// Why a terminated connection keeps TLS in user space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fallback {
@@ -174,17 +182,13 @@ impl KernelTls {
             let _ = metrics.key_updates.get_or_create(&[("outcome", outcome)]);
         }
         if !enabled {
-            info!("kernel TLS is off (listen.kernel_tls: false): TLS stays in user space");
+            info!("{LOG_OFF}");
             return Self::without(Fallback::Disabled, metrics);
         }
         match probe() {
             Ok(ciphers) => {
                 let names: Vec<&str> = ciphers.iter().map(|c| c.label()).collect();
-                info!(
-                    ciphers = %names.join(","),
-                    "kernel TLS is available: HTTP/1.1 TLS 1.3 connections hand their keys to the \
-                     kernel and cache hits go out with sendfile"
-                );
+                info!(ciphers = %names.join(","), "{LOG_IN_USE}");
                 Self {
                     config: Some(kernel_server_config(minter, &ciphers, Some(user))),
                     ciphers,
@@ -193,10 +197,7 @@ impl KernelTls {
                 }
             }
             Err(e) => {
-                info!(
-                    reason = %crate::telemetry::error_chain(&e),
-                    "kernel TLS is not available: TLS stays in user space"
-                );
+                info!(reason = %crate::telemetry::error_chain(&e), "{LOG_UNAVAILABLE}");
                 Self::without(Fallback::Unavailable, metrics)
             }
         }
