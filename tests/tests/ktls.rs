@@ -17,6 +17,15 @@ use pullproxy::tls::ktls;
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 
+/// A World whose pullproxy waits long for handshakes: under emulation (the VM's TCG) a debug
+/// build minting its first leaf certificate takes longer than the default 10 s, and these tests
+/// are not about that deadline.
+fn world(extra: &[(&'static str, String)]) -> World {
+    let mut env = vec![("PULLPROXY_LISTEN__HANDSHAKE_TIMEOUT", "120s".to_owned())];
+    env.extend_from_slice(extra);
+    World::with_proxy_env("pp-ktls", &env)
+}
+
 /// An image whose one layer is big enough for several sendfile calls and an odd length.
 fn image() -> Image {
     let layer = images::random_layer((5 << 20) + 4321, 0x6b71);
@@ -72,7 +81,7 @@ fn upstream_image(w: &World) -> Image {
 #[test]
 fn cache_hits_go_out_with_sendfile_byte_exact_between_misses_on_one_connection() {
     require_kernel_tls!();
-    let w = World::new("pp-ktls");
+    let w = world(&[]);
     assert!(
         w.proxy.find(ktls::LOG_IN_USE).is_some(),
         "pullproxy did not say it uses kernel TLS:\n{}",
@@ -202,7 +211,7 @@ fn kernel_version() -> (u32, u32) {
 #[test]
 fn a_key_update_from_the_client_is_followed_or_ends_the_connection_cleanly() {
     require_kernel_tls!();
-    let w = World::new("pp-ktls");
+    let w = world(&[]);
     let image = upstream_image(&w);
     let layer = &image.layers[0];
     let bytes = layer.bytes();
@@ -259,7 +268,7 @@ fn a_key_update_from_the_client_is_followed_or_ends_the_connection_cleanly() {
 #[test]
 fn a_close_notify_from_the_client_is_answered_with_one() {
     require_kernel_tls!();
-    let w = World::new("pp-ktls");
+    let w = world(&[]);
     let mut c = client(&w, tls13(&w)).keep_alive().expect("connect");
     assert_eq!(c.request("GET", "/v2/", &[]).expect("ping").status, 200);
     c.tls().send_close_notify();
@@ -305,7 +314,7 @@ fn curl(w: &World, args: &[&str], url_path: &str) -> (bool, String) {
 #[test]
 fn clients_the_kernel_path_does_not_take_are_served_in_user_space_and_counted() {
     require_kernel_tls!();
-    let w = World::new("pp-ktls");
+    let w = world(&[]);
     let image = upstream_image(&w);
     let layer = &image.layers[0];
     let bytes = layer.bytes();
@@ -354,10 +363,7 @@ fn clients_the_kernel_path_does_not_take_are_served_in_user_space_and_counted() 
 
     // Switched off in the configuration: everything in user space, said once at start.
     drop(w);
-    let off = World::with_proxy_env(
-        "pp-ktls",
-        &[("PULLPROXY_LISTEN__KERNEL_TLS", "false".to_owned())],
-    );
+    let off = world(&[("PULLPROXY_LISTEN__KERNEL_TLS", "false".to_owned())]);
     assert!(
         off.proxy.find(ktls::LOG_OFF).is_some(),
         "{}",
