@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: builds the benchmarks and pullproxy in release, runs the pull suite
-//! (`pp-bench`) and the kernel hook benchmark (`pp-hookbench`) as root, and writes their JSON,
-//! a Markdown report and PNG plots under `results/`.
+//! (`pp-bench`: its figures, then on its own the TLS fast path figure), containerd's pulls
+//! (`pp-pullbench`) and the kernel hook benchmark (`pp-hookbench`) as root, and writes their
+//! JSON, a Markdown report and PNG plots under `results/`.
 
 use std::{
     path::Path,
@@ -22,7 +23,12 @@ pub struct BenchArgs {
     pub quick: bool,
     /// Only render the report again from the JSON already in `results/`.
     pub report_only: bool,
+    /// Only the fast path figure (`results/fastpath.json`), then the report.
+    pub fastpath: bool,
 }
+
+/// The blob size of the fast path figure, MiB: the size of the targets.
+const FASTPATH_MIB: &str = "256";
 
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     if args.report_only {
@@ -51,6 +57,31 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let results = root().join("results");
     std::fs::create_dir_all(&results)?;
     warn_if_busy();
+    let pullproxy = bin.join("pullproxy");
+
+    let mut fastpath_args = vec![
+        "--only".to_owned(),
+        "fastpath".to_owned(),
+        "--sizes".to_owned(),
+        FASTPATH_MIB.to_owned(),
+    ];
+    if let Some(r) = args.rounds {
+        fastpath_args.extend(["--rounds".to_owned(), r.to_string()]);
+    }
+    let fastpath = |args: &[String]| -> anyhow::Result<()> {
+        say("running pp-bench --only fastpath (the TLS fast path)");
+        let out = run_as_root(
+            &bin.join("pp-bench"),
+            args,
+            &[("PULLPROXY_BIN", pullproxy.as_path())],
+        )?;
+        std::fs::write(results.join("fastpath.json"), stamped(&out)?)?;
+        Ok(())
+    };
+    if args.fastpath {
+        fastpath(&fastpath_args)?;
+        return render(&results);
+    }
 
     let mut hook_args = vec!["--rounds".to_owned()];
     hook_args.push(
@@ -73,13 +104,15 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         suite_args.extend(["--rounds".to_owned(), r.to_string()]);
     }
     say("running pp-bench (the pull suite; progress below)");
-    let pullproxy = bin.join("pullproxy");
     let suite = run_as_root(
         &bin.join("pp-bench"),
         &suite_args,
         &[("PULLPROXY_BIN", pullproxy.as_path())],
     )?;
     std::fs::write(results.join("bench.json"), stamped(&suite)?)?;
+    if !args.quick {
+        fastpath(&fastpath_args)?;
+    }
 
     // Figure 3: an unmodified containerd pulling a multi-layer image from the hub through
     // pullproxy vs with a hosts.toml mirror (the containerd harness's own benchmark).
@@ -111,6 +144,26 @@ fn render(results: &Path) -> anyhow::Result<()> {
     if results.join("containerd.json").exists() {
         merge_containerd(&mut suite, read("containerd.json")?);
     }
+    // The fast path figure: this machine's run (its targets join the table), then any run in
+    // a guest (`fastpath-<kernel>.json`, from the kernel TLS suite under `vm-test`).
+    let mut runs = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir(results)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("fastpath") && n.ends_with(".json"))
+        .collect();
+    names.sort();
+    for name in names {
+        let mut run = read(&name)?;
+        if name == "fastpath.json"
+            && let (Some(targets), Some(new)) =
+                (suite["targets"].as_array_mut(), run["targets"].as_array())
+        {
+            targets.extend(new.iter().cloned());
+        }
+        run["file"] = name.into();
+        runs.push(run);
+    }
+    suite["fastpath_runs"] = runs.into();
     let written = report::write(results, &suite, &read("hook.json")?)?;
     for path in written {
         say(format!("wrote {}", path.display()));

@@ -60,6 +60,11 @@ enum Task {
         /// Only render `results/bench.md` and the plots again from the JSON there.
         #[arg(long)]
         report_only: bool,
+        /// Only the TLS fast path figure (hub and cache hits of a 256 MiB blob against the hub,
+        /// with the load generator and curl, TLS in user space and in the kernel where it has
+        /// `tls`) into `results/fastpath.json`, then render the report.
+        #[arg(long, conflicts_with_all = ["quick", "report_only"])]
+        fastpath: bool,
     },
     /// Render deploy/manifests/ from the Helm chart with its default values (helm is installed
     /// like the other test tools); the deployment tests fail while they differ.
@@ -141,10 +146,12 @@ fn main() -> anyhow::Result<()> {
             rounds,
             quick,
             report_only,
+            fastpath,
         } => bench::bench(&bench::BenchArgs {
             rounds,
             quick,
             report_only,
+            fastpath,
         }),
         Task::Manifests => manifests(),
         Task::VmTest {
