@@ -1,6 +1,7 @@
 //! Types shared by the kernel programs (`proxy-ebpf`) and user space (`proxy`): map names, keys,
 //! values and counter indexes. Every type is `#[repr(C)]` with no implicit padding, so both sides
-//! agree on the bytes; the layout tests below pin the sizes.
+//! agree on the bytes; the layout tests below pin the sizes. Its only `unsafe` is the user-space
+//! `aya::Pod` impls, which promise exactly that.
 #![no_std]
 
 /// Version of the map layout. Maps are pinned under `<pin dir>/maps-<version>/`, so a pullproxy
@@ -213,15 +214,23 @@ impl Counter {
     }
 }
 
-// SAFETY: plain `#[repr(C)]` data without padding or pointers; every bit pattern is valid.
+/// `aya::Pod` for the types user space reads from and writes to maps.
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for OrigDst {}
-// SAFETY: as above.
-#[cfg(feature = "user")]
-unsafe impl aya::Pod for TupleKey {}
-// SAFETY: as above.
-#[cfg(feature = "user")]
-unsafe impl aya::Pod for CachedRole {}
+#[expect(
+    unsafe_code,
+    reason = "aya::Pod is an unsafe trait: maps copy these as raw bytes"
+)]
+mod pod {
+    use super::{CachedRole, OrigDst, TupleKey};
+
+    // SAFETY: plain `#[repr(C)]` data without padding or pointers (the layout tests below pin
+    // that); every bit pattern is a valid value.
+    unsafe impl aya::Pod for OrigDst {}
+    // SAFETY: as for `OrigDst`.
+    unsafe impl aya::Pod for TupleKey {}
+    // SAFETY: as for `OrigDst`.
+    unsafe impl aya::Pod for CachedRole {}
+}
 
 #[cfg(test)]
 mod tests {

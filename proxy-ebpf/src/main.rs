@@ -13,6 +13,14 @@
 //! namespace, so a stopped proxy means direct connections (fail open). The bind guard refuses
 //! exactly one thing: a TCP `bind()` of a guarded port, in pullproxy's network namespace, from
 //! any other cgroup.
+//!
+//! Kernel programs are `unsafe` by nature: BPF helpers are raw foreign functions, map values and
+//! context fields are raw pointers, and the loader finds programs and the license by unmangled
+//! symbol names. Each block says why it is sound; the verifier checks the memory accesses again.
+#![expect(
+    unsafe_code,
+    reason = "BPF helpers, raw map and context pointers, unmangled symbols; see the module doc"
+)]
 #![no_std]
 #![no_main]
 

@@ -1,4 +1,9 @@
 //! The `pullproxy` command line.
+#![expect(
+    unsafe_code,
+    reason = "umask(2) at start-up, which libc exposes only as an unsafe fn"
+)]
+#![deny(clippy::unwrap_used)]
 
 use std::{path::PathBuf, process::ExitCode};
 

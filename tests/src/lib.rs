@@ -19,8 +19,14 @@
 //!
 //! `unsafe` appears only where a child must join a namespace and a cgroup between fork and exec
 //! (`process.rs`, `mountns.rs`), a thread must enter a network namespace (`netns.rs`,
-//! `registry_client.rs`), a process started indirectly is signalled (`process.rs`), or systemd's
-//! delegation mark on a cgroup is read (`cgroup.rs`).
+//! `registry_client.rs`), a process started indirectly is signalled (`process.rs`,
+//! `containerd.rs`), bpffs is mounted and unmounted (`bpffs.rs`), the effective uid is read
+//! (`privileged.rs`), or systemd's delegation mark on a cgroup is read (`cgroup.rs`): syscalls
+//! that std does not wrap.
+#![expect(
+    unsafe_code,
+    reason = "syscalls that std does not wrap; see the crate doc"
+)]
 
 pub mod bpffs;
 pub mod cgroup;

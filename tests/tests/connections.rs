@@ -39,6 +39,7 @@ fn addr(s: &str) -> SocketAddr {
 
 /// Raises this test process's own soft open-file limit to its hard limit; panics if that is
 /// still below `needed` (a machine too small for the test).
+#[expect(unsafe_code, reason = "getrlimit/setrlimit: std has no wrapper")]
 fn raise_own_fd_limit(needed: u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -74,6 +75,10 @@ fn connect_many(w: &World, to: &str, n: usize) -> Vec<TcpStream> {
 
 /// Whether the peer closed `tcp` (FIN or RST), found without reading from it: unread bytes the
 /// server sent must stay unread (a client that stopped reading).
+#[expect(
+    unsafe_code,
+    reason = "poll(2) for POLLRDHUP: std cannot ask without reading"
+)]
 fn closed_by_peer(tcp: &TcpStream) -> bool {
     let mut fd = libc::pollfd {
         fd: tcp.as_raw_fd(),
@@ -189,6 +194,7 @@ fn h2_response_status_byte(r: &mut impl Read) -> u8 {
 
 /// Sets this socket's receive buffer small, so a response the client does not read blocks the
 /// server's writes after a few kilobytes.
+#[expect(unsafe_code, reason = "SO_RCVBUF: std has no setter for it")]
 fn small_receive_buffer(tcp: &TcpStream) {
     let size: libc::c_int = 4096;
     // SAFETY: setsockopt reads one c_int that outlives the call, on a socket we own.

@@ -331,7 +331,24 @@ fn lint() -> anyhow::Result<()> {
         "--",
         "-D",
         "warnings",
-    ]))
+    ]))?;
+    dependency_rules()
+}
+
+/// `deny.toml`: licenses, bans and sources always; RustSec advisories when the advisory
+/// database (a git repository on github.com) can be fetched. A machine that cannot reach it says
+/// so loudly and checks the rest; one that can fails on any advisory that matches.
+fn dependency_rules() -> anyhow::Result<()> {
+    setup::ensure_cargo_deny()?;
+    run(cmd("cargo").args(["deny", "check", "bans", "licenses", "sources"]))?;
+    if run(cmd("cargo").args(["deny", "fetch", "db"])).is_err() {
+        say(
+            "ADVISORIES NOT CHECKED: the RustSec advisory database could not be fetched \
+             (the error is above); licenses, bans and sources were checked",
+        );
+        return Ok(());
+    }
+    run(cmd("cargo").args(["deny", "--offline", "check", "advisories"]))
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {

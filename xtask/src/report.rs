@@ -526,7 +526,10 @@ fn swatch(colour: RGBColor) -> impl Fn((i32, i32)) -> Rectangle<(i32, i32)> {
 }
 
 /// Grouped bars with whiskers; `lines` are horizontal reference lines (value, label).
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one plot's description, each argument a different part of it; two call sites"
+)]
 fn bars(
     path: &Path,
     size: (u32, u32),

@@ -1,6 +1,6 @@
 //! Installs what a fresh machine lacks: the eBPF nightly (with `rust-src`), `bpf-linker` built
-//! against that nightly's LLVM, cargo-fuzz for the fuzz targets, and, for the tests, Debian
-//! packages. Each step says what it does and is skipped when already done.
+//! against that nightly's LLVM, cargo-fuzz for the fuzz targets, cargo-deny for the dependency
+//! rules, and, for the tests, Debian packages. Each step says what it does and is skipped when already done.
 
 use std::{
     fs,
@@ -18,6 +18,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// cargo-fuzz release that builds the fuzz targets in `fuzz/` (`cargo xtask fuzz`).
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-deny release that checks `deny.toml` (`cargo xtask lint`).
+const CARGO_DENY_VERSION: &str = "0.20.2";
 
 /// Debian packages the fuzz build needs: libfuzzer-sys compiles libFuzzer, which is C++.
 const FUZZ_PACKAGES: &[(&str, &str)] = &[("g++", "/usr/bin/g++")];
@@ -72,20 +75,38 @@ pub fn build_deps() -> anyhow::Result<()> {
 pub fn fuzz_deps() -> anyhow::Result<String> {
     let sysroot = ebpf_toolchain()?;
     apt_install(FUZZ_PACKAGES, "the fuzz build uses")?;
-    let want = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
-    let have = output(cmd("cargo").args(["fuzz", "--version"])).unwrap_or_default();
-    if have.trim() != want {
-        say(format!(
-            "installing {want} (builds and runs the fuzz targets)"
-        ));
-        run(cmd("cargo")
-            .args(["install", "--locked", "--force"])
-            .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}")))?;
-    }
+    ensure_cargo_tool(
+        "fuzz",
+        CARGO_FUZZ_VERSION,
+        "builds and runs the fuzz targets",
+    )?;
     sysroot
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .context("the eBPF nightly's sysroot has no name")
+}
+
+/// cargo-deny at the pinned release, installed when missing or another version.
+pub fn ensure_cargo_deny() -> anyhow::Result<()> {
+    ensure_cargo_tool(
+        "deny",
+        CARGO_DENY_VERSION,
+        "checks the dependency rules in deny.toml",
+    )
+}
+
+/// `cargo-<name>` at `version` (what `cargo <name> --version` prints), installed with
+/// `cargo install --locked` when missing or another version.
+fn ensure_cargo_tool(name: &str, version: &str, why: &str) -> anyhow::Result<()> {
+    let want = format!("cargo-{name} {version}");
+    let have = output(cmd("cargo").args([name, "--version"])).unwrap_or_default();
+    if have.trim() != want {
+        say(format!("installing {want} ({why})"));
+        run(cmd("cargo")
+            .args(["install", "--locked", "--force"])
+            .arg(format!("cargo-{name}@{version}")))?;
+    }
+    Ok(())
 }
 
 /// The eBPF nightly pinned in proxy-ebpf/rust-toolchain.toml, with `rust-src`; returns its

@@ -325,9 +325,9 @@ impl BlobCache {
         self.inner
             .flights
             .lock()
-            .unwrap()
+            .expect("flights lock")
             .get(digest)
-            .is_some_and(|f| f.shared.lock().unwrap().joinable())
+            .is_some_and(|f| f.shared.lock().expect("flight lock").joinable())
     }
 
     /// Serves `digest` (the whole blob or `range`) from the cache, or from the one upstream
@@ -473,7 +473,7 @@ impl Inner {
     /// Joins the flight for `digest` or registers a new one; the reader is registered under the
     /// same lock, so a flight that stops taking joiners never gains an unseen reader.
     fn join_or_register(&self, digest: &Digest) -> (ReaderSlot, bool) {
-        let mut flights = self.flights.lock().unwrap();
+        let mut flights = self.flights.lock().expect("flights lock");
         if let Some(flight) = flights.get(digest)
             && let Some(slot) = ReaderSlot::join(flight)
         {
@@ -489,10 +489,10 @@ impl Inner {
     /// A new flight, registered for joiners unless another joinable flight holds the digest.
     fn register_if_free(&self, digest: &Digest) -> ReaderSlot {
         let flight = Arc::new(Flight::new(digest.clone()));
-        let mut flights = self.flights.lock().unwrap();
+        let mut flights = self.flights.lock().expect("flights lock");
         let taken = flights
             .get(digest)
-            .is_some_and(|f| f.shared.lock().unwrap().joinable());
+            .is_some_and(|f| f.shared.lock().expect("flight lock").joinable());
         if !taken {
             flights.insert(digest.clone(), flight.clone());
         }
@@ -500,7 +500,7 @@ impl Inner {
     }
 
     fn unregister(&self, flight: &Arc<Flight>) {
-        let mut flights = self.flights.lock().unwrap();
+        let mut flights = self.flights.lock().expect("flights lock");
         if flights
             .get(&flight.digest)
             .is_some_and(|f| Arc::ptr_eq(f, flight))
@@ -649,7 +649,7 @@ impl Flight {
 
     /// Turns a registered flight into a view of a blob that is already stored.
     fn serve_stored(&self, blob: &StoredBlob) {
-        self.shared.lock().unwrap().content = Some(blob.content.clone());
+        self.shared.lock().expect("flight lock").content = Some(blob.content.clone());
         self.progress.send_modify(|p| {
             p.phase = Phase::Verified;
             p.len = Some(blob.len);
@@ -668,13 +668,13 @@ struct ReaderSlot {
 
 impl ReaderSlot {
     fn new(flight: Arc<Flight>) -> Self {
-        let id = flight.shared.lock().unwrap().add_reader();
+        let id = flight.shared.lock().expect("flight lock").add_reader();
         ReaderSlot { flight, id }
     }
 
     /// Registers a reader if the flight can still serve one from the start.
     fn join(flight: &Arc<Flight>) -> Option<Self> {
-        let mut shared = flight.shared.lock().unwrap();
+        let mut shared = flight.shared.lock().expect("flight lock");
         if !shared.joinable() {
             return None;
         }
@@ -686,7 +686,7 @@ impl ReaderSlot {
     }
 
     fn advance(&self, pos: u64) {
-        let mut shared = self.flight.shared.lock().unwrap();
+        let mut shared = self.flight.shared.lock().expect("flight lock");
         if let Some(p) = shared.readers.get_mut(&self.id) {
             *p = pos;
         }
@@ -697,7 +697,7 @@ impl ReaderSlot {
     }
 
     fn window_read(&self, pos: u64, max: u64) -> Result<Bytes, FlightError> {
-        let shared = self.flight.shared.lock().unwrap();
+        let shared = self.flight.shared.lock().expect("flight lock");
         if !shared.readers.contains_key(&self.id) {
             return Err(FlightError::TooSlow);
         }
@@ -707,7 +707,7 @@ impl ReaderSlot {
 
 impl Drop for ReaderSlot {
     fn drop(&mut self) {
-        let mut shared = self.flight.shared.lock().unwrap();
+        let mut shared = self.flight.shared.lock().expect("flight lock");
         shared.readers.remove(&self.id);
         shared.trim();
         self.flight.space.notify_one();
@@ -839,7 +839,14 @@ impl FlightReader {
         let content = match &self.content {
             Some(c) => c.clone(),
             None => {
-                let c = self.slot.flight.shared.lock().unwrap().content.clone();
+                let c = self
+                    .slot
+                    .flight
+                    .shared
+                    .lock()
+                    .expect("flight lock")
+                    .content
+                    .clone();
                 let c = c.ok_or_else(|| io::Error::other(FlightError::Abandoned))?;
                 self.content = Some(c.clone());
                 c
@@ -975,7 +982,7 @@ async fn download(inner: Arc<Inner>, flight: Arc<Flight>, upstream: UpstreamBlob
             Ok(ingest) => Ok(ingest),
             Err(e) => Err(degrade(&inner, &flight, 0, &e)),
         };
-    flight.shared.lock().unwrap().content = ingest.as_ref().ok().map(|i| i.content());
+    flight.shared.lock().expect("flight lock").content = ingest.as_ref().ok().map(|i| i.content());
     flight.progress.send_modify(|p| {
         p.phase = Phase::Streaming;
         p.len = expected_len;
@@ -1102,7 +1109,7 @@ fn degrade(inner: &Inner, flight: &Flight, file_end: u64, error: &CacheError) ->
         bump(&inner.counters.write_errors);
         FlightOutcome::WriteFailed { error }
     };
-    let mut shared = flight.shared.lock().unwrap();
+    let mut shared = flight.shared.lock().expect("flight lock");
     shared.window_start = file_end;
     shared.degraded_at = Some(file_end);
     outcome
@@ -1112,7 +1119,7 @@ fn degrade(inner: &Inner, flight: &Flight, file_end: u64, error: &CacheError) ->
 async fn push_window(inner: &Inner, flight: &Flight, batch: Vec<Bytes>, size: u64) -> bool {
     loop {
         {
-            let mut shared = flight.shared.lock().unwrap();
+            let mut shared = flight.shared.lock().expect("flight lock");
             shared.trim();
             if shared.readers.is_empty() {
                 shared.closed = true;
@@ -1126,7 +1133,7 @@ async fn push_window(inner: &Inner, flight: &Flight, batch: Vec<Bytes>, size: u6
         }
         let woken = tokio::time::timeout(inner.reader_stall, flight.space.notified()).await;
         if woken.is_err() {
-            let mut shared = flight.shared.lock().unwrap();
+            let mut shared = flight.shared.lock().expect("flight lock");
             if let Some(slowest) = shared.readers.values().min().copied() {
                 shared.readers.retain(|_, pos| *pos > slowest);
                 warn!(digest = %flight.digest, offset = slowest, "cutting off a stalled reader of an uncached download");

@@ -265,14 +265,14 @@ impl FsBlobStore {
             removed_misnamed = removed,
             "blob cache index rebuilt"
         );
-        *inner.pending.lock().unwrap() = pending;
+        *inner.pending.lock().expect("pending lock") = pending;
         Ok(())
     }
 
     /// Hashes every blob found at start-up that has not been verified yet, one at a time,
     /// deleting those that fail. Returns how many were found corrupt.
     pub async fn verify_pending(&self) -> usize {
-        let pending = std::mem::take(&mut *self.inner.pending.lock().unwrap());
+        let pending = std::mem::take(&mut *self.inner.pending.lock().expect("pending lock"));
         let mut corrupt = 0;
         for digest in pending {
             if let Some(false) = self.verify(&digest).await {
@@ -597,7 +597,10 @@ impl BlobIngest for FsIngest {
         async move {
             let n = blocking(move || {
                 let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-                reservation.lock().unwrap().cover(written + n)?;
+                reservation
+                    .lock()
+                    .expect("reservation lock")
+                    .cover(written + n)?;
                 for chunk in &chunks {
                     (&*file)
                         .write_all(chunk)
@@ -634,7 +637,7 @@ impl BlobIngest for FsIngest {
                 fs::rename(&this.tmp_path, &dest).map_err(io_err("renaming into", &dest))?;
                 // The reservation first, so that the blob's entry does not evict for room the
                 // blob already has.
-                this.reservation.lock().unwrap().release();
+                this.reservation.lock().expect("reservation lock").release();
                 this.inner.insert(
                     &this.digest,
                     Entry {

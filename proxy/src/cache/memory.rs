@@ -81,13 +81,13 @@ impl MemoryBlobStore {
 
     /// Makes every new ingest fail to start, as if no temp file could be created.
     pub fn fail_ingests(&self, fail: bool) {
-        self.faults.lock().unwrap().fail_ingest = fail;
+        self.faults.lock().expect("faults lock").fail_ingest = fail;
     }
 
     /// Makes writes fail with `StorageFull` once an ingest would hold more than `limit` bytes
     /// (`Some(0)`: the first write fails), as a disk filling up would.
     pub fn fail_writes_after(&self, limit: Option<u64>) {
-        self.faults.lock().unwrap().fail_writes_after = limit;
+        self.faults.lock().expect("faults lock").fail_writes_after = limit;
     }
 
     /// Applies pending evictions now (tests check usage right after an insert).
@@ -116,7 +116,7 @@ impl BlobStore for MemoryBlobStore {
         digest: &'a Digest,
         len: Option<u64>,
     ) -> BoxFuture<'a, Result<Box<dyn BlobIngest>, CacheError>> {
-        let faults = *self.faults.lock().unwrap();
+        let faults = *self.faults.lock().expect("faults lock");
         let result = if faults.fail_ingest {
             Err(CacheError::Io {
                 op: "creating temp file",
@@ -178,9 +178,9 @@ struct MemoryIngest {
 
 impl BlobIngest for MemoryIngest {
     fn write(&mut self, chunks: Vec<Bytes>) -> BoxFuture<'_, Result<(), CacheError>> {
-        let mut buf = self.buf.lock().unwrap();
+        let mut buf = self.buf.lock().expect("ingest buffer lock");
         let total = (buf.len() + chunks.iter().map(Bytes::len).sum::<usize>()) as u64;
-        let limit = self.faults.lock().unwrap().fail_writes_after;
+        let limit = self.faults.lock().expect("faults lock").fail_writes_after;
         let result = if limit.is_some_and(|l| total > l) {
             Err(CacheError::Io {
                 op: "writing",
@@ -196,7 +196,7 @@ impl BlobIngest for MemoryIngest {
     }
 
     fn written(&self) -> u64 {
-        self.buf.lock().unwrap().len() as u64
+        self.buf.lock().expect("ingest buffer lock").len() as u64
     }
 
     fn content(&self) -> Arc<dyn BlobRead> {
@@ -205,7 +205,7 @@ impl BlobIngest for MemoryIngest {
 
     fn commit(mut self: Box<Self>, proof: Verified) -> BoxFuture<'static, Result<(), CacheError>> {
         let result = check_proof(&self.digest, self.written(), &proof).map(|()| {
-            let bytes = Bytes::from(self.buf.lock().unwrap().clone());
+            let bytes = Bytes::from(self.buf.lock().expect("ingest buffer lock").clone());
             // The reservation first, as in the real store.
             self.reservation.release();
             self.tally.inserted(bytes.len() as u64);
@@ -221,7 +221,7 @@ struct Growing(Arc<Mutex<Vec<u8>>>);
 
 impl BlobRead for Growing {
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'static, io::Result<Bytes>> {
-        let buf = self.0.lock().unwrap();
+        let buf = self.0.lock().expect("blob buffer lock");
         let start = usize::try_from(offset).unwrap_or(usize::MAX).min(buf.len());
         let end = start.saturating_add(len).min(buf.len());
         futures_util::future::ready(Ok(Bytes::copy_from_slice(&buf[start..end]))).boxed()

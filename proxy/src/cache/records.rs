@@ -106,18 +106,24 @@ where
     }
 
     pub(crate) fn get(&self, key: &str) -> Option<V> {
-        self.map.read().unwrap().get(key).cloned()
+        self.map.read().expect("records lock").get(key).cloned()
     }
 
     /// `f` of the record under `key`, without copying it.
     pub(super) fn with<T>(&self, key: &str, f: impl FnOnce(Option<&V>) -> T) -> T {
-        f(self.map.read().unwrap().get(key))
+        f(self.map.read().expect("records lock").get(key))
     }
 
     /// Deletes the record under `key`, if any.
     pub(crate) async fn remove(&self, key: &str) -> Result<(), CacheError> {
         let _writer = self.write.lock().await;
-        if self.map.write().unwrap().remove(key).is_none() {
+        if self
+            .map
+            .write()
+            .expect("records lock")
+            .remove(key)
+            .is_none()
+        {
             return Ok(());
         }
         if let Some(files) = &self.files {
@@ -183,7 +189,7 @@ where
             .await
             .map_err(|e| CacheError::Task(e.to_string()))??;
         }
-        self.map.write().unwrap().insert(key, value);
+        self.map.write().expect("records lock").insert(key, value);
         Ok(())
     }
 
@@ -191,14 +197,14 @@ where
     pub(crate) fn entries(&self) -> Vec<(String, V)> {
         self.map
             .read()
-            .unwrap()
+            .expect("records lock")
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map.read().unwrap().len()
+        self.map.read().expect("records lock").len()
     }
 }
 

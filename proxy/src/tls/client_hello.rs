@@ -190,8 +190,10 @@ fn parse_hello_body(body: &[u8]) -> ClientHelloPeek {
     match r.vec16() {
         Some(suites) if !suites.is_empty() && suites.len() % 2 == 0 => {
             offer.suites = suites
-                .chunks_exact(2)
-                .map(|s| u16::from_be_bytes([s[0], s[1]]))
+                .as_chunks::<2>()
+                .0
+                .iter()
+                .map(|s| u16::from_be_bytes(*s))
                 .collect();
         }
         Some(_) => return Malformed("cipher suite list is empty or odd"),
@@ -224,7 +226,7 @@ fn parse_hello_body(body: &[u8]) -> ClientHelloPeek {
             EXTENSION_SUPPORTED_VERSIONS => {
                 offer.tls13 = Reader { bytes: data }
                     .vec8()
-                    .is_some_and(|v| v.chunks_exact(2).any(|v| v == TLS13.to_be_bytes()));
+                    .is_some_and(|v| v.as_chunks::<2>().0.contains(&TLS13.to_be_bytes()));
                 continue;
             }
             EXTENSION_ALPN => {

@@ -317,6 +317,7 @@ fn latencies(dst: &str, n: usize) -> Vec<f64> {
         .collect()
 }
 
+#[expect(unsafe_code, reason = "SO_LINGER: std has no stable setter for it")]
 fn close_with_reset(s: TcpStream) {
     let linger = libc::linger {
         l_onoff: 1,

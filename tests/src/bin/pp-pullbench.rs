@@ -57,6 +57,10 @@ fn options() -> Options {
     o
 }
 
+#[expect(
+    clippy::exit,
+    reason = "bad arguments: nothing is set up yet that Drop would undo"
+)]
 fn usage(why: &str) -> ! {
     eprintln!("pp-pullbench: {why}\nusage: pp-pullbench [--rounds N] [--layers N] [--layer-mib N]");
     std::process::exit(2);

@@ -135,7 +135,7 @@ async fn send_alert(
     stream: &mut TcpStream,
     incoming: &mut [u8],
 ) {
-    let mut out = vec![0u8; 64];
+    let mut out = [0u8; 64];
     let mut used = 0;
     for _ in 0..4 {
         let UnbufferedStatus { state, .. } = conn.process_tls_records(incoming);

@@ -543,6 +543,10 @@ pub fn profile(workload: &str, seconds: f64) {
 }
 
 /// User plus system CPU seconds of a process so far (`/proc/<pid>/stat`, in clock ticks).
+#[expect(
+    unsafe_code,
+    reason = "sysconf(_SC_CLK_TCK): libc exposes it only as an unsafe fn"
+)]
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at state, field 3.
