@@ -176,6 +176,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     let proxy = Arc::new(proxy);
     proxy.metrics.register(&mut registry);
+    let tls_config = tls::server_config(minter.clone());
+    let kernel_tls = Arc::new(tls::ktls::KernelTls::new(
+        config.listen.kernel_tls,
+        minter.clone(),
+        &tls_config,
+    ));
+    kernel_tls.register(&mut registry);
     let server_metrics = Arc::new(ServerMetrics::default());
     server_metrics.register(&mut registry);
     let conn_metrics = Arc::new(ConnMetrics::default());
@@ -276,7 +283,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         ),
         on_distrust,
         records,
-        acceptor: tokio_rustls::TlsAcceptor::from(tls::server_config(minter.clone())),
+        acceptor: tokio_rustls::TlsAcceptor::from(tls_config),
+        kernel_tls,
         minter,
         insecure: config.registries.insecure.clone(),
         proxy,

@@ -1,8 +1,9 @@
 //! The proxy's listeners and what happens to each accepted connection: it is matched with its
 //! kernel record (where it was going, who opened it), admitted within its client's connection
 //! budget (or closed at once), then either terminated (TLS to a registry host, with a leaf minted
-//! by the node CA; or plain HTTP to a configured insecure registry) and served by the registry
-//! proxy under the connection deadlines, or spliced byte for byte to where it was going.
+//! by the node CA, its record layer then in the kernel where it can be; or plain HTTP to a
+//! configured insecure registry) and served by the registry proxy under the connection
+//! deadlines, or spliced byte for byte to where it was going.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -24,7 +25,11 @@ use crate::{
     conn::{ClientKey, CloseReason, Gate, Permit, Reset},
     original_dst::{ClientAddr, ListenAddr, OriginalDst, OriginalDstSource},
     registry::{ConnContext, RegistryProxy},
-    tls::{ClientHelloPeek, LeafMinter, peek_client_hello},
+    tls::{
+        ClientHelloPeek, LeafMinter, TlsOffer,
+        ktls::{KernelTls, KtlsError, Route},
+        peek_client_hello,
+    },
     upstream::Origin,
 };
 
@@ -108,6 +113,8 @@ pub struct Server {
     pub records: Arc<dyn OriginalDstSource>,
     pub minter: Arc<LeafMinter>,
     pub acceptor: TlsAcceptor,
+    /// Where terminated connections' record layer goes to the kernel.
+    pub kernel_tls: Arc<KernelTls>,
     /// Registries spoken to in plain HTTP (`host` or `host:port`).
     pub insecure: Vec<String>,
     pub proxy: Arc<RegistryProxy>,
@@ -171,7 +178,7 @@ impl Server {
         let handshake = self.gate.deadlines().handshake;
         let deadline = Instant::now() + handshake;
         match peek_client_hello(&stream, handshake).await {
-            Ok(ClientHelloPeek::Sni(name)) if self.minter.intercepts(&name) => {
+            Ok(ClientHelloPeek::Sni(name, offer)) if self.minter.intercepts(&name) => {
                 // Minting first means a host the CA cannot cover is spliced, not broken.
                 match self.minter.certified_key(&name) {
                     Ok(_) => {
@@ -181,8 +188,9 @@ impl Server {
                             orig,
                             peer,
                             label: self.minter.label(&name),
+                            files: None,
                         };
-                        self.terminate_tls(stream, ctx, deadline).await
+                        self.terminate_tls(stream, ctx, deadline, &offer).await
                     }
                     Err(e) => {
                         warn!(server_name = %name, error = %e, "cannot mint; splicing instead");
@@ -200,6 +208,7 @@ impl Server {
                             orig,
                             peer,
                             label: entry.to_owned(),
+                            files: None,
                         };
                         self.serve_http(stream, ctx).await
                     }
@@ -256,39 +265,62 @@ impl Server {
     async fn terminate_tls(
         self: Arc<Self>,
         stream: TcpStream,
-        ctx: ConnContext,
+        mut ctx: ConnContext,
         deadline: Instant,
+        offer: &TlsOffer,
     ) {
-        let (orig, origin) = (&ctx.orig, &ctx.origin);
-        let tls = match tokio::time::timeout_at(deadline, self.acceptor.accept(stream)).await {
-            Ok(Ok(s)) => s,
-            Err(_) => {
-                self.gate.closed(CloseReason::HandshakeTimeout);
-                debug!(registry = %origin.authority, "TLS handshake with the client timed out");
-                return;
-            }
-            Ok(Err(e)) => {
-                match (orig, rejected_our_certificate(&e)) {
-                    (Some(o), true) => {
-                        self.metrics.decided("client_rejected_ca");
-                        warn!(
-                            registry = %origin.authority,
-                            pid = o.process.pid,
-                            comm = %o.process.comm,
-                            "the client does not trust the node CA (it started before the CA was \
-                             installed): its connections go direct until it restarts; run \
-                             `pullproxy ca status`"
-                        );
-                        (self.on_distrust)(o.process.pid);
-                    }
-                    _ => {
-                        debug!(registry = %origin.authority, error = %e, "TLS handshake with the client failed")
-                    }
-                }
-                return;
+        let config = match self.kernel_tls.route(offer) {
+            Route::Kernel(config) => config,
+            Route::User(_) => {
+                let tls =
+                    match tokio::time::timeout_at(deadline, self.acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return self.handshake_failed(&ctx, &e),
+                        Err(_) => return self.handshake_timed_out(&ctx),
+                    };
+                return self.serve_http(tls, ctx).await;
             }
         };
-        self.serve_http(tls, ctx).await
+        let accepted = self.kernel_tls.accept(stream, config);
+        match tokio::time::timeout_at(deadline, accepted).await {
+            Ok(Ok(tls)) => {
+                ctx.files = Some(tls.files());
+                self.serve_http(tls, ctx).await
+            }
+            Ok(Err(KtlsError::Handshake(e))) => self.handshake_failed(&ctx, &e),
+            Ok(Err(e)) => warn!(
+                registry = %ctx.origin.authority,
+                error = %crate::telemetry::error_chain(&e),
+                "kernel TLS refused the keys of a finished handshake; connection closed"
+            ),
+            Err(_) => self.handshake_timed_out(&ctx),
+        }
+    }
+
+    fn handshake_timed_out(&self, ctx: &ConnContext) {
+        self.gate.closed(CloseReason::HandshakeTimeout);
+        debug!(registry = %ctx.origin.authority, "TLS handshake with the client timed out");
+    }
+
+    /// A handshake that failed; a client refusing the node CA's certificate is told apart.
+    fn handshake_failed(&self, ctx: &ConnContext, e: &std::io::Error) {
+        match (&ctx.orig, rejected_our_certificate(e)) {
+            (Some(o), true) => {
+                self.metrics.decided("client_rejected_ca");
+                warn!(
+                    registry = %ctx.origin.authority,
+                    pid = o.process.pid,
+                    comm = %o.process.comm,
+                    "the client does not trust the node CA (it started before the CA was \
+                     installed): its connections go direct until it restarts; run \
+                     `pullproxy ca status`"
+                );
+                (self.on_distrust)(o.process.pid);
+            }
+            _ => {
+                debug!(registry = %ctx.origin.authority, error = %e, "TLS handshake with the client failed")
+            }
+        }
     }
 
     async fn serve_http<I>(self: Arc<Self>, io: I, ctx: ConnContext)

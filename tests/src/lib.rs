@@ -11,7 +11,8 @@
 //! puts several nodes, each with its own pullproxy and containerd, on one bridge with a shared
 //! hub and a fake internet. `squatter` tries to take pullproxy's ports, or poses as a container
 //! runtime. `systemd` drives the machine's own units (the real `containerd.service`,
-//! `pullproxy.service`) where a test may change them: the VM of `cargo xtask vm-test`.
+//! `pullproxy.service`) where a test may change them: the VM of `cargo xtask vm-test`. `ktls`
+//! says whether this kernel can run the kernel TLS tests (the VM's can).
 //!
 //! For benchmarks: a load generator that every measured system is pulled with (`loadgen`),
 //! nginx as a caching TLS reverse proxy (`nginx`), a peer of pullproxy, and summaries over
@@ -34,6 +35,7 @@ pub mod cluster;
 pub mod containerd;
 pub mod cri;
 pub mod images;
+pub mod ktls;
 pub mod loadgen;
 pub mod mountns;
 pub mod netns;

@@ -12,7 +12,10 @@
 //!
 //! rustls reads at most 4 KiB per `read` call on its transport; the TLS transport here is a
 //! read-buffered socket so that a 1 GiB body is not a quarter of a million `read(2)` calls in
-//! the client (which would make the client, not the server, the bottleneck).
+//! the client (which would make the client, not the server, the bottleneck). For the same
+//! reason TLS bodies are hashed or counted where rustls holds the decrypted record
+//! (`BufRead::fill_buf`), not copied out into a buffer first: rustls itself copies each record's
+//! plaintext once, which it offers no way around.
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
@@ -377,6 +380,33 @@ impl Read for Transport {
     }
 }
 
+impl Transport {
+    /// Up to `max` body bytes handed to `f`: read into `buf` from a plain socket, or where
+    /// rustls decrypted them. Returns how many (0 at the end of the stream).
+    fn read_with(
+        &mut self,
+        buf: &mut [u8],
+        max: usize,
+        f: impl FnOnce(&[u8]),
+    ) -> io::Result<usize> {
+        match self {
+            Transport::Plain(s) => {
+                let want = buf.len().min(max);
+                let n = s.read(&mut buf[..want])?;
+                f(&buf[..n]);
+                Ok(n)
+            }
+            Transport::Tls(s) => {
+                let chunk = s.fill_buf()?;
+                let n = chunk.len().min(max);
+                f(&chunk[..n]);
+                s.consume(n);
+                Ok(n)
+            }
+        }
+    }
+}
+
 impl Write for Transport {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
@@ -527,7 +557,7 @@ fn is_closed(e: &io::Error) -> bool {
 }
 
 /// Reads exactly `len` body bytes: what the head's buffer already holds, then straight from the
-/// transport into `buf`.
+/// transport (a plain socket into `buf`; TLS where rustls decrypted them).
 fn read_body(
     io: &mut BufReader<Transport>,
     len: u64,
@@ -543,16 +573,17 @@ fn read_body(
     io.consume(n);
     left -= n as u64;
     while left > 0 {
-        let want = buf.len().min(left as usize);
-        let n = io.get_mut().read(&mut buf[..want])?;
+        let max = usize::try_from(left).unwrap_or(usize::MAX);
+        let n = io.get_mut().read_with(buf, max, |bytes| {
+            if let Some(h) = hasher.as_mut() {
+                h.update(bytes);
+            }
+        })?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("body ended after {} of {len} bytes", len - left),
             ));
-        }
-        if let Some(h) = hasher.as_mut() {
-            h.update(&buf[..n]);
         }
         left -= n as u64;
     }

@@ -256,6 +256,30 @@ impl RegistryClient {
         out.flush()
     }
 
+    /// A TLS connection kept open for several requests (the client must have a TLS
+    /// configuration): for tests of what happens on one connection.
+    pub fn keep_alive(&self) -> io::Result<KeepAlive> {
+        let config = self.tls.clone().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "keep-alive is for TLS clients")
+        })?;
+        let tcp = self.connect()?;
+        tcp.set_read_timeout(Some(self.timeout))?;
+        tcp.set_write_timeout(Some(self.timeout))?;
+        tcp.set_nodelay(true)?;
+        let name = ServerName::try_from(self.server_name.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let conn = ClientConnection::new(config, name).map_err(io::Error::other)?;
+        let mut stream = StreamOwned::new(conn, tcp);
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock)?;
+        }
+        Ok(KeepAlive {
+            io: BufReader::with_capacity(64 * 1024, stream),
+            authority: self.authority(),
+            authorization: self.authorization.clone(),
+        })
+    }
+
     /// `GET /v2/`: the status (200, or 401 when credentials are needed or wrong).
     pub fn ping(&self) -> io::Result<u16> {
         Ok(self.request("GET", "/v2/", &[], Body::Empty)?.status)
@@ -473,6 +497,66 @@ fn path_of(location: &str) -> &str {
     match location.split_once("://") {
         Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]),
         None => location,
+    }
+}
+
+/// One TLS connection with its handshake done, for several requests in a row
+/// ([`RegistryClient::keep_alive`]).
+pub struct KeepAlive {
+    io: BufReader<StreamOwned<ClientConnection, TcpStream>>,
+    authority: String,
+    authorization: Option<String>,
+}
+
+impl KeepAlive {
+    /// Sends a request (no body) and reads the whole response; the connection stays open
+    /// unless the server closes it.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> io::Result<Response> {
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: pullproxy-harness\r\n",
+            self.authority
+        );
+        if let Some(authorization) = &self.authorization {
+            head += &format!("Authorization: {authorization}\r\n");
+        }
+        for (k, v) in headers {
+            head += &format!("{k}: {v}\r\n");
+        }
+        head += "\r\n";
+        let stream = self.io.get_mut();
+        stream.write_all(head.as_bytes())?;
+        stream.flush()?;
+        let mut body = Vec::new();
+        let mut resp = read_response(&mut self.io, method == "HEAD", &mut body)?;
+        resp.body = body;
+        Ok(resp)
+    }
+
+    /// The TLS session (its negotiated parameters; key updates and close_notify go out with
+    /// the next write or [`KeepAlive::flush_tls`]).
+    pub fn tls(&mut self) -> &mut ClientConnection {
+        &mut self.io.get_mut().conn
+    }
+
+    /// Writes whatever TLS records are queued (a key update, a close_notify).
+    pub fn flush_tls(&mut self) -> io::Result<()> {
+        let s = self.io.get_mut();
+        while s.conn.wants_write() {
+            s.conn.write_tls(&mut s.sock)?;
+        }
+        Ok(())
+    }
+
+    /// Reads until the server ends the connection: `Ok(bytes)` when it ended with a TLS
+    /// close_notify (after `bytes` more plaintext), an error when it did not.
+    pub fn read_to_close(&mut self) -> io::Result<usize> {
+        let mut rest = Vec::new();
+        self.io.read_to_end(&mut rest)
     }
 }
 

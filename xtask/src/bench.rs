@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: builds the benchmarks and pullproxy in release, runs the kernel hook
-//! benchmark (`pp-hookbench`), the pull suite (`pp-bench`), containerd through pullproxy vs a
-//! mirror (`pp-pullbench`) and the cluster figure (`pp-clusterbench`) as root, and writes their
+//! benchmark (`pp-hookbench`), the pull suite (`pp-bench`: its figures, then on its own the TLS
+//! fast path figure), containerd through pullproxy vs a mirror (`pp-pullbench`) and the cluster
+//! figure (`pp-clusterbench`) as root, and writes their
 //! JSON, a Markdown report and PNG plots under `results/`.
 
 use std::{
@@ -27,9 +28,13 @@ pub struct BenchArgs {
     pub only: Vec<String>,
 }
 
-/// The benchmarks `--only` selects from: the hook benchmark, the pull suite, containerd through
-/// pullproxy vs a mirror, the cluster figure.
-pub const BENCHMARKS: [&str; 4] = ["hook", "suite", "containerd", "cluster"];
+/// The benchmarks `--only` selects from: the hook benchmark, the pull suite, the TLS fast path
+/// figure (not in `--quick` unless named), containerd through pullproxy vs a mirror, the cluster
+/// figure.
+pub const BENCHMARKS: [&str; 5] = ["hook", "suite", "fastpath", "containerd", "cluster"];
+
+/// The blob size of the fast path figure, MiB: the size of the targets.
+const FASTPATH_MIB: &str = "256";
 
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     if args.report_only {
@@ -94,6 +99,23 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         std::fs::write(results.join("bench.json"), stamped(&suite)?)?;
     }
 
+    // The TLS fast path: hub and cache hits of one large blob against the hub, with the load
+    // generator and curl, TLS in user space and in the kernel where it has `tls`.
+    if runs("fastpath") && (!args.quick || !args.only.is_empty()) {
+        let mut fastpath_args = vec![
+            "--only".to_owned(),
+            "fastpath".to_owned(),
+            "--sizes".to_owned(),
+            FASTPATH_MIB.to_owned(),
+        ];
+        if let Some(r) = args.rounds {
+            fastpath_args.extend(["--rounds".to_owned(), r.to_string()]);
+        }
+        say("running pp-bench --only fastpath (the TLS fast path)");
+        let fastpath = run_as_root(&bin.join("pp-bench"), &fastpath_args, &env)?;
+        std::fs::write(results.join("fastpath.json"), stamped(&fastpath)?)?;
+    }
+
     // Figure 3: an unmodified containerd pulling a multi-layer image from the hub through
     // pullproxy vs with a hosts.toml mirror (the containerd harness's own benchmark).
     if runs("containerd") {
@@ -140,6 +162,26 @@ fn render(results: &Path) -> anyhow::Result<()> {
     if results.join("cluster.json").exists() {
         merge_cluster(&mut suite, read("cluster.json")?);
     }
+    // The fast path figure: this machine's run (its targets join the table), then any run in
+    // a guest (`fastpath-<kernel>.json`, from the kernel TLS suite under `vm-test`).
+    let mut runs = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir(results)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("fastpath") && n.ends_with(".json"))
+        .collect();
+    names.sort();
+    for name in names {
+        let mut run = read(&name)?;
+        if name == "fastpath.json"
+            && let (Some(targets), Some(new)) =
+                (suite["targets"].as_array_mut(), run["targets"].as_array())
+        {
+            targets.extend(new.iter().cloned());
+        }
+        run["file"] = name.into();
+        runs.push(run);
+    }
+    suite["fastpath_runs"] = runs.into();
     let written = report::write(results, &suite, &read("hook.json")?)?;
     for path in written {
         say(format!("wrote {}", path.display()));

@@ -63,8 +63,8 @@ enum Task {
         /// Only render `results/bench.md` and the plots again from the JSON there.
         #[arg(long)]
         report_only: bool,
-        /// Run only these benchmarks (comma-separated: hook, suite, containerd, cluster); the
-        /// report takes the others from the JSON already in `results/`.
+        /// Run only these benchmarks (comma-separated: hook, suite, fastpath, containerd,
+        /// cluster); the report takes the others from the JSON already in `results/`.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

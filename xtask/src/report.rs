@@ -320,6 +320,68 @@ fn markdown(suite: &Value, hook: &Value) -> String {
             mib(fc["bytes_on_disk"].as_f64().unwrap_or(0.0)),
         );
     }
+    md += &fastpath(suite);
+    md
+}
+
+/// Section 6, one table per fast path run (this machine's, and guests').
+fn fastpath(suite: &Value) -> String {
+    let runs = arr(&suite["fastpath_runs"]);
+    if runs.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from("\n## 6. The TLS fast path\n\n");
+    md += "Warm `GET`s of one blob (repeated up to 256 MiB per measurement, on one connection, \
+           after one untimed) by the load generator and by curl (OpenSSL, `--http1.1`), through \
+           pullproxy with its TLS in user space and, where the kernel has `tls`, in the kernel \
+           (pullproxy restarted between the two, its cache kept). `× hub` is against the hub \
+           (plain HTTP) with the same client in the same round; CPU is pullproxy's user plus \
+           system seconds per GiB it served; `kernel ÷ user` compares kernel TLS with user-space \
+           TLS, same client, same round.\n";
+    for run in runs {
+        let m = &run["machine"];
+        let load = |k: &str| {
+            arr(&m[k])
+                .iter()
+                .map(|v| format!("{:.2}", v.as_f64().unwrap_or(0.0)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        md += &format!(
+            "\n### `{}`: kernel {}, {} CPUs, load average {} before and {} after, {} rounds, {}\n\n{}.\n\n",
+            s(&run["file"]),
+            s(&m["kernel"]),
+            m["cpus"],
+            load("load_before"),
+            load("load_after"),
+            run["settings"]["rounds"],
+            measured_at(run),
+            s(&run["fastpath"]["kernel_tls"]),
+        );
+        md += "| blob | system | client | TLS | × hub | MiB/s | pullproxy CPU s/GiB | kernel ÷ user: MiB/s | kernel ÷ user: CPU s/GiB |\n\
+               |---|---|---|---|---|---|---|---|---|\n";
+        let opt = |v: &Value, digits| {
+            if v.is_object() {
+                fmt_spread(v, digits)
+            } else {
+                "–".to_owned()
+            }
+        };
+        for r in arr(&run["fastpath"]["rows"]) {
+            md += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                size_label(r["size"].as_u64().unwrap_or(0)),
+                s(&r["system"]),
+                s(&r["client"]),
+                s(&r["tls"]),
+                fmt_spread(&r["vs_hub"], 2),
+                fmt_spread(&r["mib_s_spread"], 0),
+                opt(&r["cpu_s_per_gib"], 3),
+                opt(&r["vs_user"], 2),
+                opt(&r["cpu_vs_user"], 2),
+            );
+        }
+    }
     md
 }
 

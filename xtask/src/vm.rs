@@ -59,7 +59,7 @@ impl Kernel {
 }
 
 /// The suites `vm-test` runs unless told otherwise (tests/tests/<name>.rs).
-pub const DEFAULT_SUITES: &[&str] = &["redirect", "proxy", "containerd", "systemd"];
+pub const DEFAULT_SUITES: &[&str] = &["redirect", "proxy", "containerd", "systemd", "ktls"];
 
 /// What `cargo xtask vm-test` was asked for.
 pub struct VmArgs {
@@ -734,8 +734,9 @@ fn run_script(pullproxy: &Path, binaries: &[(String, PathBuf)], a: &VmArgs) -> S
     }
     let _ = writeln!(
         s,
-        "export CI=true PULLPROXY_SYSTEMD_TESTS=1 RUST_BACKTRACE=1 HOME=/root \
-         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin PULLPROXY_BIN={}",
+        "export CI=true PULLPROXY_SYSTEMD_TESTS=1 PULLPROXY_KTLS_TESTS=1 RUST_BACKTRACE=1 \
+         HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+         PULLPROXY_BIN={}",
         sh_quote(&pullproxy.display().to_string())
     );
     let _ = writeln!(

@@ -149,6 +149,21 @@ pub enum FlightError {
     Abandoned,
 }
 
+/// Where a cached blob's bytes lie: a range of an open file.
+#[derive(Clone)]
+pub struct FileRange {
+    pub file: Arc<std::fs::File>,
+    pub start: u64,
+    /// Exclusive.
+    pub end: u64,
+}
+
+impl fmt::Debug for FileRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FileRange({}..{})", self.start, self.end)
+    }
+}
+
 /// A blob (or part of it) to send: how long, from where, and the bytes.
 pub struct BlobResponse {
     pub source: BlobSource,
@@ -156,6 +171,9 @@ pub struct BlobResponse {
     pub len: Option<u64>,
     pub range: BodyRange,
     pub body: BlobBody,
+    /// For a hit from a file store: the same bytes as `body`, as a file range, so that a
+    /// transport that sends files itself can send them instead of `body`.
+    pub file: Option<FileRange>,
     /// How the download behind this response ended, once it has.
     pub outcome: Outcome,
 }
@@ -389,10 +407,18 @@ impl BlobCache {
             Some(Ok(r)) => (BodyRange::Partial(r), r.start, r.end + 1),
             Some(Err(u)) => (BodyRange::Unsatisfiable(u), 0, 0),
         };
+        let file = match range {
+            BodyRange::Unsatisfiable(_) => None,
+            _ => blob
+                .content
+                .file()
+                .map(|file| FileRange { file, start, end }),
+        };
         BlobResponse {
             source: BlobSource::Hit,
             len: Some(blob.len),
             range,
+            file,
             body: hit_body(
                 self.inner.store.clone(),
                 digest.clone(),
@@ -704,6 +730,7 @@ fn attach(slot: ReaderSlot, range: Option<ByteRange>, source: BlobSource) -> Blo
                     len: Some(len),
                     range: BodyRange::Unsatisfiable(u),
                     body: BlobBody::empty(),
+                    file: None,
                     outcome: Outcome(Some(rx)),
                 };
             }
@@ -728,6 +755,7 @@ fn attach(slot: ReaderSlot, range: Option<ByteRange>, source: BlobSource) -> Blo
         len,
         range: body_range,
         body: BlobBody(body.boxed()),
+        file: None,
         outcome: Outcome(Some(rx)),
     }
 }
@@ -1368,6 +1396,39 @@ mod tests {
         }
         assert_eq!(cache.lookup(&digest).await, Some(1024 * 1024));
         assert_eq!(cache.stats().hits, 5);
+    }
+
+    #[tokio::test]
+    async fn a_hit_from_files_names_the_file_range_of_its_body() {
+        use std::os::unix::fs::FileExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = fs_cache(dir.path());
+        let blob = data(300_000, 9);
+        let digest = put(&**cache.store(), &blob).await;
+        for (header, want) in [
+            (None, Some(0..300_000)),
+            (Some("bytes=7-1006"), Some(7..1007)),
+        ] {
+            let r = cache
+                .get_or_fetch(&digest, header.and_then(range), never)
+                .await
+                .unwrap();
+            let file = r.file.clone().expect("a file range for a hit from files");
+            assert_eq!(Some(file.start..file.end), want);
+            let mut from_file = vec![0; (file.end - file.start) as usize];
+            file.file.read_exact_at(&mut from_file, file.start).unwrap();
+            assert_eq!(from_file, drain_ok(r.body).await, "{header:?}");
+        }
+        let r = cache
+            .get_or_fetch(&digest, range("bytes=300000-"), never)
+            .await
+            .unwrap();
+        assert!(r.file.is_none(), "an unsatisfiable range has no bytes");
+        // The in-memory store has no files.
+        let (store, memory) = memory_cache();
+        let digest = put(&*store, &blob).await;
+        let r = memory.get_or_fetch(&digest, None, never).await.unwrap();
+        assert!(r.file.is_none());
     }
 
     #[tokio::test]

@@ -545,6 +545,10 @@ impl BlobRead for FileContent {
         });
         async move { task.await.map_err(io::Error::other)? }.boxed()
     }
+
+    fn file(&self) -> Option<Arc<File>> {
+        Some(self.0.clone())
+    }
 }
 
 /// One `preadv2` into `buf`'s spare capacity at `offset + buf.len()`; grows `buf` by what was

@@ -44,7 +44,7 @@ mod conformance;
 use std::{io, path::PathBuf, sync::Arc};
 
 pub use flight::{
-    BlobBody, BlobCache, BlobResponse, BlobSource, BodyRange, CacheStats, FlightError,
+    BlobBody, BlobCache, BlobResponse, BlobSource, BodyRange, CacheStats, FileRange, FlightError,
     FlightOutcome, Outcome, READ_CHUNK, UpstreamBlob,
 };
 pub use fs::FsBlobStore;

@@ -33,6 +33,12 @@ pub trait BlobRead: Send + Sync {
     /// The read starts when this is called, not when the future is first polled, so a reader
     /// can read the next chunk while the previous one is being sent.
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'static, io::Result<Bytes>>;
+
+    /// The open file holding the bytes, for a transport that sends files itself; `None` when
+    /// they are not (only) in one file.
+    fn file(&self) -> Option<Arc<std::fs::File>> {
+        None
+    }
 }
 
 /// A verified blob, open for reading. The handle keeps working if the blob is evicted while it

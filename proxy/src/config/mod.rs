@@ -239,6 +239,8 @@ pub struct Listen {
     /// Of those, connections without a kernel record (processes connecting to the port
     /// directly), all together.
     pub max_direct_connections: usize,
+    /// Hand terminated HTTP/1.1 TLS 1.3 connections to the kernel's TLS where it has it.
+    pub kernel_tls: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -429,7 +429,10 @@ where
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's HTTP/1 timer stays unset on purpose: with one, its `header_read_timeout` (30 s by
-    // default) would close idle keep-alive connections before `idle` passes.
+    // default) would close idle keep-alive connections before `idle` passes. Vectored writes
+    // keep response bodies' buffers as they are (no copy into hyper's own), which file bodies
+    // need (`super::sendfile`).
+    builder.http1().writev(true);
     builder
         .http2()
         .timer(TokioTimer::new())

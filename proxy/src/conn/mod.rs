@@ -2,10 +2,12 @@
 //! listener's budget or an immediate close (`limit`), deadlines from accept to the last byte
 //! (`deadline`), an accept loop that backs off when file descriptors run out, and the open-file
 //! limit raised at start. Idle and stalled clients cannot exhaust descriptors, and when accept
-//! fails anyway the listener keeps going.
+//! fails anyway the listener keeps going. Also the file bodies a transport sends with
+//! `sendfile` (`sendfile`).
 
 mod deadline;
 mod limit;
+mod sendfile;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -25,6 +27,7 @@ use tracing::{debug, info, warn};
 pub use self::{
     deadline::{Deadlines, Reset},
     limit::{ClientKey, Limits, Permit},
+    sendfile::{FileBody, FileSender},
 };
 use self::{
     deadline::{Ended, serve},

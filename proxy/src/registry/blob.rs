@@ -19,6 +19,7 @@ use super::{
 use crate::{
     cache::{BlobResponse, BlobSource, BodyRange, FlightOutcome, UpstreamBlob},
     client::{self, ProxyBody},
+    conn::FileSender,
     oci::{ByteRange, Digest, RepositoryName},
     upstream::UpstreamError,
 };
@@ -98,7 +99,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                         .confirmed(&ask, std::slice::from_ref(digest))
                         .await;
                     self.watch_flight(ctx, name, digest, &blob);
-                    return (Source::Upstream, blob_response(digest, blob));
+                    return (Source::Upstream, blob_response(digest, blob, None));
                 }
                 Ok(blob) => match allowed {
                     Some(source) => {
@@ -107,7 +108,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                         } else {
                             Source::Upstream
                         };
-                        return (source, blob_response(digest, blob));
+                        return (source, blob_response(digest, blob, ctx.files.as_ref()));
                     }
                     None => {
                         // Another request cached it or started fetching it since it was looked
@@ -201,7 +202,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 if blob.source == BlobSource::Fetched {
                     self.watch_flight(ctx, name, digest, &blob);
                 }
-                Some((source, blob_response(digest, blob)))
+                Some((source, blob_response(digest, blob, ctx.files.as_ref())))
             }
             // Gone from the node and from the hub: the cache and upstream path decides.
             Err(_) => None,
@@ -337,7 +338,13 @@ fn blob_head(digest: &Digest, len: u64) -> Response<ProxyBody> {
     api_version(r)
 }
 
-fn blob_response(digest: &Digest, blob: BlobResponse) -> Response<ProxyBody> {
+/// The response for `blob`. A cached blob on a connection whose transport sends files itself
+/// (`files`) goes out as its file range; everything else streams its bytes.
+fn blob_response(
+    digest: &Digest,
+    blob: BlobResponse,
+    files: Option<&FileSender>,
+) -> Response<ProxyBody> {
     let (status, length, content_range) = match blob.range {
         BodyRange::Full => (StatusCode::OK, blob.len, None),
         BodyRange::Partial(r) => (
@@ -351,12 +358,18 @@ fn blob_response(digest: &Digest, blob: BlobResponse) -> Response<ProxyBody> {
             Some(u.content_range()),
         ),
     };
-    let body = StreamBody::new(
-        blob.body
-            .map_ok(Frame::data)
-            .map_err(client::BoxError::from),
-    );
-    let mut r = Response::new(BodyExt::boxed_unsync(body));
+    let body = match (files, blob.file) {
+        (Some(files), Some(range)) => files
+            .body(range.file, range.start, range.end)
+            .boxed_unsync(),
+        _ => StreamBody::new(
+            blob.body
+                .map_ok(Frame::data)
+                .map_err(client::BoxError::from),
+        )
+        .boxed_unsync(),
+    };
+    let mut r = Response::new(body);
     *r.status_mut() = status;
     let h = r.headers_mut();
     if let Some(len) = length {

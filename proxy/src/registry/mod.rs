@@ -66,6 +66,9 @@ pub struct ConnContext {
     /// The registry's label in metrics: a configured name or pattern, never an open-ended
     /// client-chosen name (logs carry the full name).
     pub label: String,
+    /// Where cached blobs' file ranges go when the connection's transport sends files itself
+    /// (kernel TLS); `None`: bodies carry the bytes.
+    pub files: Option<crate::conn::FileSender>,
 }
 
 /// Serves registry requests.

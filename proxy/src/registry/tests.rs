@@ -622,6 +622,7 @@ impl World {
             orig: None,
             peer: ClientAddr("127.0.0.1:40000".parse().unwrap()),
             label: authority.to_owned(),
+            files: None,
         };
         let mut req = Request::builder()
             .method(method)

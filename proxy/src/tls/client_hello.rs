@@ -1,5 +1,6 @@
 //! Reads the server name (SNI) from the first bytes of a connection without consuming them, so a
-//! connection can still be spliced untouched or handed to the TLS acceptor.
+//! connection can still be spliced untouched or handed to the TLS acceptor; and what the client
+//! offers (TLS versions, cipher suites, ALPN), which decides whether its TLS can go to the kernel.
 
 use std::{io, time::Duration};
 
@@ -19,17 +20,33 @@ pub enum ClientHelloPeek {
     Incomplete,
     /// A complete ClientHello without a server name (a client connecting by IP address).
     NoSni,
-    /// The server name, lowercased and without a trailing dot; a valid DNS name.
-    Sni(String),
+    /// The server name, lowercased and without a trailing dot (a valid DNS name), and the
+    /// client's offer.
+    Sni(String, TlsOffer),
     /// Claims to be TLS but breaks the record or ClientHello grammar (or exceeds
     /// [`PEEK_LIMIT`]); the reason is for logs.
     Malformed(&'static str),
+}
+
+/// What a ClientHello offers, as far as choosing the server's TLS path goes. Extensions that do
+/// not parse count as absent: the handshake itself will refuse them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOffer {
+    /// `supported_versions` lists TLS 1.3.
+    pub tls13: bool,
+    /// Cipher suites, in the client's order.
+    pub suites: Vec<u16>,
+    /// ALPN protocol names, in the client's order; empty without the extension.
+    pub alpn: Vec<Vec<u8>>,
 }
 
 /// TLS record content type `handshake`.
 const CONTENT_HANDSHAKE: u8 = 22;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 const EXTENSION_SERVER_NAME: u16 = 0;
+const EXTENSION_ALPN: u16 = 16;
+const EXTENSION_SUPPORTED_VERSIONS: u16 = 43;
+const TLS13: u16 = 0x0304;
 const NAME_TYPE_HOST_NAME: u8 = 0;
 const RECORD_HEADER_LEN: usize = 5;
 const HANDSHAKE_HEADER_LEN: usize = 4;
@@ -169,8 +186,16 @@ fn parse_hello_body(body: &[u8]) -> ClientHelloPeek {
         Some(_) => return Malformed("session id longer than 32 bytes"),
         None => return Malformed("session id overruns the hello"),
     }
+    let mut offer = TlsOffer::default();
     match r.vec16() {
-        Some(suites) if !suites.is_empty() && suites.len() % 2 == 0 => {}
+        Some(suites) if !suites.is_empty() && suites.len() % 2 == 0 => {
+            offer.suites = suites
+                .as_chunks::<2>()
+                .0
+                .iter()
+                .map(|s| u16::from_be_bytes(*s))
+                .collect();
+        }
         Some(_) => return Malformed("cipher suite list is empty or odd"),
         None => return Malformed("cipher suites overrun the hello"),
     }
@@ -196,8 +221,19 @@ fn parse_hello_body(body: &[u8]) -> ClientHelloPeek {
         let (Some(kind), Some(data)) = (extensions.u16(), extensions.vec16()) else {
             return Malformed("an extension overruns the extension list");
         };
-        if kind != EXTENSION_SERVER_NAME {
-            continue;
+        match kind {
+            EXTENSION_SERVER_NAME => {}
+            EXTENSION_SUPPORTED_VERSIONS => {
+                offer.tls13 = Reader { bytes: data }
+                    .vec8()
+                    .is_some_and(|v| v.as_chunks::<2>().0.contains(&TLS13.to_be_bytes()));
+                continue;
+            }
+            EXTENSION_ALPN => {
+                offer.alpn = parse_alpn(data);
+                continue;
+            }
+            _ => continue,
         }
         if server_name.is_some() {
             return Malformed("two server_name extensions");
@@ -206,38 +242,57 @@ fn parse_hello_body(body: &[u8]) -> ClientHelloPeek {
     }
     match server_name {
         None => NoSni,
-        Some(data) => parse_server_name(data),
+        Some(data) => match parse_server_name(data) {
+            Ok(Some(name)) => ClientHelloPeek::Sni(name, offer),
+            Ok(None) => NoSni,
+            Err(reason) => Malformed(reason),
+        },
     }
 }
 
-/// The server_name extension's data: a list of (name type, name) with at most one host name.
-fn parse_server_name(data: &[u8]) -> ClientHelloPeek {
-    use ClientHelloPeek::{Malformed, NoSni, Sni};
-
+/// The ALPN extension's protocol names (RFC 7301 3.1); none if it does not parse.
+fn parse_alpn(data: &[u8]) -> Vec<Vec<u8>> {
     let mut r = Reader { bytes: data };
     let Some(list) = r.vec16() else {
-        return Malformed("server name list overruns its extension");
+        return Vec::new();
+    };
+    let mut list = Reader { bytes: list };
+    let mut names = Vec::new();
+    while !list.is_empty() {
+        match list.vec8() {
+            Some(name) => names.push(name.to_vec()),
+            None => return Vec::new(),
+        }
+    }
+    names
+}
+
+/// The server_name extension's data: a list of (name type, name) with at most one host name.
+fn parse_server_name(data: &[u8]) -> Result<Option<String>, &'static str> {
+    let mut r = Reader { bytes: data };
+    let Some(list) = r.vec16() else {
+        return Err("server name list overruns its extension");
     };
     if !r.is_empty() || list.is_empty() {
-        return Malformed("server name extension is not one non-empty list");
+        return Err("server name extension is not one non-empty list");
     }
     let mut list = Reader { bytes: list };
     let mut host_name = None;
     while !list.is_empty() {
         let (Some(name_type), Some(name)) = (list.u8(), list.vec16()) else {
-            return Malformed("a server name overruns its list");
+            return Err("a server name overruns its list");
         };
         if name_type != NAME_TYPE_HOST_NAME {
             // No other type is defined; every client sends opaque<1..2^16-1>, so it can be skipped.
             continue;
         }
         if host_name.is_some() {
-            return Malformed("two host names in server_name");
+            return Err("two host names in server_name");
         }
         host_name = Some(name);
     }
     let Some(name) = host_name else {
-        return NoSni;
+        return Ok(None);
     };
     // DnsName validates the syntax, rejects IP literals (RFC 6066 forbids them here) and strips
     // one trailing dot, which is what rustls hands the certificate resolver too.
@@ -245,8 +300,8 @@ fn parse_server_name(data: &[u8]) -> ClientHelloPeek {
         .ok()
         .and_then(|s| DnsName::try_from(s).ok())
     {
-        Some(dns) => Sni(dns.as_ref().to_ascii_lowercase()),
-        None => Malformed("server name is not a valid DNS name"),
+        Some(dns) => Ok(Some(dns.as_ref().to_ascii_lowercase())),
+        None => Err("server name is not a valid DNS name"),
     }
 }
 
@@ -313,6 +368,13 @@ mod tests {
         out
     }
 
+    fn name_of(peek: ClientHelloPeek) -> Option<String> {
+        match peek {
+            ClientHelloPeek::Sni(name, _) => Some(name),
+            _ => None,
+        }
+    }
+
     /// Builds a hello record by hand around the given extensions block.
     fn hello_with_extensions(extensions: &[u8]) -> Vec<u8> {
         let mut body = vec![3, 3];
@@ -354,16 +416,50 @@ mod tests {
     fn real_client_hello_yields_the_server_name() {
         let hello = rustls_client_hello("Registry-1.Docker.IO");
         assert_eq!(
-            parse_client_hello(&hello),
-            ClientHelloPeek::Sni("registry-1.docker.io".into())
+            name_of(parse_client_hello(&hello)).as_deref(),
+            Some("registry-1.docker.io")
         );
         // Trailing bytes (the client's next flight) do not matter.
         let mut more = hello.clone();
         more.extend([23, 3, 3, 0, 1, 0]);
         assert_eq!(
-            parse_client_hello(&more),
-            ClientHelloPeek::Sni("registry-1.docker.io".into())
+            name_of(parse_client_hello(&more)).as_deref(),
+            Some("registry-1.docker.io")
         );
+    }
+
+    #[test]
+    fn the_offer_lists_versions_suites_and_protocols() {
+        let hello = rustls_client_hello("quay.io");
+        let ClientHelloPeek::Sni(_, offer) = parse_client_hello(&hello) else {
+            panic!("no server name");
+        };
+        assert!(offer.tls13);
+        // rustls' ring provider, in its order: the TLS 1.3 suites first.
+        assert_eq!(&offer.suites[..3], &[0x1302, 0x1301, 0x1303]);
+        assert!(offer.alpn.is_empty(), "the test client offers no ALPN");
+
+        let mut ext = sni_extension(&[(0, b"quay.io")]);
+        // supported_versions: TLS 1.2 only; ALPN: h2, http/1.1.
+        ext.extend([0, 43, 0, 3, 2, 3, 3]);
+        ext.extend([0, 16, 0, 14, 0, 12, 2, b'h', b'2', 8]);
+        ext.extend(b"http/1.1");
+        let ClientHelloPeek::Sni(_, offer) = parse_client_hello(&hello_with_extensions(&ext))
+        else {
+            panic!("no server name");
+        };
+        assert!(!offer.tls13);
+        assert_eq!(offer.suites, [0x1301]);
+        assert_eq!(offer.alpn, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+
+        // An ALPN list that overruns itself counts as none (the handshake refuses it).
+        let mut bad = sni_extension(&[(0, b"quay.io")]);
+        bad.extend([0, 16, 0, 4, 0, 2, 9, b'x']);
+        let ClientHelloPeek::Sni(_, offer) = parse_client_hello(&hello_with_extensions(&bad))
+        else {
+            panic!("no server name");
+        };
+        assert!(offer.alpn.is_empty());
     }
 
     #[test]
@@ -390,8 +486,8 @@ mod tests {
             fragmented.extend(chunk);
         }
         assert_eq!(
-            parse_client_hello(&fragmented),
-            ClientHelloPeek::Sni("ghcr.io".into())
+            name_of(parse_client_hello(&fragmented)).as_deref(),
+            Some("ghcr.io")
         );
         for end in 0..fragmented.len() {
             assert_eq!(
@@ -473,8 +569,8 @@ mod tests {
         ));
         let dotted = sni_extension(&[(0, b"Quay.IO.")]);
         assert_eq!(
-            parse_client_hello(&hello_with_extensions(&dotted)),
-            ClientHelloPeek::Sni("quay.io".into())
+            name_of(parse_client_hello(&hello_with_extensions(&dotted))).as_deref(),
+            Some("quay.io")
         );
     }
 
@@ -548,7 +644,7 @@ mod tests {
                 bent
             };
             let outcome = parse_client_hello(&input);
-            if let ClientHelloPeek::Sni(name) = outcome {
+            if let ClientHelloPeek::Sni(name, _) = outcome {
                 assert!(DnsName::try_from(name.as_str()).is_ok(), "{name:?}");
                 assert_eq!(name, name.to_ascii_lowercase());
             }
@@ -576,7 +672,7 @@ mod tests {
         let outcome = peek_client_hello(&server, Duration::from_secs(5))
             .await
             .unwrap();
-        assert_eq!(outcome, ClientHelloPeek::Sni("nvcr.io".into()));
+        assert_eq!(name_of(outcome).as_deref(), Some("nvcr.io"));
         let mut read = vec![0; hello.len()];
         server.read_exact(&mut read).await.unwrap();
         assert_eq!(read, hello, "peeking must leave the bytes in place");

@@ -1,11 +1,13 @@
 //! TLS for registry connections: which server names are terminated, the node CA that mints their
-//! leaf certificates, verified TLS towards the real upstream, and the `pullproxy ca` commands that
-//! put the node CA into the system trust store.
+//! leaf certificates, kernel TLS for terminated connections where the kernel has it, verified TLS
+//! towards the real upstream, and the `pullproxy ca` commands that put the node CA into the
+//! system trust store.
 
 pub mod ca;
 pub mod cli;
 pub mod client_hello;
 pub mod hosts;
+pub mod ktls;
 pub mod mint;
 pub mod runtimes;
 pub mod trust_store;
@@ -18,7 +20,7 @@ use rustls::crypto::CryptoProvider;
 pub use self::{
     ca::{CaNotice, CaOrigin, NodeCa},
     cli::CaCommand,
-    client_hello::{ClientHelloPeek, PEEK_LIMIT, parse_client_hello, peek_client_hello},
+    client_hello::{ClientHelloPeek, PEEK_LIMIT, TlsOffer, parse_client_hello, peek_client_hello},
     hosts::{DEFAULT_REGISTRY_HOSTS, HostPattern, InterceptSet},
     mint::{LeafMinter, server_config},
     runtimes::{ProcFs, TrustReport},

@@ -25,28 +25,35 @@ pub struct Settings {
     pub head_requests: usize,
     pub small_blobs: usize,
     pub quick: bool,
-    /// Only these figures (`latency`, `throughput`, `concurrency`, `memory`); all if `None`.
+    /// Only these figures (`latency`, `throughput`, `concurrency`, `memory`, `fastpath`); all
+    /// but `fastpath` if `None`.
     pub only: Option<Vec<String>>,
 }
 
 impl Settings {
-    /// Whether `figure` is part of this run.
+    /// Whether `figure` is part of this run. The fast path runs only when asked for.
     pub fn runs(&self, figure: &str) -> bool {
-        self.only
-            .as_ref()
-            .is_none_or(|only| only.iter().any(|o| o == figure))
+        match &self.only {
+            None => figure != "fastpath",
+            Some(only) => only.iter().any(|o| o == figure),
+        }
+    }
+
+    /// A run of the fast path figure and nothing else.
+    pub fn only_fastpath(&self) -> bool {
+        self.only.as_deref() == Some(&["fastpath".to_owned()][..])
     }
 }
 
 /// `rotate(v, r)`: `v` starting at its `r`-th element.
-fn rotated<T: Copy>(v: &[T], round: usize) -> Vec<T> {
+pub fn rotated<T: Copy>(v: &[T], round: usize) -> Vec<T> {
     let mut v = v.to_vec();
     let n = v.len();
     v.rotate_left(round % n);
     v
 }
 
-fn describe(size: u64) -> String {
+pub fn describe(size: u64) -> String {
     if size >= 1 << 30 {
         format!("{} GiB", size >> 30)
     } else {
@@ -268,7 +275,7 @@ fn push(
 }
 
 /// Warm GETs per measurement: at least 256 MiB, so small blobs are not timed by one request.
-fn warm_repeat(size: u64) -> usize {
+pub fn warm_repeat(size: u64) -> usize {
     ((256u64 << 20) / size).clamp(1, 16) as usize
 }
 
@@ -541,7 +548,7 @@ pub fn profile(workload: &str, seconds: f64) {
     unsafe_code,
     reason = "sysconf(_SC_CLK_TCK): libc exposes it only as an unsafe fn"
 )]
-fn cpu_seconds(pid: u32) -> f64 {
+pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start at state, field 3.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);

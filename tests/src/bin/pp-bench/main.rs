@@ -10,12 +10,14 @@
 //!
 //! `pp-bench [--quick] [--rounds N] [--out FILE]` writes JSON (to FILE or stdout); `--sizes 16,256`
 //! (MiB) and `--only latency,throughput,concurrency,memory` narrow a run down while working on
-//! one figure;
+//! one figure; `--only fastpath` runs the TLS fast path figure, which no other run includes
+//! (`cargo xtask bench` runs it on its own, at 256 MiB);
 //! `pp-bench --profile hub|cache|cold|head [--seconds S]` sets the world up and repeats one
 //! pullproxy workload (256 MiB blob GETs, or manifest HEADs) for S seconds (default 20), for
 //! `perf record -a` to watch; `pp-bench client` is the load generator's process (see
 //! `harness::loadgen`).
 
+mod fastpath;
 mod figures;
 mod world;
 
@@ -70,7 +72,7 @@ fn main() {
             "--seconds" => seconds = it.next().and_then(|v| v.parse().ok()).expect("seconds"),
             other => panic!(
                 "unknown argument {other} (pp-bench [--quick] [--rounds N] [--out FILE] \
-                 [--sizes MIB,...] [--only latency,throughput,concurrency,memory] \
+                 [--sizes MIB,...] [--only latency,throughput,concurrency,memory|fastpath] \
                  [--profile hub|cache|cold|head [--seconds S]])"
             ),
         }
@@ -132,8 +134,11 @@ fn run(s: &Settings) -> Value {
         .enumerate()
         .map(|(i, &size)| w.fixture(&format!("b{}m", size >> 20), size, 0xbe_0000 + i as u64))
         .collect();
-    eprintln!("pp-bench: checking every system serves the right bytes");
-    figures::verify(&mut w, &fixtures[0]);
+    if !s.only_fastpath() {
+        // (The fast path figure checks its own systems' bytes.)
+        eprintln!("pp-bench: checking every system serves the right bytes");
+        figures::verify(&mut w, &fixtures[0]);
+    }
     let latency = if s.runs("latency") {
         figures::head_latency(&mut w, s, &fixtures[0])
     } else {
@@ -149,13 +154,23 @@ fn run(s: &Settings) -> Value {
     } else {
         Vec::new()
     };
+    let fastpath = s
+        .runs("fastpath")
+        .then(|| fastpath::fastpath(&mut w, s, &fixtures));
     if s.runs("memory") {
         w.restart_proxy(&[]);
         std::thread::sleep(std::time::Duration::from_secs(1));
         mem.idle_end_rss = w.memory(Via::Pullproxy).rss;
         mem.full_cache = Some(figures::full_cache(&mut w, s, &fixtures));
     }
-    let targets = targets(&throughput, &latency, &concurrency, &mem);
+    let mut targets = if s.only_fastpath() {
+        Vec::new()
+    } else {
+        targets(&throughput, &latency, &concurrency, &mem)
+    };
+    if let Some(f) = &fastpath {
+        targets.extend(fastpath_targets(f));
+    }
     drop(w);
     json!({
         "settings": s,
@@ -170,6 +185,7 @@ fn run(s: &Settings) -> Value {
         "head_latency": latency,
         "concurrency": concurrency,
         "memory": mem,
+        "fastpath": fastpath,
         "containerd": {
             "measured": false,
             "why": "figure 3 (a containerd pull through pullproxy vs a hosts.toml mirror) is measured by pp-pullbench, which `cargo xtask bench` runs and merges in here",
@@ -275,4 +291,37 @@ fn targets(
         );
     }
     out
+}
+
+/// The issue's targets for the fast path: 256 MiB (or whatever sizes ran) cache hits at 0.8x
+/// the hub and hub hits at 0.6x, per client and per place pullproxy's TLS ran.
+fn fastpath_targets(f: &fastpath::Fastpath) -> Vec<Value> {
+    f.rows
+        .iter()
+        .filter(|r| r.tls != fastpath::Tls::None)
+        .map(|r| {
+            let (what, goal) = if r.system.contains("cache") {
+                ("cache hit", 0.8)
+            } else {
+                ("hub hit", 0.6)
+            };
+            let size = if r.size >= 1 << 30 {
+                format!("{} GiB", r.size >> 30)
+            } else {
+                format!("{} MiB", r.size >> 20)
+            };
+            let client = serde_json::to_value(r.client).expect("client");
+            let tls = serde_json::to_value(r.tls).expect("tls");
+            json!({
+                "name": format!(
+                    "{size} {what} vs direct plain-HTTP hub ({}, TLS in {})",
+                    client.as_str().unwrap_or_default(),
+                    if tls == "kernel" { "the kernel" } else { "user space" },
+                ),
+                "goal": format!(">= {goal}x"),
+                "value": r.vs_hub,
+                "met": r.vs_hub.median >= goal,
+            })
+        })
+        .collect()
 }

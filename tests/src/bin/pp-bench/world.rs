@@ -182,6 +182,9 @@ impl World {
             ),
             // What a node runs: a line per request, no debug logging.
             ("PULLPROXY_LOG__LEVEL", "info".to_owned()),
+            // Connections are made before the clock starts; under emulation (the fast path
+            // figure in vm-test's guest) the first handshake, which mints a leaf, takes long.
+            ("PULLPROXY_LISTEN__HANDSHAKE_TIMEOUT", "120s".to_owned()),
         ]);
         let proxy = node.start_proxy(&proxy_env);
         let bundle = ca_bundle(

@@ -1,0 +1,297 @@
+//! Figure 4, the TLS fast path: warm hub hits (served from the node's copy of what the hub gave,
+//! since the node tier) and cache hits of one blob through pullproxy against the hub itself (plain
+//! HTTP), with two clients (the suite's load generator, and curl with OpenSSL, HTTP/1.1), and
+//! pullproxy's TLS in user space and, where the kernel has `tls`, in the kernel (pullproxy
+//! restarted between the two, its cache kept). Besides throughput, pullproxy's CPU seconds per GiB
+//! served. Every ratio is against the hub with the same client in the same round.
+
+use std::{collections::BTreeMap, process::Command, time::Duration};
+
+use harness::{pullproxy::sample, stats::Spread};
+use pullproxy::tls::ktls;
+use serde::Serialize;
+
+use crate::{
+    figures::{Settings, cpu_seconds, describe, rotated, warm_repeat},
+    world::{Fixture, HUB_PASSWORD, HUB_USER, Via, World},
+};
+
+const MIB: f64 = 1024.0 * 1024.0;
+const GIB: f64 = 1024.0 * MIB;
+
+/// Who asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Client {
+    /// `harness::loadgen`: rustls, one thread per keep-alive connection.
+    Loadgen,
+    /// curl (OpenSSL), `--http1.1`, every request on one connection.
+    Curl,
+}
+
+/// Where pullproxy's TLS ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tls {
+    /// The hub: no TLS.
+    None,
+    User,
+    Kernel,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FastpathRow {
+    pub size: u64,
+    pub system: String,
+    pub tls: Tls,
+    pub client: Client,
+    pub mib_s: Vec<f64>,
+    pub mib_s_spread: Spread,
+    /// Against the hub with the same client, same round.
+    pub vs_hub: Spread,
+    /// pullproxy's user plus system CPU seconds per GiB it served (warm-up included).
+    pub cpu_s_per_gib: Option<Spread>,
+    /// Kernel TLS against user-space TLS (same system and client, same round): throughput,
+    /// and CPU seconds per GiB.
+    pub vs_user: Option<Spread>,
+    pub cpu_vs_user: Option<Spread>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Fastpath {
+    /// What pullproxy said about kernel TLS at start (its log line), or that it said nothing.
+    pub kernel_tls: String,
+    pub rows: Vec<FastpathRow>,
+}
+
+/// Measures the figure for each fixture.
+pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
+    // The cache holds each blob before any round (pullproxy restarts keep its cache), and every
+    // measured path serves the right bytes (hashed by the client).
+    for f in fixtures {
+        for via in [Via::Pullproxy, Via::Pullproxy, Via::PullproxyHub, Via::Hub] {
+            let mut job = w.job(via, "GET", vec![f.blob_path(via)]);
+            job.verify = true;
+            let out = w.run(via, &job);
+            out.expect(
+                &format!("verified GET via {}", via.label()),
+                200,
+                Some(f.layer().size),
+            );
+            if via == Via::Pullproxy {
+                w.settle_cached(Via::Pullproxy, &f.layer().digest);
+            }
+        }
+    }
+    let (kernel_tls, modes) = if w.proxy().find(ktls::LOG_IN_USE).is_some() {
+        (ktls::LOG_IN_USE.to_owned(), vec![Tls::User, Tls::Kernel])
+    } else if let Some(line) = w.proxy().find(ktls::LOG_UNAVAILABLE) {
+        (
+            format!(
+                "{}: {}",
+                ktls::LOG_UNAVAILABLE,
+                line["reason"].as_str().unwrap_or("")
+            ),
+            vec![Tls::User],
+        )
+    } else {
+        // A pullproxy from before kernel TLS: it knows no `listen.kernel_tls` either.
+        ("no kernel TLS in this pullproxy".into(), vec![Tls::User])
+    };
+    let kernel_capable = modes.contains(&Tls::Kernel);
+    eprintln!("pp-bench: fast path: {kernel_tls}");
+    // (fixture, system, tls, client) -> per round MiB/s and CPU s/GiB
+    let mut mib_s: BTreeMap<(usize, Via, Tls, Client), Vec<f64>> = BTreeMap::new();
+    let mut cpu: BTreeMap<(usize, Via, Tls, Client), Vec<f64>> = BTreeMap::new();
+    let clients = [Client::Loadgen, Client::Curl];
+    for round in 0..s.rounds {
+        for (i, f) in fixtures.iter().enumerate() {
+            eprintln!(
+                "pp-bench: fast path {} round {}/{}",
+                describe(f.layer().size),
+                round + 1,
+                s.rounds
+            );
+            for client in rotated(&clients, round) {
+                let hub = measure(w, Via::Hub, client, f);
+                mib_s
+                    .entry((i, Via::Hub, Tls::None, client))
+                    .or_default()
+                    .push(hub.0);
+            }
+            for tls in rotated(&modes, round + i) {
+                if kernel_capable {
+                    restart(w, tls, fixtures);
+                }
+                let before = offload(w);
+                for client in rotated(&clients, round + 1) {
+                    for via in rotated(&[Via::PullproxyHub, Via::Pullproxy], round) {
+                        let (rate, cpu_per_gib) = measure(w, via, client, f);
+                        let key = (i, via, tls, client);
+                        mib_s.entry(key).or_default().push(rate);
+                        cpu.entry(key)
+                            .or_default()
+                            .push(cpu_per_gib.expect("pullproxy's CPU"));
+                    }
+                }
+                check_path(w, tls, kernel_capable, before, f);
+            }
+        }
+    }
+    if kernel_capable {
+        // Leave pullproxy as it starts by default.
+        restart(w, Tls::Kernel, fixtures);
+    }
+    let rows = mib_s
+        .iter()
+        .map(|(&(i, via, tls, client), values)| {
+            let hub = &mib_s[&(i, Via::Hub, Tls::None, client)];
+            let ratio = |a: &[f64], b: &[f64]| {
+                Spread::of(&a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<_>>())
+            };
+            let user = (tls == Tls::Kernel).then_some((i, via, Tls::User, client));
+            let this_cpu = cpu.get(&(i, via, tls, client));
+            FastpathRow {
+                size: fixtures[i].layer().size,
+                system: match via {
+                    Via::Pullproxy => "pullproxy cache hit".into(),
+                    other => other.label().into(),
+                },
+                tls,
+                client,
+                mib_s_spread: Spread::of(values),
+                vs_hub: ratio(values, hub),
+                cpu_s_per_gib: this_cpu.map(|c| Spread::of(c)),
+                vs_user: user.map(|k| ratio(values, &mib_s[&k])),
+                cpu_vs_user: user.zip(this_cpu).map(|(k, c)| ratio(c, &cpu[&k])),
+                mib_s: values.clone(),
+            }
+        })
+        .collect();
+    Fastpath { kernel_tls, rows }
+}
+
+/// Stops pullproxy and starts it with its TLS where `tls` says, keeping its cache; then gets
+/// each blob once, untimed: a restarted pullproxy hashes the blobs it finds on disk before it
+/// serves them, and that must not count as serving.
+fn restart(w: &mut World, tls: Tls, fixtures: &[Fixture]) {
+    w.stop_proxy();
+    let on = (tls == Tls::Kernel).to_string();
+    w.start_proxy(&[("PULLPROXY_LISTEN__KERNEL_TLS", on)]);
+    for f in fixtures {
+        let out = w.run(
+            Via::Pullproxy,
+            &w.job(Via::Pullproxy, "GET", vec![f.blob_path(Via::Pullproxy)]),
+        );
+        out.expect("a blob after a restart", 200, Some(f.layer().size));
+    }
+}
+
+/// Warm GETs of `f`'s blob through `via` with `client`: MiB/s, and pullproxy's CPU seconds per
+/// GiB over the whole job when pullproxy served it.
+fn measure(w: &World, via: Via, client: Client, f: &Fixture) -> (f64, Option<f64>) {
+    let size = f.layer().size;
+    let path = f.blob_path(via);
+    let repeat = warm_repeat(size);
+    let pid = (via != Via::Hub).then(|| w.proxy().pid());
+    let cpu_before = pid.map(cpu_seconds);
+    let rate = match client {
+        Client::Loadgen => {
+            let mut job = w.job(via, "GET", vec![path]);
+            job.repeat = repeat;
+            job.warmup = 1;
+            let out = w.run(via, &job);
+            out.expect(&format!("warm GET via {}", via.label()), 200, Some(size));
+            out.bytes() as f64 / MIB / out.wall_s
+        }
+        Client::Curl => curl(w, via, &path, repeat, size),
+    };
+    let cpu = pid.zip(cpu_before).map(|(pid, before)| {
+        (cpu_seconds(pid) - before) / ((repeat + 1) as f64 * size as f64 / GIB)
+    });
+    (rate, cpu)
+}
+
+/// `repeat` timed GETs (after one untimed) of `path` through `via` by one curl on one
+/// connection; MiB/s over the timed ones.
+fn curl(w: &World, via: Via, path: &str, repeat: usize, size: u64) -> f64 {
+    let url = format!("{}{path}", via.base());
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "--silent",
+        "--show-error",
+        "--fail",
+        "--http1.1",
+        "--write-out",
+        "%{http_code} %{size_download} %{time_total}\\n",
+    ]);
+    if via == Via::Hub {
+        cmd.args(["--user", &format!("{HUB_USER}:{HUB_PASSWORD}")]);
+    }
+    for _ in 0..=repeat {
+        cmd.args(["--output", "/dev/null", &url]);
+    }
+    let done = harness::process::run_at(cmd, &w.placement(via), Duration::from_secs(600))
+        .unwrap_or_else(|e| panic!("curl via {}: {e}", via.label()));
+    assert!(done.success(), "curl via {}: {}", via.label(), done.stderr);
+    let lines: Vec<(u16, u64, f64)> = done
+        .stdout_text()
+        .lines()
+        .map(|l| {
+            let mut f = l.split_whitespace();
+            let mut next = || f.next().unwrap_or_else(|| panic!("curl wrote {l:?}"));
+            (
+                next().parse().expect("status"),
+                next().parse().expect("bytes"),
+                next().parse().expect("seconds"),
+            )
+        })
+        .collect();
+    assert_eq!(lines.len(), repeat + 1, "one line per transfer");
+    for (status, bytes, _) in &lines {
+        assert_eq!((*status, *bytes), (200, size), "curl via {}", via.label());
+    }
+    let timed = &lines[1..];
+    let secs: f64 = timed.iter().map(|l| l.2).sum();
+    (repeat as u64 * size) as f64 / MIB / secs
+}
+
+/// pullproxy's kernel TLS counters: (connections offloaded, bytes sent with sendfile).
+fn offload(w: &World) -> (f64, f64) {
+    let text = w.node.scrape();
+    (
+        sample(
+            &text,
+            "pullproxy_tls_kernel_offload_total{outcome=\"kernel\"}",
+        ),
+        sample(&text, "pullproxy_tls_kernel_sendfile_bytes_total"),
+    )
+}
+
+/// The measurements of one mode took the path they were meant to: in the kernel, every body
+/// went by sendfile (a warm hub hit is served from the node's copy on disk, like a cache hit);
+/// in user space, none did.
+fn check_path(w: &World, tls: Tls, kernel_capable: bool, before: (f64, f64), f: &Fixture) {
+    if !kernel_capable {
+        return;
+    }
+    let after = offload(w);
+    let (connections, sendfile) = (after.0 - before.0, after.1 - before.1);
+    match tls {
+        Tls::Kernel => {
+            // Two clients, each with (repeat + warm-up) hub hits and as many cache hits.
+            let bodies = 2.0 * 2.0 * (warm_repeat(f.layer().size) + 1) as f64;
+            assert!(connections >= 2.0, "kernel TLS connections: {connections}");
+            assert_eq!(
+                sendfile,
+                bodies * f.layer().size as f64,
+                "every cache hit body went by sendfile"
+            );
+        }
+        _ => assert_eq!(
+            (connections, sendfile),
+            (0.0, 0.0),
+            "user-space TLS took the kernel path"
+        ),
+    }
+}
