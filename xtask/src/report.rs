@@ -330,7 +330,7 @@ fn fastpath(suite: &Value) -> String {
     if runs.is_empty() {
         return String::new();
     }
-    let mut md = String::from("\n## 6. The TLS fast path\n\n");
+    let mut md = String::from("\n## 7. The TLS fast path\n\n");
     md += "Warm `GET`s of one blob (repeated up to 256 MiB per measurement, on one connection, \
            after one untimed) by the load generator and by curl (OpenSSL, `--http1.1`), through \
            pullproxy with its TLS in user space and, where the kernel has `tls`, in the kernel \
