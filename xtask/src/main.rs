@@ -175,8 +175,7 @@ fn build(debug: bool) -> anyhow::Result<std::path::PathBuf> {
         c.arg("--release");
     }
     run(&mut c)?;
-    Ok(root()
-        .join("target")
+    Ok(cmd::target_dir()
         .join(if debug { "debug" } else { "release" })
         .join("pullproxy"))
 }
