@@ -8,7 +8,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
@@ -17,7 +17,7 @@ use crate::{
     mountns::MountSpec,
     node::Node,
     process::Placement,
-    pullproxy::Pullproxy,
+    pullproxy::{Pullproxy, sample},
     registry::Registry,
     registry_client::RegistryClient,
     skopeo::Skopeo,
@@ -82,6 +82,14 @@ impl World {
     /// A node named `prefix-...` with its registries and a running pullproxy.
     pub fn new(prefix: &str) -> Self {
         Self::with_proxy_env(prefix, &[])
+    }
+
+    /// [`World::new`] with write-back off, for tests of what the cache serves: with write-back
+    /// on, the hub gets an image the upstream served in the background, and pulls after that
+    /// come through the node tier (source `node`) instead, sooner or later as the machine's
+    /// speed decides (tests/tests/cluster.rs tests write-back).
+    pub fn without_write_back(prefix: &str) -> Self {
+        Self::with_proxy_env(prefix, &[("PULLPROXY_HUB__WRITE_BACK", "off".to_owned())])
     }
 
     /// [`World::new`] with more `PULLPROXY_*` overrides for pullproxy (later entries win; they
@@ -237,10 +245,29 @@ impl World {
         sources(&self.pulls(repository), kind)
     }
 
-    /// Waits until every request of a finished pull has written its log line (a record is
-    /// written when the response body is done, a moment after the client saw the last byte).
+    /// Waits until the log records of every request pullproxy has answered so far have been
+    /// read. pullproxy counts a request in `pullproxy_requests_total` right before it writes the
+    /// request's record, when the response body is done: when its end is polled, or when hyper
+    /// drops it in the same poll that writes its last bytes (proxy/src/registry/respond.rs), so
+    /// a client that has its responses finds its requests counted. The records reach this
+    /// process through a pipe and a reader thread, which can lag behind on a loaded machine or
+    /// in an emulated guest.
     pub fn settle(&self) {
-        std::thread::sleep(Duration::from_millis(300));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let counted = sample(&self.scrape(), "pullproxy_requests_total{");
+            let logged = self.proxy.all("pull").len();
+            if logged as f64 >= counted {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pullproxy counted {counted} requests but only {logged} records were read from \
+                 its log within 60 s:\n{}",
+                self.proxy.dump()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use harness::{
-    containerd::{CRI_NAMESPACE, CTR_NAMESPACE, Containerd},
+    containerd::{CRI_NAMESPACE, CTR_NAMESPACE, Containerd, ContainerdBuilder},
     images::{self, Format},
     podman::Podman,
     require_root,
@@ -27,8 +27,12 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
-        let w = World::new("pp-ctd");
-        let ctd = Containerd::start(w.runtime_placement());
+        Self::with(World::new("pp-ctd"), |b| b)
+    }
+
+    /// A fixture in `w` whose containerd `configure` sets up.
+    fn with(w: World, configure: impl FnOnce(ContainerdBuilder) -> ContainerdBuilder) -> Self {
+        let ctd = configure(Containerd::builder(w.runtime_placement())).start();
         Self { ctd, w }
     }
 
@@ -160,7 +164,7 @@ fn cri_pull_image_is_served_from_the_hub_with_the_upstream_down() {
 #[test]
 fn an_upstream_only_image_is_cached_and_pulled_again_from_the_cache_when_the_upstream_is_gone() {
     require_root!();
-    let mut f = Fixture::new();
+    let mut f = Fixture::with(World::without_write_back("pp-ctd"), |b| b);
     let image = images::multi_layer(Format::Oci, 2, 512 << 10, 41);
     f.w.upstream
         .client()
@@ -498,7 +502,7 @@ fn skopeo_and_podman_in_the_target_cgroup_pull_from_the_hub() {
 #[test]
 fn pullproxy_killed_in_the_middle_of_a_blob_the_pull_resumes_direct() {
     require_root!();
-    let mut f = Fixture::new();
+    let mut f = Fixture::with(World::new("pp-ctd"), |b| b.ctr_timeout(BIG_PULL_TIMEOUT));
     let dir = tempfile::tempdir().unwrap();
     let image = images::big_image(Format::Docker, dir.path(), &[256 << 20], 11);
     f.w.upstream.client().push_image("library/big", "1", &image);
@@ -576,6 +580,10 @@ fn pullproxy_killed_in_the_middle_of_a_blob_the_pull_resumes_direct() {
             .join(layer.digest.hex());
     assert!(!cached.exists(), "{} must not exist", cached.display());
 }
+
+/// How long a pull of a 256 MiB layer may take: seconds on the host, minutes in the emulated
+/// guest of `cargo xtask vm-test`.
+const BIG_PULL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Whether `dir` holds a file larger than `bytes`.
 fn dir_holds_a_file_over(dir: &std::path::Path, bytes: u64) -> bool {

@@ -184,8 +184,7 @@ fn build(debug: bool) -> anyhow::Result<std::path::PathBuf> {
         c.arg("--release");
     }
     run(&mut c)?;
-    Ok(root()
-        .join("target")
+    Ok(cmd::target_dir()
         .join(if debug { "debug" } else { "release" })
         .join("pullproxy"))
 }
@@ -374,13 +373,30 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     run(&mut c)?;
     if !args.is_empty() {
-        say("a test filter was given: skipping the fuzz targets (`cargo xtask fuzz` runs them)");
+        say(
+            "a test filter was given: skipping the fuzz targets and the guest (`cargo xtask fuzz` \
+             and `cargo xtask vm-test` run them)",
+        );
         return Ok(());
     }
     fuzz::fuzz(&fuzz::FuzzArgs {
         seconds: TEST_FUZZ_SECONDS,
         jobs: 2,
         targets: Vec::new(),
+    })?;
+    if !ci {
+        say(format!(
+            "SKIPPED outside CI: the {} suites in the 6.1 guest (pure cgroup v2, systemd; \
+             `cargo xtask vm-test --kernel 6.1` runs every suite there)",
+            vm::CI_SUITES.join(", ")
+        ));
+        return Ok(());
+    }
+    vm::vm_test(&vm::VmArgs {
+        kernel: vm::Kernel::V6_1,
+        suites: vm::CI_SUITES.iter().map(|s| (*s).to_owned()).collect(),
+        timeout: vm::CI_TIMEOUT,
+        args: Vec::new(),
     })
 }
 
