@@ -11,7 +11,7 @@ use rustls_pki_types::DnsName;
 fuzz_target!(|data: &[u8]| {
     let outcome = parse_client_hello(data);
     match &outcome {
-        ClientHelloPeek::Sni(name) => {
+        ClientHelloPeek::Sni(name, _) => {
             // What the minter and the upstream origin are built from: a valid DNS name, in the
             // one spelling the minter's host set uses.
             assert!(DnsName::try_from(name.as_str()).is_ok(), "{name:?}");
@@ -50,11 +50,11 @@ fuzz_target!(|data: &[u8]| {
 
     // The name the server routes by is the name rustls hands the certificate resolver: both
     // parse the same bytes, so where both succeed they must agree.
-    if let ClientHelloPeek::Sni(_) | ClientHelloPeek::NoSni = outcome
+    if let ClientHelloPeek::Sni(..) | ClientHelloPeek::NoSni = outcome
         && let Some(rustls_sni) = rustls_server_name(data)
     {
         let ours = match &outcome {
-            ClientHelloPeek::Sni(name) => Some(name.as_str()),
+            ClientHelloPeek::Sni(name, _) => Some(name.as_str()),
             _ => None,
         };
         assert_eq!(ours, rustls_sni.as_deref(), "our peek and rustls disagree");
