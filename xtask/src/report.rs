@@ -93,16 +93,19 @@ fn measured_at(v: &Value) -> String {
     )
 }
 
+/// A machine's recorded load averages (1, 5, 15 minutes) as `a b c`.
+fn load_average(v: &Value) -> String {
+    arr(v)
+        .iter()
+        .map(|v| format!("{:.2}", v.as_f64().unwrap_or(0.0)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn markdown(suite: &Value, hook: &Value) -> String {
     let mut md = String::new();
     let m = &suite["machine"];
-    let load = |k: &str| {
-        arr(&m[k])
-            .iter()
-            .map(|v| format!("{:.2}", v.as_f64().unwrap_or(0.0)))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let load = |k: &str| load_average(&m[k]);
     md += "# pullproxy benchmarks\n\n";
     md += &format!(
         "`cargo xtask bench{}` at {}: {} CPUs, kernel {}, load average {} before and {} after, \
@@ -340,13 +343,7 @@ fn fastpath(suite: &Value) -> String {
            TLS, same client, same round.\n";
     for run in runs {
         let m = &run["machine"];
-        let load = |k: &str| {
-            arr(&m[k])
-                .iter()
-                .map(|v| format!("{:.2}", v.as_f64().unwrap_or(0.0)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
+        let load = |k: &str| load_average(&m[k]);
         md += &format!(
             "\n### `{}`: kernel {}, {} CPUs, load average {} before and {} after, {} rounds, {}\n\n{}.\n\n",
             s(&run["file"]),
