@@ -41,6 +41,8 @@ use crate::{
     private_state,
 };
 
+mod mapped;
+
 /// Read size when hashing a whole file.
 const HASH_CHUNK: usize = 1024 * 1024;
 /// Verification locks are striped by digest: the same blob is never hashed twice at once, and
@@ -433,7 +435,7 @@ impl BlobStore for FsBlobStore {
             match opened {
                 Ok((file, len)) if len == entry.len => Ok(Some(StoredBlob {
                     len,
-                    content: Arc::new(FileContent(Arc::new(file))),
+                    content: stored_content(Arc::new(file), len, digest),
                 })),
                 Ok((_, len)) => {
                     warn!(%digest, indexed = entry.len, on_disk = len, "cached blob changed size; dropping it");
@@ -499,6 +501,22 @@ impl BlobStore for FsBlobStore {
 
     fn usage(&self) -> StoreUsage {
         self.inner.tally.usage()
+    }
+}
+
+/// How a published blob is read: through a mapping from [`mapped::MAP_MIN`] bytes on, with
+/// `pread`; `pread` alone where the file cannot be mapped.
+fn stored_content(file: Arc<File>, len: u64, digest: &Digest) -> Arc<dyn BlobRead> {
+    let pread = Arc::new(FileContent(file.clone()));
+    if len < mapped::MAP_MIN {
+        return pread;
+    }
+    match mapped::MappedContent::new(file, len, pread.clone()) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            debug!(%digest, error = %e, "cannot map cached blob; reading it with pread");
+            pread
+        }
     }
 }
 
@@ -692,6 +710,23 @@ mod tests {
         assert_eq!(store.path_of(&digest), path);
         assert_eq!(fs::read(&path).unwrap(), bytes);
         assert!(files_in(&dir.path().join("tmp")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_large_blob_is_read_through_its_mapping_even_after_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path(), 16 << 20).unwrap();
+        let len = mapped::MAP_MIN as usize * 3 + 17;
+        let bytes = data(len, 9);
+        let digest = put(&store, &bytes).await;
+        let blob = store.open(&digest).await.unwrap().unwrap();
+        assert_eq!(read(&*blob.content, 0, len).await, bytes);
+        // Evicted while a client reads it: the mapping outlives the name.
+        store.remove(&digest);
+        store.run_pending_tasks();
+        assert!(!store.path_of(&digest).exists());
+        let tail = read(&*blob.content, len as u64 - 5000, 10_000).await;
+        assert_eq!(tail, bytes[len - 5000..]);
     }
 
     #[tokio::test]
