@@ -27,6 +27,7 @@ use crate::{
     private_state,
 };
 
+/// Opens a temp file outside tests: new, root's alone, and readable by the flight's readers.
 pub(super) fn create_temp(path: &Path) -> io::Result<File> {
     private_state::new_file().read(true).open(path)
 }

@@ -12,6 +12,9 @@
 //!
 //! Everything is root's alone: directories 0700 and files 0600, narrowed at start where an older
 //! version left them wider.
+//!
+//! Where each part lives: `index` the moka index and its eviction listener, `rebuild` start-up
+//! and verification, `ingest` temp files and commits, `read` the `pread` reader.
 
 mod index;
 mod ingest;
