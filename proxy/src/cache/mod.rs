@@ -26,7 +26,7 @@
 //! emptied at start), `media-types/`, `tags/`, `links/`, `hub-links/` and `public/` (one small
 //! JSON record per entry), all root's alone (directories 0700, files 0600). Temp files count
 //! toward the size limit while they are written (see `store.rs`). See
-//! `flight.rs` for how downloads are shared and what happens when the disk fails, `fs.rs` for
+//! `flight/` for how downloads are shared and what happens when the disk fails, `fs/` for
 //! start-up and verification.
 
 mod flight;

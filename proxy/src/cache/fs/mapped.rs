@@ -25,11 +25,11 @@ use std::{
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
 
-use super::super::store::BlobRead;
+use crate::cache::store::BlobRead;
 
 /// Blobs smaller than this are read with `pread`: a mapping per open costs two syscalls and a
 /// TLB flush at `munmap`, more than copying a small blob.
-pub const MAP_MIN: u64 = 1 << 20;
+pub(super) const MAP_MIN: u64 = 1 << 20;
 
 /// Set once the kernel has refused `MADV_POPULATE_READ` (before 5.14): from then on every read
 /// uses `pread`.
@@ -37,14 +37,14 @@ static NO_POPULATE: AtomicBool = AtomicBool::new(false);
 
 /// A stored blob read through its mapping, or through `fallback` (`pread`) where the kernel
 /// cannot fault pages in safely.
-pub struct MappedContent {
+pub(super) struct MappedContent {
     map: Arc<Map>,
     fallback: Arc<dyn BlobRead>,
 }
 
 impl MappedContent {
     /// Maps the first `len` bytes of `file` (a published blob: it never changes or shrinks).
-    pub fn new(file: Arc<File>, len: u64, fallback: Arc<dyn BlobRead>) -> io::Result<Self> {
+    pub(super) fn new(file: Arc<File>, len: u64, fallback: Arc<dyn BlobRead>) -> io::Result<Self> {
         Ok(MappedContent {
             map: Arc::new(Map::new(file, len)?),
             fallback,
