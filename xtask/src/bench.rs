@@ -58,7 +58,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "--bin",
         "pullproxy",
         "--package",
-        "pullproxy-tests",
+        "pullproxy-bench",
         "--bin",
         "pp-bench",
         "--bin",
