@@ -42,8 +42,8 @@ use harness::{
     world,
 };
 use pullproxy_bench::{
-    ClusterImage, ClusterResults, ClusterRow, ClusterSample, Machine, Pattern, Spread,
-    System, stats::loadavg,
+    ClusterImage, ClusterResults, ClusterRow, ClusterSample, Machine, Pattern, Spread, System,
+    stats::loadavg,
 };
 
 /// The public image, as the fake Docker Hub holds it.

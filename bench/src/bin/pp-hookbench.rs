@@ -166,7 +166,11 @@ fn bench(args: &Args) -> HookResults {
     let kernel = {
         let _redirector = attach(true);
         let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
-        let [non_matching_port, registry_port_not_target, redirected_phase] = [
+        let [
+            non_matching_port,
+            registry_port_not_target,
+            redirected_phase,
+        ] = [
             (&other, OTHER_PORT),
             (&other, REGISTRY),
             (&client, REGISTRY),

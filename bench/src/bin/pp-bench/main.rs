@@ -25,8 +25,8 @@ use std::time::Instant;
 
 use harness::loadgen;
 use pullproxy_bench::{
-    BenchResults, ConcurrencyRow, LatencyRow, Machine, MemoryReport, NotMeasured, Settings,
-    Spread, State, Target, ThroughputRow, Tls, size_label, stats::loadavg,
+    BenchResults, ConcurrencyRow, LatencyRow, Machine, MemoryReport, NotMeasured, Settings, Spread,
+    State, Target, ThroughputRow, Tls, size_label, stats::loadavg,
 };
 
 use crate::world::{Via, World};
