@@ -14,9 +14,9 @@
 //! `pullproxy.service`) where a test may change them: the VM of `cargo xtask vm-test`. `ktls`
 //! says whether this kernel can run the kernel TLS tests (the VM's can).
 //!
-//! For benchmarks: a load generator that every measured system is pulled with (`loadgen`),
-//! nginx as a caching TLS reverse proxy (`nginx`), a peer of pullproxy, and summaries over
-//! rounds (`stats`).
+//! For the benchmarks (the `pullproxy-bench` crate): a load generator that every measured system
+//! is pulled with (`loadgen`) and nginx as a caching TLS reverse proxy (`nginx`), a peer of
+//! pullproxy.
 //!
 //! `unsafe` appears only where a child must join a namespace and a cgroup between fork and exec
 //! (`process.rs`, `mountns.rs`), a thread must enter a network namespace (`netns.rs`,
@@ -51,7 +51,6 @@ pub mod registry;
 pub mod registry_client;
 pub mod skopeo;
 pub mod squatter;
-pub mod stats;
 pub mod systemd;
 pub mod testca;
 pub mod token;

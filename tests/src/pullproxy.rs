@@ -26,30 +26,35 @@ use crate::{
 /// with every test target in one invocation and sets `$PULLPROXY_BIN`.)
 pub fn binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os("PULLPROXY_BIN") {
-            return PathBuf::from(path);
-        }
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let target = workspace.join("target/harness");
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--quiet",
-                "--package",
-                "proxy",
-                "--bin",
-                "pullproxy",
-            ])
-            .arg("--target-dir")
-            .arg(&target)
-            .current_dir(&workspace)
-            .status()
-            .expect("running cargo build for pullproxy");
-        assert!(status.success(), "building pullproxy failed");
-        target.join("debug/pullproxy")
-    })
-    .clone()
+    BIN.get_or_init(|| workspace_binary("PULLPROXY_BIN", "proxy", "pullproxy"))
+        .clone()
+}
+
+/// The pull benchmark, `pp-bench` (package `pullproxy-bench`, which builds on this harness):
+/// `$PP_BENCH_BIN` when set (`cargo xtask test` and `vm-test` set it), otherwise built like
+/// [`binary`].
+pub fn bench_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_binary("PP_BENCH_BIN", "pullproxy-bench", "pp-bench"))
+        .clone()
+}
+
+/// `$env` when set, otherwise `bin` of the workspace's `package`, built into `target/harness`.
+fn workspace_binary(env: &str, package: &str, bin: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return PathBuf::from(path);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = workspace.join("target/harness");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--package", package, "--bin", bin])
+        .arg("--target-dir")
+        .arg(&target)
+        .current_dir(&workspace)
+        .status()
+        .unwrap_or_else(|e| panic!("running cargo build for {bin}: {e}"));
+    assert!(status.success(), "building {bin} failed");
+    target.join("debug").join(bin)
 }
 
 /// Runs `pullproxy run` (optionally behind `wrapper`, e.g. `setpriv ...`) expecting it to exit

@@ -389,7 +389,7 @@ fn clients_the_kernel_path_does_not_take_are_served_in_user_space_and_counted() 
 fn the_benchmarks_fast_path_figure_compares_kernel_and_user_space_tls() {
     require_kernel_tls!();
     let out = tempfile::NamedTempFile::new().expect("output file");
-    let status = Command::new(env!("CARGO_BIN_EXE_pp-bench"))
+    let status = Command::new(harness::pullproxy::bench_binary())
         .args([
             "--only", "fastpath", "--sizes", "64", "--rounds", "3", "--out",
         ])

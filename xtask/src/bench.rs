@@ -10,6 +10,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use pullproxy_bench::{
+    BenchResults, ClusterResults, ContainerdResults, Document, HookResults, MeasuredAt, Pattern,
+    System, Target,
+};
 
 use crate::{
     cmd::{cmd, is_root, root, run, say, target_dir},
@@ -58,7 +62,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "--bin",
         "pullproxy",
         "--package",
-        "pullproxy-tests",
+        "pullproxy-bench",
         "--bin",
         "pp-bench",
         "--bin",
@@ -83,7 +87,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
         say("running pp-hookbench (the kernel hook's connect cost)");
         let hook = run_as_root(&bin.join("pp-hookbench"), &hook_args, &[])?;
-        std::fs::write(results.join("hook.json"), stamped(&hook)?)?;
+        store::<HookResults>(&results, "hook.json", &hook)?;
     }
 
     if runs("suite") {
@@ -96,7 +100,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
         say("running pp-bench (the pull suite; progress below)");
         let suite = run_as_root(&bin.join("pp-bench"), &suite_args, &env)?;
-        std::fs::write(results.join("bench.json"), stamped(&suite)?)?;
+        store::<BenchResults>(&results, "bench.json", &suite)?;
     }
 
     // The TLS fast path: hub and cache hits of one large blob against the hub, with the load
@@ -113,7 +117,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
         say("running pp-bench --only fastpath (the TLS fast path)");
         let fastpath = run_as_root(&bin.join("pp-bench"), &fastpath_args, &env)?;
-        std::fs::write(results.join("fastpath.json"), stamped(&fastpath)?)?;
+        store::<BenchResults>(&results, "fastpath.json", &fastpath)?;
     }
 
     // Figure 3: an unmodified containerd pulling a multi-layer image from the hub through
@@ -122,7 +126,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         let pull_args = rounds(args, 5);
         say("running pp-pullbench (containerd: pullproxy vs a hosts.toml mirror)");
         let pull = run_as_root(&bin.join("pp-pullbench"), &pull_args, &env)?;
-        std::fs::write(results.join("containerd.json"), stamped(&pull)?)?;
+        store::<ContainerdResults>(&results, "containerd.json", &pull)?;
     }
 
     // Figure 4: a cluster of nodes pulling one image, pullproxy with the hub vs a hosts.toml
@@ -135,7 +139,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
         say("running pp-clusterbench (a cluster: pullproxy with the hub vs a registry mirror)");
         let cluster = run_as_root(&bin.join("pp-clusterbench"), &cluster_args, &env)?;
-        std::fs::write(results.join("cluster.json"), stamped(&cluster)?)?;
+        store::<ClusterResults>(&results, "cluster.json", &cluster)?;
     }
 
     render(&results)
@@ -148,103 +152,127 @@ fn rounds(args: &BenchArgs, full: usize) -> Vec<String> {
     vec!["--rounds".to_owned(), n.to_string()]
 }
 
-/// Writes the Markdown report and the plots from `bench.json` and `hook.json` in `results`.
-fn render(results: &Path) -> anyhow::Result<()> {
-    let read = |name: &str| -> anyhow::Result<serde_json::Value> {
-        let path = results.join(name);
-        let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))
-    };
-    let mut suite = read("bench.json")?;
-    if results.join("containerd.json").exists() {
-        merge_containerd(&mut suite, read("containerd.json")?);
+/// Reads `results/<name>` as the document `T`; a file that does not match the schema is an
+/// error naming the file and the field.
+fn read<T: Document>(results: &Path, name: &str) -> anyhow::Result<T> {
+    let path = results.join(name);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} does not match the schema of {}'s results (pullproxy-bench)",
+            path.display(),
+            T::BENCHMARK
+        )
+    })
+}
+
+/// [`read`] of a file that may be absent (a benchmark never run here).
+fn read_if_present<T: Document>(results: &Path, name: &str) -> anyhow::Result<Option<T>> {
+    if results.join(name).exists() {
+        read(results, name).map(Some)
+    } else {
+        Ok(None)
     }
-    if results.join("cluster.json").exists() {
-        merge_cluster(&mut suite, read("cluster.json")?);
+}
+
+/// Writes the Markdown report and the plots from the results in `results`.
+fn render(results: &Path) -> anyhow::Result<()> {
+    let mut suite: BenchResults = read(results, "bench.json")?;
+    let containerd: Option<ContainerdResults> = read_if_present(results, "containerd.json")?;
+    if let Some(c) = &containerd {
+        suite.targets.extend(containerd_targets(c));
+    }
+    let cluster: Option<ClusterResults> = read_if_present(results, "cluster.json")?;
+    if let Some(c) = &cluster {
+        suite.targets.extend(cluster_targets(c));
     }
     // The fast path figure: this machine's run (its targets join the table), then any run in
     // a guest (`fastpath-<kernel>.json`, from the kernel TLS suite under `vm-test`).
-    let mut runs = Vec::new();
+    let mut fastpath_runs = Vec::new();
     let mut names: Vec<String> = std::fs::read_dir(results)?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.starts_with("fastpath") && n.ends_with(".json"))
         .collect();
     names.sort();
     for name in names {
-        let mut run = read(&name)?;
-        if name == "fastpath.json"
-            && let (Some(targets), Some(new)) =
-                (suite["targets"].as_array_mut(), run["targets"].as_array())
-        {
-            targets.extend(new.iter().cloned());
+        let run: BenchResults = read(results, &name)?;
+        let Some(figure) = run.fastpath.clone() else {
+            bail!(
+                "{} has no fast path figure (`pp-bench --only fastpath` writes one)",
+                results.join(&name).display()
+            );
+        };
+        if name == "fastpath.json" {
+            suite.targets.extend(run.targets.iter().cloned());
         }
-        run["file"] = name.into();
-        runs.push(run);
+        fastpath_runs.push(report::FastpathRun {
+            file: name,
+            run,
+            figure,
+        });
     }
-    suite["fastpath_runs"] = runs.into();
-    let written = report::write(results, &suite, &read("hook.json")?)?;
+    let report = report::Report {
+        suite,
+        containerd,
+        cluster,
+        fastpath_runs,
+        hook: read(results, "hook.json")?,
+    };
+    let written = report::write(results, &report)?;
     for path in written {
         say(format!("wrote {}", path.display()));
     }
     Ok(())
 }
 
-/// Figure 3 (from `pp-pullbench`) joins the suite's report, with its target.
-fn merge_containerd(suite: &mut serde_json::Value, mut pull: serde_json::Value) {
-    pull["measured"] = true.into();
-    for (key, who) in [("ctr", "ctr"), ("cri", "CRI")] {
-        let ratio = pull[key]["ratio_pullproxy_over_mirror"].clone();
-        if let Some(median) = ratio["median"].as_f64() {
-            let target = serde_json::json!({
-                "name": format!("containerd pull ({who}) via pullproxy vs a hosts.toml mirror"),
-                "goal": "<= 1.1x",
-                "value": ratio,
-                "met": median <= 1.1,
-            });
-            if let Some(targets) = suite["targets"].as_array_mut() {
-                targets.push(target);
+/// Figure 3's targets (from `pp-pullbench`): a containerd pull through pullproxy takes at most
+/// 1.1 times as long as through a mirror, for either client.
+fn containerd_targets(pull: &ContainerdResults) -> Vec<Target> {
+    [(&pull.ctr, "ctr"), (&pull.cri, "CRI")]
+        .into_iter()
+        .map(|(r, who)| {
+            let ratio = r.ratio_pullproxy_over_mirror;
+            Target {
+                name: format!("containerd pull ({who}) via pullproxy vs a hosts.toml mirror"),
+                goal: "<= 1.1x".to_owned(),
+                value: ratio,
+                met: ratio.median <= 1.1,
             }
-        }
-    }
-    suite["containerd"] = pull;
+        })
+        .collect()
 }
 
-/// Figure 4 (from `pp-clusterbench`) joins the suite's report, with its targets: pullproxy's
-/// staggered pulls cost the internet one copy of the image, simultaneous ones at most one per
-/// node (a later issue targets one per cluster there too).
-fn merge_cluster(suite: &mut serde_json::Value, cluster: serde_json::Value) {
-    let nodes = cluster["nodes"].as_u64().unwrap_or(0);
-    let pullproxy = |pattern: &str| {
-        cluster["results"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|r| r["system"] == "pullproxy" && r["pattern"] == pattern)
-            .map(|r| r["upstream_x"].clone())
+/// Figure 4's targets (from `pp-clusterbench`): pullproxy's staggered pulls cost the internet
+/// one copy of the image, simultaneous ones at most one per node (a later issue targets one per
+/// cluster there too).
+fn cluster_targets(cluster: &ClusterResults) -> Vec<Target> {
+    let nodes = cluster.nodes;
+    let pullproxy = |pattern: Pattern| {
+        cluster
+            .results
+            .iter()
+            .find(|r| r.system == System::Pullproxy && r.pattern == pattern)
+            .map(|r| r.upstream_x)
     };
     let mut targets = Vec::new();
-    if let Some(x) = pullproxy("staggered") {
-        let met = x["max"].as_f64().is_some_and(|m| m <= 1.0 + 1e-9);
-        targets.push(serde_json::json!({
-            "name": format!("{nodes} nodes, staggered pulls (pullproxy): internet bytes / image"),
-            "goal": "= 1.0x",
-            "value": x,
-            "met": met,
-        }));
+    if let Some(x) = pullproxy(Pattern::Staggered) {
+        targets.push(Target {
+            name: format!("{nodes} nodes, staggered pulls (pullproxy): internet bytes / image"),
+            goal: "= 1.0x".to_owned(),
+            value: x,
+            met: x.max <= 1.0 + 1e-9,
+        });
     }
-    if let Some(x) = pullproxy("simultaneous") {
-        let met = x["median"].as_f64().is_some_and(|m| m <= nodes as f64);
-        targets.push(serde_json::json!({
-            "name": format!("{nodes} nodes, simultaneous pulls (pullproxy): internet bytes / image"),
-            "goal": format!("<= {nodes}.0x (later: 1.0x)"),
-            "value": x,
-            "met": met,
-        }));
+    if let Some(x) = pullproxy(Pattern::Simultaneous) {
+        targets.push(Target {
+            name: format!("{nodes} nodes, simultaneous pulls (pullproxy): internet bytes / image"),
+            goal: format!("<= {nodes}.0x (later: 1.0x)"),
+            value: x,
+            met: x.median <= nodes as f64,
+        });
     }
-    if let Some(t) = suite["targets"].as_array_mut() {
-        t.extend(targets);
-    }
-    suite["cluster"] = cluster;
+    targets
 }
 
 /// Runs a benchmark binary as root (through `sudo` when needed) with `env`; returns its stdout.
@@ -294,18 +322,34 @@ fn warn_if_busy() {
     }
 }
 
-/// A benchmark's JSON output with `measured_at` (commit and UTC time) added, so that a report
-/// re-rendered later (`--report-only`) still says when and from what each figure was measured.
-fn stamped(output: &[u8]) -> anyhow::Result<String> {
-    let mut v: serde_json::Value =
-        serde_json::from_slice(output).context("a benchmark printed something that is not JSON")?;
+/// Stores a benchmark's output as `results/<name>`, read as its document `T` and stamped with
+/// `measured_at` (commit and UTC time), so that a report re-rendered later (`--report-only`)
+/// still says when and from what each figure was measured. Output that does not match the
+/// schema is kept as `<name>.unparsed` (a long run is not lost) and is an error.
+fn store<T: Document>(results: &Path, name: &str, output: &[u8]) -> anyhow::Result<()> {
+    let mut doc: T = match serde_json::from_slice(output) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let kept = results.join(format!("{name}.unparsed"));
+            std::fs::write(&kept, output)?;
+            bail!(
+                "{} printed output that does not match its result schema ({e}); kept as {}",
+                T::BENCHMARK,
+                kept.display()
+            );
+        }
+    };
     let date = cmd("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    v["measured_at"] = serde_json::json!({ "commit": git_describe(), "date": date });
-    Ok(serde_json::to_string_pretty(&v)?)
+    *doc.measured_at_mut() = Some(MeasuredAt {
+        commit: git_describe(),
+        date,
+    });
+    std::fs::write(results.join(name), serde_json::to_string_pretty(&doc)?)?;
+    Ok(())
 }
 
 /// The commit the results belong to (`git describe --always --dirty`).
@@ -321,49 +365,150 @@ fn git_describe() -> String {
 
 #[cfg(test)]
 mod tests {
+    use pullproxy_bench::Spread;
+
     use super::*;
 
-    fn cluster(staggered_max: f64, simultaneous_median: f64) -> serde_json::Value {
-        let row = |pattern: &str, x: serde_json::Value| serde_json::json!({ "system": "pullproxy", "pattern": pattern, "upstream_x": x });
-        serde_json::json!({
-            "nodes": 4,
-            "results": [
-                row("staggered", serde_json::json!({"min": 1.0, "median": 1.0, "max": staggered_max})),
-                row("simultaneous", serde_json::json!({"min": 2.0, "median": simultaneous_median, "max": 4.0})),
-                { "system": "mirror", "pattern": "staggered", "upstream_x": {"min": 9.0, "median": 9.0, "max": 9.0} },
-            ],
-        })
+    /// The committed cluster figure, with pullproxy's internet bytes per image set per pattern.
+    fn cluster(staggered: Spread, simultaneous: Spread) -> ClusterResults {
+        let path = root().join("results/cluster.json");
+        let mut c: ClusterResults =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        c.nodes = 4;
+        for r in &mut c.results {
+            match (r.system, r.pattern) {
+                (System::Pullproxy, Pattern::Staggered) => r.upstream_x = staggered,
+                (System::Pullproxy, Pattern::Simultaneous) => r.upstream_x = simultaneous,
+                // The mirror's rows never count: far over any target.
+                (System::Mirror, _) => r.upstream_x = spread(1.0, 9.0, 9.0),
+            }
+        }
+        c
     }
 
-    fn merged(c: serde_json::Value) -> Vec<(String, bool)> {
-        let mut suite = serde_json::json!({ "targets": [{ "name": "earlier", "met": true }] });
-        merge_cluster(&mut suite, c);
-        assert_eq!(suite["cluster"]["nodes"], 4, "the figure joins the suite");
-        suite["targets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| {
-                (
-                    t["goal"].as_str().unwrap_or("").to_owned(),
-                    t["met"] == true,
-                )
-            })
+    fn spread(min: f64, median: f64, max: f64) -> Spread {
+        Spread { min, median, max }
+    }
+
+    fn judged(c: &ClusterResults) -> Vec<(String, bool)> {
+        cluster_targets(c)
+            .into_iter()
+            .map(|t| (t.goal, t.met))
             .collect()
     }
 
     #[test]
     fn cluster_targets_are_one_copy_staggered_and_one_per_node_at_once() {
+        let c = cluster(spread(1.0, 1.0, 1.0), spread(2.0, 3.5, 4.0));
         assert_eq!(
-            merged(cluster(1.0, 3.5)),
+            judged(&c),
             [
-                (String::new(), true),
                 ("= 1.0x".to_owned(), true),
                 ("<= 4.0x (later: 1.0x)".to_owned(), true),
             ]
         );
-        // One round over a single copy fails the staggered target; the mirror's rows never count.
-        let t = merged(cluster(1.25, 4.5));
-        assert_eq!((t[1].1, t[2].1), (false, false));
+        // One round over a single copy fails the staggered target.
+        let c = cluster(spread(1.0, 1.0, 1.25), spread(2.0, 4.5, 5.0));
+        assert_eq!(
+            judged(&c).iter().map(|t| t.1).collect::<Vec<_>>(),
+            [false, false]
+        );
+        // A figure without pullproxy's rows has no targets.
+        let mut c = cluster(spread(1.0, 1.0, 1.0), spread(1.0, 1.0, 1.0));
+        c.results.retain(|r| r.system == System::Mirror);
+        assert!(judged(&c).is_empty());
+    }
+
+    #[test]
+    fn containerd_targets_judge_the_median_ratio_per_client() {
+        let path = root().join("results/containerd.json");
+        let mut pull: ContainerdResults =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        pull.ctr.ratio_pullproxy_over_mirror = spread(0.9, 1.1, 1.5);
+        pull.cri.ratio_pullproxy_over_mirror = spread(1.0, 1.125, 1.25);
+        let t = containerd_targets(&pull);
+        assert_eq!(
+            t.iter()
+                .map(|t| (t.name.as_str(), t.met))
+                .collect::<Vec<_>>(),
+            [
+                (
+                    "containerd pull (ctr) via pullproxy vs a hosts.toml mirror",
+                    true
+                ),
+                (
+                    "containerd pull (CRI) via pullproxy vs a hosts.toml mirror",
+                    false
+                ),
+            ]
+        );
+    }
+
+    /// A stored result with a renamed or missing field is an error that names the file and the
+    /// field, not a report with gaps.
+    #[test]
+    fn a_result_off_the_schema_is_an_error_naming_file_and_field() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hook = std::fs::read_to_string(root().join("results/hook.json")).unwrap();
+        assert!(read::<HookResults>(&root().join("results"), "hook.json").is_ok());
+        let mut missing: serde_json::Value = serde_json::from_str(&hook).unwrap();
+        missing["redirected_connect"]
+            .as_object_mut()
+            .unwrap()
+            .remove("added_us_p50")
+            .unwrap();
+        for (text, error) in [
+            (
+                hook.replace("\"added_us_p50\"", "\"added_p50_us\""),
+                "unknown field `added_p50_us`",
+            ),
+            (missing.to_string(), "missing field `added_us_p50`"),
+        ] {
+            std::fs::write(dir.join("hook.json"), text).unwrap();
+            let err = format!("{:#}", read::<HookResults>(&dir, "hook.json").unwrap_err());
+            assert!(
+                err.contains(&dir.join("hook.json").display().to_string()),
+                "{err}"
+            );
+            assert!(err.contains(error), "{err}");
+        }
+        assert!(
+            read_if_present::<ClusterResults>(&dir, "cluster.json")
+                .unwrap()
+                .is_none()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A benchmark's output is stored stamped; output off the schema is kept beside, not lost.
+    #[test]
+    fn store_stamps_the_output_and_keeps_what_it_cannot_read() {
+        let dir = std::env::temp_dir().join(format!("xtask-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut pull: ContainerdResults = read(&root().join("results"), "containerd.json").unwrap();
+        pull.measured_at = None;
+        let output = serde_json::to_vec(&pull).unwrap();
+        store::<ContainerdResults>(&dir, "containerd.json", &output).unwrap();
+        let stored: ContainerdResults = read(&dir, "containerd.json").unwrap();
+        let stamp = stored.measured_at.clone().expect("stamped");
+        assert!(stamp.date.ends_with(" UTC"), "{stamp:?}");
+        assert_eq!(
+            ContainerdResults {
+                measured_at: None,
+                ..stored
+            },
+            pull
+        );
+
+        let bad = b"{\"what\": \"half a document\"}";
+        let err = store::<ContainerdResults>(&dir, "cluster.json", bad).unwrap_err();
+        assert!(err.to_string().contains("pp-pullbench"), "{err}");
+        assert_eq!(
+            std::fs::read(dir.join("cluster.json.unparsed")).unwrap(),
+            bad
+        );
+        assert!(!dir.join("cluster.json").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

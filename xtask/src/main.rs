@@ -252,8 +252,8 @@ fn manifests() -> anyhow::Result<()> {
 }
 
 /// Builds every target of the workspace (tests, benchmarks, tools, pullproxy) in one cargo
-/// invocation, as the invoking user (not under sudo), and returns the pullproxy binary the
-/// end-to-end tests run. One invocation means one feature resolution: `cargo test` afterwards
+/// invocation, as the invoking user (not under sudo), and returns the directory of the binaries
+/// the end-to-end tests run (pullproxy, and `pp-bench` for the ktls suite). One invocation means one feature resolution: `cargo test` afterwards
 /// reuses every artifact, where a separate `cargo build -p proxy` would compile the dependencies
 /// a second time with other features.
 fn build_for_tests() -> anyhow::Result<std::path::PathBuf> {
@@ -264,7 +264,7 @@ fn build_for_tests() -> anyhow::Result<std::path::PathBuf> {
         "proxy-ebpf",
         "--all-targets",
     ]))?;
-    Ok(cmd::target_dir().join("debug/pullproxy"))
+    Ok(cmd::target_dir().join("debug"))
 }
 
 fn demo(nodes: Option<usize>) -> anyhow::Result<()> {
@@ -361,10 +361,11 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     setup::test_deps()?;
     let helm = setup::ensure_helm()?;
     lint()?;
-    let pullproxy = build_for_tests()?;
+    let bin = build_for_tests()?;
     let mut c = cmd("cargo");
     c.args(["test", "--workspace", "--exclude", "proxy-ebpf"]);
-    c.env("PULLPROXY_BIN", &pullproxy);
+    c.env("PULLPROXY_BIN", bin.join("pullproxy"));
+    c.env("PP_BENCH_BIN", bin.join("pp-bench"));
     c.env("PULLPROXY_HELM", &helm);
     c.args(args);
     if !is_root() {

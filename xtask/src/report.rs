@@ -1,6 +1,6 @@
 //! The benchmark report: `results/bench.md` (tables of ratios with min/median/max over rounds)
-//! and PNG plots, from the JSON that `pp-bench`, `pp-pullbench`, `pp-clusterbench` and
-//! `pp-hookbench` print.
+//! and PNG plots, from the results that `pp-bench`, `pp-pullbench`, `pp-clusterbench` and
+//! `pp-hookbench` print, read through their schema (`pullproxy-bench`).
 
 use std::path::{Path, PathBuf};
 
@@ -10,15 +10,42 @@ use plotters::{
     prelude::*,
     style::{FontStyle, register_font},
 };
-use serde_json::Value;
+use pullproxy_bench::{
+    BenchResults, ClusterResults, ContainerdResults, Fastpath, HookResults, Machine, MeasuredAt,
+    MemoryReport, Pattern, Spread, System, size_label,
+};
 
 /// The plots' font: Debian's DejaVu Sans (`fonts-dejavu-core`).
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// Everything the report shows.
+pub struct Report {
+    /// The pull suite (`bench.json`), its targets joined by the other benchmarks'.
+    pub suite: BenchResults,
+    /// Figure 3 (`containerd.json`), if measured.
+    pub containerd: Option<ContainerdResults>,
+    /// Figure 4 (`cluster.json`), if measured.
+    pub cluster: Option<ClusterResults>,
+    /// The fast path figure's runs (`fastpath*.json`), by file name.
+    pub fastpath_runs: Vec<FastpathRun>,
+    /// The kernel hook's cost (`hook.json`).
+    pub hook: HookResults,
+}
+
+/// One run of the fast path figure.
+pub struct FastpathRun {
+    /// Its file under `results/`.
+    pub file: String,
+    /// The run (machine, settings, stamp).
+    pub run: BenchResults,
+    /// Its fast path figure.
+    pub figure: Fastpath,
+}
+
 /// Writes `bench.md` and the plots into `dir`; returns the paths written.
-pub fn write(dir: &Path, suite: &Value, hook: &Value) -> anyhow::Result<Vec<PathBuf>> {
+pub fn write(dir: &Path, report: &Report) -> anyhow::Result<Vec<PathBuf>> {
     let font = std::fs::read(FONT).with_context(|| format!("{FONT} (fonts-dejavu-core)"))?;
     register_font(
         "sans-serif",
@@ -26,11 +53,12 @@ pub fn write(dir: &Path, suite: &Value, hook: &Value) -> anyhow::Result<Vec<Path
         Box::leak(font.into_boxed_slice()),
     )
     .map_err(|_| anyhow!("{FONT} is not a usable font"))?;
+    let suite = &report.suite;
     let mut written = Vec::new();
     for (name, plot) in [
         (
             "throughput.png",
-            plot_throughput as fn(&Path, &Value) -> anyhow::Result<()>,
+            plot_throughput as fn(&Path, &BenchResults) -> anyhow::Result<()>,
         ),
         ("latency.png", plot_latency),
         ("concurrency.png", plot_concurrency),
@@ -40,44 +68,26 @@ pub fn write(dir: &Path, suite: &Value, hook: &Value) -> anyhow::Result<Vec<Path
         plot(&path, suite).with_context(|| format!("plotting {}", path.display()))?;
         written.push(path);
     }
-    if suite["cluster"].is_object() {
+    if let Some(cluster) = &report.cluster {
         let path = dir.join("cluster.png");
-        plot_cluster(&path, &suite["cluster"])
-            .with_context(|| format!("plotting {}", path.display()))?;
+        plot_cluster(&path, cluster).with_context(|| format!("plotting {}", path.display()))?;
         written.push(path);
     }
     let md = dir.join("bench.md");
-    std::fs::write(&md, markdown(suite, hook))?;
+    std::fs::write(&md, markdown(report))?;
     written.push(md);
     Ok(written)
 }
 
-/// `(min, median, max)` of a spread object.
-fn spread(v: &Value) -> (f64, f64, f64) {
-    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    (f("min"), f("median"), f("max"))
+/// `(min, median, max)` of a spread.
+fn spread(v: &Spread) -> (f64, f64, f64) {
+    (v.min, v.median, v.max)
 }
 
 /// `0.92 (0.88–0.95)`: median, then min–max.
-fn fmt_spread(v: &Value, digits: usize) -> String {
+fn fmt_spread(v: &Spread, digits: usize) -> String {
     let (lo, med, hi) = spread(v);
     format!("{med:.digits$} ({lo:.digits$}–{hi:.digits$})")
-}
-
-fn size_label(bytes: u64) -> String {
-    if bytes >= 1 << 30 {
-        format!("{} GiB", bytes >> 30)
-    } else {
-        format!("{} MiB", bytes >> 20)
-    }
-}
-
-fn arr(v: &Value) -> &[Value] {
-    v.as_array().map_or(&[], Vec::as_slice)
-}
-
-fn s(v: &Value) -> &str {
-    v.as_str().unwrap_or_default()
 }
 
 fn mib(bytes: f64) -> f64 {
@@ -85,42 +95,41 @@ fn mib(bytes: f64) -> f64 {
 }
 
 /// `<commit>, <date>` of a stamped benchmark output.
-fn measured_at(v: &Value) -> String {
-    format!(
-        "{}, {}",
-        s(&v["measured_at"]["commit"]),
-        s(&v["measured_at"]["date"])
-    )
+fn measured_at(at: &Option<MeasuredAt>) -> String {
+    match at {
+        Some(at) => format!("{}, {}", at.commit, at.date),
+        None => "an unrecorded commit and time".to_owned(),
+    }
 }
 
 /// A machine's recorded load averages (1, 5, 15 minutes) as `a b c`.
-fn load_average(v: &Value) -> String {
-    arr(v)
-        .iter()
-        .map(|v| format!("{:.2}", v.as_f64().unwrap_or(0.0)))
+fn load_average(v: &[f64]) -> String {
+    v.iter()
+        .map(|v| format!("{v:.2}"))
         .collect::<Vec<_>>()
         .join(" ")
 }
 
-fn markdown(suite: &Value, hook: &Value) -> String {
+/// `load average a b c before and d e f after` of a run's machine.
+fn loads(m: &Machine) -> (String, String) {
+    (load_average(&m.load_before), load_average(&m.load_after))
+}
+
+fn markdown(report: &Report) -> String {
+    let suite = &report.suite;
+    let hook = &report.hook;
     let mut md = String::new();
-    let m = &suite["machine"];
-    let load = |k: &str| load_average(&m[k]);
+    let m = &suite.machine;
+    let (before, after) = loads(m);
     md += "# pullproxy benchmarks\n\n";
     md += &format!(
-        "`cargo xtask bench{}` at {}: {} CPUs, kernel {}, load average {} before and {} after, \
-         {:.0} s.\n\n",
-        if suite["settings"]["quick"].as_bool() == Some(true) {
-            " --quick"
-        } else {
-            ""
-        },
-        measured_at(suite),
-        m["cpus"],
-        s(&m["kernel"]),
-        load("load_before"),
-        load("load_after"),
-        suite["elapsed_s"].as_f64().unwrap_or(0.0),
+        "`cargo xtask bench{}` at {}: {} CPUs, kernel {}, load average {before} before and \
+         {after} after, {:.0} s.\n\n",
+        if suite.settings.quick { " --quick" } else { "" },
+        measured_at(&suite.measured_at),
+        m.cpus,
+        m.kernel,
+        suite.elapsed_s,
     );
     md += "Every figure is a ratio against a baseline measured in the same round of the same run, \
            with the same images and the same client (`harness::loadgen`, keep-alive HTTP/1.1) for \
@@ -131,33 +140,31 @@ fn markdown(suite: &Value, hook: &Value) -> String {
 
     let met = |yes: bool| if yes { "yes" } else { "**no**" };
     md += "## Targets\n\n| target | goal | measured | met |\n|---|---|---|---|\n";
-    for t in arr(&suite["targets"]) {
+    for t in &suite.targets {
         md += &format!(
             "| {} | {} | {} | {} |\n",
-            s(&t["name"]),
-            s(&t["goal"]),
-            fmt_spread(&t["value"], 2),
-            met(t["met"].as_bool() == Some(true)),
+            t.name,
+            t.goal,
+            fmt_spread(&t.value, 2),
+            met(t.met),
         );
     }
 
-    for (key, what) in [
-        ("non_matching_port", "a port no registry uses"),
+    for (h, what) in [
+        (&hook.non_matching_port, "a port no registry uses"),
         (
-            "registry_port_not_target",
+            &hook.registry_port_not_target,
             "a registry port, from outside the target cgroups",
         ),
     ] {
-        let r = &hook[key]["ratio_with_programs"];
+        let r = h.ratio_with_programs.spread();
         md += &format!(
             "| connect()+accept() rate to {what}: kernel programs attached vs none | >= 0.95x | {} | {} |\n",
-            fmt_spread(r, 3),
-            met(r["median"].as_f64().is_some_and(|m| m >= 0.95)),
+            fmt_spread(&r, 3),
+            met(r.median >= 0.95),
         );
     }
-    let added = hook["redirected_connect"]["added_us_p50"]
-        .as_f64()
-        .unwrap_or(f64::NAN);
+    let added = hook.redirected_connect.added_us_p50;
     md += &format!(
         "| added connect() latency of a redirected connection, p50 (µs) | < 10 µs | {added:.1} | {} |\n",
         met(added < 10.0),
@@ -169,15 +176,15 @@ fn markdown(suite: &Value, hook: &Value) -> String {
            before. `× hub` is against the hub (docker-registry, plain HTTP, direct) and \
            `× upstream` against the upstream (docker-registry, TLS, direct), same round.\n\n";
     md += "| blob | system | state | × hub | × upstream | MiB/s |\n|---|---|---|---|---|---|\n";
-    for r in arr(&suite["throughput"]) {
+    for r in &suite.throughput {
         md += &format!(
             "| {} | {} | {} | {} | {} | {} |\n",
-            size_label(r["size"].as_u64().unwrap_or(0)),
-            s(&r["system"]),
-            s(&r["state"]),
-            fmt_spread(&r["vs_hub"], 2),
-            fmt_spread(&r["vs_upstream"], 2),
-            fmt_spread(&r["mib_s_spread"], 0),
+            size_label(r.size),
+            r.system,
+            r.state.name(),
+            fmt_spread(&r.vs_hub, 2),
+            fmt_spread(&r.vs_upstream, 2),
+            fmt_spread(&r.mib_s_spread, 0),
         );
     }
 
@@ -186,20 +193,20 @@ fn markdown(suite: &Value, hook: &Value) -> String {
         "{} sequential `HEAD`s of a tag on one kept-alive connection per round (after 20 \
          untimed). The hub (and so pullproxy's hub lookup) checks a bcrypt htpasswd on every \
          request, as a sealos hub does.\n\n",
-        suite["settings"]["head_requests"]
+        suite.settings.head_requests
     );
     md += "| system | request | p50 ms | p99 ms | p50 × hub | p99 × hub | added p99 ms |\n\
            |---|---|---|---|---|---|---|\n";
-    for r in arr(&suite["head_latency"]) {
+    for r in &suite.head_latency {
         md += &format!(
             "| {} | {} | {} | {} | {} | {} | {} |\n",
-            s(&r["system"]),
-            s(&r["what"]),
-            fmt_spread(&r["p50_ms"], 2),
-            fmt_spread(&r["p99_ms"], 2),
-            fmt_spread(&r["p50_vs_hub"], 2),
-            fmt_spread(&r["p99_vs_hub"], 2),
-            fmt_spread(&r["added_p99_ms"], 2),
+            r.system,
+            r.what,
+            fmt_spread(&r.p50_ms, 2),
+            fmt_spread(&r.p99_ms, 2),
+            fmt_spread(&r.p50_vs_hub, 2),
+            fmt_spread(&r.p99_vs_hub, 2),
+            fmt_spread(&r.added_p99_ms, 2),
         );
     }
 
@@ -210,101 +217,91 @@ fn markdown(suite: &Value, hook: &Value) -> String {
          `GET` bytes in the upstream's access log over the blob's size; wall time is from the \
          common start to the last byte of the last client, against the hub serving the same N \
          clients.\n\n",
-        arr(&suite["settings"]["clients"])
+        suite
+            .settings
+            .clients
             .iter()
             .map(|v| v.to_string())
             .collect::<Vec<_>>()
             .join(", "),
-        size_label(
-            arr(&suite["settings"]["sizes"])
-                .first()
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
-        ),
+        size_label(suite.settings.sizes.first().copied().unwrap_or(0)),
     );
     md += "| clients | system | upstream bytes / blob | wall s | wall × hub |\n|---|---|---|---|---|\n";
-    for r in arr(&suite["concurrency"]) {
+    for r in &suite.concurrency {
         md += &format!(
             "| {} | {} | {} | {} | {} |\n",
-            r["clients"],
-            s(&r["system"]),
-            fmt_spread(&r["upstream_x"], 1),
-            fmt_spread(&r["wall_s"], 3),
-            fmt_spread(&r["wall_vs_hub"], 2),
+            r.clients,
+            r.system,
+            fmt_spread(&r.upstream_x, 1),
+            fmt_spread(&r.wall_s, 3),
+            fmt_spread(&r.wall_vs_hub, 2),
         );
     }
 
     md += "\n## 3. containerd pull via pullproxy vs a hosts.toml mirror\n\n";
-    let c = &suite["containerd"];
-    if c["measured"].as_bool() == Some(true) {
+    if let Some(c) = &report.containerd {
         md += &format!(
             "{} (`pp-pullbench` at {}, {} rounds; image of {} layers, {:.0} MiB of blobs, on the \
              hub). Each round starts a fresh containerd with an empty content store per \
              variant.\n\n",
-            s(&c["what"]),
-            measured_at(c),
-            c["rounds"],
-            c["image"]["layers"],
-            mib(c["image"]["blob_bytes"].as_f64().unwrap_or(0.0)),
+            c.what,
+            measured_at(&c.measured_at),
+            c.rounds,
+            c.image.layers,
+            mib(c.image.blob_bytes as f64),
         );
         md += "| who fetches | pullproxy ÷ mirror | pullproxy s | mirror s |\n|---|---|---|---|\n";
-        for (key, who) in [
-            ("ctr", "`ctr images pull`"),
-            ("cri", "CRI `PullImage` (daemon)"),
+        for (r, who) in [
+            (&c.ctr, "`ctr images pull`"),
+            (&c.cri, "CRI `PullImage` (daemon)"),
         ] {
-            let r = &c[key];
-            if r.is_object() {
-                md += &format!(
-                    "| {who} | {} | {} | {} |\n",
-                    fmt_spread(&r["ratio_pullproxy_over_mirror"], 2),
-                    fmt_spread(&r["pullproxy_s"], 3),
-                    fmt_spread(&r["mirror_s"], 3),
-                );
-            }
+            md += &format!(
+                "| {who} | {} | {} | {} |\n",
+                fmt_spread(&r.ratio_pullproxy_over_mirror, 2),
+                fmt_spread(&r.pullproxy_s, 3),
+                fmt_spread(&r.mirror_s, 3),
+            );
         }
     } else {
-        md += &format!("Not measured: {}.\n", s(&suite["containerd"]["why"]));
+        md += &format!("Not measured: {}.\n", suite.containerd.why);
     }
 
-    md += &cluster_section(&suite["cluster"]);
+    md += &cluster_section(report.cluster.as_ref());
 
     md += "\n## 5. The kernel hook's connect cost (`pp-hookbench`)\n\n";
     md += &format!(
         "Measured at {}. {} connections per round, {} rounds, each in {} blocks measured once \
          with the programs attached and once detached, back to back; ratios are over those block \
          pairs.\n\n",
-        measured_at(hook),
-        hook["connections_per_round"],
-        hook["rounds"],
-        hook["blocks_per_round"]
+        measured_at(&hook.measured_at),
+        hook.connections_per_round,
+        hook.rounds,
+        hook.blocks_per_round
     );
     md += "| what | baseline connections/s | rate with the programs: median (min–max) | middle half of the pairs | in-kernel ns per connection (BPF stats) | implied slowdown |\n|---|---|---|---|---|---|\n";
-    for key in ["non_matching_port", "registry_port_not_target"] {
-        let h = &hook[key];
-        let k = &h["from_kernel_stats"];
+    for h in [&hook.non_matching_port, &hook.registry_port_not_target] {
+        let k = &h.from_kernel_stats;
         md += &format!(
             "| {} | {} | × {} | {:.3}–{:.3} | {:.0} | {:.4} |\n",
-            s(&h["what"]),
-            fmt_spread(&h["baseline_rate_per_s"], 0),
-            fmt_spread(&h["ratio_with_programs"], 3),
-            h["ratio_with_programs"]["p25"].as_f64().unwrap_or(f64::NAN),
-            h["ratio_with_programs"]["p75"].as_f64().unwrap_or(f64::NAN),
-            k["in_kernel_ns_per_connection"]
-                .as_f64()
-                .unwrap_or(f64::NAN),
-            k["implied_slowdown"].as_f64().unwrap_or(f64::NAN),
+            h.what,
+            fmt_spread(&h.baseline_rate_per_s.spread(), 0),
+            fmt_spread(&h.ratio_with_programs.spread(), 3),
+            h.ratio_with_programs.p25,
+            h.ratio_with_programs.p75,
+            k.in_kernel_ns_per_connection,
+            k.implied_slowdown,
         );
     }
-    let r = &hook["redirected_connect"];
+    let r = &hook.redirected_connect;
     md += &format!(
         "\n{}: direct p50 {:.1} µs, p99 {:.1} µs; redirected p50 {:.1} µs, p99 {:.1} µs \
          (+{:.1} µs at p50).\n",
-        s(&r["what"]),
-        r["direct_us"]["p50"].as_f64().unwrap_or(0.0),
-        r["direct_us"]["p99"].as_f64().unwrap_or(0.0),
-        r["redirected_us"]["p50"].as_f64().unwrap_or(0.0),
-        r["redirected_us"]["p99"].as_f64().unwrap_or(0.0),
-        r["added_us_p50"].as_f64().unwrap_or(0.0),
+        r.what,
+        r.direct_us.p50,
+        r.direct_us.p99,
+        r.redirected_us.p50,
+        r.redirected_us.p99,
+        r.added_us_p50,
     );
 
     md += "\n## 6. pullproxy's memory\n\n![memory](memory.png)\n\n";
@@ -312,24 +309,23 @@ fn markdown(suite: &Value, hook: &Value) -> String {
            measured pull. The peers' peaks under the same concurrent load are given for \
            comparison (nginx: master and workers added up).\n\n";
     md += "| state | MiB |\n|---|---|\n";
-    for (label, bytes) in memory_rows(&suite["memory"]) {
+    for (label, bytes) in memory_rows(&suite.memory) {
         md += &format!("| {label} | {:.1} |\n", mib(bytes));
     }
-    if let Some(fc) = suite["memory"]["full_cache"].as_object() {
+    if let Some(fc) = &suite.memory.full_cache {
         md += &format!(
             "\nFull cache: `cache.max_size` {}, {} blobs ({:.0} MiB) on disk after the fill.\n",
-            fc["max_size"].as_str().unwrap_or_default(),
-            fc["files"],
-            mib(fc["bytes_on_disk"].as_f64().unwrap_or(0.0)),
+            fc.max_size,
+            fc.files,
+            mib(fc.bytes_on_disk as f64),
         );
     }
-    md += &fastpath(suite);
+    md += &fastpath(&report.fastpath_runs);
     md
 }
 
-/// Section 6, one table per fast path run (this machine's, and guests').
-fn fastpath(suite: &Value) -> String {
-    let runs = arr(&suite["fastpath_runs"]);
+/// Section 7, one table per fast path run (this machine's, and guests').
+fn fastpath(runs: &[FastpathRun]) -> String {
     if runs.is_empty() {
         return String::new();
     }
@@ -341,41 +337,35 @@ fn fastpath(suite: &Value) -> String {
            (plain HTTP) with the same client in the same round; CPU is pullproxy's user plus \
            system seconds per GiB it served; `kernel ÷ user` compares kernel TLS with user-space \
            TLS, same client, same round.\n";
-    for run in runs {
-        let m = &run["machine"];
-        let load = |k: &str| load_average(&m[k]);
+    for FastpathRun { file, run, figure } in runs {
+        let m = &run.machine;
+        let (before, after) = loads(m);
         md += &format!(
-            "\n### `{}`: kernel {}, {} CPUs, load average {} before and {} after, {} rounds, {}\n\n{}.\n\n",
-            s(&run["file"]),
-            s(&m["kernel"]),
-            m["cpus"],
-            load("load_before"),
-            load("load_after"),
-            run["settings"]["rounds"],
-            measured_at(run),
-            s(&run["fastpath"]["kernel_tls"]),
+            "\n### `{file}`: kernel {}, {} CPUs, load average {before} before and {after} after, {} rounds, {}\n\n{}.\n\n",
+            m.kernel,
+            m.cpus,
+            run.settings.rounds,
+            measured_at(&run.measured_at),
+            figure.kernel_tls,
         );
         md += "| blob | system | client | TLS | × hub | MiB/s | pullproxy CPU s/GiB | kernel ÷ user: MiB/s | kernel ÷ user: CPU s/GiB |\n\
                |---|---|---|---|---|---|---|---|---|\n";
-        let opt = |v: &Value, digits| {
-            if v.is_object() {
-                fmt_spread(v, digits)
-            } else {
-                "–".to_owned()
-            }
+        let opt = |v: &Option<Spread>, digits| match v {
+            Some(v) => fmt_spread(v, digits),
+            None => "–".to_owned(),
         };
-        for r in arr(&run["fastpath"]["rows"]) {
+        for r in &figure.rows {
             md += &format!(
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-                size_label(r["size"].as_u64().unwrap_or(0)),
-                s(&r["system"]),
-                s(&r["client"]),
-                s(&r["tls"]),
-                fmt_spread(&r["vs_hub"], 2),
-                fmt_spread(&r["mib_s_spread"], 0),
-                opt(&r["cpu_s_per_gib"], 3),
-                opt(&r["vs_user"], 2),
-                opt(&r["cpu_vs_user"], 2),
+                size_label(r.size),
+                r.system,
+                r.client.name(),
+                r.tls.name(),
+                fmt_spread(&r.vs_hub, 2),
+                fmt_spread(&r.mib_s_spread, 0),
+                opt(&r.cpu_s_per_gib, 3),
+                opt(&r.vs_user, 2),
+                opt(&r.cpu_vs_user, 2),
             );
         }
     }
@@ -383,25 +373,26 @@ fn fastpath(suite: &Value) -> String {
 }
 
 /// Section 4, from `pp-clusterbench`: a cluster pulling one image, pullproxy vs a mirror.
-fn cluster_section(c: &Value) -> String {
+fn cluster_section(c: Option<&ClusterResults>) -> String {
     let mut md =
         "\n## 4. A cluster pulling one image: pullproxy vs a registry mirror\n\n".to_owned();
-    if !c.is_object() {
+    let Some(c) = c else {
         md += "Not measured (`pp-clusterbench`; `cargo xtask bench --only cluster`).\n";
         return md;
-    }
-    let image = &c["image"];
-    let layers: Vec<String> = arr(&image["layers"])
+    };
+    let layers: Vec<String> = c
+        .image
+        .layers
         .iter()
-        .map(|l| format!("{:.0}", mib(l.as_f64().unwrap_or(0.0))))
+        .map(|l| format!("{:.0}", mib(*l as f64)))
         .collect();
-    let settle_wait = |system: &str| {
-        arr(&c["results"])
+    let settle_wait = |system: System| {
+        c.results
             .iter()
-            .find(|r| r["system"] == system && r["pattern"] == "staggered")
+            .find(|r| r.system == system && r.pattern == Pattern::Staggered)
             .map_or_else(
                 || "not measured".to_owned(),
-                |r| fmt_spread(&r["settle_wait_s"], 1),
+                |r| fmt_spread(&r.settle_wait_s, 1),
             )
     };
     md += "![cluster](cluster.png)\n\n";
@@ -423,36 +414,40 @@ fn cluster_section(c: &Value) -> String {
          served the nodes. Total time is from the first pull's start to the last pull's end. \
          Load average (1 min) during the run: {} (cluster up in {:.1} s, the whole benchmark \
          {:.0} s).\n\n",
-        measured_at(c),
-        c["rounds"],
-        c["nodes"],
-        mib(image["blob_bytes"].as_f64().unwrap_or(0.0)).round(),
+        measured_at(&c.measured_at),
+        c.rounds,
+        c.nodes,
+        mib(c.image.blob_bytes as f64).round(),
         layers.len(),
         layers.join(" + "),
-        settle_wait("pullproxy"),
-        settle_wait("mirror"),
-        fmt_spread(&c["machine"]["load_1m_during"], 1),
-        c["bring_up_s"].as_f64().unwrap_or(0.0),
-        c["elapsed_s"].as_f64().unwrap_or(0.0),
+        settle_wait(System::Pullproxy),
+        settle_wait(System::Mirror),
+        c.machine
+            .load_1m_during
+            .as_ref()
+            .map_or_else(|| "not recorded".to_owned(), |l| fmt_spread(l, 1)),
+        c.bring_up_s,
+        c.elapsed_s,
     );
     md += "| system | pattern | internet bytes (× image) | internet MiB | served by hub / mirror (× image) | total s | per node s (median) |\n\
            |---|---|---|---|---|---|---|\n";
-    for r in arr(&c["results"]) {
-        let (lo, med, hi) = spread(&r["upstream_bytes"]);
-        let nodes: Vec<String> = arr(&r["node_s"])
+    for r in &c.results {
+        let (lo, med, hi) = spread(&r.upstream_bytes);
+        let nodes: Vec<String> = r
+            .node_s
             .iter()
-            .map(|n| format!("{:.1}", spread(n).1))
+            .map(|n| format!("{:.1}", n.median))
             .collect();
         md += &format!(
             "| {} | {} | {} | {:.0} ({:.0}–{:.0}) | {} | {} | {} |\n",
-            s(&r["system"]),
-            s(&r["pattern"]),
-            fmt_spread(&r["upstream_x"], 2),
+            r.system.name(),
+            r.pattern.name(),
+            fmt_spread(&r.upstream_x, 2),
             mib(med),
             mib(lo),
             mib(hi),
-            fmt_spread(&r["served_x"], 2),
-            fmt_spread(&r["total_s"], 1),
+            fmt_spread(&r.served_x, 2),
+            fmt_spread(&r.total_s, 1),
             nodes.join(", "),
         );
     }
@@ -460,54 +455,49 @@ fn cluster_section(c: &Value) -> String {
 }
 
 /// (label, bytes) for the memory table and plot: medians of peaks over rounds.
-fn memory_rows(m: &Value) -> Vec<(String, f64)> {
-    let median = |v: &Value| {
-        let mut xs: Vec<f64> = arr(v).iter().filter_map(Value::as_f64).collect();
+fn memory_rows(m: &MemoryReport) -> Vec<(String, f64)> {
+    let median = |v: &[u64]| {
+        let mut xs: Vec<f64> = v.iter().map(|&b| b as f64).collect();
         xs.sort_by(f64::total_cmp);
         xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
     };
     let mut rows = vec![(
         "pullproxy idle, just started".to_owned(),
-        m["idle_start_rss"].as_f64().unwrap_or(0.0),
+        m.idle_start_rss as f64,
     )];
-    for (key, what) in [("cold_peak", "cold pull"), ("warm_peak", "cache hits")] {
-        if let Some(map) = m[key].as_object() {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by_key(|(k, _)| size_order(k));
-            for (size, v) in entries {
-                rows.push((format!("pullproxy peak, {what} of {size}"), median(v)));
-            }
+    for (map, what) in [(&m.cold_peak, "cold pull"), (&m.warm_peak, "cache hits")] {
+        let mut entries: Vec<_> = map.iter().collect();
+        entries.sort_by_key(|(k, _)| size_order(k));
+        for (size, v) in entries {
+            rows.push((format!("pullproxy peak, {what} of {size}"), median(v)));
         }
     }
-    if let Some(map) = m["concurrent_peak"].as_object() {
-        for (system, v) in map {
-            rows.push((
-                format!(
-                    "{system} peak, {} concurrent cold pulls",
-                    m["concurrent_clients"]
-                ),
-                median(v),
-            ));
-        }
+    for (system, v) in &m.concurrent_peak {
+        rows.push((
+            format!(
+                "{system} peak, {} concurrent cold pulls",
+                m.concurrent_clients
+            ),
+            median(v),
+        ));
     }
-    let fc = &m["full_cache"];
-    if fc.is_object() {
+    if let Some(fc) = &m.full_cache {
         rows.push((
             "pullproxy peak while filling the cache past its limit".into(),
-            fc["peak"].as_f64().unwrap_or(0.0),
+            fc.peak as f64,
         ));
         rows.push((
             "pullproxy with a full cache, idle".into(),
-            fc["rss_after"].as_f64().unwrap_or(0.0),
+            fc.rss_after as f64,
         ));
         rows.push((
             "pullproxy restarted over a full cache, idle".into(),
-            fc["rss_restarted"].as_f64().unwrap_or(0.0),
+            fc.rss_restarted as f64,
         ));
     }
     rows.push((
         "pullproxy idle after the run (restarted)".into(),
-        m["idle_end_rss"].as_f64().unwrap_or(0.0),
+        m.idle_end_rss as f64,
     ));
     rows
 }
@@ -693,26 +683,23 @@ fn bars_on(
     Ok(())
 }
 
-fn plot_throughput(path: &Path, suite: &Value) -> anyhow::Result<()> {
-    let rows = arr(&suite["throughput"]);
-    let mut groups: Vec<u64> = rows.iter().filter_map(|r| r["size"].as_u64()).collect();
+fn plot_throughput(path: &Path, suite: &BenchResults) -> anyhow::Result<()> {
+    let rows = &suite.throughput;
+    let mut groups: Vec<u64> = rows.iter().map(|r| r.size).collect();
     groups.dedup();
     let mut series: Vec<String> = Vec::new();
     let mut data = Vec::new();
     for r in rows {
-        let name = format!("{} ({})", s(&r["system"]), s(&r["state"]));
+        let name = format!("{} ({})", r.system, r.state.name());
         let si = series.iter().position(|x| *x == name).unwrap_or_else(|| {
             series.push(name.clone());
             series.len() - 1
         });
-        let gi = groups
-            .iter()
-            .position(|g| Some(*g) == r["size"].as_u64())
-            .unwrap_or(0);
+        let gi = groups.iter().position(|g| *g == r.size).unwrap_or(0);
         data.push(Bar {
             group: gi,
             series: si,
-            value: spread(&r["vs_hub"]),
+            value: spread(&r.vs_hub),
         });
     }
     let groups: Vec<String> = groups.into_iter().map(size_label).collect();
@@ -729,36 +716,38 @@ fn plot_throughput(path: &Path, suite: &Value) -> anyhow::Result<()> {
 }
 
 /// Figure 4: internet bytes and total pull time, grouped by pattern, a bar per system.
-fn plot_cluster(path: &Path, c: &Value) -> anyhow::Result<()> {
-    let rows = arr(&c["results"]);
+fn plot_cluster(path: &Path, c: &ClusterResults) -> anyhow::Result<()> {
+    let rows = &c.results;
     let mut patterns: Vec<String> = Vec::new();
     let mut systems: Vec<String> = Vec::new();
     for r in rows {
-        for (list, key) in [(&mut patterns, "pattern"), (&mut systems, "system")] {
-            let name = s(&r[key]).to_owned();
-            if !list.contains(&name) {
-                list.push(name);
+        for (list, name) in [
+            (&mut patterns, r.pattern.name()),
+            (&mut systems, r.system.name()),
+        ] {
+            if !list.iter().any(|n| n == name) {
+                list.push(name.to_owned());
             }
         }
     }
     // Staggered first, as pulls happen in a rollout.
-    patterns.sort_by_key(|p| p != "staggered");
-    let bars_of = |key: &str| -> Vec<Bar> {
+    patterns.sort_by_key(|p| p != Pattern::Staggered.name());
+    let bars_of = |value: fn(&pullproxy_bench::ClusterRow) -> &Spread| -> Vec<Bar> {
         rows.iter()
             .map(|r| Bar {
                 group: patterns
                     .iter()
-                    .position(|p| p == s(&r["pattern"]))
+                    .position(|p| p == r.pattern.name())
                     .unwrap_or(0),
                 series: systems
                     .iter()
-                    .position(|x| x == s(&r["system"]))
+                    .position(|x| x == r.system.name())
                     .unwrap_or(0),
-                value: spread(&r[key]),
+                value: spread(value(r)),
             })
             .collect()
     };
-    let nodes = c["nodes"].as_u64().unwrap_or(0);
+    let nodes = c.nodes;
     let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(700);
@@ -769,7 +758,7 @@ fn plot_cluster(path: &Path, c: &Value) -> anyhow::Result<()> {
         "× image blob bytes (median, min–max)",
         &patterns,
         &systems,
-        &bars_of("upstream_x"),
+        &bars_of(|r| &r.upstream_x),
         &[(1.0, "1 copy per cluster"), (nodes as f64, &every_node)],
     )?;
     bars_on(
@@ -778,27 +767,27 @@ fn plot_cluster(path: &Path, c: &Value) -> anyhow::Result<()> {
         "s, first start to last end (median, min–max)",
         &patterns,
         &systems,
-        &bars_of("total_s"),
+        &bars_of(|r| &r.total_s),
         &[],
     )?;
     root.present()?;
     Ok(())
 }
 
-fn plot_latency(path: &Path, suite: &Value) -> anyhow::Result<()> {
-    let rows = arr(&suite["head_latency"]);
-    let groups: Vec<String> = rows.iter().map(|r| s(&r["system"]).to_owned()).collect();
+fn plot_latency(path: &Path, suite: &BenchResults) -> anyhow::Result<()> {
+    let rows = &suite.head_latency;
+    let groups: Vec<String> = rows.iter().map(|r| r.system.clone()).collect();
     let mut data = Vec::new();
     for (gi, r) in rows.iter().enumerate() {
         data.push(Bar {
             group: gi,
             series: 0,
-            value: spread(&r["p50_ms"]),
+            value: spread(&r.p50_ms),
         });
         data.push(Bar {
             group: gi,
             series: 1,
-            value: spread(&r["p99_ms"]),
+            value: spread(&r.p99_ms),
         });
     }
     bars(
@@ -813,8 +802,8 @@ fn plot_latency(path: &Path, suite: &Value) -> anyhow::Result<()> {
     )
 }
 
-fn plot_memory(path: &Path, suite: &Value) -> anyhow::Result<()> {
-    let rows = memory_rows(&suite["memory"]);
+fn plot_memory(path: &Path, suite: &BenchResults) -> anyhow::Result<()> {
+    let rows = memory_rows(&suite.memory);
     let groups: Vec<String> = rows
         .iter()
         .enumerate()
@@ -870,15 +859,14 @@ fn bars_single(
     Ok(())
 }
 
-fn plot_concurrency(path: &Path, suite: &Value) -> anyhow::Result<()> {
-    let rows = arr(&suite["concurrency"]);
-    let mut ns: Vec<u64> = rows.iter().filter_map(|r| r["clients"].as_u64()).collect();
+fn plot_concurrency(path: &Path, suite: &BenchResults) -> anyhow::Result<()> {
+    let rows = &suite.concurrency;
+    let mut ns: Vec<usize> = rows.iter().map(|r| r.clients).collect();
     ns.dedup();
     let mut systems: Vec<String> = Vec::new();
     for r in rows {
-        let name = s(&r["system"]).to_owned();
-        if !systems.contains(&name) {
-            systems.push(name);
+        if !systems.contains(&r.system) {
+            systems.push(r.system.clone());
         }
     }
     let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
@@ -903,7 +891,7 @@ fn plot_concurrency(path: &Path, suite: &Value) -> anyhow::Result<()> {
         .draw()?;
     let wall_top = rows
         .iter()
-        .map(|r| spread(&r["wall_vs_hub"]).2)
+        .map(|r| r.wall_vs_hub.max)
         .filter(|v| v.is_finite())
         .fold(1.0, f64::max)
         * 1.15;
@@ -925,17 +913,17 @@ fn plot_concurrency(path: &Path, suite: &Value) -> anyhow::Result<()> {
         .draw()?;
     for (si, system) in systems.iter().enumerate() {
         let colour = COLOURS[si % COLOURS.len()];
-        let points = |key: &str| -> Vec<(f64, (f64, f64, f64))> {
+        let points = |value: fn(&pullproxy_bench::ConcurrencyRow) -> &Spread| {
             ns.iter()
                 .enumerate()
                 .filter_map(|(i, n)| {
                     rows.iter()
-                        .find(|r| r["clients"].as_u64() == Some(*n) && s(&r["system"]) == system)
-                        .map(|r| (i as f64, spread(&r[key])))
+                        .find(|r| r.clients == *n && r.system == *system)
+                        .map(|r| (i as f64, spread(value(r))))
                 })
-                .collect()
+                .collect::<Vec<_>>()
         };
-        let ups: Vec<(f64, f64)> = points("upstream_x")
+        let ups: Vec<(f64, f64)> = points(|r| &r.upstream_x)
             .into_iter()
             .filter(|(_, v)| v.1 > 0.0)
             .map(|(x, v)| (x, v.1))
@@ -946,7 +934,7 @@ fn plot_concurrency(path: &Path, suite: &Value) -> anyhow::Result<()> {
                 .legend(swatch(colour));
             up.draw_series(ups.iter().map(|p| Circle::new(*p, 4, colour.filled())))?;
         }
-        let walls = points("wall_vs_hub");
+        let walls = points(|r| &r.wall_vs_hub);
         wall.draw_series(LineSeries::new(
             walls.iter().map(|(x, v)| (*x, v.1)),
             colour.stroke_width(2),
@@ -971,7 +959,11 @@ mod tests {
 
     #[test]
     fn spreads_format_median_then_range() {
-        let v = serde_json::json!({"min": 0.8, "median": 0.923, "max": 1.0});
+        let v = Spread {
+            min: 0.8,
+            median: 0.923,
+            max: 1.0,
+        };
         assert_eq!(fmt_spread(&v, 2), "0.92 (0.80–1.00)");
         assert_eq!(size_order("1 GiB"), 1 << 30);
         assert!(size_order("256 MiB") < size_order("1 GiB"));

@@ -255,6 +255,9 @@ pub fn vm_test(a: &VmArgs) -> anyhow::Result<()> {
     // debug pullproxy took twice as long to become healthy (8 s against 4 s).
     let pullproxy = crate::build(false)?;
     let binaries = build_suites(&a.suites)?;
+    // The ktls suite runs the benchmark's fast path figure: `pp-bench`, another package's
+    // binary, which `cargo test` does not build (the guest has no cargo to build it).
+    run(cmd("cargo").args(["build", "--package", "pullproxy-bench", "--bin", "pp-bench"]))?;
     let dir = cache_dir()?
         .join("runs")
         .join(std::process::id().to_string());
@@ -760,8 +763,10 @@ fn run_script(pullproxy: &Path, binaries: &[(String, PathBuf)], a: &VmArgs) -> S
         s,
         "export CI=true PULLPROXY_SYSTEMD_TESTS=1 PULLPROXY_KTLS_TESTS=1 RUST_BACKTRACE=1 \
          RUST_TEST_THREADS=1 HOME=/root \
-         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin PULLPROXY_BIN={}",
-        sh_quote(&pullproxy.display().to_string())
+         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin PULLPROXY_BIN={} \
+         PP_BENCH_BIN={}",
+        sh_quote(&pullproxy.display().to_string()),
+        sh_quote(&target_dir().join("debug/pp-bench").display().to_string())
     );
     let _ = writeln!(
         s,

@@ -7,62 +7,17 @@
 
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
-use harness::{pullproxy::sample, stats::Spread};
+use harness::pullproxy::sample;
 use pullproxy::tls::ktls;
-use serde::Serialize;
+use pullproxy_bench::{Client, Fastpath, FastpathRow, Settings, Spread, Tls, size_label};
 
 use crate::{
-    figures::{Settings, cpu_seconds, describe, rotated, warm_repeat},
+    figures::{cpu_seconds, rotated, warm_repeat},
     world::{Fixture, HUB_PASSWORD, HUB_USER, Via, World},
 };
 
 const MIB: f64 = 1024.0 * 1024.0;
 const GIB: f64 = 1024.0 * MIB;
-
-/// Who asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Client {
-    /// `harness::loadgen`: rustls, one thread per keep-alive connection.
-    Loadgen,
-    /// curl (OpenSSL), `--http1.1`, every request on one connection.
-    Curl,
-}
-
-/// Where pullproxy's TLS ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Tls {
-    /// The hub: no TLS.
-    None,
-    User,
-    Kernel,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct FastpathRow {
-    pub size: u64,
-    pub system: String,
-    pub tls: Tls,
-    pub client: Client,
-    pub mib_s: Vec<f64>,
-    pub mib_s_spread: Spread,
-    /// Against the hub with the same client, same round.
-    pub vs_hub: Spread,
-    /// pullproxy's user plus system CPU seconds per GiB it served (warm-up included).
-    pub cpu_s_per_gib: Option<Spread>,
-    /// Kernel TLS against user-space TLS (same system and client, same round): throughput,
-    /// and CPU seconds per GiB.
-    pub vs_user: Option<Spread>,
-    pub cpu_vs_user: Option<Spread>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Fastpath {
-    /// What pullproxy said about kernel TLS at start (its log line), or that it said nothing.
-    pub kernel_tls: String,
-    pub rows: Vec<FastpathRow>,
-}
 
 /// Measures the figure for each fixture.
 pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
@@ -108,7 +63,7 @@ pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
         for (i, f) in fixtures.iter().enumerate() {
             eprintln!(
                 "pp-bench: fast path {} round {}/{}",
-                describe(f.layer().size),
+                size_label(f.layer().size),
                 round + 1,
                 s.rounds
             );

@@ -19,10 +19,9 @@ use harness::{
     images::{self, Format},
     privileged::is_root,
     process::Placement,
-    stats::Spread,
     world::{self, HUB_IP, HUB_PASSWORD, HUB_USER, World},
 };
-use serde_json::json;
+use pullproxy_bench::{ContainerdImage, ContainerdResults, PullComparison, PullSamples, Spread};
 
 const REPO: &str = "library/pullbench";
 
@@ -85,16 +84,7 @@ fn main() {
         image.blob_bytes()
     );
 
-    let mut report = json!({
-        "what": "cold pull wall time (fetch + unpack), containerd 1.6: default config through pullproxy vs hosts.toml mirror straight to the hub",
-        "image": {
-            "digest": image.digest().as_str(),
-            "layers": image.layers.len(),
-            "blob_bytes": image.blob_bytes(),
-        },
-        "rounds": o.rounds,
-    });
-    for path in [Path::Ctr, Path::Cri] {
+    let [ctr, cri] = [Path::Ctr, Path::Cri].map(|path| {
         let mut via_proxy = Vec::new();
         let mut via_mirror = Vec::new();
         for round in 0..o.rounds {
@@ -123,17 +113,31 @@ fn main() {
             .zip(&via_mirror)
             .map(|(p, m)| p.as_secs_f64() / m.as_secs_f64())
             .collect();
-        report[path.name()] = json!({
-            "pullproxy_s": Spread::of(&secs(&via_proxy)),
-            "mirror_s": Spread::of(&secs(&via_mirror)),
-            "ratio_pullproxy_over_mirror": Spread::of(&ratios),
-            "first_round_ratio": ratios[0],
-            "samples": {
-                "pullproxy_s": secs(&via_proxy),
-                "mirror_s": secs(&via_mirror),
+        PullComparison {
+            pullproxy_s: Spread::of(&secs(&via_proxy)),
+            mirror_s: Spread::of(&secs(&via_mirror)),
+            ratio_pullproxy_over_mirror: Spread::of(&ratios),
+            first_round_ratio: ratios[0],
+            samples: PullSamples {
+                pullproxy_s: secs(&via_proxy),
+                mirror_s: secs(&via_mirror),
             },
-        });
-    }
+        }
+    });
+    let report = ContainerdResults {
+        what: "cold pull wall time (fetch + unpack), containerd 1.6: default config through \
+               pullproxy vs hosts.toml mirror straight to the hub"
+            .to_owned(),
+        image: ContainerdImage {
+            digest: image.digest().as_str().to_owned(),
+            layers: image.layers.len(),
+            blob_bytes: image.blob_bytes(),
+        },
+        rounds: o.rounds,
+        ctr,
+        cri,
+        measured_at: None,
+    };
 
     // Every blob the pullproxy variant got came from the hub (nothing was measured by mistake
     // against the cache or the upstream).

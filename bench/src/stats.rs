@@ -1,10 +1,12 @@
 //! Summaries for the benchmarks: min/median/max over rounds, percentiles of samples, and the
 //! machine's load average (a busy machine makes every number suspect).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-/// Min, median and max of one quantity over the rounds of a run.
-#[derive(Debug, Clone, Copy, Serialize)]
+/// Min, median and max of one quantity over the rounds of a run, in the quantity's unit (the
+/// field holding a spread names it).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Spread {
     pub min: f64,
     pub median: f64,
@@ -21,6 +23,29 @@ impl Spread {
             min: v[0],
             median: percentile_sorted(&v, 0.5),
             max: v[v.len() - 1],
+        }
+    }
+}
+
+/// Min, quartiles and max of one quantity over many samples (`pp-hookbench`'s block pairs), in
+/// the quantity's unit.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quartiles {
+    pub min: f64,
+    pub p25: f64,
+    pub median: f64,
+    pub p75: f64,
+    pub max: f64,
+}
+
+impl Quartiles {
+    /// Its min, median and max.
+    pub fn spread(&self) -> Spread {
+        Spread {
+            min: self.min,
+            median: self.median,
+            max: self.max,
         }
     }
 }

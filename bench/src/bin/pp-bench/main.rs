@@ -23,16 +23,13 @@ mod world;
 
 use std::time::Instant;
 
-use harness::{
-    loadgen,
-    stats::{Spread, loadavg},
+use harness::loadgen;
+use pullproxy_bench::{
+    BenchResults, ConcurrencyRow, LatencyRow, Machine, MemoryReport, NotMeasured, Settings, Spread,
+    State, Target, ThroughputRow, Tls, size_label, stats::loadavg,
 };
-use serde_json::{Value, json};
 
-use crate::{
-    figures::{MemoryReport, Settings},
-    world::{Via, World},
-};
+use crate::world::{Via, World};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -117,7 +114,7 @@ fn main() {
     }
 }
 
-fn run(s: &Settings) -> Value {
+fn run(s: &Settings) -> BenchResults {
     let started = Instant::now();
     let load_before = loadavg();
     eprintln!("pp-bench: starting the world (registries, nginx, pullproxy)");
@@ -172,40 +169,43 @@ fn run(s: &Settings) -> Value {
         targets.extend(fastpath_targets(f));
     }
     drop(w);
-    json!({
-        "settings": s,
-        "machine": {
-            "cpus": std::thread::available_parallelism().map_or(0, usize::from),
-            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-            "load_before": load_before,
-            "load_after": loadavg(),
+    BenchResults {
+        settings: s.clone(),
+        machine: Machine::now(load_before),
+        elapsed_s: started.elapsed().as_secs_f64(),
+        throughput,
+        head_latency: latency,
+        concurrency,
+        memory: mem,
+        fastpath,
+        containerd: NotMeasured {
+            measured: false,
+            why: "figure 3 (a containerd pull through pullproxy vs a hosts.toml mirror) is \
+                  measured by pp-pullbench, which `cargo xtask bench` runs and merges in here"
+                .to_owned(),
         },
-        "elapsed_s": started.elapsed().as_secs_f64(),
-        "throughput": throughput,
-        "head_latency": latency,
-        "concurrency": concurrency,
-        "memory": mem,
-        "fastpath": fastpath,
-        "containerd": {
-            "measured": false,
-            "why": "figure 3 (a containerd pull through pullproxy vs a hosts.toml mirror) is measured by pp-pullbench, which `cargo xtask bench` runs and merges in here",
-        },
-        "targets": targets,
-    })
+        targets,
+        measured_at: None,
+    }
 }
 
 /// The project's targets, each with the measured spread and whether its median meets it.
 fn targets(
-    throughput: &[figures::ThroughputRow],
-    latency: &[figures::LatencyRow],
-    concurrency: &[figures::ConcurrencyRow],
+    throughput: &[ThroughputRow],
+    latency: &[LatencyRow],
+    concurrency: &[ConcurrencyRow],
     mem: &MemoryReport,
-) -> Vec<Value> {
+) -> Vec<Target> {
     let mut out = Vec::new();
     let mut target = |name: String, goal: &str, value: Spread, met: bool| {
-        out.push(json!({ "name": name, "goal": goal, "value": value, "met": met }));
+        out.push(Target {
+            name,
+            goal: goal.to_owned(),
+            value,
+            met,
+        });
     };
-    let row = |size: u64, system: &str, state: &str| {
+    let row = |size: u64, system: &str, state: State| {
         throughput
             .iter()
             .find(|r| r.size == size && r.system == system && r.state == state)
@@ -216,12 +216,8 @@ fn targets(
         v
     };
     for &size in &sizes {
-        let label = if size >= 1 << 30 {
-            format!("{} GiB", size >> 30)
-        } else {
-            format!("{} MiB", size >> 20)
-        };
-        let Some(pp) = row(size, "pullproxy cache", "warm") else {
+        let label = size_label(size);
+        let Some(pp) = row(size, "pullproxy cache", State::Warm) else {
             continue;
         };
         target(
@@ -231,7 +227,7 @@ fn targets(
             pp.vs_hub.median >= 0.8,
         );
         for peer in [Via::Nginx, Via::Dproxy] {
-            if let Some(p) = row(size, peer.label(), "warm") {
+            if let Some(p) = row(size, peer.label(), State::Warm) {
                 let ratios: Vec<f64> = pp.mib_s.iter().zip(&p.mib_s).map(|(a, b)| a / b).collect();
                 let s = Spread::of(&ratios);
                 target(
@@ -295,33 +291,31 @@ fn targets(
 
 /// The issue's targets for the fast path: 256 MiB (or whatever sizes ran) cache hits at 0.8x
 /// the hub and hub hits at 0.6x, per client and per place pullproxy's TLS ran.
-fn fastpath_targets(f: &fastpath::Fastpath) -> Vec<Value> {
+fn fastpath_targets(f: &pullproxy_bench::Fastpath) -> Vec<Target> {
     f.rows
         .iter()
-        .filter(|r| r.tls != fastpath::Tls::None)
+        .filter(|r| r.tls != Tls::None)
         .map(|r| {
             let (what, goal) = if r.system.contains("cache") {
                 ("cache hit", 0.8)
             } else {
                 ("hub hit", 0.6)
             };
-            let size = if r.size >= 1 << 30 {
-                format!("{} GiB", r.size >> 30)
-            } else {
-                format!("{} MiB", r.size >> 20)
-            };
-            let client = serde_json::to_value(r.client).expect("client");
-            let tls = serde_json::to_value(r.tls).expect("tls");
-            json!({
-                "name": format!(
-                    "{size} {what} vs direct plain-HTTP hub ({}, TLS in {})",
-                    client.as_str().unwrap_or_default(),
-                    if tls == "kernel" { "the kernel" } else { "user space" },
+            Target {
+                name: format!(
+                    "{} {what} vs direct plain-HTTP hub ({}, TLS in {})",
+                    size_label(r.size),
+                    r.client.name(),
+                    if r.tls == Tls::Kernel {
+                        "the kernel"
+                    } else {
+                        "user space"
+                    },
                 ),
-                "goal": format!(">= {goal}x"),
-                "value": r.vs_hub,
-                "met": r.vs_hub.median >= goal,
-            })
+                goal: format!(">= {goal}x"),
+                value: r.vs_hub,
+                met: r.vs_hub.median >= goal,
+            }
         })
         .collect()
 }

@@ -39,11 +39,12 @@ use harness::{
     images::{Digest, Image},
     privileged::is_root,
     registry::Registry,
-    stats::{Spread, loadavg},
     world,
 };
-use serde::Serialize;
-use serde_json::json;
+use pullproxy_bench::{
+    ClusterImage, ClusterResults, ClusterRow, ClusterSample, Machine, Pattern, Spread, System,
+    stats::loadavg,
+};
 
 /// The public image, as the fake Docker Hub holds it.
 const REPO: &str = "library/app";
@@ -114,69 +115,6 @@ fn usage(why: &str) -> ! {
     std::process::exit(2);
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum System {
-    Pullproxy,
-    Mirror,
-}
-
-impl System {
-    fn name(self) -> &'static str {
-        match self {
-            System::Pullproxy => "pullproxy",
-            System::Mirror => "mirror",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Pattern {
-    Staggered,
-    Simultaneous,
-}
-
-impl Pattern {
-    fn name(self) -> &'static str {
-        match self {
-            Pattern::Staggered => "staggered",
-            Pattern::Simultaneous => "simultaneous",
-        }
-    }
-}
-
-/// One measurement: a system and a pattern, from empty state.
-#[derive(Debug, Clone, Serialize)]
-struct Sample {
-    round: usize,
-    /// Its place among the round's measurements, from 0.
-    position: usize,
-    /// Blob bytes the internet served (sum over the image's blobs).
-    upstream_bytes: u64,
-    /// The same over the image's blob bytes.
-    upstream_x: f64,
-    /// Blob downloads the internet served.
-    upstream_requests: usize,
-    /// Blob bytes the hub (pullproxy) or the mirror served the nodes, over the image's blob
-    /// bytes.
-    served_x: f64,
-    /// Wall time from the first pull's start to the last pull's end, less `settle_wait_s`.
-    total_s: f64,
-    /// Wall time from the first pull's start to the last pull's end.
-    wall_s: f64,
-    /// Staggered: how long node 2 waited for node 1's pull to settle into the shared store
-    /// (pullproxy: its write-back into the hub; the mirror: its storage).
-    settle_wait_s: f64,
-    /// Each node's pull: start and end, seconds from the first start.
-    node_start_s: Vec<f64>,
-    node_s: Vec<f64>,
-    /// pullproxy: where each node's blob requests were answered from (`upstream`, `hub`, ...).
-    sources: Vec<BTreeMap<String, usize>>,
-    /// pullproxy, staggered: node 1's write-back outcomes (`pullproxy_writebacks_total`).
-    writeback: String,
-    /// The 1-minute load average right after the measurement.
-    load_1m: f64,
-}
-
 fn main() {
     if !is_root() {
         eprintln!("pp-clusterbench needs root (eBPF, namespaces, cgroups)");
@@ -205,7 +143,7 @@ fn main() {
         o.rounds
     );
 
-    let mut samples: BTreeMap<(System, Pattern), Vec<Sample>> = BTreeMap::new();
+    let mut samples: BTreeMap<(System, Pattern), Vec<ClusterSample>> = BTreeMap::new();
     for round in 0..o.rounds {
         let systems = if round % 2 == 0 {
             [System::Pullproxy, System::Mirror]
@@ -253,30 +191,36 @@ fn main() {
         .map(|((system, pattern), xs)| summary(*system, *pattern, xs, o.nodes))
         .collect();
     let loads: Vec<f64> = samples.values().flatten().map(|s| s.load_1m).collect();
-    let report = json!({
-        "what": "N nodes pull the same public image (CRI PullImage, containerd 1.6): pullproxy on every node with the shared hub and write-back, vs containerd with a hosts.toml mirror pointing at distribution's pull-through proxy; both in front of the same fake Docker Hub",
-        "nodes": o.nodes,
-        "rounds": o.rounds,
-        "quick": o.quick,
-        "pull": "CRI PullImage (the kubelet's path), anonymous, into a fresh containerd",
-        "staggered": "node 1, then 2, 3, ...: each pull after the one before finished; node 2 starts once what node 1 pulled settled into the shared store: pullproxy's write-back into the hub, the mirror's own storage (total_s leaves that wait out, wall_s includes it)",
-        "simultaneous": "all nodes released at the same moment",
-        "image": {
-            "digest": image.digest().as_str(),
-            "layers": image.layers.iter().map(|l| l.size).collect::<Vec<_>>(),
-            "blob_bytes": image.blob_bytes(),
+    let report = ClusterResults {
+        what: "N nodes pull the same public image (CRI PullImage, containerd 1.6): pullproxy on \
+               every node with the shared hub and write-back, vs containerd with a hosts.toml \
+               mirror pointing at distribution's pull-through proxy; both in front of the same \
+               fake Docker Hub"
+            .to_owned(),
+        nodes: o.nodes,
+        rounds: o.rounds,
+        quick: o.quick,
+        pull: "CRI PullImage (the kubelet's path), anonymous, into a fresh containerd".to_owned(),
+        staggered: "node 1, then 2, 3, ...: each pull after the one before finished; node 2 \
+                    starts once what node 1 pulled settled into the shared store: pullproxy's \
+                    write-back into the hub, the mirror's own storage (total_s leaves that wait \
+                    out, wall_s includes it)"
+            .to_owned(),
+        simultaneous: "all nodes released at the same moment".to_owned(),
+        image: ClusterImage {
+            digest: image.digest().as_str().to_owned(),
+            layers: image.layers.iter().map(|l| l.size).collect(),
+            blob_bytes: image.blob_bytes(),
         },
-        "bring_up_s": c.bring_up_time().as_secs_f64(),
-        "machine": {
-            "cpus": std::thread::available_parallelism().map_or(0, usize::from),
-            "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-            "load_before": load_before,
-            "load_after": loadavg(),
-            "load_1m_during": Spread::of(&loads),
+        bring_up_s: c.bring_up_time().as_secs_f64(),
+        machine: Machine {
+            load_1m_during: Some(Spread::of(&loads)),
+            ..Machine::now(load_before)
         },
-        "elapsed_s": started.elapsed().as_secs_f64(),
-        "results": results,
-    });
+        elapsed_s: started.elapsed().as_secs_f64(),
+        results,
+        measured_at: None,
+    };
     drop(c);
     println!(
         "{}",
@@ -285,20 +229,20 @@ fn main() {
 }
 
 /// Spreads over the rounds of one system and pattern, with the samples.
-fn summary(system: System, pattern: Pattern, xs: &[Sample], nodes: usize) -> serde_json::Value {
-    let of = |f: &dyn Fn(&Sample) -> f64| Spread::of(&xs.iter().map(f).collect::<Vec<_>>());
-    json!({
-        "system": system.name(),
-        "pattern": pattern.name(),
-        "upstream_x": of(&|s| s.upstream_x),
-        "upstream_bytes": of(&|s| s.upstream_bytes as f64),
-        "served_x": of(&|s| s.served_x),
-        "total_s": of(&|s| s.total_s),
-        "wall_s": of(&|s| s.wall_s),
-        "settle_wait_s": of(&|s| s.settle_wait_s),
-        "node_s": (0..nodes).map(|i| of(&|s| s.node_s[i])).collect::<Vec<_>>(),
-        "samples": xs,
-    })
+fn summary(system: System, pattern: Pattern, xs: &[ClusterSample], nodes: usize) -> ClusterRow {
+    let of = |f: &dyn Fn(&ClusterSample) -> f64| Spread::of(&xs.iter().map(f).collect::<Vec<_>>());
+    ClusterRow {
+        system,
+        pattern,
+        upstream_x: of(&|s| s.upstream_x),
+        upstream_bytes: of(&|s| s.upstream_bytes as f64),
+        served_x: of(&|s| s.served_x),
+        total_s: of(&|s| s.total_s),
+        wall_s: of(&|s| s.wall_s),
+        settle_wait_s: of(&|s| s.settle_wait_s),
+        node_s: (0..nodes).map(|i| of(&|s| s.node_s[i])).collect(),
+        samples: xs.to_vec(),
+    }
 }
 
 /// Empties everything `system` keeps, then pulls the image on every node in `pattern`.
@@ -309,7 +253,7 @@ fn measure(
     pattern: Pattern,
     round: usize,
     position: usize,
-) -> Sample {
+) -> ClusterSample {
     prepare(c, system);
     c.upstream.clear_requests();
     let base = Instant::now();
@@ -392,7 +336,7 @@ fn measure(
     let first_start = times.iter().map(|t| t.0).min().unwrap_or_default();
     let last_end = times.iter().map(|t| t.1).max().unwrap_or_default();
     let wall = last_end - first_start;
-    Sample {
+    ClusterSample {
         round,
         position,
         upstream_bytes,

@@ -4,46 +4,15 @@
 
 use std::collections::BTreeMap;
 
-use harness::{
-    loadgen::Outcome,
-    process::Memory,
-    stats::{Spread, percentile},
+use harness::{loadgen::Outcome, process::Memory};
+use pullproxy_bench::{
+    ConcurrencyRow, FullCache, LatencyRow, MemoryReport, Settings, Spread, State, ThroughputRow,
+    size_label, stats::percentile,
 };
-use serde::Serialize;
 
 use crate::world::{Fixture, Via, World};
 
 const MIB: f64 = 1024.0 * 1024.0;
-
-/// What to run; `--quick` shrinks everything to a smoke run.
-#[derive(Debug, Clone, Serialize)]
-pub struct Settings {
-    pub rounds: usize,
-    pub concurrency_rounds: usize,
-    pub sizes: Vec<u64>,
-    pub clients: Vec<usize>,
-    pub head_requests: usize,
-    pub small_blobs: usize,
-    pub quick: bool,
-    /// Only these figures (`latency`, `throughput`, `concurrency`, `memory`, `fastpath`); all
-    /// but `fastpath` if `None`.
-    pub only: Option<Vec<String>>,
-}
-
-impl Settings {
-    /// Whether `figure` is part of this run. The fast path runs only when asked for.
-    pub fn runs(&self, figure: &str) -> bool {
-        match &self.only {
-            None => figure != "fastpath",
-            Some(only) => only.iter().any(|o| o == figure),
-        }
-    }
-
-    /// A run of the fast path figure and nothing else.
-    pub fn only_fastpath(&self) -> bool {
-        self.only.as_deref() == Some(&["fastpath".to_owned()][..])
-    }
-}
 
 /// `rotate(v, r)`: `v` starting at its `r`-th element.
 pub fn rotated<T: Copy>(v: &[T], round: usize) -> Vec<T> {
@@ -53,60 +22,8 @@ pub fn rotated<T: Copy>(v: &[T], round: usize) -> Vec<T> {
     v
 }
 
-pub fn describe(size: u64) -> String {
-    if size >= 1 << 30 {
-        format!("{} GiB", size >> 30)
-    } else {
-        format!("{} MiB", size >> 20)
-    }
-}
-
-/// Peak and current memory per measured moment, bytes.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct MemoryReport {
-    /// pullproxy just started, nothing pulled yet.
-    pub idle_start_rss: u64,
-    /// Peak during a cold pull, by blob size label.
-    pub cold_peak: BTreeMap<String, Vec<u64>>,
-    /// Peak during warm (cache hit) pulls, by blob size label.
-    pub warm_peak: BTreeMap<String, Vec<u64>>,
-    /// Peak during N concurrent cold pulls, by system, for the largest N.
-    pub concurrent_peak: BTreeMap<String, Vec<u64>>,
-    pub concurrent_clients: usize,
-    /// With the cache filled past its limit (evictions happened): peak during and RSS after.
-    pub full_cache: Option<FullCache>,
-    /// After all the figures, idle.
-    pub idle_end_rss: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct FullCache {
-    pub max_size: String,
-    pub files: usize,
-    pub bytes_on_disk: u64,
-    pub peak: u64,
-    pub rss_after: u64,
-    /// Restarted over that cache (index rebuilt, blobs re-verified), idle.
-    pub rss_restarted: u64,
-}
-
 fn record(map: &mut BTreeMap<String, Vec<u64>>, key: String, m: Memory) {
     map.entry(key).or_default().push(m.hwm);
-}
-
-/// Figure 1a: one row per (blob size, system, cold/warm).
-#[derive(Debug, Clone, Serialize)]
-pub struct ThroughputRow {
-    pub size: u64,
-    pub system: String,
-    pub state: &'static str,
-    /// MiB/s per round.
-    pub mib_s: Vec<f64>,
-    pub mib_s_spread: Spread,
-    /// Against the hub (direct, plain HTTP) in the same round.
-    pub vs_hub: Spread,
-    /// Against the upstream (direct, TLS) in the same round.
-    pub vs_upstream: Spread,
 }
 
 /// Correctness first: each system serves the 16 MiB blob with the right bytes, cold and warm,
@@ -184,7 +101,7 @@ pub fn throughput(
             let digest = f.layer().digest.clone();
             eprintln!(
                 "pp-bench: throughput {} round {}/{}",
-                describe(size),
+                size_label(size),
                 round + 1,
                 s.rounds
             );
@@ -197,7 +114,7 @@ pub fn throughput(
                     let out = w.run(via, &w.job(via, "GET", vec![path.clone()]));
                     out.expect(&format!("cold GET via {}", via.label()), 200, Some(size));
                     if via == Via::Pullproxy {
-                        record(&mut mem.cold_peak, describe(size), w.memory(via));
+                        record(&mut mem.cold_peak, size_label(size), w.memory(via));
                         expect_source(w, via, digest.as_str(), "upstream");
                     }
                     push(&mut samples, &mut keys, (i, via, true), mib_s(&out));
@@ -213,7 +130,7 @@ pub fn throughput(
                 out.expect(&format!("warm GET via {}", via.label()), 200, Some(size));
                 match via {
                     Via::Pullproxy => {
-                        record(&mut mem.warm_peak, describe(size), w.memory(via));
+                        record(&mut mem.warm_peak, size_label(size), w.memory(via));
                         expect_source(w, via, digest.as_str(), "cache");
                     }
                     Via::PullproxyHub => expect_source(w, via, digest.as_str(), "hub"),
@@ -241,7 +158,7 @@ pub fn throughput(
             ThroughputRow {
                 size: fixtures[i].layer().size,
                 system: system_name(via),
-                state: if cold { "cold" } else { "warm" },
+                state: if cold { State::Cold } else { State::Warm },
                 mib_s_spread: Spread::of(&values),
                 vs_hub: ratio(&hub),
                 vs_upstream: ratio(&upstream),
@@ -281,20 +198,6 @@ pub fn warm_repeat(size: u64) -> usize {
 
 fn mib_s(out: &Outcome) -> f64 {
     out.bytes() as f64 / MIB / out.wall_s
-}
-
-/// Figure 1b: manifest `HEAD` latency.
-#[derive(Debug, Clone, Serialize)]
-pub struct LatencyRow {
-    pub system: String,
-    pub what: &'static str,
-    pub p50_ms: Spread,
-    pub p99_ms: Spread,
-    /// Against the hub (direct) in the same round.
-    pub p50_vs_hub: Spread,
-    pub p99_vs_hub: Spread,
-    /// p99 minus the hub's p99 in the same round.
-    pub added_p99_ms: Spread,
 }
 
 pub fn head_latency(w: &mut World, s: &Settings, f: &Fixture) -> Vec<LatencyRow> {
@@ -344,7 +247,8 @@ pub fn head_latency(w: &mut World, s: &Settings, f: &Fixture) -> Vec<LatencyRow>
                     Via::PullproxyHub => "tag on the hub",
                     Via::Dproxy | Via::Nginx => "tag: passed to the upstream",
                     _ => "tag",
-                },
+                }
+                .to_owned(),
                 p50_ms: Spread::of(a),
                 p99_ms: Spread::of(b),
                 p50_vs_hub: zip(a, &hub50, |x, y| x / y),
@@ -353,18 +257,6 @@ pub fn head_latency(w: &mut World, s: &Settings, f: &Fixture) -> Vec<LatencyRow>
             }
         })
         .collect()
-}
-
-/// Figure 2: N clients pulling the same cold blob at once.
-#[derive(Debug, Clone, Serialize)]
-pub struct ConcurrencyRow {
-    pub clients: usize,
-    pub system: String,
-    /// Upstream blob bytes over the blob's size, per round.
-    pub upstream_x: Spread,
-    pub wall_s: Spread,
-    /// Wall time against the hub (direct) serving the same N clients, same round.
-    pub wall_vs_hub: Spread,
 }
 
 pub fn concurrency(

@@ -10,6 +10,7 @@
 //! attached/detached block pairs of all rounds).
 
 use std::{
+    collections::BTreeMap,
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::PathBuf,
@@ -22,7 +23,10 @@ use pullproxy::{
     original_dst::{ClientAddr, ListenAddr, OriginalDstSource},
     redirect::{self, RedirectSettings, Redirector, Targets},
 };
-use serde_json::json;
+use pullproxy_bench::{
+    HookRate, HookResults, ImpliedSlowdown, KernelPhases, KernelProgramCost, LatencyPercentiles,
+    ProgramCost, Quartiles, RedirectedConnect,
+};
 
 const PROXY_PORT: u16 = 15443;
 
@@ -78,7 +82,7 @@ impl Drop for ReturnHome {
     }
 }
 
-fn bench(args: &Args) -> serde_json::Value {
+fn bench(args: &Args) -> HookResults {
     let cgroup2 = pullproxy::redirect::cgroup::Cgroup2::discover().expect("cgroup2");
     let home = pullproxy::redirect::cgroup::own_cgroup(&cgroup2, None).expect("own cgroup");
     let home = cgroup2.dir(&home).expect("cgroup path");
@@ -162,97 +166,102 @@ fn bench(args: &Args) -> serde_json::Value {
     let kernel = {
         let _redirector = attach(true);
         let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
-        let mut phases = serde_json::Map::new();
-        for (phase, cgroup, dst) in [
-            ("non_matching_port", &other, OTHER_PORT),
-            ("registry_port_not_target", &other, REGISTRY),
-            ("redirected", &client, REGISTRY),
-        ] {
+        let [
+            non_matching_port,
+            registry_port_not_target,
+            redirected_phase,
+        ] = [
+            (&other, OTHER_PORT),
+            (&other, REGISTRY),
+            (&client, REGISTRY),
+        ]
+        .map(|(cgroup, dst)| {
             move_self(cgroup);
             let before = program_stats(&pins);
             rate(dst, args.connections);
             let after = program_stats(&pins);
             move_self(&setup);
-            let per_run: serde_json::Map<_, _> = after
+            after
                 .iter()
                 .zip(&before)
                 .filter(|((_, _, count), (_, _, count0))| count > count0)
                 .map(|((name, time, count), (_, time0, count0))| {
-                    let ns = (*time - *time0).as_nanos() as f64 / (count - count0) as f64;
-                    (
-                        (*name).to_owned(),
-                        json!({ "ns_per_run": ns, "runs_per_connection": (count - count0) as f64 / args.connections as f64 }),
-                    )
+                    let cost = ProgramCost {
+                        ns_per_run: (*time - *time0).as_nanos() as f64 / (count - count0) as f64,
+                        runs_per_connection: (count - count0) as f64 / args.connections as f64,
+                    };
+                    ((*name).to_owned(), cost)
                 })
-                .collect();
-            phases.insert(phase.to_owned(), serde_json::Value::Object(per_run));
-        }
+                .collect::<BTreeMap<_, _>>()
+        });
         let _ = redirect::uninstall(&pins);
-        phases
+        KernelPhases {
+            non_matching_port,
+            registry_port_not_target,
+            redirected: redirected_phase,
+        }
     };
 
     // The slowdown the kernel cost implies for a non-matching connection: in-kernel time per
     // connection over the baseline's time per connection (robust against a busy machine, unlike
     // the rate ratios, which need a quiet one).
-    let in_kernel_ns = |phase: &str| -> f64 {
-        kernel[phase]
-            .as_object()
-            .map(|progs| {
-                progs
-                    .values()
-                    .map(|p| {
-                        p["ns_per_run"].as_f64().unwrap_or(0.0)
-                            * p["runs_per_connection"].as_f64().unwrap_or(0.0)
-                    })
-                    .sum()
-            })
-            .unwrap_or(0.0)
-    };
     let baseline_ns = |v: &[[f64; 2]]| {
         let mut rates: Vec<f64> = v.iter().map(|r| r[0]).collect();
         1e9 / percentile(&mut rates, 0.5)
     };
-    let implied = |phase: &str, v: &[[f64; 2]]| {
-        json!({
-            "in_kernel_ns_per_connection": in_kernel_ns(phase),
-            "baseline_ns_per_connection": baseline_ns(v),
-            "implied_slowdown": in_kernel_ns(phase) / baseline_ns(v),
-        })
+    let implied = |phase: &BTreeMap<String, ProgramCost>, v: &[[f64; 2]]| {
+        let in_kernel: f64 = phase.values().map(ProgramCost::ns_per_connection).sum();
+        ImpliedSlowdown {
+            in_kernel_ns_per_connection: in_kernel,
+            baseline_ns_per_connection: baseline_ns(v),
+            implied_slowdown: in_kernel / baseline_ns(v),
+        }
     };
-    let implied_other = implied("non_matching_port", &rate_other_port);
-    let implied_registry = implied("registry_port_not_target", &rate_registry_port);
 
     let ratio = |v: &[[f64; 2]]| spread(v.iter().map(|r| r[1] / r[0]).collect());
     let base = |v: &[[f64; 2]]| spread(v.iter().map(|r| r[0]).collect());
     let redirected_med = percentile(&mut redirected, 0.5);
     let direct_med = percentile(&mut direct, 0.5);
-    json!({
-        "connections_per_round": args.connections,
-        "rounds": args.rounds,
-        "blocks_per_round": BLOCKS,
-        "non_matching_port": {
-            "what": "connect()+accept() rate to 10.203.0.1:8080 from a non-target cgroup, programs attached vs none",
-            "baseline_rate_per_s": base(&rate_other_port),
-            "ratio_with_programs": ratio(&rate_other_port),
-            "from_kernel_stats": implied_other,
+    HookResults {
+        connections_per_round: args.connections,
+        rounds: args.rounds,
+        blocks_per_round: BLOCKS,
+        non_matching_port: HookRate {
+            what: "connect()+accept() rate to 10.203.0.1:8080 from a non-target cgroup, programs \
+                   attached vs none"
+                .to_owned(),
+            baseline_rate_per_s: base(&rate_other_port),
+            ratio_with_programs: ratio(&rate_other_port),
+            from_kernel_stats: implied(&kernel.non_matching_port, &rate_other_port),
         },
-        "registry_port_not_target": {
-            "what": "connect()+accept() rate to 10.203.0.1:443 from a non-target cgroup (walks the cgroup ancestry), attached vs none",
-            "baseline_rate_per_s": base(&rate_registry_port),
-            "ratio_with_programs": ratio(&rate_registry_port),
-            "from_kernel_stats": implied_registry,
+        registry_port_not_target: HookRate {
+            what: "connect()+accept() rate to 10.203.0.1:443 from a non-target cgroup (walks the \
+                   cgroup ancestry), attached vs none"
+                .to_owned(),
+            baseline_rate_per_s: base(&rate_registry_port),
+            ratio_with_programs: ratio(&rate_registry_port),
+            from_kernel_stats: implied(&kernel.registry_port_not_target, &rate_registry_port),
         },
-        "kernel_program_cost": {
-            "what": "in-kernel time per program run (BPF_ENABLE_STATS), per situation",
-            "phases": kernel,
+        kernel_program_cost: KernelProgramCost {
+            what: "in-kernel time per program run (BPF_ENABLE_STATS), per situation".to_owned(),
+            phases: kernel,
         },
-        "redirected_connect": {
-            "what": "connect() latency to 10.203.0.1:443 redirected to 127.0.0.1:15443, vs a direct connect to 127.0.0.1:15443 with no programs",
-            "direct_us": { "p50": direct_med, "p99": percentile(&mut direct, 0.99) },
-            "redirected_us": { "p50": redirected_med, "p99": percentile(&mut redirected, 0.99) },
-            "added_us_p50": redirected_med - direct_med,
+        redirected_connect: RedirectedConnect {
+            what: "connect() latency to 10.203.0.1:443 redirected to 127.0.0.1:15443, vs a \
+                   direct connect to 127.0.0.1:15443 with no programs"
+                .to_owned(),
+            direct_us: LatencyPercentiles {
+                p50: direct_med,
+                p99: percentile(&mut direct, 0.99),
+            },
+            redirected_us: LatencyPercentiles {
+                p50: redirected_med,
+                p99: percentile(&mut redirected, 0.99),
+            },
+            added_us_p50: redirected_med - direct_med,
         },
-    })
+        measured_at: None,
+    }
 }
 
 /// (program name, total run time, run count) of each pinned program.
@@ -341,13 +350,13 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-fn spread(mut v: Vec<f64>) -> serde_json::Value {
+fn spread(mut v: Vec<f64>) -> Quartiles {
     let median = percentile(&mut v, 0.5);
-    json!({
-        "min": v[0],
-        "p25": percentile(&mut v, 0.25),
-        "median": median,
-        "p75": percentile(&mut v, 0.75),
-        "max": v[v.len() - 1],
-    })
+    Quartiles {
+        min: v[0],
+        p25: percentile(&mut v, 0.25),
+        median,
+        p75: percentile(&mut v, 0.75),
+        max: v[v.len() - 1],
+    }
 }
