@@ -382,8 +382,8 @@ fn clients_the_kernel_path_does_not_take_are_served_in_user_space_and_counted() 
 }
 
 /// The benchmark's fast path figure in this kernel: kernel TLS against user-space TLS. Its
-/// numbers (a `FASTPATH-FIGURE-JSON` line on the console, kept as
-/// `results/fastpath-<kernel>.json`) are the benchmark's; what this test holds it to is that
+/// numbers (a `FASTPATH-FIGURE-JSON` line on the console, which `cargo xtask vm-test` keeps as
+/// `results/fastpath-guest-<kernel>.json`) are the benchmark's; what this test holds it to is that
 /// both paths ran and served what they should.
 #[test]
 fn the_benchmarks_fast_path_figure_compares_kernel_and_user_space_tls() {

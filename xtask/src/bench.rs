@@ -87,7 +87,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
         say("running pp-hookbench (the kernel hook's connect cost)");
         let hook = run_as_root(&bin.join("pp-hookbench"), &hook_args, &[])?;
-        store::<HookResults>(&results, "hook.json", &hook)?;
+        store::<HookResults>(&results, "hook.json", &hook, None)?;
     }
 
     if runs("suite") {
@@ -100,7 +100,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
         say("running pp-bench (the pull suite; progress below)");
         let suite = run_as_root(&bin.join("pp-bench"), &suite_args, &env)?;
-        store::<BenchResults>(&results, "bench.json", &suite)?;
+        store::<BenchResults>(&results, "bench.json", &suite, None)?;
     }
 
     // The TLS fast path: hub and cache hits of one large blob against the hub, with the load
@@ -117,7 +117,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
         say("running pp-bench --only fastpath (the TLS fast path)");
         let fastpath = run_as_root(&bin.join("pp-bench"), &fastpath_args, &env)?;
-        store::<BenchResults>(&results, "fastpath.json", &fastpath)?;
+        store::<BenchResults>(&results, "fastpath.json", &fastpath, None)?;
     }
 
     // Figure 3: an unmodified containerd pulling a multi-layer image from the hub through
@@ -126,7 +126,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         let pull_args = rounds(args, 5);
         say("running pp-pullbench (containerd: pullproxy vs a hosts.toml mirror)");
         let pull = run_as_root(&bin.join("pp-pullbench"), &pull_args, &env)?;
-        store::<ContainerdResults>(&results, "containerd.json", &pull)?;
+        store::<ContainerdResults>(&results, "containerd.json", &pull, None)?;
     }
 
     // Figure 4: a cluster of nodes pulling one image, pullproxy with the hub vs a hosts.toml
@@ -139,7 +139,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
         say("running pp-clusterbench (a cluster: pullproxy with the hub vs a registry mirror)");
         let cluster = run_as_root(&bin.join("pp-clusterbench"), &cluster_args, &env)?;
-        store::<ClusterResults>(&results, "cluster.json", &cluster)?;
+        store::<ClusterResults>(&results, "cluster.json", &cluster, None)?;
     }
 
     render(&results)
@@ -323,10 +323,16 @@ fn warn_if_busy() {
 }
 
 /// Stores a benchmark's output as `results/<name>`, read as its document `T` and stamped with
-/// `measured_at` (commit and UTC time), so that a report re-rendered later (`--report-only`)
-/// still says when and from what each figure was measured. Output that does not match the
-/// schema is kept as `<name>.unparsed` (a long run is not lost) and is an error.
-fn store<T: Document>(results: &Path, name: &str, output: &[u8]) -> anyhow::Result<()> {
+/// `measured_at` (commit and UTC time, and `how` it ran where that is not `cargo xtask bench` on
+/// this host), so that a report re-rendered later (`--report-only`) still says when and from
+/// what each figure was measured. Output that does not match the schema is kept as
+/// `<name>.unparsed` (a long run is not lost) and is an error.
+pub fn store<T: Document>(
+    results: &Path,
+    name: &str,
+    output: &[u8],
+    how: Option<&str>,
+) -> anyhow::Result<()> {
     let mut doc: T = match serde_json::from_slice(output) {
         Ok(doc) => doc,
         Err(e) => {
@@ -344,10 +350,11 @@ fn store<T: Document>(results: &Path, name: &str, output: &[u8]) -> anyhow::Resu
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    *doc.measured_at_mut() = Some(MeasuredAt {
-        commit: git_describe(),
-        date,
-    });
+    let commit = match how {
+        Some(how) => format!("{} ({how})", git_describe()),
+        None => git_describe(),
+    };
+    *doc.measured_at_mut() = Some(MeasuredAt { commit, date });
     std::fs::write(results.join(name), serde_json::to_string_pretty(&doc)?)?;
     Ok(())
 }
@@ -489,7 +496,7 @@ mod tests {
         let mut pull: ContainerdResults = read(&root().join("results"), "containerd.json").unwrap();
         pull.measured_at = None;
         let output = serde_json::to_vec(&pull).unwrap();
-        store::<ContainerdResults>(&dir, "containerd.json", &output).unwrap();
+        store::<ContainerdResults>(&dir, "containerd.json", &output, None).unwrap();
         let stored: ContainerdResults = read(&dir, "containerd.json").unwrap();
         let stamp = stored.measured_at.clone().expect("stamped");
         assert!(stamp.date.ends_with(" UTC"), "{stamp:?}");
@@ -502,7 +509,7 @@ mod tests {
         );
 
         let bad = b"{\"what\": \"half a document\"}";
-        let err = store::<ContainerdResults>(&dir, "cluster.json", bad).unwrap_err();
+        let err = store::<ContainerdResults>(&dir, "cluster.json", bad, None).unwrap_err();
         assert!(err.to_string().contains("pp-pullbench"), "{err}");
         assert_eq!(
             std::fs::read(dir.join("cluster.json.unparsed")).unwrap(),

@@ -21,6 +21,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use pullproxy_bench::BenchResults;
 use sha2::{Digest as _, Sha256};
 
 use crate::{
@@ -217,6 +218,29 @@ const QEMU_PACKAGES: &[&str] = &[
     "qemu-system-data",
     "seabios",
 ];
+/// How the `ktls` suite's fast path test prints the benchmark's figure on the guest's console
+/// (`tests/tests/ktls.rs`), followed by the JSON.
+const FIGURE_LINE: &str = "FASTPATH-FIGURE-JSON ";
+
+/// Keeps the fast path figure a guest printed as `results/fastpath-guest-<kernel>.json`, which
+/// the benchmark report shows beside the host's.
+fn keep_figure(a: &VmArgs, figure: &str) {
+    let kernel = a.kernel.label();
+    let name = format!("fastpath-guest-{kernel}.json");
+    let how = format!(
+        "cargo xtask vm-test --kernel {kernel}: qemu TCG, pullproxy release, pp-bench debug"
+    );
+    match crate::bench::store::<BenchResults>(
+        &root().join("results"),
+        &name,
+        figure.as_bytes(),
+        Some(&how),
+    ) {
+        Ok(()) => say(format!("kept the guest's fast path figure as results/{name}")),
+        Err(e) => eprintln!("vm-test: the guest's fast path figure: {e:#}"),
+    }
+}
+
 /// The shared libraries qemu-system-x86 links that a minimal host may lack.
 const QEMU_LIBRARIES: &[&str] = &[
     "libaio1",
@@ -892,6 +916,10 @@ fn boot_and_run(
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap_or_default();
         let line = line.trim_end_matches('\r');
+        if let Some(figure) = line.strip_prefix(FIGURE_LINE) {
+            keep_figure(a, figure);
+            continue;
+        }
         if !line.starts_with(MARK) {
             println!("{line}");
             continue;
