@@ -111,7 +111,7 @@ pub struct Config {
 /// The configuration file's format: what the layered YAML and overrides deserialize into.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ConfigFile {
+struct ConfigFile {
     pub listen: Listen,
     pub admin: Admin,
     pub redirect: Redirect,

@@ -411,3 +411,25 @@ fn each_section_refuses_with_its_key_and_the_same_words() {
         );
     }
 }
+
+#[test]
+fn sections_without_their_subsystem_are_still_checked_whole() {
+    // No hub: no client is built, but a bad value under `hub` is still an error.
+    let c = Config::from_yaml("hub: {url: null}\n", "x.yaml", no_env()).unwrap();
+    assert!(c.hub.is_none());
+    let err = error("hub:\n  url: null\n  write_back_rate: 10\n", &[]);
+    assert!(
+        err.starts_with("x.yaml line 3 column 3: hub.write_back_rate: must be at least 1KiB"),
+        "{err}"
+    );
+    // No redirect: its section is still checked, and a port of 0 is never guarded.
+    let err = error("redirect:\n  enabled: false\n  pin_dir: relative\n", &[]);
+    assert!(
+        err.starts_with("x.yaml line 3 column 3: redirect.pin_dir: relative must be "),
+        "{err}"
+    );
+    let text = "redirect: {enabled: false, ports: []}\nadmin: {listen: \"127.0.0.1:0\"}\n";
+    let c = Config::from_yaml(text, "x.yaml", no_env()).unwrap();
+    assert!(!c.redirect.enabled);
+    assert_eq!(c.redirect.guarded_ports, vec![c.listen.port]);
+}
