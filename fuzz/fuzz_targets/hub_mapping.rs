@@ -32,10 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(config) = Config::from_yaml(&file.to_string(), "fuzz.yaml", Vec::new()) else {
         return;
     };
-    let mapping = config
-        .hub_settings()
-        .expect("the default config has a hub")
-        .mapping;
+    let mapping = config.hub.expect("the default config has a hub").mapping;
 
     let canonical = canonical_registry(registry);
     let template = overrides

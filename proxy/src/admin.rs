@@ -10,6 +10,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use http::{Method, Request, Response, StatusCode, header};
@@ -19,8 +20,42 @@ use tokio::net::TcpListener;
 
 use crate::{
     client::{self, ProxyBody},
-    conn::{ClientKey, Gate},
+    config::{self, Zero, nonzero_count},
+    conn::{ClientKey, Gate, Limits},
 };
+
+/// What the admin listener needs from the configuration (`admin`).
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    pub listen: SocketAddr,
+    /// How often the hub is checked for `/readyz` and `pullproxy_hub_up`.
+    pub hub_check_interval: Duration,
+    /// Every client is a source address, and none is direct.
+    pub limits: Limits,
+}
+
+impl TryFrom<&config::Admin> for AdminSettings {
+    type Error = Zero;
+
+    fn try_from(a: &config::Admin) -> Result<Self, Zero> {
+        let total = nonzero_count("admin.max_connections", a.max_connections)?;
+        let per_client = nonzero_count(
+            "admin.max_connections_per_client",
+            a.max_connections_per_client,
+        )?;
+        Ok(Self {
+            listen: a.listen,
+            hub_check_interval: a.hub_check_interval,
+            limits: Limits {
+                total,
+                per_client,
+                direct: per_client,
+            }
+            .within(total),
+        })
+    }
+}
 
 /// What `/readyz` checks.
 #[derive(Debug, Default)]

@@ -94,13 +94,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
     );
     let readiness = Arc::new(Readiness {
-        hub_optional: config.hub.optional || config.hub.url.is_none(),
+        hub_optional: config.hub.as_ref().is_none_or(|h| h.optional),
         ..Readiness::default()
     });
 
-    let tls_settings = config.tls_settings();
+    let tls_settings = &config.tls;
     let intercept = tls_settings.intercept_set()?;
-    let (ca, notices) = NodeCa::load_or_generate(&tls_settings, &intercept)?;
+    let (ca, notices) = NodeCa::load_or_generate(tls_settings, &intercept)?;
     for notice in notices {
         warn!("{notice}");
     }
@@ -127,11 +127,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         config.upstream.connect_timeout,
     ));
     let hub = config
-        .hub_settings()
+        .hub
+        .clone()
         .map(|s| Arc::new(HubClient::new(hub_http, s)));
-    let cache_settings = config.cache_settings();
+    let cache_settings = &config.cache;
     let cache = Arc::new(
-        Cache::open(&cache_settings)
+        Cache::open(cache_settings)
             .await
             .map_err(|source| RunError::Cache {
                 dir: cache_settings.dir.clone(),
@@ -150,8 +151,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         cache.clone(),
         config.upstream.blob_idle_timeout,
     );
-    if let Some(hub) = &hub
-        && config.hub.write_back != Policy::Off
+    if let (Some(hub), Some(settings)) = (&hub, &config.hub)
+        && settings.write_back != Policy::Off
     {
         let dir = cache_settings.dir.clone();
         let jobs = tokio::task::spawn_blocking(move || Jobs::open(&dir))
@@ -167,9 +168,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         let write_back = WriteBack::start(
             hub.clone(),
             cache,
-            config.hub.write_back,
+            settings.write_back,
             jobs,
-            config.hub.write_back_rate.0,
+            settings.write_back_rate,
         );
         write_back.register(&mut registry);
         proxy = proxy.with_write_back(write_back);
@@ -187,8 +188,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     server_metrics.register(&mut registry);
     let conn_metrics = Arc::new(ConnMetrics::default());
     conn_metrics.register(&mut registry);
-    let admin_limits = config.admin_limits();
-    let mut proxy_limits = config.proxy_limits();
+    let admin_limits = config.admin.limits;
+    let mut proxy_limits = config.listen.limits;
     if let Some(fd) = fd_limit {
         let fitted = proxy_limits.within(fd.connections().saturating_sub(admin_limits.total));
         if fitted != proxy_limits {
@@ -203,7 +204,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     let admin_gate = Arc::new(Gate::new(
         ListenerKind::Admin,
-        config.deadlines(),
+        config.listen.deadlines,
         admin_limits,
         conn_metrics.clone(),
     ));
@@ -213,7 +214,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .enabled
     {
         check_ports_free(&config)?;
-        let (redirector, records) = Redirector::install(config.redirect_settings())?;
+        let (redirector, records) = Redirector::install(config.redirect.clone())?;
         let redirector = Arc::new(Mutex::new(redirector));
         crate::redirect::metrics::register(&mut registry, redirector.clone());
         tokio::spawn(Redirector::watch_targets(redirector.clone()));
@@ -277,7 +278,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         metrics: server_metrics,
         gate: Gate::new(
             ListenerKind::Proxy,
-            config.deadlines(),
+            config.listen.deadlines,
             proxy_limits,
             conn_metrics,
         ),

@@ -16,7 +16,7 @@ use proxy_common::Counter;
 use crate::{
     client::{self, AddressPolicy, Connector},
     config::Config,
-    hub::{HubClient, HubOutcome},
+    hub::{HubClient, HubOutcome, PasswordSource},
     redirect::{self, LoaderError, MIN_KERNEL, cgroup::Cgroup2},
     telemetry::error_chain,
     tls::{self, NodeCa, ProcFs, TrustReport, runtimes::RuntimeTrust, trust_store::InstallState},
@@ -194,7 +194,7 @@ pub async fn diagnose(config: &Config, args: &DoctorArgs) -> DoctorReport {
     check_guard(&mut report, config);
     check_trust(&mut report, config, args);
     check_hub(&mut report, config).await;
-    check_cache(&mut report, &config.cache.dir, config.cache.max_size.0);
+    check_cache(&mut report, &config.cache.dir, config.cache.max_bytes);
     report
 }
 
@@ -377,8 +377,7 @@ fn check_bpffs(report: &mut DoctorReport, pin_dir: &Path) {
 }
 
 fn check_runtimes(report: &mut DoctorReport, config: &Config, cgroup2: &Cgroup2, proc: &Path) {
-    let settings = config.redirect_settings();
-    let (paths, how) = match &settings.targets {
+    let (paths, how) = match &config.redirect.targets {
         redirect::Targets::Auto => {
             let found = cgroup2.detect_runtimes(proc);
             for p in &found.skipped {
@@ -514,7 +513,7 @@ fn check_guard(report: &mut DoctorReport, config: &Config) {
         .copied()
         .filter(|name| !links.iter().any(|(n, l)| n == name && l.is_some()))
         .collect();
-    let want = config.guarded_ports();
+    let want = &config.redirect.guarded_ports;
     if !missing.is_empty() {
         report.problem(
             Check::Guard,
@@ -543,7 +542,7 @@ fn check_guard(report: &mut DoctorReport, config: &Config) {
         .and_then(|c| c.into_iter().find(|(c, _)| *c == Counter::BindRefused))
         .map_or(0, |(_, v)| v);
     let ports: Vec<String> = guard.ports.iter().map(u16::to_string).collect();
-    if guard.ports != want {
+    if guard.ports != *want {
         report.problem(
             Check::Guard,
             format!(
@@ -574,8 +573,8 @@ fn check_guard(report: &mut DoctorReport, config: &Config) {
 }
 
 fn check_trust(report: &mut DoctorReport, config: &Config, args: &DoctorArgs) {
-    let settings = config.tls_settings();
-    let ca = match NodeCa::read_certificate(&settings) {
+    let settings = &config.tls;
+    let ca = match NodeCa::read_certificate(settings) {
         Ok(Some(ca)) => ca,
         Ok(None) => {
             report.problem(
@@ -635,13 +634,12 @@ fn check_trust(report: &mut DoctorReport, config: &Config, args: &DoctorArgs) {
 }
 
 async fn check_hub(report: &mut DoctorReport, config: &Config) {
-    let Some(settings) = config.hub_settings() else {
+    let Some(settings) = &config.hub else {
         report.ok(Check::Hub, "no hub configured (hub.url is null)");
         return;
     };
     let shown = redacted_url(&settings.url);
-    let tls_settings = config.tls_settings();
-    let client_tls = match tls::upstream_client_config(&tls_settings.extra_upstream_cas, None) {
+    let client_tls = match tls::upstream_client_config(&config.tls.extra_upstream_cas, None) {
         Ok((c, _)) => c,
         Err(e) => {
             report.problem(
@@ -656,8 +654,8 @@ async fn check_hub(report: &mut DoctorReport, config: &Config) {
         AddressPolicy::Any,
         config.upstream.connect_timeout,
     ));
-    let hub = Arc::new(HubClient::new(http, settings));
-    let optional = if config.hub.optional {
+    let hub = Arc::new(HubClient::new(http, settings.clone()));
+    let optional = if settings.optional {
         " (hub.optional: pulls fall back to cache and upstream)"
     } else {
         " (pullproxy stays unready until it is; set hub.optional: true to serve without it)"
@@ -668,7 +666,7 @@ async fn check_hub(report: &mut DoctorReport, config: &Config) {
                 Check::Hub,
                 format!("hub {shown} reachable and accepts pullproxy's credentials"),
             );
-            check_push_rights(report, config, &hub, &shown).await;
+            check_push_rights(report, settings.write_back, &hub, &shown).await;
         }
         HubOutcome::NotFound => report.problem(
             Check::Hub,
@@ -680,7 +678,7 @@ async fn check_hub(report: &mut DoctorReport, config: &Config) {
                 "hub {shown} refused pullproxy's credentials ({}): fix hub.username and the \
                  password in {}",
                 status.as_u16(),
-                credential_source(config)
+                credential_source(&settings.password)
             ),
         ),
         HubOutcome::Unreachable(reason) => report.problem(
@@ -697,11 +695,10 @@ async fn check_hub(report: &mut DoctorReport, config: &Config) {
 /// With write-back on, pullproxy's hub credentials must be allowed to push.
 async fn check_push_rights(
     report: &mut DoctorReport,
-    config: &Config,
+    policy: crate::writeback::Policy,
     hub: &HubClient,
     shown: &str,
 ) {
-    let policy = config.hub.write_back;
     if policy == crate::writeback::Policy::Off {
         return;
     }
@@ -725,16 +722,12 @@ async fn check_push_rights(
 }
 
 /// Where the hub password comes from, named without its value.
-fn credential_source(config: &Config) -> String {
-    let h = &config.hub;
-    if let Some(f) = &h.password_file {
-        format!("hub.password_file ({})", f.display())
-    } else if let Some(f) = &h.dockerconfigjson {
-        format!("hub.dockerconfigjson ({})", f.display())
-    } else if h.password.is_some() {
-        "hub.password".into()
-    } else {
-        "hub.password_file (none is configured)".into()
+fn credential_source(source: &PasswordSource) -> String {
+    match source {
+        PasswordSource::File(f) => format!("hub.password_file ({})", f.display()),
+        PasswordSource::DockerConfigJson(f) => format!("hub.dockerconfigjson ({})", f.display()),
+        PasswordSource::Inline(_) => "hub.password".into(),
+        PasswordSource::None => "hub.password_file (none is configured)".into(),
     }
 }
 

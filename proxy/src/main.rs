@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         Command::Uninstall => uninstall(cli.config),
         Command::Ca(cmd) => Config::load(cli.config.as_deref())
             .map_err(anyhow::Error::from)
-            .and_then(|c| Ok(tls::cli::run(cmd, &c.tls_settings())?)),
+            .and_then(|c| Ok(tls::cli::run(cmd, &c.tls)?)),
         Command::Doctor(args) => run_doctor(cli.config, &args),
         Command::Warm {
             images,

@@ -22,7 +22,8 @@ use tracing::{debug, warn};
 
 use crate::{
     client::BoxError,
-    conn::{ClientKey, CloseReason, Gate, Permit, Reset},
+    config::{self, SettingError, Zero, nonzero_count, nonzero_duration},
+    conn::{ClientKey, CloseReason, Deadlines, Gate, Limits, Permit, Reset},
     original_dst::{ClientAddr, ListenAddr, OriginalDst, OriginalDstSource},
     registry::{ConnContext, RegistryProxy},
     tls::{
@@ -39,6 +40,85 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HTTP_PEEK_LIMIT: usize = 16 << 10;
 /// Listen backlog: a node pulling many images opens many connections at once.
 const BACKLOG: u32 = 1024;
+
+/// What the proxy listeners need from the configuration (`listen`).
+#[derive(Debug, Clone)]
+pub struct ListenSettings {
+    /// Port of the proxy on every address; the kernel redirects to it.
+    pub port: u16,
+    /// Loopback addresses to listen on.
+    pub addresses: Vec<std::net::IpAddr>,
+    /// Deadlines of both listeners' connections.
+    pub deadlines: Deadlines,
+    /// Connection limits of the proxy port, the per-client ones capped by the total.
+    pub limits: Limits,
+    /// Hand terminated HTTP/1.1 TLS 1.3 connections to the kernel's TLS where it has it.
+    pub kernel_tls: bool,
+}
+
+/// A `listen` value the proxy cannot listen with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListenSettingsError {
+    #[error("must be a port number, not 0")]
+    PortZero,
+    #[error("needs at least one address")]
+    NoAddress,
+    #[error("{0} is not a loopback address; the proxy only listens on loopback")]
+    NotLoopback(std::net::IpAddr),
+    #[error(transparent)]
+    Zero(#[from] Zero),
+}
+
+impl SettingError for ListenSettingsError {
+    fn key(&self) -> &'static str {
+        match self {
+            Self::PortZero => "listen.port",
+            Self::NoAddress | Self::NotLoopback(_) => "listen.addresses",
+            Self::Zero(z) => z.key(),
+        }
+    }
+}
+
+impl TryFrom<&config::Listen> for ListenSettings {
+    type Error = ListenSettingsError;
+
+    fn try_from(l: &config::Listen) -> Result<Self, Self::Error> {
+        if l.port == 0 {
+            return Err(ListenSettingsError::PortZero);
+        }
+        if l.addresses.is_empty() {
+            return Err(ListenSettingsError::NoAddress);
+        }
+        if let Some(a) = l.addresses.iter().find(|a| !a.is_loopback()) {
+            return Err(ListenSettingsError::NotLoopback(*a));
+        }
+        // A per-client limit above the listener's is not an error: lowering max_connections
+        // alone must not make the other defaults invalid; the listener's limit caps them.
+        let total = nonzero_count("listen.max_connections", l.max_connections)?;
+        let limits = Limits {
+            total,
+            per_client: nonzero_count(
+                "listen.max_connections_per_client",
+                l.max_connections_per_client,
+            )?,
+            direct: nonzero_count("listen.max_direct_connections", l.max_direct_connections)?,
+        }
+        .within(total);
+        let deadlines = Deadlines {
+            handshake: nonzero_duration("listen.handshake_timeout", l.handshake_timeout)?,
+            header: nonzero_duration("listen.header_timeout", l.header_timeout)?,
+            idle: nonzero_duration("listen.idle_timeout", l.idle_timeout)?,
+            write: nonzero_duration("listen.write_timeout", l.write_timeout)?,
+        };
+        Ok(Self {
+            port: l.port,
+            addresses: l.addresses.clone(),
+            deadlines,
+            limits,
+            kernel_tls: l.kernel_tls,
+        })
+    }
+}
 
 /// A listener that could not be set up, with its address.
 #[derive(Debug, thiserror::Error)]

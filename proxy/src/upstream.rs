@@ -126,6 +126,30 @@ const SMALL_BODY_BUDGET: usize = 64 << 20;
 /// The unit the budget is taken in.
 const BUDGET_UNIT: usize = 64 << 10;
 
+/// The deadlines of upstream exchanges, from the configuration (`upstream`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    /// Connecting to a registry, the hub or a token service.
+    pub connect_timeout: Duration,
+    /// A whole manifest (and tags, `/v2/`) exchange.
+    pub manifest_timeout: Duration,
+    /// Longest silence inside a blob download (no total deadline: blobs can be huge).
+    pub blob_idle_timeout: Duration,
+}
+
+impl TryFrom<&crate::config::Upstream> for UpstreamSettings {
+    type Error = crate::config::Zero;
+
+    fn try_from(u: &crate::config::Upstream) -> Result<Self, Self::Error> {
+        use crate::config::nonzero_duration;
+        Ok(Self {
+            connect_timeout: nonzero_duration("upstream.connect_timeout", u.connect_timeout)?,
+            manifest_timeout: nonzero_duration("upstream.manifest_timeout", u.manifest_timeout)?,
+            blob_idle_timeout: nonzero_duration("upstream.blob_idle_timeout", u.blob_idle_timeout)?,
+        })
+    }
+}
+
 /// Talks to upstream registries.
 #[derive(Clone)]
 pub struct Upstream {

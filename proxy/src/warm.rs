@@ -30,6 +30,49 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the daemon looks at its configuration file for a new `warm.images`.
 const CONFIG_CHECK_EVERY: Duration = Duration::from_secs(10);
 
+/// What the daemon warms, from the configuration (`warm`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmSettings {
+    /// Images this node's cache is filled with at start and whenever this list changes.
+    pub images: Vec<ImageRef>,
+}
+
+/// A `warm` value that is no image.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WarmSettingsError {
+    #[error("{image:?}: {reason}")]
+    Image {
+        image: String,
+        reason: crate::oci::ImageRefError,
+    },
+}
+
+impl crate::config::SettingError for WarmSettingsError {
+    fn key(&self) -> &'static str {
+        match self {
+            Self::Image { .. } => "warm.images",
+        }
+    }
+}
+
+impl TryFrom<&crate::config::Warm> for WarmSettings {
+    type Error = WarmSettingsError;
+
+    fn try_from(w: &crate::config::Warm) -> Result<Self, Self::Error> {
+        let images = w
+            .images
+            .iter()
+            .map(|image| {
+                image.parse().map_err(|reason| WarmSettingsError::Image {
+                    image: image.clone(),
+                    reason,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { images })
+    }
+}
+
 /// Why warming an image failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WarmError {
@@ -66,7 +109,7 @@ impl Warmer {
     /// A warmer for the pullproxy `config` describes, trusting its node CA (and the system roots,
     /// for token services); `basic` is `user:password` to authenticate with, if any.
     pub fn new(config: &Config, basic: Option<(&str, &str)>) -> Result<Self, WarmError> {
-        let tls_settings = config.tls_settings();
+        let tls_settings = &config.tls;
         let ca_path = tls_settings.ca_cert_path();
         // The node CA (pullproxy's port speaks for every registry with it), plus the roots
         // pullproxy trusts upstream (token services are dialled directly).
@@ -343,7 +386,7 @@ impl Progress for Logged {
 
 /// The daemon's warm-up: `images` now, then again whenever `warm.images` changes in the file at
 /// `config_path` (checked every [`CONFIG_CHECK_EVERY`]).
-pub async fn run_daemon(warmer: Arc<Warmer>, images: Vec<String>, config_path: Option<PathBuf>) {
+pub async fn run_daemon(warmer: Arc<Warmer>, images: Vec<ImageRef>, config_path: Option<PathBuf>) {
     let mut current = images;
     warm_all(&warmer, &current).await;
     let Some(path) = config_path else {
@@ -371,17 +414,10 @@ pub async fn run_daemon(warmer: Arc<Warmer>, images: Vec<String>, config_path: O
     }
 }
 
-async fn warm_all(warmer: &Warmer, images: &[String]) {
+async fn warm_all(warmer: &Warmer, images: &[ImageRef]) {
     for image in images {
-        let parsed: ImageRef = match image.parse() {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(image, error = %e, "warm: not an image reference");
-                continue;
-            }
-        };
-        if let Err(e) = warmer.warm(&parsed, &Logged).await {
-            warn!(image = %parsed, error = %crate::telemetry::error_chain(&e), "warm: failed");
+        if let Err(e) = warmer.warm(image, &Logged).await {
+            warn!(image = %image, error = %crate::telemetry::error_chain(&e), "warm: failed");
         }
     }
 }

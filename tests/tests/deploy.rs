@@ -19,7 +19,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use pullproxy::config::Config;
+use pullproxy::{config::Config, hub::PasswordSource};
 use serde_json::Value;
 
 /// The capabilities measured to be enough (tests/tests/capabilities.rs measures whatever the chart
@@ -552,11 +552,15 @@ fn secrets_are_directories_the_configuration_points_into() {
     let (hub_dir, ro, _, sub) = mount(main, "hub-credentials");
     assert!(ro);
     assert_eq!(sub, None, "a subPath mount never sees rotated Secrets");
-    assert_eq!(
-        config.hub.password_file.as_deref(),
-        Some(Path::new(&format!("{hub_dir}/password")))
-    );
-    assert!(config.hub.password.is_none() && config.hub.dockerconfigjson.is_none());
+    match &config
+        .hub
+        .as_ref()
+        .expect("the chart sets hub.url")
+        .password
+    {
+        PasswordSource::File(f) => assert_eq!(f, Path::new(&format!("{hub_dir}/password"))),
+        other => panic!("the hub password comes from {other:?}, not the mounted Secret"),
+    }
     let secret: Secret = objects.get("Secret", "pullproxy-hub");
     let data = secret.data.expect("data");
     assert_eq!(data["password"].0, password.as_bytes());
@@ -602,11 +606,17 @@ fn secrets_are_directories_the_configuration_points_into() {
         .expect("secret");
     assert_eq!(hub.secret_name.as_deref(), Some("sealos-hub"));
     let (hub_dir, _, _, _) = mount(container(spec, "pullproxy"), "hub-credentials");
-    assert_eq!(
-        config.hub.dockerconfigjson.as_deref(),
-        Some(Path::new(&format!("{hub_dir}/.dockerconfigjson")))
-    );
-    assert!(config.hub.password_file.is_none());
+    match &config
+        .hub
+        .as_ref()
+        .expect("the chart sets hub.url")
+        .password
+    {
+        PasswordSource::DockerConfigJson(f) => {
+            assert_eq!(f, Path::new(&format!("{hub_dir}/.dockerconfigjson")));
+        }
+        other => panic!("the hub password comes from {other:?}, not the operator's Secret"),
+    }
 
     // No credentials: no Secret volume at all.
     let objects = Objects::render(&helm, &[]);

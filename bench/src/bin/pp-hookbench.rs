@@ -95,6 +95,7 @@ fn bench(args: &Args) -> HookResults {
     let bpffs = Bpffs::mount(std::env::temp_dir().join(root.name()));
     let pins = bpffs.path().join("pullproxy");
     let settings = RedirectSettings {
+        enabled: true,
         attach_cgroup: root.path().to_owned(),
         pin_dir: pins.clone(),
         ports: vec![443, 80],

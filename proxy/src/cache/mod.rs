@@ -65,6 +65,38 @@ pub struct CacheSettings {
     pub max_bytes: u64,
 }
 
+/// Smallest `cache.max_size`.
+const MIN_MAX_BYTES: u64 = 1 << 20;
+
+/// A `cache` value the cache cannot work with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CacheSettingsError {
+    #[error("must be at least 1MiB")]
+    MaxSizeTooSmall,
+}
+
+impl crate::config::SettingError for CacheSettingsError {
+    fn key(&self) -> &'static str {
+        match self {
+            Self::MaxSizeTooSmall => "cache.max_size",
+        }
+    }
+}
+
+impl TryFrom<&crate::config::Cache> for CacheSettings {
+    type Error = CacheSettingsError;
+
+    fn try_from(c: &crate::config::Cache) -> Result<Self, Self::Error> {
+        if c.max_size.0 < MIN_MAX_BYTES {
+            return Err(CacheSettingsError::MaxSizeTooSmall);
+        }
+        Ok(Self {
+            dir: c.dir.clone(),
+            max_bytes: c.max_size.0,
+        })
+    }
+}
+
 /// Errors of the cache layer.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

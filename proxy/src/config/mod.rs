@@ -1,12 +1,13 @@
 //! Configuration: YAML (serde-saphyr), the default embedded from `config/pullproxy.yaml`,
 //! `--config FILE` and `PULLPROXY_<SECTION>__<KEY>` environment overrides, layered key by key
-//! (`layers`). Invalid configuration is an error that names the key and where it was set, before
-//! anything binds.
+//! (`layers`), then each section converted by the subsystem that owns it. Invalid configuration
+//! is an error that names the key and where it was set, before anything binds.
 
 mod layers;
 
 use std::{
-    net::IpAddr,
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -14,9 +15,11 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::redirect::{RedirectSettings, Targets};
-use crate::secret::Secret;
-use crate::telemetry::Log;
+use crate::{
+    admin::AdminSettings, cache::CacheSettings, hub::HubSettings, redirect::RedirectSettings,
+    secret::Secret, server::ListenSettings, telemetry::Log, tls::TlsSettings,
+    upstream::UpstreamSettings, warm::WarmSettings,
+};
 
 /// The default configuration, embedded in the binary. Every key is documented there.
 pub const DEFAULT_YAML: &str = include_str!("../../../config/pullproxy.yaml");
@@ -44,13 +47,71 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
-    #[error("{key}: {message}")]
-    Invalid { key: &'static str, message: String },
 }
 
+/// Why a subsystem refuses a value of its section: the key at fault, and (as `Display`) why, in
+/// words that never repeat a secret.
+pub trait SettingError: std::error::Error + 'static {
+    /// The dotted key, such as `listen.port`.
+    fn key(&self) -> &'static str;
+}
+
+/// A deadline or a limit set to zero, which would refuse everything.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Zero {
+    #[error("must be longer than 0s")]
+    Duration(&'static str),
+    #[error("must be at least 1")]
+    Count(&'static str),
+}
+
+impl SettingError for Zero {
+    fn key(&self) -> &'static str {
+        match self {
+            Zero::Duration(key) | Zero::Count(key) => key,
+        }
+    }
+}
+
+/// `d`, unless it is zero.
+pub fn nonzero_duration(key: &'static str, d: Duration) -> Result<Duration, Zero> {
+    if d.is_zero() {
+        Err(Zero::Duration(key))
+    } else {
+        Ok(d)
+    }
+}
+
+/// `n`, unless it is zero.
+pub fn nonzero_count(key: &'static str, n: usize) -> Result<usize, Zero> {
+    if n == 0 { Err(Zero::Count(key)) } else { Ok(n) }
+}
+
+/// A loaded configuration: every section as the subsystem that owns it converted it, once.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: ListenSettings,
+    pub admin: AdminSettings,
+    pub redirect: RedirectSettings,
+    pub registries: Registries,
+    /// `None` when `hub.url` is null.
+    pub hub: Option<HubSettings>,
+    pub cache: CacheSettings,
+    /// Its `intercept_hosts` are `registries.intercept` and the hosts of `hub.mapping.overrides`.
+    pub tls: TlsSettings,
+    pub upstream: UpstreamSettings,
+    pub log: Log,
+    pub warm: WarmSettings,
+    /// `PULLPROXY_*` variables that are not overrides (logged as a warning at start).
+    pub ignored_env: Vec<String>,
+    /// The file this configuration was read from (the daemon watches it for `warm.images`).
+    pub source: Option<PathBuf>,
+}
+
+/// The configuration file's format: what the layered YAML and overrides deserialize into.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+struct ConfigFile {
     pub listen: Listen,
     pub admin: Admin,
     pub redirect: Redirect,
@@ -61,12 +122,6 @@ pub struct Config {
     pub upstream: Upstream,
     pub log: Log,
     pub warm: Warm,
-    /// `PULLPROXY_*` variables that are not overrides (logged as a warning at start).
-    #[serde(skip)]
-    pub ignored_env: Vec<String>,
-    /// The file this configuration was read from (the daemon watches it for `warm.images`).
-    #[serde(skip)]
-    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,7 +135,7 @@ pub struct Warm {
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     /// Address of `/metrics`, `/healthz` and `/readyz`.
-    pub listen: std::net::SocketAddr,
+    pub listen: SocketAddr,
     /// How often the hub is checked for `/readyz` and `pullproxy_hub_up`.
     #[serde(with = "humantime_serde")]
     pub hub_check_interval: Duration,
@@ -131,7 +186,7 @@ pub struct HubMapping {
     /// Repository on the hub for an image `{host}/{repo}`; the sealos convention is `{repo}`.
     pub default: String,
     /// Per registry host, e.g. `quay.io: "quay.io/{repo}"`.
-    pub overrides: std::collections::BTreeMap<String, String>,
+    pub overrides: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -296,7 +351,7 @@ impl<'de> Deserialize<'de> for TargetsConfig {
 }
 
 impl Config {
-    /// Loads the embedded defaults, `path` over them, then environment overrides, and validates.
+    /// Loads the embedded defaults, `path` over them, then environment overrides, and converts.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let text = match path {
             Some(p) => Some(
@@ -314,7 +369,7 @@ impl Config {
     }
 
     /// `text` (named `origin` in messages) over the embedded defaults, then the `PULLPROXY_*`
-    /// overrides in `env`, validated.
+    /// overrides in `env`, converted.
     pub fn from_yaml(
         text: &str,
         origin: &str,
@@ -324,597 +379,65 @@ impl Config {
     }
 
     /// The embedded defaults with `file` (text, name for messages) and then the `PULLPROXY_*`
-    /// overrides in `env` layered over them key by key, then validated.
+    /// overrides in `env` layered over them key by key, then converted section by section.
     fn layered(
         file: Option<(&str, &str)>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let mut layers = layers::Layers::new(DEFAULT_YAML, file)?;
         layers.apply_env(env, |tree| typed(tree).map(drop))?;
-        let mut config = typed(&layers.tree).map_err(|(at, msg)| layers.error_at(&at, msg))?;
-        config.validate().map_err(|e| match e {
-            ConfigError::Invalid { key, message } => layers.error_at(key, message),
-            other => other,
-        })?;
+        let file = typed(&layers.tree).map_err(|(at, msg)| layers.error_at(&at, msg))?;
+        let mut config = Self::convert(file, &layers)?;
         config.ignored_env = layers.ignored_env;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
-        if self.listen.port == 0 {
-            return invalid("listen.port", "must be a port number, not 0".into());
+    /// Each section converted by its owner, the first refusal told at the key's layer.
+    fn convert(file: ConfigFile, layers: &layers::Layers) -> Result<Self, ConfigError> {
+        fn owned<T, E: SettingError>(
+            layers: &layers::Layers,
+            converted: Result<T, E>,
+        ) -> Result<T, ConfigError> {
+            converted.map_err(|e| layers.error_at(e.key(), crate::telemetry::error_chain(&e)))
         }
-        if self.listen.addresses.is_empty() {
-            return invalid("listen.addresses", "needs at least one address".into());
-        }
-        if let Some(a) = self.listen.addresses.iter().find(|a| !a.is_loopback()) {
-            return invalid(
-                "listen.addresses",
-                format!("{a} is not a loopback address; the proxy only listens on loopback"),
-            );
-        }
-        let r = &self.redirect;
-        if r.enabled && r.ports.is_empty() {
-            return invalid(
-                "redirect.ports",
-                "needs at least one port when enabled".into(),
-            );
-        }
-        if r.ports.contains(&0) {
-            return invalid("redirect.ports", "0 is not a port".into());
-        }
-        if !r.attach_cgroup.starts_with('/') {
-            return invalid(
-                "redirect.attach_cgroup",
-                format!(
-                    "{:?} must be an absolute cgroup path such as \"/\"",
-                    r.attach_cgroup
-                ),
-            );
-        }
-        self.targets()?;
-        if !r.pin_dir.is_absolute()
-            || r.pin_dir
-                .components()
-                .any(|c| c.as_os_str().to_string_lossy().contains('.'))
-        {
-            return invalid(
-                "redirect.pin_dir",
-                format!(
-                    "{} must be an absolute path without `.` in any name (bpffs refuses such names)",
-                    r.pin_dir.display()
-                ),
-            );
-        }
-        if r.rescan_interval < Duration::from_millis(100) {
-            return invalid("redirect.rescan_interval", "must be at least 100ms".into());
-        }
-        if let Some(url) = &self.hub.url {
-            let uri: http::Uri = url.parse().map_err(|e| ConfigError::Invalid {
-                key: "hub.url",
-                message: format!("{url:?}: {e}"),
-            })?;
-            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                return invalid(
-                    "hub.url",
-                    format!("{url:?} must be http://host[:port] or https://host[:port]"),
-                );
-            }
-        }
-        let sources = [
-            self.hub.password.is_some(),
-            self.hub.password_file.is_some(),
-            self.hub.dockerconfigjson.is_some(),
-        ];
-        if sources.iter().filter(|s| **s).count() > 1 {
-            return invalid(
-                "hub.password",
-                "set at most one of hub.password, hub.password_file and hub.dockerconfigjson"
-                    .into(),
-            );
-        }
-        let mapping = &self.hub.mapping;
-        let templates = std::iter::once((None, &mapping.default))
-            .chain(mapping.overrides.iter().map(|(h, t)| (Some(h.as_str()), t)));
-        for (host, template) in templates {
-            if let Err(e) = crate::hub::check_template(template, host) {
-                return invalid(
-                    "hub.mapping",
-                    format!("{}: {template:?} {e}", host.unwrap_or("default")),
-                );
-            }
-        }
-        if self.tls.ca_cert.is_some() != self.tls.ca_key.is_some() {
-            return invalid(
-                "tls.ca_cert",
-                "set both tls.ca_cert and tls.ca_key, or neither".into(),
-            );
-        }
-        if let Some((image, e)) = self
-            .warm
-            .images
-            .iter()
-            .find_map(|i| i.parse::<crate::oci::ImageRef>().err().map(|e| (i, e)))
-        {
-            return invalid("warm.images", format!("{image:?}: {e}"));
-        }
-        if self.hub.write_back_rate.0 < 1 << 10 {
-            return invalid(
-                "hub.write_back_rate",
-                "must be at least 1KiB (per second)".into(),
-            );
-        }
-        if self.cache.max_size.0 < 1 << 20 {
-            return invalid("cache.max_size", "must be at least 1MiB".into());
-        }
-        let l = &self.listen;
-        // A per-client limit above its listener's is not an error: lowering max_connections
-        // alone must not make the other defaults invalid; the listener's limit caps them.
-        for (key, n) in [
-            ("listen.max_connections", l.max_connections),
-            (
-                "listen.max_connections_per_client",
-                l.max_connections_per_client,
-            ),
-            ("listen.max_direct_connections", l.max_direct_connections),
-            ("admin.max_connections", self.admin.max_connections),
-            (
-                "admin.max_connections_per_client",
-                self.admin.max_connections_per_client,
-            ),
-        ] {
-            if n == 0 {
-                return invalid(key, "must be at least 1".into());
-            }
-        }
-        for (key, d) in [
-            ("listen.handshake_timeout", l.handshake_timeout),
-            ("listen.header_timeout", l.header_timeout),
-            ("listen.idle_timeout", l.idle_timeout),
-            ("listen.write_timeout", l.write_timeout),
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.manifest_timeout", self.upstream.manifest_timeout),
-            (
-                "upstream.blob_idle_timeout",
-                self.upstream.blob_idle_timeout,
-            ),
-            ("hub.timeout", self.hub.timeout),
-        ] {
-            if d.is_zero() {
-                return invalid(key, "must be longer than 0s".into());
-            }
-        }
-        Ok(())
-    }
-
-    fn targets(&self) -> Result<Targets, ConfigError> {
-        match &self.redirect.targets {
-            TargetsConfig::Auto => Ok(Targets::Auto),
-            TargetsConfig::Paths(p) if p.is_empty() => Err(ConfigError::Invalid {
-                key: "redirect.targets",
-                message: "an empty list redirects nothing; use `auto` or name cgroups".into(),
-            }),
-            TargetsConfig::Paths(p) => match p.iter().find(|p| !p.starts_with('/')) {
-                Some(bad) => Err(ConfigError::Invalid {
-                    key: "redirect.targets",
-                    message: format!("{bad:?} must be an absolute cgroup path"),
-                }),
-                None => Ok(Targets::Paths(p.clone())),
-            },
-        }
-    }
-
-    /// What the TLS layer needs: every host the configuration names is intercepted too.
-    pub fn tls_settings(&self) -> crate::tls::TlsSettings {
-        let mut hosts = self.registries.intercept.clone();
-        hosts.extend(self.hub.mapping.overrides.keys().cloned());
-        crate::tls::TlsSettings {
-            state_dir: self.tls.state_dir.clone(),
-            ca_cert: self.tls.ca_cert.clone(),
-            ca_key: self.tls.ca_key.clone(),
-            ca_supplied: self.tls.ca_cert.is_some(),
-            intercept_hosts: hosts,
-            extra_upstream_cas: self.tls.extra_upstream_cas.clone(),
-        }
-    }
-
-    /// Where the cache lives and how big it may grow.
-    pub fn cache_settings(&self) -> crate::cache::CacheSettings {
-        crate::cache::CacheSettings {
-            dir: self.cache.dir.clone(),
-            max_bytes: self.cache.max_size.0,
-        }
-    }
-
-    /// What the hub client needs; `None` when no hub is configured.
-    pub fn hub_settings(&self) -> Option<crate::hub::HubSettings> {
-        use crate::hub::PasswordSource;
-        let h = &self.hub;
-        let url = h.url.as_ref()?.parse().expect("validated at load");
-        let password = match (&h.password, &h.password_file, &h.dockerconfigjson) {
-            (Some(p), _, _) => PasswordSource::Inline(p.clone()),
-            (_, Some(f), _) => PasswordSource::File(f.clone()),
-            (_, _, Some(f)) => PasswordSource::DockerConfigJson(f.clone()),
-            _ => PasswordSource::None,
-        };
-        Some(crate::hub::HubSettings {
-            url,
-            username: h.username.clone(),
-            password,
-            mapping: crate::hub::Mapping {
-                default: h.mapping.default.clone(),
-                overrides: h.mapping.overrides.clone(),
-            },
-            timeout: h.timeout,
+        let listen = owned(layers, ListenSettings::try_from(&file.listen))?;
+        let admin = owned(layers, AdminSettings::try_from(&file.admin))?;
+        let redirect = owned(
+            layers,
+            RedirectSettings::from_section(&file.redirect, listen.port, admin.listen.port()),
+        )?;
+        let hub = owned(layers, Option::<HubSettings>::try_from(&file.hub))?;
+        let mut tls = owned(layers, TlsSettings::try_from(&file.tls))?;
+        tls.intercept_hosts = (file.registries.intercept.iter())
+            .chain(file.hub.mapping.overrides.keys())
+            .cloned()
+            .collect();
+        Ok(Self {
+            warm: owned(layers, WarmSettings::try_from(&file.warm))?,
+            cache: owned(layers, CacheSettings::try_from(&file.cache))?,
+            upstream: owned(layers, UpstreamSettings::try_from(&file.upstream))?,
+            listen,
+            admin,
+            redirect,
+            hub,
+            tls,
+            registries: file.registries,
+            log: file.log,
+            ignored_env: Vec::new(),
+            source: None,
         })
-    }
-
-    /// The deadlines of both listeners' connections.
-    pub fn deadlines(&self) -> crate::conn::Deadlines {
-        let l = &self.listen;
-        crate::conn::Deadlines {
-            handshake: l.handshake_timeout,
-            header: l.header_timeout,
-            idle: l.idle_timeout,
-            write: l.write_timeout,
-        }
-    }
-
-    /// Connection limits of the proxy port.
-    pub fn proxy_limits(&self) -> crate::conn::Limits {
-        let l = &self.listen;
-        crate::conn::Limits {
-            total: l.max_connections,
-            per_client: l.max_connections_per_client,
-            direct: l.max_direct_connections,
-        }
-        .within(l.max_connections)
-    }
-
-    /// Connection limits of the admin listener: every client is a source address.
-    pub fn admin_limits(&self) -> crate::conn::Limits {
-        let a = &self.admin;
-        crate::conn::Limits {
-            total: a.max_connections,
-            per_client: a.max_connections_per_client,
-            direct: a.max_connections_per_client,
-        }
-        .within(a.max_connections)
-    }
-
-    /// What the kernel redirect needs.
-    /// The ports only pullproxy may bind (the bind guard): the proxy port, and the admin
-    /// listener's, whose squatter could answer Prometheus and the kubelet's probes.
-    pub fn guarded_ports(&self) -> Vec<u16> {
-        let mut ports = vec![self.listen.port, self.admin.listen.port()];
-        ports.retain(|p| *p != 0);
-        ports.sort_unstable();
-        ports.dedup();
-        ports
-    }
-
-    pub fn redirect_settings(&self) -> RedirectSettings {
-        let r = &self.redirect;
-        RedirectSettings {
-            attach_cgroup: r.attach_cgroup.clone(),
-            pin_dir: r.pin_dir.clone(),
-            ports: r.ports.clone(),
-            proxy_port: self.listen.port,
-            guarded_ports: self.guarded_ports(),
-            exclude: r.exclude.clone(),
-            targets: self.targets().expect("validated at load"),
-            rescan_interval: r.rescan_interval,
-            kernel_log: r.kernel_log,
-        }
     }
 }
 
 /// The typed configuration from a merged tree, or the key (a serde path such as
 /// `listen.addresses[1]`) where it does not fit and why.
-fn typed(tree: &serde_json::Value) -> Result<Config, (String, String)> {
+fn typed(tree: &serde_json::Value) -> Result<ConfigFile, (String, String)> {
     serde_path_to_error::deserialize(tree)
         .map_err(|e| (e.path().to_string(), e.inner().to_string()))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn no_env() -> Vec<(String, String)> {
-        Vec::new()
-    }
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
-
-    fn defaults() -> Config {
-        Config::layered(None, no_env()).unwrap()
-    }
-
-    fn error(text: &str, vars: &[(&str, &str)]) -> String {
-        let err = Config::from_yaml(text, "x.yaml", env(vars)).unwrap_err();
-        crate::telemetry::error_chain(&err)
-    }
-
-    #[test]
-    fn embedded_default_is_valid() {
-        let c = defaults();
-        assert_eq!(c.redirect.ports, vec![443, 80]);
-        assert_eq!(c.redirect_settings().targets, Targets::Auto);
-        let again = Config::from_yaml(DEFAULT_YAML, "default", no_env()).unwrap();
-        assert_eq!(again.cache.dir, c.cache.dir);
-    }
-
-    #[test]
-    fn a_file_setting_one_key_of_a_section_keeps_the_other_defaults() {
-        let d = defaults();
-        let c = Config::from_yaml("cache: {max_size: 1GiB}\n", "x.yaml", no_env()).unwrap();
-        assert_eq!(c.cache.max_size.0, 1 << 30);
-        assert_eq!(c.cache.dir, d.cache.dir);
-
-        let c = Config::from_yaml("log:\n  level: debug\n", "x.yaml", no_env()).unwrap();
-        assert_eq!(
-            (c.log.level.as_str(), c.log.format),
-            ("debug", d.log.format)
-        );
-
-        let text = "admin:\n  listen: 0.0.0.0:9090\nhub:\n  mapping:\n    overrides:\n      quay.io: \"quay.io/{repo}\"\n";
-        let c = Config::from_yaml(text, "x.yaml", no_env()).unwrap();
-        assert_eq!(c.admin.listen.port(), 9090);
-        assert_eq!(c.admin.hub_check_interval, d.admin.hub_check_interval);
-        assert_eq!(c.hub.mapping.default, "{repo}");
-        assert_eq!(c.hub.mapping.overrides["quay.io"], "quay.io/{repo}");
-        assert_eq!(c.hub.url, d.hub.url);
-
-        // Lists replace, they do not append.
-        let c = Config::from_yaml("redirect: {ports: [8443]}\n", "x.yaml", no_env()).unwrap();
-        assert_eq!(c.redirect.ports, vec![8443]);
-
-        // A file of comments only is the defaults.
-        let c = Config::from_yaml("# nothing yet\n", "x.yaml", no_env()).unwrap();
-        assert_eq!(c.listen.port, d.listen.port);
-    }
-
-    #[test]
-    fn the_guard_covers_the_proxy_and_admin_ports_once_each() {
-        let c = Config::from_yaml("# defaults\n", "x.yaml", no_env()).unwrap();
-        assert_eq!(c.guarded_ports(), vec![15090, 15443]);
-        assert_eq!(c.redirect_settings().guarded_ports, vec![15090, 15443]);
-        let text = "listen: {port: 9000}\nadmin: {listen: \"0.0.0.0:9000\"}\n";
-        let c = Config::from_yaml(text, "x.yaml", no_env()).unwrap();
-        assert_eq!(c.guarded_ports(), vec![9000]);
-    }
-
-    #[test]
-    fn hub_templates_must_give_repository_names() {
-        let err = error("hub:\n  mapping:\n    default: \"../{repo}\"\n", &[]);
-        assert!(
-            err.starts_with("x.yaml line 2 column 3: hub.mapping"),
-            "{err}"
-        );
-        assert!(
-            err.contains("default") && err.contains("../library/nginx"),
-            "{err}"
-        );
-        let err = error(
-            "hub:\n  mapping:\n    overrides:\n      quay.io: \"{repo}/\"\n",
-            &[],
-        );
-        assert!(
-            err.contains("quay.io") && err.contains("not a repository name"),
-            "{err}"
-        );
-        let c = Config::from_yaml(
-            "hub: {mapping: {overrides: {quay.io: \"{host}/{repo}\"}}}\n",
-            "x.yaml",
-            no_env(),
-        )
-        .unwrap();
-        let mapping = c.hub_settings().unwrap().mapping;
-        let repo = "coreos/etcd".parse().unwrap();
-        assert_eq!(
-            mapping.hub_repo("quay.io", &repo).unwrap().as_str(),
-            "quay.io/coreos/etcd"
-        );
-    }
-
-    #[test]
-    fn unknown_keys_are_named_with_their_line() {
-        let err = error("cache:\n  max_size: 1GiB\n  max_sise: 2GiB\n", &[]);
-        assert!(err.starts_with("x.yaml line 3 column 3: cache"), "{err}");
-        assert!(err.contains("max_sise"), "{err}");
-
-        let err = error("log: {level: debug}\ncahce:\n  dir: /x\n", &[]);
-        assert!(err.starts_with("x.yaml line 2 column 1"), "{err}");
-        assert!(err.contains("cahce"), "{err}");
-
-        let text = DEFAULT_YAML.replace("  kernel_log: false", "  kernel_logs: false");
-        let line = text
-            .lines()
-            .position(|l| l.contains("kernel_logs"))
-            .unwrap()
-            + 1;
-        let err = error(&text, &[]);
-        assert!(
-            err.starts_with(&format!("x.yaml line {line} column 3")),
-            "{err}"
-        );
-        assert!(err.contains("kernel_logs"), "{err}");
-    }
-
-    #[test]
-    fn bad_values_are_named_with_their_line() {
-        let err = error("listen:\n  port: many\n", &[]);
-        assert!(
-            err.starts_with("x.yaml line 2 column 3: listen.port: "),
-            "{err}"
-        );
-
-        let err = error("redirect:\n  targets: [relative/path]\n", &[]);
-        assert!(
-            err.starts_with("x.yaml line 2 column 3: redirect.targets: "),
-            "{err}"
-        );
-        let err = error("redirect:\n  targets: everything\n", &[]);
-        assert!(err.contains("`auto` or a list"), "{err}");
-
-        let err = error("listen:\n  addresses:\n  - 10.0.0.1\n", &[]);
-        assert!(
-            err.starts_with("x.yaml line 2 column 3: listen.addresses: "),
-            "{err}"
-        );
-        assert!(err.contains("not a loopback"), "{err}");
-
-        let err = error("- a\n- b\n", &[]);
-        assert!(err.contains("mapping of sections"), "{err}");
-    }
-
-    #[test]
-    fn environment_overrides_layer_over_the_file() {
-        let vars = env(&[
-            ("PULLPROXY_LISTEN__PORT", "16000"),
-            ("PULLPROXY_REDIRECT__TARGETS", "[/a, /b]"),
-            ("PULLPROXY_REDIRECT__KERNEL_LOG", "true"),
-            ("PULLPROXY_CACHE__MAX_SIZE", "2GiB"),
-            ("PULLPROXY_UPSTREAM__BLOB_IDLE_TIMEOUT", "90s"),
-            ("UNRELATED", "x"),
-        ]);
-        let c = Config::from_yaml("cache: {max_size: 1GiB}\n", "x.yaml", vars).unwrap();
-        assert_eq!(c.listen.port, 16000);
-        assert_eq!(
-            c.redirect_settings().targets,
-            Targets::Paths(vec!["/a".into(), "/b".into()])
-        );
-        assert!(c.redirect.kernel_log);
-        assert_eq!(c.cache.max_size.0, 2 << 30);
-        assert_eq!(c.upstream.blob_idle_timeout, Duration::from_secs(90));
-        assert!(c.ignored_env.is_empty(), "{:?}", c.ignored_env);
-
-        // An empty variable unsets an optional key.
-        let c = Config::layered(None, env(&[("PULLPROXY_HUB__URL", "")])).unwrap();
-        assert!(c.hub.url.is_none());
-
-        let err = error("", &[("PULLPROXY_LISTEN__PROT", "1")]);
-        assert!(
-            err.contains("PULLPROXY_LISTEN__PROT") && err.contains("listen.prot"),
-            "{err}"
-        );
-        let err = error("", &[("PULLPROXY_LISTEN__PORT", "many")]);
-        assert!(err.contains("PULLPROXY_LISTEN__PORT"), "{err}");
-        // A semantic error in an overridden key names the variable, not the file.
-        let err = error(
-            "listen: {port: 15443}\n",
-            &[("PULLPROXY_REDIRECT__PIN_DIR", "/sys/fs/bpf/a.b")],
-        );
-        assert!(
-            err.starts_with("environment override PULLPROXY_REDIRECT__PIN_DIR: redirect.pin_dir"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn connection_deadlines_and_limits_are_layered_and_validated() {
-        let d = defaults();
-        assert_eq!(d.deadlines().idle, Duration::from_secs(60));
-        assert!(d.proxy_limits().direct < d.proxy_limits().total);
-        assert!(d.admin_limits().total < d.proxy_limits().direct);
-        let c = Config::from_yaml(
-            "listen: {idle_timeout: 2s, max_direct_connections: 5}\n",
-            "x.yaml",
-            env(&[
-                ("PULLPROXY_LISTEN__WRITE_TIMEOUT", "90s"),
-                ("PULLPROXY_ADMIN__MAX_CONNECTIONS_PER_CLIENT", "3"),
-            ]),
-        )
-        .unwrap();
-        assert_eq!(c.deadlines().idle, Duration::from_secs(2));
-        assert_eq!(c.deadlines().write, Duration::from_secs(90));
-        assert_eq!(c.deadlines().header, d.deadlines().header);
-        assert_eq!(c.proxy_limits().direct, 5);
-        assert_eq!(c.proxy_limits().total, d.proxy_limits().total);
-        assert_eq!(c.admin_limits().per_client, 3);
-
-        let err = error("listen:\n  header_timeout: 0s\n", &[]);
-        assert!(
-            err.starts_with("x.yaml line 2 column 3: listen.header_timeout: must be longer"),
-            "{err}"
-        );
-        let err = error("", &[("PULLPROXY_LISTEN__MAX_CONNECTIONS_PER_CLIENT", "0")]);
-        assert!(
-            err.contains("PULLPROXY_LISTEN__MAX_CONNECTIONS_PER_CLIENT")
-                && err.contains("must be at least 1"),
-            "{err}"
-        );
-        // Lowering the listener's limit alone caps the per-client ones.
-        let c = Config::from_yaml("listen: {max_connections: 100}\n", "x.yaml", no_env()).unwrap();
-        let l = c.proxy_limits();
-        assert_eq!((l.total, l.per_client, l.direct), (100, 100, 100));
-        let c = Config::from_yaml("admin: {max_connections: 4}\n", "x.yaml", no_env()).unwrap();
-        assert_eq!(c.admin_limits().per_client, 4);
-    }
-
-    #[test]
-    fn variables_that_are_not_overrides_are_ignored() {
-        let vars = env(&[
-            ("PULLPROXY_BIN", "/usr/bin/pullproxy"),
-            ("PULLPROXY_CONFIG", "/etc/pullproxy.yaml"),
-            ("PULLPROXY_METRICS_SERVICE_HOST", "10.96.0.7"),
-            ("PULLPROXY_METRICS_PORT_9090_TCP", "tcp://10.96.0.7:9090"),
-            ("PULLPROXY_NOSUCH__KEY", "1"),
-            ("PULLPROXY___X", "1"),
-            ("PULLPROXY_LOG__LEVEL", "debug"),
-        ]);
-        let c = Config::layered(None, vars).unwrap();
-        assert_eq!(c.log.level, "debug");
-        assert_eq!(c.ignored_env.len(), 6, "{:?}", c.ignored_env);
-        assert!(c.ignored_env.contains(&"PULLPROXY_BIN".to_owned()));
-    }
-
-    #[test]
-    fn secrets_are_taken_verbatim_and_never_shown() {
-        for pw in [
-            "123456", "null", "pw #x", "true", "[a]", "{x: 1}", "~", " lead",
-        ] {
-            let c = Config::layered(None, env(&[("PULLPROXY_HUB__PASSWORD", pw)])).unwrap();
-            let got = c.hub.password.as_ref().map(Secret::expose);
-            assert_eq!(got, Some(pw), "PULLPROXY_HUB__PASSWORD={pw:?}");
-        }
-        let c = Config::layered(None, env(&[("PULLPROXY_HUB__PASSWORD", "s3cr3t #x")])).unwrap();
-        let debug = format!("{c:?} {:?}", c.hub_settings());
-        assert!(!debug.contains("s3cr3t"), "{debug}");
-        let c = Config::layered(None, env(&[("PULLPROXY_HUB__USERNAME", "0123")])).unwrap();
-        assert_eq!(c.hub.username.as_deref(), Some("0123"));
-
-        // In a file, YAML types apply: an unquoted number is refused, without repeating it.
-        let err = error("hub:\n  password: 918273645\n", &[]);
-        assert!(
-            err.starts_with("x.yaml line 2 column 3: hub.password"),
-            "{err}"
-        );
-        assert!(!err.contains("918273645"), "{err}");
-        let err = error("hub:\n  password: [918273645]\n", &[]);
-        assert!(!err.contains("918273645"), "{err}");
-        // Nor does a syntax error on its line.
-        let err = error("hub:\n  password: \"918273645\n  url: x\n", &[]);
-        assert!(
-            err.starts_with("x.yaml: ") && err.contains("line 2"),
-            "{err}"
-        );
-        assert!(!err.contains("918273645"), "{err}");
-        // A semantic error about the password does not show it either.
-        let err = error(
-            "hub:\n  password: \"s3cr3t-value\"\n  password_file: /x\n",
-            &[],
-        );
-        assert!(err.contains("at most one"), "{err}");
-        assert!(!err.contains("s3cr3t-value"), "{err}");
-    }
-}
+mod tests;
 
 #[cfg(test)]
 mod size_tests {

@@ -53,6 +53,41 @@ pub struct TlsSettings {
     pub extra_upstream_cas: Vec<PathBuf>,
 }
 
+/// A `tls` value the node CA cannot be set up with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsSettingsError {
+    #[error("set both tls.ca_cert and tls.ca_key, or neither")]
+    HalfCa,
+}
+
+impl crate::config::SettingError for TlsSettingsError {
+    fn key(&self) -> &'static str {
+        match self {
+            Self::HalfCa => "tls.ca_cert",
+        }
+    }
+}
+
+/// The `tls` section, intercepting the default hosts only: the configuration adds the hosts its
+/// other sections name.
+impl TryFrom<&crate::config::Tls> for TlsSettings {
+    type Error = TlsSettingsError;
+
+    fn try_from(t: &crate::config::Tls) -> Result<Self, Self::Error> {
+        if t.ca_cert.is_some() != t.ca_key.is_some() {
+            return Err(TlsSettingsError::HalfCa);
+        }
+        Ok(Self {
+            state_dir: t.state_dir.clone(),
+            ca_cert: t.ca_cert.clone(),
+            ca_key: t.ca_key.clone(),
+            ca_supplied: t.ca_cert.is_some(),
+            intercept_hosts: Vec::new(),
+            extra_upstream_cas: t.extra_upstream_cas.clone(),
+        })
+    }
+}
+
 impl TlsSettings {
     /// Settings with a generated CA under `state_dir`, the default hosts and no extra CAs.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
