@@ -56,8 +56,8 @@ pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
     let kernel_capable = modes.contains(&Tls::Kernel);
     eprintln!("pp-bench: fast path: {kernel_tls}");
     // (fixture, system, tls, client) -> per round MiB/s and CPU s/GiB
-    let mut mib_s: BTreeMap<(usize, Via, Tls, Client), Vec<f64>> = BTreeMap::new();
-    let mut cpu: BTreeMap<(usize, Via, Tls, Client), Vec<f64>> = BTreeMap::new();
+    let mut mib_s: BTreeMap<(usize, Via, bool, Tls, Client), Vec<f64>> = BTreeMap::new();
+    let mut cpu: BTreeMap<(usize, Via, bool, Tls, Client), Vec<f64>> = BTreeMap::new();
     let clients = [Client::Loadgen, Client::Curl];
     for round in 0..s.rounds {
         for (i, f) in fixtures.iter().enumerate() {
@@ -70,7 +70,7 @@ pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
             for client in rotated(&clients, round) {
                 let hub = measure(w, Via::Hub, client, f);
                 mib_s
-                    .entry((i, Via::Hub, Tls::None, client))
+                    .entry((i, Via::Hub, false, Tls::None, client))
                     .or_default()
                     .push(hub.0);
             }
@@ -82,7 +82,7 @@ pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
                 for client in rotated(&clients, round + 1) {
                     for via in rotated(&[Via::PullproxyHub, Via::Pullproxy], round) {
                         let (rate, cpu_per_gib) = measure(w, via, client, f);
-                        let key = (i, via, tls, client);
+                        let key = (i, via, false, tls, client);
                         mib_s.entry(key).or_default().push(rate);
                         cpu.entry(key)
                             .or_default()
@@ -90,6 +90,12 @@ pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
                     }
                 }
                 check_path(w, tls, kernel_capable, before, f);
+                for client in rotated(&clients, round) {
+                    let (rate, cpu_per_gib) = cold_hub_hit(w, tls, client, f);
+                    let key = (i, Via::PullproxyHub, true, tls, client);
+                    mib_s.entry(key).or_default().push(rate);
+                    cpu.entry(key).or_default().push(cpu_per_gib);
+                }
             }
         }
     }
@@ -99,18 +105,19 @@ pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
     }
     let rows = mib_s
         .iter()
-        .map(|(&(i, via, tls, client), values)| {
-            let hub = &mib_s[&(i, Via::Hub, Tls::None, client)];
+        .map(|(&(i, via, cold, tls, client), values)| {
+            let hub = &mib_s[&(i, Via::Hub, false, Tls::None, client)];
             let ratio = |a: &[f64], b: &[f64]| {
                 Spread::of(&a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<_>>())
             };
-            let user = (tls == Tls::Kernel).then_some((i, via, Tls::User, client));
-            let this_cpu = cpu.get(&(i, via, tls, client));
+            let user = (tls == Tls::Kernel).then_some((i, via, cold, Tls::User, client));
+            let this_cpu = cpu.get(&(i, via, cold, tls, client));
             FastpathRow {
                 size: fixtures[i].layer().size,
-                system: match via {
-                    Via::Pullproxy => "pullproxy cache hit".into(),
-                    other => other.label().into(),
+                system: match (via, cold) {
+                    (Via::Pullproxy, _) => "pullproxy cache hit".into(),
+                    (_, true) => COLD_HUB_HIT.into(),
+                    (other, false) => other.label().into(),
                 },
                 tls,
                 client,
@@ -142,6 +149,44 @@ fn restart(w: &mut World, tls: Tls, fixtures: &[Fixture]) {
     }
 }
 
+/// How the report names a hub hit the node has no copy of.
+const COLD_HUB_HIT: &str = "pullproxy hub hit, cold (streamed from the hub)";
+
+/// One GET of `f`'s blob through pullproxy from the hub while the node has no copy of it:
+/// pullproxy restarted (TLS where `tls` says) after its copy was deleted, the hub's copy read
+/// into the page cache, so the body streams from the hub over plain HTTP while it is stored.
+/// MiB/s, and pullproxy's CPU seconds per GiB. Returns once the blob is stored again, so the
+/// warm measurements that follow find it.
+fn cold_hub_hit(w: &mut World, tls: Tls, client: Client, f: &Fixture) -> (f64, f64) {
+    let digest = &f.layer().digest;
+    w.stop_proxy();
+    let copy = w.node.cache_dir().join("blobs/sha256").join(digest.hex());
+    match std::fs::remove_file(&copy) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            panic!("deleting the node's copy {}: {e}", copy.display())
+        }
+        _ => {}
+    }
+    let on = (tls == Tls::Kernel).to_string();
+    w.start_proxy(&[("PULLPROXY_LISTEN__KERNEL_TLS", on)]);
+    w.page_in_hub(digest);
+    let (via, size) = (Via::PullproxyHub, f.layer().size);
+    let path = f.blob_path(via);
+    let pid = w.proxy().pid();
+    let cpu_before = cpu_seconds(pid);
+    let rate = match client {
+        Client::Loadgen => {
+            let out = w.run(via, &w.job(via, "GET", vec![path]));
+            out.expect("cold hub hit", 200, Some(size));
+            out.bytes() as f64 / MIB / out.wall_s
+        }
+        Client::Curl => curl(w, via, &path, 0, 1, size),
+    };
+    let cpu = (cpu_seconds(pid) - cpu_before) / (size as f64 / GIB);
+    w.settle_cached(Via::Pullproxy, digest);
+    (rate, cpu)
+}
+
 /// Warm GETs of `f`'s blob through `via` with `client`: MiB/s, and pullproxy's CPU seconds per
 /// GiB over the whole job when pullproxy served it.
 fn measure(w: &World, via: Via, client: Client, f: &Fixture) -> (f64, Option<f64>) {
@@ -159,7 +204,7 @@ fn measure(w: &World, via: Via, client: Client, f: &Fixture) -> (f64, Option<f64
             out.expect(&format!("warm GET via {}", via.label()), 200, Some(size));
             out.bytes() as f64 / MIB / out.wall_s
         }
-        Client::Curl => curl(w, via, &path, repeat, size),
+        Client::Curl => curl(w, via, &path, 1, repeat, size),
     };
     let cpu = pid.zip(cpu_before).map(|(pid, before)| {
         (cpu_seconds(pid) - before) / ((repeat + 1) as f64 * size as f64 / GIB)
@@ -167,9 +212,9 @@ fn measure(w: &World, via: Via, client: Client, f: &Fixture) -> (f64, Option<f64
     (rate, cpu)
 }
 
-/// `repeat` timed GETs (after one untimed) of `path` through `via` by one curl on one
+/// `repeat` timed GETs (after `untimed` ones) of `path` through `via` by one curl on one
 /// connection; MiB/s over the timed ones.
-fn curl(w: &World, via: Via, path: &str, repeat: usize, size: u64) -> f64 {
+fn curl(w: &World, via: Via, path: &str, untimed: usize, repeat: usize, size: u64) -> f64 {
     let url = format!("{}{path}", via.base());
     let mut cmd = Command::new("curl");
     cmd.args([
@@ -183,7 +228,7 @@ fn curl(w: &World, via: Via, path: &str, repeat: usize, size: u64) -> f64 {
     if via == Via::Hub {
         cmd.args(["--user", &format!("{HUB_USER}:{HUB_PASSWORD}")]);
     }
-    for _ in 0..=repeat {
+    for _ in 0..untimed + repeat {
         cmd.args(["--output", "/dev/null", &url]);
     }
     let done = harness::process::run_at(cmd, &w.placement(via), Duration::from_secs(600))
@@ -202,11 +247,11 @@ fn curl(w: &World, via: Via, path: &str, repeat: usize, size: u64) -> f64 {
             )
         })
         .collect();
-    assert_eq!(lines.len(), repeat + 1, "one line per transfer");
+    assert_eq!(lines.len(), untimed + repeat, "one line per transfer");
     for (status, bytes, _) in &lines {
         assert_eq!((*status, *bytes), (200, size), "curl via {}", via.label());
     }
-    let timed = &lines[1..];
+    let timed = &lines[untimed..];
     let secs: f64 = timed.iter().map(|l| l.2).sum();
     (repeat as u64 * size) as f64 / MIB / secs
 }
