@@ -236,7 +236,9 @@ fn keep_figure(a: &VmArgs, figure: &str) {
         figure.as_bytes(),
         Some(&how),
     ) {
-        Ok(()) => say(format!("kept the guest's fast path figure as results/{name}")),
+        Ok(()) => say(format!(
+            "kept the guest's fast path figure as results/{name}"
+        )),
         Err(e) => eprintln!("vm-test: the guest's fast path figure: {e:#}"),
     }
 }

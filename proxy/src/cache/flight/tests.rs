@@ -588,6 +588,28 @@ async fn a_digest_mismatch_is_never_cached_nor_delivered_whole() {
 }
 
 #[tokio::test]
+async fn the_last_byte_waits_for_the_digest_check_even_when_every_byte_has_arrived() {
+    let s = Scenario::files().blob(600_000, 6).build();
+    let mut evil = s.blob.clone();
+    evil[599_999] ^= 1;
+    let (up, leader) = s.lead_by_hand(None).await;
+    let mut body = leader.body;
+    // Every byte arrives in one batch, but the upstream has not ended: the digest cannot be
+    // checked yet, so the client gets all but the last byte and no more.
+    up.send(&evil);
+    let mut got = Vec::new();
+    read_to(&mut body, &mut got, evil.len() - 1).await;
+    assert_eq!(got.len(), evil.len() - 1, "the last byte went out unchecked");
+    up.end();
+    let (rest, err) = drain(body).await;
+    assert!(rest.is_empty(), "{} more bytes after the mismatch", rest.len());
+    assert!(matches!(
+        flight_error(&err.expect("body must fail")),
+        FlightError::DigestMismatch(_)
+    ));
+}
+
+#[tokio::test]
 async fn a_full_disk_still_serves_every_client_in_full() {
     let s = Scenario::files_with_temp(dev_full)
         .blob(2_000_000, 7)
