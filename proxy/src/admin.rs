@@ -18,8 +18,8 @@ use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::net::TcpListener;
 
 use crate::{
-    client::{self, ProxyBody},
-    conn::{ClientKey, Gate},
+    accept::conn::{ClientKey, Gate},
+    origins::client::{self, ProxyBody},
 };
 
 /// What `/readyz` checks.
@@ -77,10 +77,10 @@ pub async fn serve(
 }
 
 /// Binds the admin address.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::server::BindError> {
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::accept::server::BindError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| crate::server::BindError { addr, source })
+        .map_err(|source| crate::accept::server::BindError { addr, source })
 }
 
 fn answer(

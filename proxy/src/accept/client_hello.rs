@@ -354,7 +354,7 @@ mod tests {
 
     /// The bytes a real rustls client sends first when connecting to `server_name`.
     pub(crate) fn rustls_client_hello(server_name: &str) -> Vec<u8> {
-        let config = ClientConfig::builder_with_provider(crate::tls::crypto_provider())
+        let config = ClientConfig::builder_with_provider(crate::node_ca::crypto_provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(RootCertStore::empty())

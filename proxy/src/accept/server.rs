@@ -21,16 +21,14 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
 use crate::{
-    client::BoxError,
-    conn::{ClientKey, CloseReason, Gate, Permit, Reset},
-    original_dst::{ClientAddr, ListenAddr, OriginalDst, OriginalDstSource},
+    accept::client_hello::{ClientHelloPeek, TlsOffer, peek_client_hello},
+    accept::conn::{ClientKey, CloseReason, Gate, Permit, Reset},
+    accept::ktls::{KernelTls, KtlsError, Route},
+    accept::original_dst::{ClientAddr, ListenAddr, OriginalDst, OriginalDstSource},
+    node_ca::LeafMinter,
+    origins::client::BoxError,
+    origins::upstream::Origin,
     registry::{ConnContext, RegistryProxy},
-    tls::{
-        ClientHelloPeek, LeafMinter, TlsOffer,
-        ktls::{KernelTls, KtlsError, Route},
-        peek_client_hello,
-    },
-    upstream::Origin,
 };
 
 /// How long connecting to an original destination may take.

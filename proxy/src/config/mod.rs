@@ -120,7 +120,7 @@ pub struct Hub {
     pub timeout: Duration,
     /// Push images the upstream served (because the hub lacked them) into the hub: `public`,
     /// `all` or `off`.
-    pub write_back: crate::writeback::Policy,
+    pub write_back: crate::origins::writeback::Policy,
     /// Bytes per second write-back may upload into the hub, all uploads together.
     pub write_back_rate: ByteSize,
 }
@@ -418,7 +418,7 @@ impl Config {
         let templates = std::iter::once((None, &mapping.default))
             .chain(mapping.overrides.iter().map(|(h, t)| (Some(h.as_str()), t)));
         for (host, template) in templates {
-            if let Err(e) = crate::hub::check_template(template, host) {
+            if let Err(e) = crate::origins::hub::check_template(template, host) {
                 return invalid(
                     "hub.mapping",
                     format!("{}: {template:?} {e}", host.unwrap_or("default")),
@@ -506,10 +506,10 @@ impl Config {
     }
 
     /// What the TLS layer needs: every host the configuration names is intercepted too.
-    pub fn tls_settings(&self) -> crate::tls::TlsSettings {
+    pub fn tls_settings(&self) -> crate::node_ca::TlsSettings {
         let mut hosts = self.registries.intercept.clone();
         hosts.extend(self.hub.mapping.overrides.keys().cloned());
-        crate::tls::TlsSettings {
+        crate::node_ca::TlsSettings {
             state_dir: self.tls.state_dir.clone(),
             ca_cert: self.tls.ca_cert.clone(),
             ca_key: self.tls.ca_key.clone(),
@@ -528,8 +528,8 @@ impl Config {
     }
 
     /// What the hub client needs; `None` when no hub is configured.
-    pub fn hub_settings(&self) -> Option<crate::hub::HubSettings> {
-        use crate::hub::PasswordSource;
+    pub fn hub_settings(&self) -> Option<crate::origins::hub::HubSettings> {
+        use crate::origins::hub::PasswordSource;
         let h = &self.hub;
         let url = h.url.as_ref()?.parse().expect("validated at load");
         let password = match (&h.password, &h.password_file, &h.dockerconfigjson) {
@@ -538,11 +538,11 @@ impl Config {
             (_, _, Some(f)) => PasswordSource::DockerConfigJson(f.clone()),
             _ => PasswordSource::None,
         };
-        Some(crate::hub::HubSettings {
+        Some(crate::origins::hub::HubSettings {
             url,
             username: h.username.clone(),
             password,
-            mapping: crate::hub::Mapping {
+            mapping: crate::origins::hub::Mapping {
                 default: h.mapping.default.clone(),
                 overrides: h.mapping.overrides.clone(),
             },
@@ -551,9 +551,9 @@ impl Config {
     }
 
     /// The deadlines of both listeners' connections.
-    pub fn deadlines(&self) -> crate::conn::Deadlines {
+    pub fn deadlines(&self) -> crate::accept::conn::Deadlines {
         let l = &self.listen;
-        crate::conn::Deadlines {
+        crate::accept::conn::Deadlines {
             handshake: l.handshake_timeout,
             header: l.header_timeout,
             idle: l.idle_timeout,
@@ -562,9 +562,9 @@ impl Config {
     }
 
     /// Connection limits of the proxy port.
-    pub fn proxy_limits(&self) -> crate::conn::Limits {
+    pub fn proxy_limits(&self) -> crate::accept::conn::Limits {
         let l = &self.listen;
-        crate::conn::Limits {
+        crate::accept::conn::Limits {
             total: l.max_connections,
             per_client: l.max_connections_per_client,
             direct: l.max_direct_connections,
@@ -573,9 +573,9 @@ impl Config {
     }
 
     /// Connection limits of the admin listener: every client is a source address.
-    pub fn admin_limits(&self) -> crate::conn::Limits {
+    pub fn admin_limits(&self) -> crate::accept::conn::Limits {
         let a = &self.admin;
-        crate::conn::Limits {
+        crate::accept::conn::Limits {
             total: a.max_connections,
             per_client: a.max_connections_per_client,
             direct: a.max_connections_per_client,

@@ -227,7 +227,7 @@ impl ResolvesServerCert for LeafMinter {
 /// where AES-256 does 14: about 30 % less AES work per byte, on both ends, for a strength no
 /// registry pull needs more of; clients that offer it get it whatever order they list it in
 /// (most list AES-256 first).
-fn server_provider() -> rustls::crypto::CryptoProvider {
+pub(crate) fn server_provider() -> rustls::crypto::CryptoProvider {
     use rustls::CipherSuite as S;
     let mut provider = rustls::crypto::ring::default_provider();
     let rank = |s: &rustls::SupportedCipherSuite| {
@@ -258,34 +258,6 @@ pub fn server_config(minter: Arc<LeafMinter>) -> Arc<ServerConfig> {
         .with_cert_resolver(minter);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.ignore_client_order = true;
-    Arc::new(config)
-}
-
-/// The server side of connections whose record layer goes to the kernel: TLS 1.3 only, the
-/// kernel's `ciphers` in their order, HTTP/1.1, and secret extraction allowed. Session tickets
-/// are shared with `user` (the user-space configuration), so a client resumes whichever side
-/// its last connection was on.
-pub fn kernel_server_config(
-    minter: Arc<LeafMinter>,
-    ciphers: &[super::ktls::Cipher],
-    user: Option<&ServerConfig>,
-) -> Arc<ServerConfig> {
-    let mut provider = server_provider();
-    provider.cipher_suites.retain(|s| {
-        s.version() == &rustls::version::TLS13
-            && ciphers.iter().any(|c| c.tls13_suite() == s.suite())
-    });
-    let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("the ring provider supports TLS 1.3")
-        .with_no_client_auth()
-        .with_cert_resolver(minter);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config.ignore_client_order = true;
-    config.enable_secret_extraction = true;
-    if let Some(user) = user {
-        config.session_storage = user.session_storage.clone();
-    }
     Arc::new(config)
 }
 
@@ -340,7 +312,7 @@ mod tests {
     use tokio_rustls::{TlsAcceptor, TlsConnector};
 
     use super::*;
-    use crate::tls::{TlsSettings, crypto_provider};
+    use crate::node_ca::{TlsSettings, crypto_provider};
 
     fn node_ca(dir: &Path, extra_hosts: &[&str]) -> (Arc<NodeCa>, Arc<InterceptSet>) {
         let mut settings = TlsSettings::new(dir);

@@ -1,17 +1,10 @@
-//! TLS for registry connections: which server names are terminated, the node CA that mints their
-//! leaf certificates, kernel TLS for terminated connections where the kernel has it, verified TLS
-//! towards the real upstream, and the `pullproxy ca` commands that put the node CA into the
-//! system trust store.
+//! The node CA and what it signs: which server names pullproxy terminates (the intercepted
+//! hosts), the CA itself (generated or supplied by the operator), and the leaf certificates it
+//! mints for terminated connections.
 
 pub mod ca;
-pub mod cli;
-pub mod client_hello;
 pub mod hosts;
-pub mod ktls;
 pub mod mint;
-pub mod runtimes;
-pub mod trust_store;
-pub mod upstream;
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -19,13 +12,8 @@ use rustls::crypto::CryptoProvider;
 
 pub use self::{
     ca::{CaNotice, CaOrigin, NodeCa},
-    cli::CaCommand,
-    client_hello::{ClientHelloPeek, PEEK_LIMIT, TlsOffer, parse_client_hello, peek_client_hello},
     hosts::{DEFAULT_REGISTRY_HOSTS, HostPattern, InterceptSet},
     mint::{LeafMinter, server_config},
-    runtimes::{ProcFs, TrustReport},
-    trust_store::TrustStore,
-    upstream::{UpstreamRoots, upstream_client_config},
 };
 
 /// File name of the generated node CA certificate inside the state directory.

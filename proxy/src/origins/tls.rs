@@ -7,7 +7,7 @@ use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{TlsError, ca::NodeCa, crypto_provider};
+use crate::node_ca::{TlsError, ca::NodeCa, crypto_provider};
 
 /// What went into the upstream trust roots; log it at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -152,7 +152,7 @@ mod tests {
     use tokio_rustls::{TlsAcceptor, TlsConnector};
 
     use super::*;
-    use crate::tls::{LeafMinter, TlsSettings, server_config};
+    use crate::node_ca::{LeafMinter, TlsSettings, server_config};
 
     /// A stand-in for an upstream registry: its own CA and a server for `name`.
     struct Upstream {

@@ -2,7 +2,7 @@
 //! credentials (its `Authorization`), 401 challenges go back unchanged so the runtime's token flow
 //! keeps working, and blob redirects (CDN, S3) are followed here, so the bytes pass through (and
 //! into the cache); `Authorization` is dropped on any hop to another scheme, host or port, and a
-//! hop may only go where [`AddressPolicy::Remote`](crate::client::AddressPolicy) allows.
+//! hop may only go where [`AddressPolicy::Remote`](crate::origins::client::AddressPolicy) allows.
 //! Manifest exchanges have a deadline and share a memory budget; blob bodies have an idle timeout
 //! instead.
 
@@ -18,8 +18,8 @@ use hyper::body::Incoming;
 
 use crate::{
     cache::MAX_MANIFEST_BYTES,
-    client::{self, DialError, HttpClient, IdleTimeout, ProxyBody, UpstreamClients},
     oci::{BearerChallenge, TokenAnswer},
+    origins::client::{self, DialError, HttpClient, IdleTimeout, ProxyBody, UpstreamClients},
 };
 
 /// Client request headers passed to the upstream on registry reads.

@@ -34,9 +34,9 @@ use tracing::{debug, info, warn};
 
 use crate::{
     cache::{Cache, CacheError, MAX_RECORD_BYTES, READ_CHUNK, RecordDir},
-    client::{BoxError, ProxyBody},
-    hub::HubError,
     oci::{Digest, ManifestRefs, RepositoryName},
+    origins::client::{BoxError, ProxyBody},
+    origins::hub::HubError,
     registry::sources::HubSource,
     telemetry::unix_secs,
 };
@@ -464,7 +464,7 @@ enum PushError {
     #[error("a malformed job record")]
     BadJob,
     #[error(transparent)]
-    Mapping(#[from] crate::hub::MappingError),
+    Mapping(#[from] crate::origins::hub::MappingError),
 }
 
 /// A byte rate shared by every upload (a token bucket refilled continuously).

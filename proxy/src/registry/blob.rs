@@ -17,11 +17,11 @@ use super::{
     sources::{HubSource, UpstreamSource},
 };
 use crate::{
+    accept::conn::FileSender,
     cache::{BlobResponse, BlobSource, BodyRange, FlightOutcome, UpstreamBlob},
-    client::{self, ProxyBody},
-    conn::FileSender,
     oci::{ByteRange, Digest, RepositoryName},
-    upstream::UpstreamError,
+    origins::client::{self, ProxyBody},
+    origins::upstream::UpstreamError,
 };
 
 /// Why a blob could not be fetched upstream.

@@ -23,8 +23,8 @@ use super::{access::Approvals, served::Source, sources::UpstreamSource};
 use crate::{
     cache::Cache,
     oci::{BearerChallenge, Digest, RepositoryName},
+    origins::upstream::{Origin, Small, UpstreamError},
     telemetry::unix_secs,
-    upstream::{Origin, Small, UpstreamError},
 };
 
 /// An upstream acceptance this recent is trusted without asking again.

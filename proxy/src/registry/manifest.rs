@@ -19,9 +19,9 @@ use super::{
 };
 use crate::{
     cache::{MAX_MANIFEST_BYTES, Manifest, TagTarget},
-    client::{self, ProxyBody},
     oci::{Digest, ErrorCode, ManifestRefs, Reference, RepositoryName, media_type},
-    upstream::{Small, UpstreamError},
+    origins::client::{self, ProxyBody},
+    origins::upstream::{Small, UpstreamError},
 };
 
 /// A manifest whose bytes do not hash to the digest it was asked for (or announced).
@@ -290,7 +290,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
             }
         }
         let mut resp = Response::from_parts(parts, client::full(body));
-        crate::upstream::strip_hop_by_hop(resp.headers_mut());
+        crate::origins::upstream::strip_hop_by_hop(resp.headers_mut());
         FromHub::Served((Source::Hub, resp))
     }
 

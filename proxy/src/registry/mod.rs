@@ -47,13 +47,13 @@ pub use self::{
     served::{Kind, Source},
 };
 use crate::{
+    accept::original_dst::{ClientAddr, OriginalDst},
     cache::Cache,
-    client::{self, ProxyBody},
-    hub::{HubClient, HubOutcome},
     oci::{Digest, ErrorCode, RepositoryName, Route},
-    original_dst::{ClientAddr, OriginalDst},
-    upstream::{Origin, Small, Upstream, UpstreamError},
-    writeback::WriteBack,
+    origins::client::{self, ProxyBody},
+    origins::hub::{HubClient, HubOutcome},
+    origins::upstream::{Origin, Small, Upstream, UpstreamError},
+    origins::writeback::WriteBack,
 };
 
 /// What is known about a terminated connection.
@@ -68,7 +68,7 @@ pub struct ConnContext {
     pub label: String,
     /// Where cached blobs' file ranges go when the connection's transport sends files itself
     /// (kernel TLS); `None`: bodies carry the bytes.
-    pub files: Option<crate::conn::FileSender>,
+    pub files: Option<crate::accept::conn::FileSender>,
 }
 
 /// Serves registry requests.
@@ -394,6 +394,6 @@ fn small_response(s: Small) -> Response<ProxyBody> {
     let mut resp = Response::new(client::full(s.body));
     *resp.status_mut() = s.status;
     *resp.headers_mut() = s.headers;
-    crate::upstream::strip_hop_by_hop(resp.headers_mut());
+    crate::origins::upstream::strip_hop_by_hop(resp.headers_mut());
     resp
 }

@@ -15,9 +15,9 @@ use http_body_util::BodyExt as _;
 use tracing::info;
 
 use crate::{
-    client::{self, BoxError, IdleTimeout, ProxyBody},
     oci::{ErrorCode, error_body},
-    upstream::strip_hop_by_hop,
+    origins::client::{self, BoxError, IdleTimeout, ProxyBody},
+    origins::upstream::strip_hop_by_hop,
 };
 
 use super::served::{Kind, Source};

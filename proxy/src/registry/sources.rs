@@ -8,10 +8,10 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri, uri::PathAndQuery};
 
 use crate::{
-    client::ProxyBody,
-    hub::{HubClient, HubError, HubOutcome, MappingError},
     oci::{Digest, RepositoryName},
-    upstream::{Origin, Small, Upstream, UpstreamError},
+    origins::client::ProxyBody,
+    origins::hub::{HubClient, HubError, HubOutcome, MappingError},
+    origins::upstream::{Origin, Small, Upstream, UpstreamError},
 };
 
 /// The cluster's registry: lookups, and the pushes of write-back.

@@ -23,13 +23,13 @@ use tokio::sync::Notify;
 
 use super::{ConnContext, RegistryProxy, sources::HubSource, sources::UpstreamSource};
 use crate::{
+    accept::original_dst::ClientAddr,
     cache::Cache,
-    client::{self, BoxError, ProxyBody},
-    hub::{HubError, HubOutcome, MappingError},
     oci::{Digest, Reference, RepositoryName, Route, media_type},
-    original_dst::ClientAddr,
-    upstream::{Origin, Small, UpstreamError},
-    writeback::{Jobs, Policy, WriteBack},
+    origins::client::{self, BoxError, ProxyBody},
+    origins::hub::{HubError, HubOutcome, MappingError},
+    origins::upstream::{Origin, Small, UpstreamError},
+    origins::writeback::{Jobs, Policy, WriteBack},
 };
 
 const ALICE: &str = "Basic YWxpY2U6d29uZGVybGFuZA=="; // alice:wonderland

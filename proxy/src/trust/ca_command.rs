@@ -7,11 +7,10 @@ use std::{
 };
 
 use super::{
-    TlsError, TlsSettings,
-    ca::NodeCa,
     runtimes::{ProcFs, TrustReport},
-    trust_store::TrustStore,
+    store::TrustStore,
 };
+use crate::node_ca::{TlsError, TlsSettings, ca::NodeCa};
 
 /// `pullproxy ca ...`
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
@@ -117,7 +116,7 @@ mod tests {
     use rustls_pki_types::{CertificateDer, pem::PemObject};
 
     use super::*;
-    use crate::tls::trust_store::{Layout, tests::fake_root};
+    use crate::trust::store::{Layout, tests::fake_root};
 
     #[derive(Parser)]
     struct Cli {

@@ -11,10 +11,8 @@ use rustls_pki_types::CertificateDer;
 
 use crate::runtimes::Vetting;
 
-use super::{
-    TlsError,
-    trust_store::{InstallState, TrustStore},
-};
+use super::store::{InstallState, TrustStore};
+use crate::node_ca::TlsError;
 
 /// A procfs to read processes from: `/proc`, or a fake one in tests.
 #[derive(Debug, Clone)]
@@ -349,8 +347,8 @@ mod tests {
 
     #[test]
     fn a_report_counts_what_needs_doing() {
-        use crate::tls::trust_store::Layout;
-        use crate::tls::trust_store::tests::{fake_root, node_ca_der};
+        use crate::trust::store::Layout;
+        use crate::trust::store::tests::{fake_root, node_ca_der};
 
         let (root, _) = fake_root(Layout::Debian);
         let ca = node_ca_der();

@@ -18,7 +18,7 @@ use std::{
 
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 
-use super::{TlsError, ca::pem_of};
+use crate::node_ca::{TlsError, ca::pem_of};
 
 /// First line of the block pullproxy appends to a bundle when the distribution's tool cannot
 /// run; the block is replaced, never duplicated.

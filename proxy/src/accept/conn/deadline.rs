@@ -610,15 +610,15 @@ mod tests {
 
     type Served = tokio::task::JoinHandle<Ended>;
 
-    fn serve_on(server: DuplexStream, body: fn() -> crate::client::ProxyBody) -> Served {
+    fn serve_on(server: DuplexStream, body: fn() -> crate::origins::client::ProxyBody) -> Served {
         let service = hyper::service::service_fn(move |_req: Request<Incoming>| async move {
             Ok::<_, Infallible>(Response::new(body()))
         });
         tokio::spawn(serve(server, service, D))
     }
 
-    fn small() -> crate::client::ProxyBody {
-        crate::client::full("ok")
+    fn small() -> crate::origins::client::ProxyBody {
+        crate::origins::client::full("ok")
     }
 
     fn closed(ended: Ended) -> CloseReason {
@@ -714,7 +714,10 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(16 << 10);
         let served = serve_on(server, || {
             let chunks = (0..1024).map(|_| {
-                Ok::<_, crate::client::BoxError>(Frame::data(Bytes::from(vec![7u8; 64 << 10])))
+                Ok::<_, crate::origins::client::BoxError>(Frame::data(Bytes::from(vec![
+                    7u8;
+                    64 << 10
+                ])))
             });
             StreamBody::new(futures_util::stream::iter(chunks)).boxed_unsync()
         });
@@ -748,7 +751,7 @@ mod tests {
                 }
                 tokio::time::sleep(Duration::from_secs(20)).await;
                 let chunk = Frame::data(Bytes::from_static(b"chunk"));
-                Some((Ok::<_, crate::client::BoxError>(chunk), i + 1))
+                Some((Ok::<_, crate::origins::client::BoxError>(chunk), i + 1))
             });
             StreamBody::new(chunks).boxed_unsync()
         });
@@ -809,7 +812,7 @@ mod tests {
 
     fn hello_service(
         _req: Request<Incoming>,
-    ) -> std::future::Ready<Result<Response<crate::client::ProxyBody>, Infallible>> {
+    ) -> std::future::Ready<Result<Response<crate::origins::client::ProxyBody>, Infallible>> {
         std::future::ready(Ok(Response::new(small())))
     }
 

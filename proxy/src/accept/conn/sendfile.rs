@@ -27,7 +27,7 @@ use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use tokio::{io::Interest, net::TcpStream};
 
-use crate::client::BoxError;
+use crate::origins::client::BoxError;
 
 /// Bytes one placeholder chunk stands for at most. hyper stops asking a body for chunks while
 /// about 400 KiB are queued, so each chunk is written (sent) before the next is asked for.
@@ -261,7 +261,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::conn::{Deadlines, Reset, deadline::serve};
+    use crate::accept::conn::{Deadlines, Reset, deadline::serve};
 
     /// A plain TCP transport that sends file bodies like the kernel TLS one does, so the
     /// placeholder path runs on any kernel.
@@ -347,7 +347,9 @@ mod tests {
             let (files, file) = (files.clone(), file.clone());
             async move {
                 if req.uri().path() == "/small" {
-                    return Ok::<_, Infallible>(Response::new(crate::client::full("small")));
+                    return Ok::<_, Infallible>(Response::new(crate::origins::client::full(
+                        "small",
+                    )));
                 }
                 let range = req
                     .headers()

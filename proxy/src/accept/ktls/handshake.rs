@@ -169,10 +169,12 @@ pub(super) mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::tls::{
-        NodeCa, TlsSettings,
-        ktls::sys::{Cipher, CryptoInfo, RECORD_APPLICATION_DATA},
-        mint::{LeafMinter, kernel_server_config},
+    use crate::{
+        accept::ktls::{
+            kernel_server_config,
+            sys::{Cipher, CryptoInfo, RECORD_APPLICATION_DATA},
+        },
+        node_ca::{LeafMinter, NodeCa, TlsSettings},
     };
 
     /// A node CA, a minter and the kernel-TLS server configuration for `ciphers`.

@@ -33,7 +33,10 @@ use tracing::info;
 
 use self::sys::{CryptoInfo, Direction};
 pub use self::{stream::KtlsStream, sys::Cipher};
-use super::{LeafMinter, client_hello::TlsOffer, mint::kernel_server_config};
+use crate::{
+    accept::client_hello::TlsOffer,
+    node_ca::{LeafMinter, mint},
+};
 
 /// The start-up line when kernel TLS is in use (with a `ciphers` field).
 pub const LOG_IN_USE: &str = "kernel TLS is available: HTTP/1.1 TLS 1.3 connections hand their \
@@ -279,6 +282,34 @@ impl KernelTls {
             self.metrics.key_updates.clone(),
         );
     }
+}
+
+/// The server side of connections whose record layer goes to the kernel: TLS 1.3 only, the
+/// kernel's `ciphers` in their order, HTTP/1.1, and secret extraction allowed. Session tickets
+/// are shared with `user` (the user-space configuration), so a client resumes whichever side
+/// its last connection was on.
+pub(crate) fn kernel_server_config(
+    minter: Arc<LeafMinter>,
+    ciphers: &[Cipher],
+    user: Option<&ServerConfig>,
+) -> Arc<ServerConfig> {
+    let mut provider = mint::server_provider();
+    provider.cipher_suites.retain(|s| {
+        s.version() == &rustls::version::TLS13
+            && ciphers.iter().any(|c| c.tls13_suite() == s.suite())
+    });
+    let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("the ring provider supports TLS 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(minter);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.ignore_client_order = true;
+    config.enable_secret_extraction = true;
+    if let Some(user) = user {
+        config.session_storage = user.session_storage.clone();
+    }
+    Arc::new(config)
 }
 
 /// Hands both directions' keys to the kernel.

@@ -23,7 +23,7 @@ use super::{
     KtlsMetrics,
     sys::{self, CryptoInfo, Direction, RECORD_ALERT, RECORD_APPLICATION_DATA, RECORD_HANDSHAKE},
 };
-use crate::conn::{FileSender, Reset};
+use crate::accept::conn::{FileSender, Reset};
 
 /// Alert descriptions (RFC 8446 6).
 const ALERT_CLOSE_NOTIFY: u8 = 0;

@@ -15,8 +15,8 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, h
 use http_body_util::BodyExt as _;
 
 use crate::{
-    client::{self, BoxError, HttpClient, ProxyBody},
     oci::{NameError, RepositoryName},
+    origins::client::{self, BoxError, HttpClient, ProxyBody},
 };
 
 mod push;

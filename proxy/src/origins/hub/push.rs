@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
 use super::{HubClient, HubError};
-use crate::{client::ProxyBody, oci::Digest};
+use crate::{oci::Digest, origins::client::ProxyBody};
 
 /// How long an upload may take before its response head (the body streams under a rate limit,
 /// so this is generous).
@@ -23,7 +23,7 @@ impl HubClient {
                 Method::HEAD,
                 &format!("/v2/{hub_repo}/{kind}/{digest}"),
                 HeaderMap::new(),
-                crate::client::empty(),
+                crate::origins::client::empty(),
                 self.timeout,
             )
             .await?;
@@ -87,7 +87,7 @@ impl HubClient {
                 Method::PUT,
                 &format!("/v2/{hub_repo}/manifests/{digest}"),
                 headers,
-                crate::client::full(bytes),
+                crate::origins::client::full(bytes),
                 self.timeout,
             )
             .await?;
@@ -108,7 +108,7 @@ impl HubClient {
                 Method::DELETE,
                 &location,
                 HeaderMap::new(),
-                crate::client::empty(),
+                crate::origins::client::empty(),
                 self.timeout,
             )
             .await;
@@ -122,7 +122,7 @@ impl HubClient {
                 Method::POST,
                 &format!("/v2/{hub_repo}/blobs/uploads/"),
                 HeaderMap::new(),
-                crate::client::empty(),
+                crate::origins::client::empty(),
                 self.timeout,
             )
             .await?;

@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use harness::{pullproxy::sample, stats::Spread};
-use pullproxy::tls::ktls;
+use pullproxy::accept::ktls;
 use serde::Serialize;
 
 use crate::{
