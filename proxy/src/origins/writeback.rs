@@ -37,7 +37,7 @@ use crate::{
     oci::{Digest, ManifestRefs, RepositoryName},
     origins::client::{BoxError, ProxyBody},
     origins::hub::HubError,
-    registry::sources::HubSource,
+    origins::sources::HubSource,
     telemetry::unix_secs,
 };
 

@@ -14,13 +14,13 @@ use super::{
     respond::{api_version, digest_headers, relay},
     served::Source,
     small_response,
-    sources::{HubSource, UpstreamSource},
 };
 use crate::{
     accept::conn::FileSender,
     cache::{BlobResponse, BlobSource, BodyRange, FlightOutcome, UpstreamBlob},
     oci::{ByteRange, Digest, RepositoryName},
     origins::client::{self, ProxyBody},
+    origins::sources::{HubSource, UpstreamSource},
     origins::upstream::UpstreamError,
 };
 

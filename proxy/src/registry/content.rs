@@ -19,7 +19,8 @@ use std::{sync::Arc, time::Duration};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header, uri::PathAndQuery};
 use tracing::{debug, warn};
 
-use super::{access::Approvals, served::Source, sources::UpstreamSource};
+use super::{access::Approvals, served::Source};
+use crate::origins::sources::UpstreamSource;
 use crate::{
     cache::Cache,
     oci::{BearerChallenge, Digest, RepositoryName},

@@ -15,12 +15,12 @@ use super::{
     respond::{api_version, digest_headers, oci_error, relay},
     served::Source,
     small_response,
-    sources::{HubSource, UpstreamSource},
 };
 use crate::{
     cache::{MAX_MANIFEST_BYTES, Manifest, TagTarget},
     oci::{Digest, ErrorCode, ManifestRefs, Reference, RepositoryName, media_type},
     origins::client::{self, ProxyBody},
+    origins::sources::{HubSource, UpstreamSource},
     origins::upstream::{Small, UpstreamError},
 };
 

@@ -9,7 +9,7 @@
 //!   clients (stale-if-error).
 //! - `/v2/`, tag lists and everything else go to the upstream.
 //!
-//! The hub and the upstream are reached through [`sources`]' traits, so everything here runs
+//! The hub and the upstream are reached through [`crate::origins::sources`]' traits, so everything here runs
 //! in-process against fakes in the tests (`tests.rs`).
 
 mod access;
@@ -19,7 +19,6 @@ mod manifest;
 mod metrics;
 mod respond;
 mod served;
-pub mod sources;
 #[cfg(test)]
 mod tests;
 
@@ -39,7 +38,6 @@ use tracing::{debug, warn};
 use self::{
     content::ContentRule,
     respond::{json, logged, oci_error, relay},
-    sources::{HubSource, UpstreamSource},
 };
 pub use self::{
     metrics::RegistryMetrics,
@@ -52,6 +50,7 @@ use crate::{
     oci::{Digest, ErrorCode, RepositoryName, Route},
     origins::client::{self, ProxyBody},
     origins::hub::{HubClient, HubOutcome},
+    origins::sources::{HubSource, UpstreamSource},
     origins::upstream::{Origin, Small, Upstream, UpstreamError},
     origins::writeback::WriteBack,
 };

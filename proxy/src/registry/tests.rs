@@ -21,13 +21,14 @@ use http::{
 use http_body_util::BodyExt as _;
 use tokio::sync::Notify;
 
-use super::{ConnContext, RegistryProxy, sources::HubSource, sources::UpstreamSource};
+use super::{ConnContext, RegistryProxy};
 use crate::{
     accept::original_dst::ClientAddr,
     cache::Cache,
     oci::{Digest, Reference, RepositoryName, Route, media_type},
     origins::client::{self, BoxError, ProxyBody},
     origins::hub::{HubError, HubOutcome, MappingError},
+    origins::sources::{HubSource, UpstreamSource},
     origins::upstream::{Origin, Small, UpstreamError},
     origins::writeback::{Jobs, Policy, WriteBack},
 };
