@@ -15,7 +15,7 @@
 #![deny(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 
 pub mod accept;
-pub mod admin;
+pub(crate) mod admin;
 pub mod app;
 pub mod cache;
 pub mod config;
@@ -25,8 +25,8 @@ pub mod oci;
 pub mod origins;
 pub mod private_state;
 pub mod redirect;
-pub mod registry;
-pub mod runtimes;
+pub(crate) mod registry;
+pub(crate) mod runtimes;
 pub mod secret;
 pub mod telemetry;
 pub mod trust;

@@ -344,7 +344,11 @@ impl Progress for Logged {
 
 /// The daemon's warm-up: `images` now, then again whenever `warm.images` changes in the file at
 /// `config_path` (checked every [`CONFIG_CHECK_EVERY`]).
-pub async fn run_daemon(warmer: Arc<Warmer>, images: Vec<String>, config_path: Option<PathBuf>) {
+pub(crate) async fn run_daemon(
+    warmer: Arc<Warmer>,
+    images: Vec<String>,
+    config_path: Option<PathBuf>,
+) {
     let mut current = images;
     warm_all(&warmer, &current).await;
     let Some(path) = config_path else {

@@ -33,11 +33,11 @@ pub enum ClientHelloPeek {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsOffer {
     /// `supported_versions` lists TLS 1.3.
-    pub tls13: bool,
+    pub(crate) tls13: bool,
     /// Cipher suites, in the client's order.
-    pub suites: Vec<u16>,
+    pub(crate) suites: Vec<u16>,
     /// ALPN protocol names, in the client's order; empty without the extension.
-    pub alpn: Vec<Vec<u8>>,
+    pub(crate) alpn: Vec<Vec<u8>>,
 }
 
 /// TLS record content type `handshake`.
@@ -312,7 +312,7 @@ fn parse_server_name(data: &[u8]) -> Result<Option<String>, &'static str> {
 /// Returns `TimedOut` when the client sends too little within `deadline`, e.g. a protocol in which
 /// the server speaks first; the caller decides (usually: splice). `Incomplete` means the client
 /// closed before sending anything.
-pub async fn peek_client_hello(
+pub(crate) async fn peek_client_hello(
     stream: &TcpStream,
     deadline: Duration,
 ) -> io::Result<ClientHelloPeek> {

@@ -7,5 +7,5 @@ pub mod client_hello;
 pub mod conn;
 pub mod ktls;
 pub mod original_dst;
-pub mod port_holder;
-pub mod server;
+pub(crate) mod port_holder;
+pub(crate) mod server;

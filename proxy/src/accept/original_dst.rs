@@ -22,7 +22,7 @@ pub struct ListenAddr(pub SocketAddr);
 
 /// Where the client meant to connect before the kernel redirected it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct OrigDstAddr(pub SocketAddr);
+pub(crate) struct OrigDstAddr(pub SocketAddr);
 
 impl fmt::Display for OrigDstAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -32,18 +32,18 @@ impl fmt::Display for OrigDstAddr {
 
 /// The task that opened the connection, as the kernel saw it at `connect()`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientProcess {
-    pub pid: u32,
-    pub uid: u32,
-    pub comm: String,
-    pub cgroup_id: u64,
+pub(crate) struct ClientProcess {
+    pub(crate) pid: u32,
+    pub(crate) uid: u32,
+    pub(crate) comm: String,
+    pub(crate) cgroup_id: u64,
 }
 
 /// A redirected connection's record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OriginalDst {
-    pub addr: OrigDstAddr,
-    pub process: ClientProcess,
+    pub(crate) addr: OrigDstAddr,
+    pub(crate) process: ClientProcess,
 }
 
 /// Hands out the record of an accepted connection, once.
@@ -79,7 +79,7 @@ impl OriginalDstSource for KernelOriginalDst {
 
 /// The key the sockops program stored the record under: source = client, destination = listener,
 /// both IPv4-mapped.
-pub fn tuple_key(client: ClientAddr, local: ListenAddr) -> TupleKey {
+pub(crate) fn tuple_key(client: ClientAddr, local: ListenAddr) -> TupleKey {
     TupleKey {
         src_addr: mapped(client.0.ip()),
         dst_addr: mapped(local.0.ip()),
@@ -122,13 +122,14 @@ impl From<OrigDst> for OriginalDst {
 
 /// An in-memory source for tests of the layers above the kernel.
 #[derive(Default)]
-pub struct MemoryOriginalDst {
+pub(crate) struct MemoryOriginalDst {
     records: Mutex<StdHashMap<TupleKey, OriginalDst>>,
 }
 
 impl MemoryOriginalDst {
+    #[cfg(test)]
     /// Records that the connection `client` -> `local` was originally going to `dst`.
-    pub fn insert(&self, client: ClientAddr, local: ListenAddr, dst: OriginalDst) {
+    pub(crate) fn insert(&self, client: ClientAddr, local: ListenAddr, dst: OriginalDst) {
         self.records
             .lock()
             .expect("records lock")

@@ -16,14 +16,14 @@ const MAX_NAMED: usize = 3;
 
 /// One socket bound to the port, and who holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortHolder {
-    pub addr: SocketAddr,
-    pub listening: bool,
+pub(crate) struct PortHolder {
+    pub(crate) addr: SocketAddr,
+    pub(crate) listening: bool,
     /// Owner of the socket, as `/proc/net/tcp` reports it.
-    pub uid: u32,
-    pub inode: u64,
+    pub(crate) uid: u32,
+    pub(crate) inode: u64,
     /// (pid, comm) of the processes holding it that are visible here.
-    pub processes: Vec<(u32, String)>,
+    pub(crate) processes: Vec<(u32, String)>,
 }
 
 impl fmt::Display for PortHolder {
@@ -62,7 +62,7 @@ struct SocketLine {
 /// The sockets bound to `port` (TIME_WAIT left out: it blocks no bind that pullproxy makes), from
 /// this network namespace's `/proc/net/tcp{,6}` under `proc_root`, listeners first, with the
 /// processes that hold them.
-pub fn holders(proc_root: &Path, port: u16) -> Vec<PortHolder> {
+pub(crate) fn holders(proc_root: &Path, port: u16) -> Vec<PortHolder> {
     let mut sockets: Vec<SocketLine> = ["net/tcp", "net/tcp6"]
         .iter()
         .filter_map(|f| fs::read_to_string(proc_root.join(f)).ok())
@@ -94,7 +94,7 @@ pub fn holders(proc_root: &Path, port: u16) -> Vec<PortHolder> {
 /// Whether a listener on `addr` takes connections meant for pullproxy's listeners on `ours`
 /// (same port): it is on one of those addresses, on loopback (where the kernel redirects to), or
 /// on the unspecified address (every address).
-pub fn intercepts(addr: IpAddr, ours: &[IpAddr]) -> bool {
+pub(crate) fn intercepts(addr: IpAddr, ours: &[IpAddr]) -> bool {
     let addr = match addr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
         v4 => v4,

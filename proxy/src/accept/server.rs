@@ -41,14 +41,17 @@ const BACKLOG: u32 = 1024;
 /// A listener that could not be set up, with its address.
 #[derive(Debug, thiserror::Error)]
 #[error("binding {addr}")]
-pub struct BindError {
-    pub addr: SocketAddr,
+pub(crate) struct BindError {
+    pub(crate) addr: SocketAddr,
     #[source]
-    pub source: std::io::Error,
+    pub(crate) source: std::io::Error,
 }
 
 /// Binds the proxy port on each loopback address.
-pub fn bind(addresses: &[std::net::IpAddr], port: u16) -> Result<Vec<TcpListener>, BindError> {
+pub(crate) fn bind(
+    addresses: &[std::net::IpAddr],
+    port: u16,
+) -> Result<Vec<TcpListener>, BindError> {
     addresses
         .iter()
         .map(|ip| {
@@ -70,7 +73,7 @@ pub fn bind(addresses: &[std::net::IpAddr], port: u16) -> Result<Vec<TcpListener
 
 /// What happened to accepted connections.
 #[derive(Debug, Default)]
-pub struct ServerMetrics {
+pub(crate) struct ServerMetrics {
     connections: prometheus_client::metrics::family::Family<
         [(&'static str, &'static str); 1],
         prometheus_client::metrics::counter::Counter,
@@ -79,7 +82,7 @@ pub struct ServerMetrics {
 
 impl ServerMetrics {
     /// Registers the connection counter (names get the registry's `pullproxy_` prefix).
-    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+    pub(crate) fn register(&self, reg: &mut prometheus_client::registry::Registry) {
         reg.register(
             "connections",
             "Accepted connections (within the connection limits) by decision: terminated \
@@ -98,29 +101,29 @@ impl ServerMetrics {
 }
 
 /// Called with the pid of a client that rejected the node CA's certificate.
-pub type OnDistrust = Box<dyn Fn(u32) + Send + Sync>;
+pub(crate) type OnDistrust = Box<dyn Fn(u32) + Send + Sync>;
 
 /// Everything a connection needs.
-pub struct Server {
-    pub metrics: Arc<ServerMetrics>,
+pub(crate) struct Server {
+    pub(crate) metrics: Arc<ServerMetrics>,
     /// Connection limits and deadlines of the proxy port.
-    pub gate: Gate,
+    pub(crate) gate: Gate,
     /// Stops redirecting a process that does not trust the node CA (it started before the CA was
     /// installed): its later connections go direct, so its pulls work until it restarts.
-    pub on_distrust: OnDistrust,
-    pub records: Arc<dyn OriginalDstSource>,
-    pub minter: Arc<LeafMinter>,
-    pub acceptor: TlsAcceptor,
+    pub(crate) on_distrust: OnDistrust,
+    pub(crate) records: Arc<dyn OriginalDstSource>,
+    pub(crate) minter: Arc<LeafMinter>,
+    pub(crate) acceptor: TlsAcceptor,
     /// Where terminated connections' record layer goes to the kernel.
-    pub kernel_tls: Arc<KernelTls>,
+    pub(crate) kernel_tls: Arc<KernelTls>,
     /// Registries spoken to in plain HTTP (`host` or `host:port`).
-    pub insecure: Vec<String>,
-    pub proxy: Arc<RegistryProxy>,
+    pub(crate) insecure: Vec<String>,
+    pub(crate) proxy: Arc<RegistryProxy>,
 }
 
 impl Server {
     /// Accepts on every listener until the task is dropped.
-    pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>) {
+    pub(crate) async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>) {
         let mut tasks = JoinSet::new();
         for listener in listeners {
             tasks.spawn(self.clone().accept_loop(listener));
@@ -146,10 +149,7 @@ impl Server {
             let Some(permit) = self.gate.admit(key) else {
                 continue;
             };
-            tokio::spawn(
-                self.clone()
-                    .connection(stream, ClientAddr(peer), orig, permit),
-            );
+            tokio::spawn(self.clone().connection(stream, orig, permit));
         }
     }
 
@@ -157,7 +157,6 @@ impl Server {
     async fn connection(
         self: Arc<Self>,
         stream: TcpStream,
-        peer: ClientAddr,
         orig: Option<OriginalDst>,
         _permit: Permit,
     ) {
@@ -184,7 +183,6 @@ impl Server {
                         let ctx = ConnContext {
                             origin: origin("https", &name, dst_port, 443, dst),
                             orig,
-                            peer,
                             label: self.minter.label(&name),
                             files: None,
                         };
@@ -204,7 +202,6 @@ impl Server {
                         let ctx = ConnContext {
                             origin: origin("http", name, port.or(dst_port), 80, dst),
                             orig,
-                            peer,
                             label: entry.to_owned(),
                             files: None,
                         };
@@ -415,7 +412,7 @@ async fn peek_http_host(stream: &TcpStream, deadline: Instant) -> Result<Option<
 
 /// Relays bytes between the client and its original destination, untouched. Without a kernel
 /// record there is nowhere to go: the connection is closed.
-pub async fn splice(mut client: TcpStream, orig: Option<OriginalDst>) {
+pub(crate) async fn splice(mut client: TcpStream, orig: Option<OriginalDst>) {
     let Some(orig) = orig else {
         debug!("connection without a redirect record and nothing to serve; closing");
         return;

@@ -29,16 +29,16 @@ use super::{
 };
 
 /// Lifetime of a generated node CA.
-pub const CA_VALIDITY: Duration = Duration::from_secs(3650 * 24 * 3600);
+pub(crate) const CA_VALIDITY: Duration = Duration::from_secs(3650 * 24 * 3600);
 /// A generated CA this close to expiry is replaced at start.
-pub const CA_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(crate) const CA_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Certificates start this far in the past, so a client whose clock is slightly behind accepts
 /// them.
 const BACKDATE: Duration = Duration::from_secs(3600);
 
 /// Who made the node CA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CaOrigin {
+pub(crate) enum CaOrigin {
     /// pullproxy generated it and may replace it.
     Generated,
     /// The operator supplied it; pullproxy never rewrites it.
@@ -47,7 +47,7 @@ pub enum CaOrigin {
 
 /// Something about the node CA the operator must hear at start (log it at warn level).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CaNotice {
+pub(crate) enum CaNotice {
     /// A new CA was generated: no runtime trusts it yet.
     Created { cert: PathBuf },
     /// The generated CA was replaced: runtimes trust only the old one.
@@ -64,8 +64,9 @@ pub enum CaNotice {
 }
 
 impl CaNotice {
+    #[cfg(test)]
     /// Whether runtimes must be given the (new) CA: `pullproxy ca install`, then one restart.
-    pub fn needs_retrust(&self) -> bool {
+    pub(crate) fn needs_retrust(&self) -> bool {
         matches!(self, Self::Created { .. } | Self::Regenerated { .. })
     }
 }
@@ -112,7 +113,7 @@ impl fmt::Display for CaNotice {
 }
 
 /// The node CA, ready to sign.
-pub struct NodeCa {
+pub(crate) struct NodeCa {
     cert_path: PathBuf,
     cert_der: CertificateDer<'static>,
     cert_pem: String,
@@ -138,15 +139,15 @@ impl fmt::Debug for NodeCa {
 
 /// A leaf certificate with its key, and when it stops being valid.
 #[derive(Debug)]
-pub struct Leaf {
-    pub certified_key: CertifiedKey,
-    pub not_after: SystemTime,
+pub(crate) struct Leaf {
+    pub(crate) certified_key: CertifiedKey,
+    pub(crate) not_after: SystemTime,
 }
 
 impl NodeCa {
     /// Loads the node CA, generating or regenerating it when pullproxy owns it. The notices are
     /// for the operator: log each one at warn level.
-    pub fn load_or_generate(
+    pub(crate) fn load_or_generate(
         settings: &TlsSettings,
         hosts: &InterceptSet,
     ) -> Result<(Self, Vec<CaNotice>), TlsError> {
@@ -159,7 +160,7 @@ impl NodeCa {
 
     /// Reads only the CA certificate, if there is one yet; for read-only commands (`ca status`)
     /// that must neither need the key nor create a CA.
-    pub fn read_certificate(
+    pub(crate) fn read_certificate(
         settings: &TlsSettings,
     ) -> Result<Option<CertificateDer<'static>>, TlsError> {
         let path = settings.ca_cert_path();
@@ -171,45 +172,43 @@ impl NodeCa {
     }
 
     /// The CA certificate in PEM, as runtimes must trust it.
-    pub fn cert_pem(&self) -> &str {
+    pub(crate) fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
 
     /// The CA certificate in DER.
-    pub fn cert_der(&self) -> &CertificateDer<'static> {
+    pub(crate) fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
     }
 
-    /// Where the CA certificate lives.
-    pub fn cert_path(&self) -> &Path {
-        &self.cert_path
-    }
-
+    #[cfg(test)]
     /// Whether pullproxy generated the CA or the operator supplied it.
-    pub fn origin(&self) -> CaOrigin {
+    pub(crate) fn origin(&self) -> CaOrigin {
         self.origin
     }
 
+    #[cfg(test)]
     /// End of the CA's validity; no leaf outlives it.
-    pub fn not_after(&self) -> SystemTime {
+    pub(crate) fn not_after(&self) -> SystemTime {
         self.not_after.into()
     }
 
+    #[cfg(test)]
     /// The CA's DNS name constraints; `None` when it has none (`"*"` or an unconstrained
     /// operator CA).
-    pub fn name_constraints(&self) -> Option<&DnsConstraints> {
+    pub(crate) fn name_constraints(&self) -> Option<&DnsConstraints> {
         self.constraints.as_ref()
     }
 
     /// Whether a leaf for `host` would chain to this CA under its name constraints.
-    pub fn may_mint_for(&self, host: &str) -> bool {
+    pub(crate) fn may_mint_for(&self, host: &str) -> bool {
         self.constraints.as_ref().is_none_or(|c| c.permits(host))
     }
 
     /// Mints a leaf for `host`: a fresh ECDSA P-256 key, SAN = `host`, server-auth only, valid for
     /// `validity` but never beyond the CA. The chain sent is leaf + CA, so an operator CA that is
     /// itself an intermediate still verifies.
-    pub fn mint_leaf(&self, host: &str, validity: Duration) -> Result<Leaf, TlsError> {
+    pub(crate) fn mint_leaf(&self, host: &str, validity: Duration) -> Result<Leaf, TlsError> {
         let dns = DnsName::try_from(host).map_err(|_| TlsError::NotIntercepted {
             host: host.to_owned(),
         })?;

@@ -14,7 +14,7 @@ use super::TlsError;
 ///
 /// `*.gcr.io` covers the regional Container Registry hosts (`us.gcr.io`, ...), `*.pkg.dev` the
 /// Artifact Registry hosts (`us-docker.pkg.dev`, ...), which cannot be listed exhaustively.
-pub const DEFAULT_REGISTRY_HOSTS: &[&str] = &[
+pub(crate) const DEFAULT_REGISTRY_HOSTS: &[&str] = &[
     "docker.io",
     "registry-1.docker.io",
     "index.docker.io",
@@ -36,11 +36,11 @@ pub const DEFAULT_REGISTRY_HOSTS: &[&str] = &[
 /// intercepted parent domain: `docker.io` is intercepted, but its token service holds the
 /// runtime's credentials and must be neither terminated nor impersonable with the node CA.
 /// Naming one exactly still intercepts it: that is an explicit decision.
-pub const NEVER_BY_SUFFIX: &[&str] = &["auth.docker.io"];
+pub(crate) const NEVER_BY_SUFFIX: &[&str] = &["auth.docker.io"];
 
 /// One entry of the intercepted-hosts list.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum HostPattern {
+pub(crate) enum HostPattern {
     /// `"*"`: every server name.
     Any,
     /// An exact name, lowercased.
@@ -109,7 +109,7 @@ impl fmt::Display for HostPattern {
 
 /// The set of server names whose TLS is terminated. Everything else is spliced.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InterceptSet {
+pub(crate) struct InterceptSet {
     any: bool,
     exact: BTreeSet<String>,
     suffixes: BTreeSet<String>,
@@ -117,7 +117,7 @@ pub struct InterceptSet {
 
 impl InterceptSet {
     /// [`DEFAULT_REGISTRY_HOSTS`] plus the configured patterns.
-    pub fn with_defaults(configured: &[String]) -> Result<Self, TlsError> {
+    pub(crate) fn with_defaults(configured: &[String]) -> Result<Self, TlsError> {
         Self::from_patterns(
             DEFAULT_REGISTRY_HOSTS
                 .iter()
@@ -127,7 +127,7 @@ impl InterceptSet {
     }
 
     /// Exactly the given patterns (see [`HostPattern`]).
-    pub fn from_patterns<'a>(
+    pub(crate) fn from_patterns<'a>(
         patterns: impl IntoIterator<Item = &'a str>,
     ) -> Result<Self, TlsError> {
         let mut set = Self {
@@ -151,13 +151,13 @@ impl InterceptSet {
 
     /// Whether `"*"` was configured: every server name is intercepted and the node CA cannot
     /// carry name constraints.
-    pub fn intercepts_all(&self) -> bool {
+    pub(crate) fn intercepts_all(&self) -> bool {
         self.any
     }
 
     /// Whether TLS for `server_name` (as in SNI; compared case-insensitively, a trailing dot
     /// ignored) is terminated.
-    pub fn contains(&self, server_name: &str) -> bool {
+    pub(crate) fn contains(&self, server_name: &str) -> bool {
         let name = normalize(server_name);
         if self.any || self.exact.contains(&name) {
             return true;
@@ -174,7 +174,7 @@ impl InterceptSet {
 
     /// A bounded metric label for `server_name`: the name when it is listed exactly, the
     /// `*.suffix` pattern that sweeps it in, or `other` (unlisted names, `"*"`).
-    pub fn label(&self, server_name: &str) -> String {
+    pub(crate) fn label(&self, server_name: &str) -> String {
         let name = normalize(server_name);
         if self.exact.contains(&name) {
             return name;
@@ -192,7 +192,7 @@ impl InterceptSet {
     }
 
     /// The patterns, sorted; for logs and error messages.
-    pub fn patterns(&self) -> Vec<HostPattern> {
+    pub(crate) fn patterns(&self) -> Vec<HostPattern> {
         let mut all: Vec<HostPattern> = self
             .exact
             .iter()
@@ -212,7 +212,7 @@ impl InterceptSet {
     /// so `registry-1.docker.io` also admits `x.registry-1.docker.io` and `*.pkg.dev` becomes
     /// `pkg.dev`. Names below another permitted name are dropped as redundant; hosts in
     /// [`NEVER_BY_SUFFIX`] that a permitted subtree would admit are excluded.
-    pub fn name_constraints(&self) -> Option<DnsConstraints> {
+    pub(crate) fn name_constraints(&self) -> Option<DnsConstraints> {
         if self.any {
             return None;
         }
@@ -243,14 +243,15 @@ impl InterceptSet {
         })
     }
 
+    #[cfg(test)]
     /// Whether a CA with `constraints` (`None`: no name constraints) may mint for every name this
     /// set intercepts. `"*"` is covered only by an unconstrained CA.
-    pub fn covered_by(&self, constraints: Option<&DnsConstraints>) -> bool {
+    pub(crate) fn covered_by(&self, constraints: Option<&DnsConstraints>) -> bool {
         self.uncovered(constraints).is_empty()
     }
 
     /// The patterns a CA with `constraints` cannot mint for.
-    pub fn uncovered(&self, constraints: Option<&DnsConstraints>) -> Vec<HostPattern> {
+    pub(crate) fn uncovered(&self, constraints: Option<&DnsConstraints>) -> Vec<HostPattern> {
         let Some(c) = constraints else {
             return Vec::new();
         };
@@ -267,16 +268,16 @@ impl InterceptSet {
 
 /// The dNSName part of a CA's name constraints.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DnsConstraints {
+pub(crate) struct DnsConstraints {
     /// Permitted subtrees; empty means DNS names are not restricted by a permitted list.
-    pub permitted: Vec<String>,
+    pub(crate) permitted: Vec<String>,
     /// Excluded subtrees.
-    pub excluded: Vec<String>,
+    pub(crate) excluded: Vec<String>,
 }
 
 impl DnsConstraints {
     /// Whether a certificate for `name` chains to a CA with these constraints.
-    pub fn permits(&self, name: &str) -> bool {
+    pub(crate) fn permits(&self, name: &str) -> bool {
         let name = normalize(name);
         (self.permitted.is_empty()
             || self
@@ -308,7 +309,7 @@ impl DnsConstraints {
 /// RFC 5280 dNSName constraint matching, as webpki, Go and OpenSSL do it: `example.com` matches
 /// itself and every name below it; `.example.com` only names below it; the empty constraint
 /// everything. Case-insensitive.
-pub fn dns_subtree_contains(constraint: &str, name: &str) -> bool {
+pub(crate) fn dns_subtree_contains(constraint: &str, name: &str) -> bool {
     let constraint = constraint.to_ascii_lowercase();
     let name = name.to_ascii_lowercase();
     if constraint.is_empty() {

@@ -21,10 +21,10 @@ use super::{TlsError, ca::NodeCa, hosts::InterceptSet};
 
 /// Validity of a minted leaf (capped at the CA's own expiry). Short, so a leaked leaf key is
 /// useful only briefly; minting is cheap.
-pub const LEAF_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const LEAF_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a minted leaf is served before a fresh one is minted; well inside its validity, so
 /// no client ever sees a leaf near expiry.
-pub const LEAF_CACHE_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const LEAF_CACHE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Distinct server names kept; with `"*"` the set of names is open-ended.
 const LEAF_CACHE_CAPACITY: u64 = 10_000;
 /// Leaves minted at once before the rate limit applies: a node pulling from many registries at
@@ -94,7 +94,7 @@ impl Expiry<String, CachedLeaf> for LeafExpiry {
 }
 
 /// Serves a leaf certificate for every intercepted server name, minting it on first use.
-pub struct LeafMinter {
+pub(crate) struct LeafMinter {
     ca: Arc<NodeCa>,
     hosts: Arc<InterceptSet>,
     leaves: Cache<String, CachedLeaf>,
@@ -116,7 +116,7 @@ impl std::fmt::Debug for LeafMinter {
 
 impl LeafMinter {
     /// A minter for the names in `hosts`, signing with `ca`.
-    pub fn new(ca: Arc<NodeCa>, hosts: Arc<InterceptSet>) -> Self {
+    pub(crate) fn new(ca: Arc<NodeCa>, hosts: Arc<InterceptSet>) -> Self {
         Self::with_budget(ca, hosts, MintBudget::new(MINT_BURST, MINT_PER_SECOND))
     }
 
@@ -137,12 +137,12 @@ impl LeafMinter {
 
     /// The bounded label for `server_name` in metrics: the name or wildcard pattern it was
     /// intercepted by (never the open-ended name itself), or `other`.
-    pub fn label(&self, server_name: &str) -> String {
+    pub(crate) fn label(&self, server_name: &str) -> String {
         self.hosts.label(server_name)
     }
 
     /// Whether TLS for `server_name` is terminated (the rest is spliced).
-    pub fn intercepts(&self, server_name: &str) -> bool {
+    pub(crate) fn intercepts(&self, server_name: &str) -> bool {
         self.hosts.contains(server_name)
     }
 
@@ -151,7 +151,7 @@ impl LeafMinter {
     ///
     /// The server can call this before accepting, and splice the connection instead when it
     /// fails (an operator CA that does not cover the name), rather than fail the handshake.
-    pub fn certified_key(&self, server_name: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+    pub(crate) fn certified_key(&self, server_name: &str) -> Result<Arc<CertifiedKey>, TlsError> {
         let name = server_name
             .strip_suffix('.')
             .unwrap_or(server_name)
@@ -185,17 +185,17 @@ impl LeafMinter {
     }
 
     /// Leaf certificates minted since start (`pullproxy_tls_certificates_minted_total`).
-    pub fn minted(&self) -> u64 {
+    pub(crate) fn minted(&self) -> u64 {
         self.minted.load(Ordering::Relaxed)
     }
 
     /// Mint attempts that failed since start.
-    pub fn mint_failures(&self) -> u64 {
+    pub(crate) fn mint_failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
 
     /// Mints refused by the rate limit since start.
-    pub fn mints_limited(&self) -> u64 {
+    pub(crate) fn mints_limited(&self) -> u64 {
         self.limited.load(Ordering::Relaxed)
     }
 }
@@ -250,7 +250,7 @@ pub(crate) fn server_provider() -> rustls::crypto::CryptoProvider {
 /// The server side of terminated connections in user space: certificates from `minter`, TLS 1.2
 /// and 1.3, the cipher suite chosen in [`server_provider`]'s order, ALPN `h2` then `http/1.1` (a
 /// client that offers no ALPN gets HTTP/1.1).
-pub fn server_config(minter: Arc<LeafMinter>) -> Arc<ServerConfig> {
+pub(crate) fn server_config(minter: Arc<LeafMinter>) -> Arc<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(Arc::new(server_provider()))
         .with_safe_default_protocol_versions()
         .expect("the ring provider supports TLS 1.2 and 1.3")
@@ -294,7 +294,7 @@ impl prometheus_client::collector::Collector for MintCollector {
 }
 
 /// Registers the minting metrics (names get the registry's `pullproxy_` prefix).
-pub fn register(reg: &mut prometheus_client::registry::Registry, minter: Arc<LeafMinter>) {
+pub(crate) fn register(reg: &mut prometheus_client::registry::Registry, minter: Arc<LeafMinter>) {
     reg.register_collector(Box::new(MintCollector(minter)));
 }
 

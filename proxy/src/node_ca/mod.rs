@@ -2,48 +2,49 @@
 //! hosts), the CA itself (generated or supplied by the operator), and the leaf certificates it
 //! mints for terminated connections.
 
-pub mod ca;
-pub mod hosts;
-pub mod mint;
+pub(crate) mod ca;
+pub(crate) mod hosts;
+pub(crate) mod mint;
 
 use std::{path::PathBuf, sync::Arc};
 
 use rustls::crypto::CryptoProvider;
 
-pub use self::{
-    ca::{CaNotice, CaOrigin, NodeCa},
-    hosts::{DEFAULT_REGISTRY_HOSTS, HostPattern, InterceptSet},
+pub(crate) use self::{
+    ca::NodeCa,
+    hosts::InterceptSet,
     mint::{LeafMinter, server_config},
 };
 
 /// File name of the generated node CA certificate inside the state directory.
 pub const CA_CERT_FILE: &str = "node-ca.crt";
 /// File name of the generated node CA key inside the state directory.
-pub const CA_KEY_FILE: &str = "node-ca.key";
+pub(crate) const CA_KEY_FILE: &str = "node-ca.key";
 
 /// What the TLS layer needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct TlsSettings {
     /// Directory for pullproxy's own TLS state; the generated node CA lives here.
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// The node CA certificate (PEM). `None`: [`CA_CERT_FILE`] in `state_dir`.
-    pub ca_cert: Option<PathBuf>,
+    pub(crate) ca_cert: Option<PathBuf>,
     /// The node CA private key (PEM, PKCS#8). `None`: [`CA_KEY_FILE`] in `state_dir`.
-    pub ca_key: Option<PathBuf>,
+    pub(crate) ca_key: Option<PathBuf>,
     /// The CA was supplied by the operator (files, a mounted Secret): pullproxy never rewrites
     /// it, and minting for a host its name constraints do not cover is an error. Otherwise
     /// pullproxy generates the CA and regenerates it when the intercepted hosts outgrow it.
-    pub ca_supplied: bool,
+    pub(crate) ca_supplied: bool,
     /// Hosts to intercept in addition to [`DEFAULT_REGISTRY_HOSTS`]: exact names, `*.suffix`, or
     /// `"*"` for every server name.
-    pub intercept_hosts: Vec<String>,
+    pub(crate) intercept_hosts: Vec<String>,
     /// PEM files of CAs trusted for upstream connections in addition to the system roots.
-    pub extra_upstream_cas: Vec<PathBuf>,
+    pub(crate) extra_upstream_cas: Vec<PathBuf>,
 }
 
 impl TlsSettings {
+    #[cfg(test)]
     /// Settings with a generated CA under `state_dir`, the default hosts and no extra CAs.
-    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(state_dir: impl Into<PathBuf>) -> Self {
         Self {
             state_dir: state_dir.into(),
             ca_cert: None,
@@ -55,28 +56,28 @@ impl TlsSettings {
     }
 
     /// Where the node CA certificate is read from (and written to, when generated).
-    pub fn ca_cert_path(&self) -> PathBuf {
+    pub(crate) fn ca_cert_path(&self) -> PathBuf {
         self.ca_cert
             .clone()
             .unwrap_or_else(|| self.state_dir.join(CA_CERT_FILE))
     }
 
     /// Where the node CA key is read from (and written to, when generated).
-    pub fn ca_key_path(&self) -> PathBuf {
+    pub(crate) fn ca_key_path(&self) -> PathBuf {
         self.ca_key
             .clone()
             .unwrap_or_else(|| self.state_dir.join(CA_KEY_FILE))
     }
 
     /// The intercepted hosts: the defaults plus `intercept_hosts`.
-    pub fn intercept_set(&self) -> Result<InterceptSet, TlsError> {
+    pub(crate) fn intercept_set(&self) -> Result<InterceptSet, TlsError> {
         InterceptSet::with_defaults(&self.intercept_hosts)
     }
 }
 
 /// The one crypto provider of this crate. Named explicitly everywhere so that nothing depends on
 /// a process-wide default being installed.
-pub fn crypto_provider() -> Arc<CryptoProvider> {
+pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

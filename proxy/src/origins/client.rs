@@ -39,15 +39,15 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 
 /// Boxed error of bodies and clients.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of outbound requests and of every response pullproxy sends.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 /// The pooled client.
-pub type HttpClient = Client<Connector, ProxyBody>;
+pub(crate) type HttpClient = Client<Connector, ProxyBody>;
 
 /// Which resolved addresses a connector may dial.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AddressPolicy {
+pub(crate) enum AddressPolicy {
     /// Whatever DNS answers: the hub, which the operator named.
     Any,
     /// Only addresses outside this node: never loopback, link-local (cloud metadata services),
@@ -57,7 +57,7 @@ pub enum AddressPolicy {
 
 impl AddressPolicy {
     /// Whether `addr` may be dialled.
-    pub fn permits(self, addr: SocketAddr) -> bool {
+    pub(crate) fn permits(self, addr: SocketAddr) -> bool {
         let AddressPolicy::Remote { admin_port } = self else {
             return true;
         };
@@ -88,7 +88,7 @@ impl AddressPolicy {
 
 /// Why a connector did not dial; found in a client error's source chain.
 #[derive(Debug, thiserror::Error)]
-pub enum DialError {
+pub(crate) enum DialError {
     /// The name does not resolve: not an "unreachable registry" (stale content must not be
     /// served for names that do not exist).
     #[error("{host} does not resolve: {source}")]
@@ -103,7 +103,7 @@ pub enum DialError {
 
 impl DialError {
     /// The dial error behind a client error, if that is what it was.
-    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
+    pub(crate) fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a DialError> {
         let mut cur = Some(e);
         while let Some(err) = cur {
             if let Some(d) = err.downcast_ref::<DialError>() {
@@ -125,7 +125,7 @@ impl DialError {
 
 /// Dials TCP (a pinned address, or DNS under a policy) and TLS for `https` URIs.
 #[derive(Clone)]
-pub struct Connector {
+pub(crate) struct Connector {
     tls: TlsConnector,
     connect_timeout: Duration,
     policy: AddressPolicy,
@@ -134,7 +134,7 @@ pub struct Connector {
 }
 
 impl Connector {
-    pub fn new(
+    pub(crate) fn new(
         tls: Arc<rustls::ClientConfig>,
         policy: AddressPolicy,
         connect_timeout: Duration,
@@ -250,7 +250,7 @@ impl Connector {
 /// Clients for upstream registries: one over DNS, and one per original destination a redirected
 /// connection brought (bounded; idle ones are dropped with their pools).
 #[derive(Clone)]
-pub struct UpstreamClients {
+pub(crate) struct UpstreamClients {
     dns: HttpClient,
     connector: Connector,
     pinned: moka::sync::Cache<(Arc<str>, SocketAddr), HttpClient>,
@@ -260,7 +260,7 @@ pub struct UpstreamClients {
 const PINNED_CLIENTS: u64 = 256;
 
 impl UpstreamClients {
-    pub fn new(connector: Connector) -> Self {
+    pub(crate) fn new(connector: Connector) -> Self {
         Self {
             dns: build(connector.clone()),
             connector,
@@ -273,7 +273,7 @@ impl UpstreamClients {
 
     /// The client for `host`, dialled at `addr` when the request came on a redirected connection
     /// (its original destination), through DNS otherwise.
-    pub fn for_origin(&self, host: &str, addr: Option<SocketAddr>) -> HttpClient {
+    pub(crate) fn for_origin(&self, host: &str, addr: Option<SocketAddr>) -> HttpClient {
         match addr {
             None => self.dns.clone(),
             Some(addr) => self.pinned.get_with((Arc::from(host), addr), || {
@@ -283,7 +283,7 @@ impl UpstreamClients {
     }
 
     /// The client for names pullproxy resolves itself (redirect targets, token realms).
-    pub fn dns(&self) -> &HttpClient {
+    pub(crate) fn dns(&self) -> &HttpClient {
         &self.dns
     }
 }
@@ -304,7 +304,7 @@ impl tower_service::Service<Uri> for Connector {
 }
 
 /// A dialled connection: plain TCP or TLS over it.
-pub enum Stream {
+pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
@@ -362,7 +362,7 @@ impl AsyncWrite for Stream {
 }
 
 /// The pooled client over `connector`.
-pub fn build(connector: Connector) -> HttpClient {
+pub(crate) fn build(connector: Connector) -> HttpClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(32)
@@ -370,14 +370,14 @@ pub fn build(connector: Connector) -> HttpClient {
 }
 
 /// An empty request or response body.
-pub fn empty() -> ProxyBody {
+pub(crate) fn empty() -> ProxyBody {
     http_body_util::Empty::new()
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
 /// A body holding `bytes`.
-pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     http_body_util::Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
@@ -387,14 +387,14 @@ use http_body_util::BodyExt as _;
 
 /// A body that fails when no frame arrives for `idle`: blobs have no total deadline, but a stalled
 /// upstream must not hang a pull forever.
-pub struct IdleTimeout<B> {
+pub(crate) struct IdleTimeout<B> {
     inner: B,
     idle: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<B> IdleTimeout<B> {
-    pub fn new(inner: B, idle: Duration) -> Self {
+    pub(crate) fn new(inner: B, idle: Duration) -> Self {
         Self {
             inner,
             idle,

@@ -3,9 +3,9 @@
 //! registry proxy asks them through, and the write-back that pushes what the upstream served into
 //! the hub.
 
-pub mod client;
+pub(crate) mod client;
 pub mod hub;
-pub mod sources;
-pub mod tls;
+pub(crate) mod sources;
+pub(crate) mod tls;
 pub mod upstream;
 pub mod writeback;

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// The cluster's registry: lookups, and the pushes of write-back.
-pub trait HubSource: Send + Sync + 'static {
+pub(crate) trait HubSource: Send + Sync + 'static {
     /// The hub's base URL, for logs.
     fn url(&self) -> &Uri;
     /// The hub repository that stands for `repo` of `registry`.
@@ -59,7 +59,7 @@ pub trait HubSource: Send + Sync + 'static {
 }
 
 /// The registry a connection was going to.
-pub trait UpstreamSource: Send + Sync + 'static {
+pub(crate) trait UpstreamSource: Send + Sync + 'static {
     /// A manifest-sized exchange, read whole within the manifest deadline.
     fn small(
         &self,

@@ -11,15 +11,15 @@ use crate::node_ca::{TlsError, ca::NodeCa, crypto_provider};
 
 /// What went into the upstream trust roots; log it at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UpstreamRoots {
+pub(crate) struct UpstreamRoots {
     /// Roots taken from the system store.
-    pub system: usize,
+    pub(crate) system: usize,
     /// Roots taken from the configured extra CA files.
-    pub extra: usize,
+    pub(crate) extra: usize,
     /// Roots left out because they are the node CA (or an earlier generation of it).
-    pub node_ca_skipped: usize,
+    pub(crate) node_ca_skipped: usize,
     /// System store entries that could not be read or parsed (warnings, not fatal).
-    pub problems: Vec<String>,
+    pub(crate) problems: Vec<String>,
 }
 
 /// The client configuration for upstream registries: system roots (as `rustls-native-certs`
@@ -33,7 +33,7 @@ pub struct UpstreamRoots {
 /// ALPN offers `h2` and `http/1.1`; the connector must look at the negotiated protocol and speak
 /// HTTP/2 only when `h2` was selected (hyper-util: `Connected::negotiated_h2()`). A client that
 /// only speaks HTTP/1.1 should clear `alpn_protocols` down to `http/1.1` on its copy.
-pub fn upstream_client_config(
+pub(crate) fn upstream_client_config(
     extra_ca_files: &[PathBuf],
     node_ca: Option<&NodeCa>,
 ) -> Result<(Arc<ClientConfig>, UpstreamRoots), TlsError> {

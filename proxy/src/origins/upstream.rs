@@ -36,18 +36,18 @@ const MAX_TOKEN_ANSWER: usize = 64 << 10;
 
 /// Which registry an intercepted connection talks to, and where its runtime dialled it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Origin {
-    pub scheme: Scheme,
+pub(crate) struct Origin {
+    pub(crate) scheme: Scheme,
     /// `host` or `host:port` as the client addressed it.
-    pub authority: Authority,
+    pub(crate) authority: Authority,
     /// The connection's original destination (from the kernel record): requests for this origin
     /// go there. `None` for a client that connected to pullproxy directly: DNS decides.
-    pub addr: Option<SocketAddr>,
+    pub(crate) addr: Option<SocketAddr>,
 }
 
 impl Origin {
     /// The registry host (no port), lowercase.
-    pub fn host(&self) -> &str {
+    pub(crate) fn host(&self) -> &str {
         self.authority.host()
     }
 
@@ -81,7 +81,7 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Whether the upstream could not be asked at all (down, silent, broken): then content the
     /// client is entitled to may be served from the cache (stale-if-error).
-    pub fn cannot_ask(&self) -> bool {
+    pub(crate) fn cannot_ask(&self) -> bool {
         matches!(self, UpstreamError::Unreachable { .. })
     }
 
@@ -101,7 +101,7 @@ impl UpstreamError {
     }
 
     /// Metric label.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             UpstreamError::Unreachable { .. } => "unreachable",
             UpstreamError::NoSuchHost { .. } => "no_such_host",
@@ -114,10 +114,10 @@ impl UpstreamError {
 
 /// A manifest-sized answer, read completely within the deadline.
 #[derive(Debug)]
-pub struct Small {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+pub(crate) struct Small {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
 }
 
 /// Bytes of manifest-sized answers being read at once, all requests together: a registry
@@ -128,7 +128,7 @@ const BUDGET_UNIT: usize = 64 << 10;
 
 /// Talks to upstream registries.
 #[derive(Clone)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     clients: UpstreamClients,
     manifest_timeout: Duration,
     blob_idle_timeout: Duration,
@@ -136,7 +136,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(
+    pub(crate) fn new(
         clients: UpstreamClients,
         manifest_timeout: Duration,
         blob_idle_timeout: Duration,
@@ -165,7 +165,7 @@ impl Upstream {
 
     /// A registry read whose answer is small (manifests, tag lists, `/v2/`): the whole exchange,
     /// redirects included, within the manifest deadline.
-    pub async fn small(
+    pub(crate) async fn small(
         &self,
         origin: &Origin,
         method: Method,
@@ -217,7 +217,7 @@ impl Upstream {
 
     /// A blob read: the response head within the manifest deadline (redirects followed), the
     /// body streamed with the idle timeout.
-    pub async fn blob(
+    pub(crate) async fn blob(
         &self,
         origin: &Origin,
         method: Method,
@@ -240,7 +240,7 @@ impl Upstream {
     /// Whether `path` (a manifest or blob of `origin`) can be read without credentials: a HEAD
     /// without `Authorization`, and when the registry answers with a Bearer challenge, a HEAD with
     /// an anonymous token from the challenge's realm (how Docker Hub serves public images).
-    pub async fn readable_anonymously(
+    pub(crate) async fn readable_anonymously(
         &self,
         origin: &Origin,
         path: &PathAndQuery,
@@ -353,7 +353,7 @@ impl Upstream {
 
     /// Forwards any other request (writes, uploads, unknown paths) as it is, both bodies
     /// streaming; only hop-by-hop headers are dropped.
-    pub async fn forward(
+    pub(crate) async fn forward(
         &self,
         origin: &Origin,
         req: Request<ProxyBody>,
@@ -386,7 +386,7 @@ impl Upstream {
 
 /// A token from `challenge`'s realm (the registry token flow), with `auth` if given. The realm must
 /// be HTTPS, or plain HTTP when `plain_http` (a plain-HTTP registry). `None`: no usable token.
-pub async fn fetch_token(
+pub(crate) async fn fetch_token(
     client: &HttpClient,
     challenge: &BearerChallenge,
     plain_http: bool,
@@ -466,7 +466,7 @@ fn redirect_target(current: &Uri, headers: &HeaderMap) -> Option<Uri> {
 }
 
 /// Connection-level headers that must not cross a proxy (RFC 9110 7.6.1).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

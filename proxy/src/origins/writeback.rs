@@ -42,7 +42,7 @@ use crate::{
 };
 
 /// Images pushed at once.
-pub const CONCURRENCY: usize = 2;
+pub(crate) const CONCURRENCY: usize = 2;
 /// A job whose blobs are not all on this node yet (or whose hub cannot be reached) is tried again
 /// this often...
 const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -64,7 +64,7 @@ pub enum Policy {
 
 /// One image to push: a manifest (or index) of `repo` on `registry`, by digest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Job {
+pub(crate) struct Job {
     registry: String,
     repo: String,
     digest: String,
@@ -135,7 +135,7 @@ struct Metrics {
 }
 
 /// The write-back queue and its workers.
-pub struct WriteBack<H> {
+pub(crate) struct WriteBack<H> {
     inner: Arc<Inner<H>>,
 }
 
@@ -153,7 +153,7 @@ struct Inner<H> {
 impl<H: HubSource> WriteBack<H> {
     /// Starts the workers, with the jobs a previous run left in `jobs`, pushing at most
     /// `rate_bytes` per second.
-    pub fn start(
+    pub(crate) fn start(
         hub: Arc<H>,
         cache: Arc<Cache>,
         policy: Policy,
@@ -199,7 +199,7 @@ impl<H: HubSource> WriteBack<H> {
     /// The upstream served manifest `digest` of `repo` on `registry` (to a client without
     /// credentials when `anonymous`) and the hub did not have it: push it, when the policy allows,
     /// once this node has its blobs.
-    pub async fn offer(
+    pub(crate) async fn offer(
         &self,
         registry: &str,
         repo: &RepositoryName,
@@ -228,13 +228,14 @@ impl<H: HubSource> WriteBack<H> {
         let _ = inner.tx.send(job);
     }
 
+    #[cfg(test)]
     /// Jobs waiting or running.
-    pub fn pending(&self) -> i64 {
+    pub(crate) fn pending(&self) -> i64 {
         self.inner.metrics.queued.get()
     }
 
     /// Registers the write-back metrics (names get the registry's `pullproxy_` prefix).
-    pub fn register(&self, reg: &mut Registry) {
+    pub(crate) fn register(&self, reg: &mut Registry) {
         let m = &self.inner.metrics;
         reg.register(
             "writebacks",
@@ -502,11 +503,11 @@ impl RateLimit {
 }
 
 /// Where write-back jobs are kept between runs.
-pub struct Jobs(RecordDir<Job>);
+pub(crate) struct Jobs(RecordDir<Job>);
 
 impl Jobs {
     /// `writeback/` in the cache directory (blocking).
-    pub fn open(cache_dir: &std::path::Path) -> Result<Self, CacheError> {
+    pub(crate) fn open(cache_dir: &std::path::Path) -> Result<Self, CacheError> {
         RecordDir::open(
             cache_dir.join("writeback"),
             cache_dir.join("tmp"),
@@ -515,8 +516,9 @@ impl Jobs {
         .map(Jobs)
     }
 
+    #[cfg(test)]
     /// Jobs kept in memory only (tests).
-    pub fn in_memory() -> Self {
+    pub(crate) fn in_memory() -> Self {
         Jobs(RecordDir::in_memory(MAX_RECORD_BYTES))
     }
 }

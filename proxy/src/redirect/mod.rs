@@ -5,9 +5,9 @@
 
 pub mod bpf_sys;
 pub mod cgroup;
-pub mod guard;
+pub(crate) mod guard;
 pub mod marks;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod preflight;
 
 use std::{
@@ -163,7 +163,7 @@ const PROGRAMS: [&str; 7] = [
 ];
 
 /// The bind guard's programs, among [`PROGRAMS`].
-pub const GUARD_PROGRAMS: [&str; 2] = [programs::BIND4, programs::BIND6];
+pub(crate) const GUARD_PROGRAMS: [&str; 2] = [programs::BIND4, programs::BIND6];
 
 impl Redirector {
     /// Loads and attaches the programs (or swaps them into the pinned links of an earlier run),
@@ -260,7 +260,7 @@ impl Redirector {
     /// Re-resolves target and bypass cgroups and writes the changes to the kernel map. A full
     /// map leaves targets out (logged, and counted in `pullproxy_redirect_target_cgroups_unmarked`)
     /// but never stops the rescan; failing to mark pullproxy's own cgroup is an error.
-    pub fn refresh_targets(&mut self) -> Result<(), LoaderError> {
+    pub(crate) fn refresh_targets(&mut self) -> Result<(), LoaderError> {
         let mut desired = Marks::new();
         let paths: BTreeSet<String> = match &self.settings.targets {
             Targets::Auto => {
@@ -345,7 +345,7 @@ impl Redirector {
     /// Stops redirecting process `pid`: it rejected the node CA's certificate, so it started
     /// before the CA was installed and will not trust it until it restarts (a restarted process
     /// has a new pid and is redirected again). Until then its pulls go direct instead of failing.
-    pub fn distrust(&mut self, pid: u32) -> Result<(), LoaderError> {
+    pub(crate) fn distrust(&mut self, pid: u32) -> Result<(), LoaderError> {
         self.untrusted
             .insert(&pid, &crate::telemetry::unix_secs(), 0)
             .map_err(|source| LoaderError::Map {
@@ -356,7 +356,7 @@ impl Redirector {
 
     /// Re-resolves targets every `rescan_interval`, so a runtime restarted into a new cgroup is
     /// redirected again without restarting pullproxy.
-    pub async fn watch_targets(this: Arc<Mutex<Self>>) {
+    pub(crate) async fn watch_targets(this: Arc<Mutex<Self>>) {
         let interval = this
             .lock()
             .expect("redirector lock")
@@ -374,17 +374,17 @@ impl Redirector {
     }
 
     /// The kernel's counters, summed over CPUs.
-    pub fn counters(&self) -> Vec<(Counter, u64)> {
+    pub(crate) fn counters(&self) -> Vec<(Counter, u64)> {
         sum_counters(&self.counters)
     }
 
     /// How many target cgroups were found but are not marked because the map is full.
-    pub fn unmarked_targets(&self) -> usize {
+    pub(crate) fn unmarked_targets(&self) -> usize {
         self.unmarked.len()
     }
 
     /// Ids of the cgroups currently marked as targets.
-    pub fn target_cgroups(&self) -> Vec<(String, u64)> {
+    pub(crate) fn target_cgroups(&self) -> Vec<(String, u64)> {
         self.applied
             .iter()
             .filter(|(_, (r, _))| *r == CgroupRole::Target)

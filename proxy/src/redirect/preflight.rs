@@ -10,21 +10,21 @@ use super::{LoaderError, cgroup::Cgroup2};
 
 /// Oldest kernel with everything used here: bounded loops, BPF links for cgroups, sk lookup and
 /// ancestor cgroup ids from sock_addr programs.
-pub const MIN_KERNEL: (u8, u8) = (5, 8);
+pub(crate) const MIN_KERNEL: (u8, u8) = (5, 8);
 
 /// Filesystem magic of bpffs (`BPF_FS_MAGIC`).
-pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Filesystem magic of the cgroup v2 hierarchy (`CGROUP2_SUPER_MAGIC`).
 pub const CGROUP2_MAGIC: i64 = 0x6367_7270;
 
 /// Where pullproxy expects bpffs (and mounts it when it may).
-pub const BPFFS: &str = "/sys/fs/bpf";
+pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 
 /// Capabilities the loader looks at, in the order they are reported: BPF to create maps and load,
 /// PERFMON for the verifier to accept the programs' pointer arithmetic, NET_ADMIN for cgroup
 /// socket programs (measured: tests/tests/capabilities.rs), and SYS_ADMIN, only needed to mount
 /// bpffs when the host has none.
-pub const CAPS: [(u32, &str); 4] = [
+pub(crate) const CAPS: [(u32, &str); 4] = [
     (39, "CAP_BPF"),
     (38, "CAP_PERFMON"),
     (12, "CAP_NET_ADMIN"),
@@ -35,14 +35,14 @@ pub const CAPS: [(u32, &str); 4] = [
 const NEEDED_CAPS: usize = 3;
 
 /// The BPF program types pullproxy loads, with the names the doctor reports them by.
-pub const PROGRAM_TYPES: [(&str, ProgramType); 2] = [
+pub(crate) const PROGRAM_TYPES: [(&str, ProgramType); 2] = [
     ("cgroup sock_addr", ProgramType::CgroupSockAddr),
     ("sock_ops", ProgramType::SockOps),
 ];
 
 /// The checks that need no change to the system: kernel version, privileges, cgroup v2. Run
 /// first at start, so a node that cannot redirect says why before anything is created.
-pub fn check() -> Result<(), LoaderError> {
+pub(crate) fn check() -> Result<(), LoaderError> {
     check_kernel()?;
     check_privileges()?;
     Cgroup2::discover()?;
@@ -50,7 +50,7 @@ pub fn check() -> Result<(), LoaderError> {
 }
 
 /// Whether kernel `v` has everything pullproxy uses.
-pub fn kernel_supported(v: KernelVersion) -> bool {
+pub(crate) fn kernel_supported(v: KernelVersion) -> bool {
     v >= KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0)
 }
 
@@ -86,7 +86,7 @@ fn check_privileges() -> Result<(), LoaderError> {
 }
 
 /// The `CapEff` mask of `/proc/<pid>/status` text.
-pub fn effective_caps(status: &str) -> Option<u64> {
+pub(crate) fn effective_caps(status: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -107,7 +107,7 @@ fn missing_caps(status: &str) -> Vec<&'static str> {
 
 /// The directory whose filesystem must be bpffs for pins under `pin_dir`: [`BPFFS`] itself when
 /// the pins go below it, else `pin_dir`'s parent.
-pub fn bpffs_probe(pin_dir: &Path) -> &Path {
+pub(crate) fn bpffs_probe(pin_dir: &Path) -> &Path {
     let root = Path::new(BPFFS);
     if pin_dir.starts_with(root) {
         root

@@ -23,7 +23,6 @@ use tokio::sync::Notify;
 
 use super::{ConnContext, RegistryProxy};
 use crate::{
-    accept::original_dst::ClientAddr,
     cache::Cache,
     oci::{Digest, Reference, RepositoryName, Route, media_type},
     origins::client::{self, BoxError, ProxyBody},
@@ -621,7 +620,6 @@ impl World {
                 addr: None,
             },
             orig: None,
-            peer: ClientAddr("127.0.0.1:40000".parse().unwrap()),
             label: authority.to_owned(),
             files: None,
         };

@@ -47,7 +47,7 @@ pub fn run(command: CaCommand, settings: &TlsSettings) -> Result<(), TlsError> {
 }
 
 /// [`run`] with the output streams given, for tests.
-pub fn run_with(
+pub(crate) fn run_with(
     command: CaCommand,
     settings: &TlsSettings,
     out: &mut dyn Write,

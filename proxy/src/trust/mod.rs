@@ -2,5 +2,5 @@
 //! runtimes started before they could trust it, and the `pullproxy ca` commands.
 
 pub mod ca_command;
-pub mod runtimes;
-pub mod store;
+pub(crate) mod runtimes;
+pub(crate) mod store;

@@ -16,7 +16,7 @@ use crate::node_ca::TlsError;
 
 /// A procfs to read processes from: `/proc`, or a fake one in tests.
 #[derive(Debug, Clone)]
-pub struct ProcFs {
+pub(crate) struct ProcFs {
     root: PathBuf,
     /// `USER_HZ`: the unit of start times in `/proc/<pid>/stat`.
     clock_ticks: u64,
@@ -24,18 +24,18 @@ pub struct ProcFs {
 
 /// A running container runtime.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuntimeProcess {
-    pub pid: u32,
+pub(crate) struct RuntimeProcess {
+    pub(crate) pid: u32,
     /// The process name, one of [`crate::runtimes::RUNTIME_COMMS`].
-    pub comm: String,
+    pub(crate) comm: String,
     /// Wall-clock start: boot time plus the start time in clock ticks. A clock stepped since
     /// boot shifts it by the same amount.
-    pub started: SystemTime,
+    pub(crate) started: SystemTime,
 }
 
 /// Whether a runtime trusts the node CA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RuntimeTrust {
+pub(crate) enum RuntimeTrust {
     /// Started after the CA was installed.
     Trusts,
     /// Started before the CA was installed: restart it once.
@@ -46,9 +46,9 @@ pub enum RuntimeTrust {
 
 /// One runtime and its verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuntimeCheck {
-    pub process: RuntimeProcess,
-    pub trust: RuntimeTrust,
+pub(crate) struct RuntimeCheck {
+    pub(crate) process: RuntimeProcess,
+    pub(crate) trust: RuntimeTrust,
 }
 
 impl fmt::Display for RuntimeCheck {
@@ -74,18 +74,13 @@ impl fmt::Display for RuntimeCheck {
 }
 
 impl ProcFs {
-    /// This system's `/proc`.
-    pub fn system() -> Self {
-        Self::at("/proc")
-    }
-
     /// A procfs of this kernel mounted at `root` (the host's, seen from a pod).
-    pub fn at(root: impl Into<PathBuf>) -> Self {
+    pub(crate) fn at(root: impl Into<PathBuf>) -> Self {
         Self::new(root, clock_ticks())
     }
 
     /// A procfs at `root` whose start times count `clock_ticks` per second.
-    pub fn new(root: impl Into<PathBuf>, clock_ticks: u64) -> Self {
+    pub(crate) fn new(root: impl Into<PathBuf>, clock_ticks: u64) -> Self {
         Self {
             root: root.into(),
             clock_ticks: clock_ticks.max(1),
@@ -95,7 +90,7 @@ impl ProcFs {
     /// The running container runtimes, by pid. Processes that exit while being read are
     /// skipped, and so are impostors (named like a runtime, but not one). Unverified ones are
     /// kept: this only informs, and from a pod without CAP_SYS_PTRACE no runtime can be verified.
-    pub fn runtimes(&self) -> Result<Vec<RuntimeProcess>, TlsError> {
+    pub(crate) fn runtimes(&self) -> Result<Vec<RuntimeProcess>, TlsError> {
         let boot = self.boot_time()?;
         let mut found = Vec::new();
         let running = crate::runtimes::running(&self.root).into_iter();
@@ -155,7 +150,10 @@ fn clock_ticks() -> u64 {
 /// Judges each runtime against the install state. A runtime started in the same second as the
 /// install counts as started before it: boot time has whole-second resolution, and telling an
 /// operator to restart once too often is cheaper than a pull failing on an unknown authority.
-pub fn check_runtimes(processes: &[RuntimeProcess], install: &InstallState) -> Vec<RuntimeCheck> {
+pub(crate) fn check_runtimes(
+    processes: &[RuntimeProcess],
+    install: &InstallState,
+) -> Vec<RuntimeCheck> {
     processes
         .iter()
         .map(|process| {
@@ -179,15 +177,19 @@ pub fn check_runtimes(processes: &[RuntimeProcess], install: &InstallState) -> V
 
 /// Everything `pullproxy ca status` (and later `doctor`) reports about trust in the node CA.
 #[derive(Debug, Clone)]
-pub struct TrustReport {
-    pub store: TrustStore,
-    pub install: InstallState,
-    pub runtimes: Vec<RuntimeCheck>,
+pub(crate) struct TrustReport {
+    pub(crate) store: TrustStore,
+    pub(crate) install: InstallState,
+    pub(crate) runtimes: Vec<RuntimeCheck>,
 }
 
 impl TrustReport {
     /// Reads the trust store under `root` and the runtimes in `proc`.
-    pub fn collect(root: &Path, proc: &ProcFs, ca: &CertificateDer<'_>) -> Result<Self, TlsError> {
+    pub(crate) fn collect(
+        root: &Path,
+        proc: &ProcFs,
+        ca: &CertificateDer<'_>,
+    ) -> Result<Self, TlsError> {
         let store = TrustStore::detect(root)?;
         let install = store.state(ca)?;
         let runtimes = check_runtimes(&proc.runtimes()?, &install);
@@ -199,7 +201,7 @@ impl TrustReport {
     }
 
     /// Things the operator must act on.
-    pub fn problems(&self) -> usize {
+    pub(crate) fn problems(&self) -> usize {
         let install = usize::from(!matches!(self.install, InstallState::Installed { .. }));
         let runtimes = self
             .runtimes
@@ -210,7 +212,7 @@ impl TrustReport {
     }
 
     /// One line per finding, each saying what to do.
-    pub fn lines(&self) -> Vec<String> {
+    pub(crate) fn lines(&self) -> Vec<String> {
         let mut lines = vec![match &self.install {
             InstallState::Installed { evidence, since } => format!(
                 "node CA installed ({} modified {})",

@@ -22,10 +22,10 @@ use crate::node_ca::{TlsError, ca::pem_of};
 
 /// First line of the block pullproxy appends to a bundle when the distribution's tool cannot
 /// run; the block is replaced, never duplicated.
-pub const BLOCK_BEGIN: &str =
+pub(crate) const BLOCK_BEGIN: &str =
     "# BEGIN pullproxy node CA (managed by `pullproxy ca install`; do not edit)";
 /// Last line of that block.
-pub const BLOCK_END: &str = "# END pullproxy node CA";
+pub(crate) const BLOCK_END: &str = "# END pullproxy node CA";
 
 /// A search path for the refresh tool inside the (possibly prefixed) root.
 const TOOL_DIRS: &[&str] = &["usr/sbin", "usr/bin", "sbin", "bin"];
@@ -33,7 +33,7 @@ const TOOL_PATH_ENV: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 
 /// How a distribution arranges its trust store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
+pub(crate) enum Layout {
     /// Debian, Ubuntu (and Alpine): `update-ca-certificates`.
     Debian,
     /// RHEL, CentOS, Fedora, Rocky, Alma: `update-ca-trust`.
@@ -77,24 +77,24 @@ impl Layout {
 
 /// A system trust store under a root directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrustStore {
+pub(crate) struct TrustStore {
     root: PathBuf,
     layout: Layout,
 }
 
 /// What `install` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Installed {
+pub(crate) struct Installed {
     /// The anchor file holding the CA.
-    pub anchor: PathBuf,
+    pub(crate) anchor: PathBuf,
     /// Whether the anchor file was written (false: it already held this CA).
-    pub anchor_changed: bool,
-    pub refresh: Refresh,
+    pub(crate) anchor_changed: bool,
+    pub(crate) refresh: Refresh,
 }
 
 /// How the bundle came to contain the CA.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refresh {
+pub(crate) enum Refresh {
     /// The bundle already contained the CA; nothing was run.
     AlreadyCurrent { bundle: PathBuf },
     /// The distribution's tool rebuilt the bundle.
@@ -137,7 +137,7 @@ impl fmt::Display for Installed {
 
 /// Whether the node CA is in the trust store, and since when.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum InstallState {
+pub(crate) enum InstallState {
     /// Neither the anchor nor the bundle holds the CA.
     NotInstalled { bundle: PathBuf },
     /// The anchor holds it but the bundle TLS clients read does not yet.
@@ -153,7 +153,7 @@ pub enum InstallState {
 
 impl TrustStore {
     /// Finds the trust store layout under `root` (`/` for this system).
-    pub fn detect(root: &Path) -> Result<Self, TlsError> {
+    pub(crate) fn detect(root: &Path) -> Result<Self, TlsError> {
         let layouts = [Layout::Debian, Layout::Rhel];
         // A layout whose bundle exists wins over one that only has the anchor directory.
         let found = layouts
@@ -176,25 +176,26 @@ impl TrustStore {
         }
     }
 
+    #[cfg(test)]
     /// The distribution layout found.
-    pub fn layout(&self) -> Layout {
+    pub(crate) fn layout(&self) -> Layout {
         self.layout
     }
 
     /// The anchor file pullproxy writes.
-    pub fn anchor_path(&self) -> PathBuf {
+    pub(crate) fn anchor_path(&self) -> PathBuf {
         self.root
             .join(self.layout.anchor_dir())
             .join(self.layout.anchor_file())
     }
 
     /// The bundle TLS clients read.
-    pub fn bundle_path(&self) -> PathBuf {
+    pub(crate) fn bundle_path(&self) -> PathBuf {
         resolve_in_root(&self.root, self.layout.bundle())
     }
 
     /// The command that refreshes the bundle, for messages.
-    pub fn refresh_command(&self) -> String {
+    pub(crate) fn refresh_command(&self) -> String {
         let (tool, args) = self.layout.tool();
         std::iter::once(tool)
             .chain(args.iter().copied())
@@ -205,7 +206,7 @@ impl TrustStore {
     /// Installs the CA: the anchor file, then the bundle (through the distribution's tool, or
     /// by editing the bundle when the tool cannot run in this root). Idempotent: a second call
     /// changes nothing, so modification times keep telling when the CA was installed.
-    pub fn install(&self, ca: &CertificateDer<'_>) -> Result<Installed, TlsError> {
+    pub(crate) fn install(&self, ca: &CertificateDer<'_>) -> Result<Installed, TlsError> {
         let anchor = self.anchor_path();
         let pem = pem_of(ca);
         let anchor_changed = write_if_changed(&anchor, pem.as_bytes(), 0o644)?;
@@ -235,7 +236,7 @@ impl TrustStore {
     }
 
     /// Whether and since when the CA is installed.
-    pub fn state(&self, ca: &CertificateDer<'_>) -> Result<InstallState, TlsError> {
+    pub(crate) fn state(&self, ca: &CertificateDer<'_>) -> Result<InstallState, TlsError> {
         let anchor = self.anchor_path();
         let bundle = self.bundle_path();
         let anchor_has = file_contains(&anchor, ca)?;

@@ -41,13 +41,13 @@ use super::CloseReason;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Deadlines {
     /// From accept to a completed TLS handshake (ClientHello peek included).
-    pub handshake: Duration,
+    pub(crate) handshake: Duration,
     /// From the first byte of a request head to the whole head.
-    pub header: Duration,
+    pub(crate) header: Duration,
     /// With no request in flight and no byte of the next one.
-    pub idle: Duration,
+    pub(crate) idle: Duration,
     /// A write blocked on a client that does not read.
-    pub write: Duration,
+    pub(crate) write: Duration,
 }
 
 /// What the IO and the service report to the watch. Shared with spawned HTTP/2 stream tasks.
@@ -139,7 +139,7 @@ impl Drop for InFlight {
 }
 
 /// A response body that keeps its request in flight until it is dropped.
-pub struct TrackedBody<B> {
+pub(crate) struct TrackedBody<B> {
     inner: B,
     _in_flight: InFlight,
 }
@@ -167,7 +167,7 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
 /// A transport that can be reset rather than closed. A client that stopped reading leaves
 /// unsent bytes in the kernel, which a normal close would go on trying to deliver (holding
 /// memory, and the client never hears of the close); a reset drops them.
-pub trait Reset {
+pub(crate) trait Reset {
     /// Makes dropping the transport reset the connection.
     fn reset_on_drop(&self);
 }
@@ -393,7 +393,7 @@ impl Watch {
 
 /// How a connection ended.
 #[derive(Debug)]
-pub enum Ended {
+pub(crate) enum Ended {
     /// The client closed it, or hyper ended it (with the error, if any).
     Served(Result<(), Box<dyn std::error::Error + Send + Sync>>),
     /// A deadline passed. A connection that was idle too long was shut down gracefully first.
@@ -401,7 +401,7 @@ pub enum Ended {
 }
 
 /// Serves HTTP/1.1 or HTTP/2 on `io` with `service` under `deadlines`.
-pub async fn serve<I, S, B>(io: I, service: S, deadlines: Deadlines) -> Ended
+pub(crate) async fn serve<I, S, B>(io: I, service: S, deadlines: Deadlines) -> Ended
 where
     I: AsyncRead + AsyncWrite + Reset + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,

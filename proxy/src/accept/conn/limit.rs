@@ -14,7 +14,7 @@ use super::CloseReason;
 
 /// Whose budget a connection is counted against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ClientKey {
+pub(crate) enum ClientKey {
     /// A redirected connection: the process that called `connect()`, as the kernel recorded it.
     /// The cgroup is part of the key because pids are per pid namespace.
     Process { cgroup_id: u64, pid: u32 },
@@ -27,7 +27,7 @@ pub enum ClientKey {
 
 impl ClientKey {
     /// The key of an admin connection from `ip` (IPv4-mapped addresses count as IPv4).
-    pub fn peer(ip: IpAddr) -> Self {
+    pub(crate) fn peer(ip: IpAddr) -> Self {
         Self::Peer(ip.to_canonical())
     }
 }
@@ -36,16 +36,16 @@ impl ClientKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// All connections of the listener.
-    pub total: usize,
+    pub(crate) total: usize,
     /// Connections of one [`ClientKey::Process`] or [`ClientKey::Peer`].
-    pub per_client: usize,
+    pub(crate) per_client: usize,
     /// All [`ClientKey::Direct`] connections together.
-    pub direct: usize,
+    pub(crate) direct: usize,
 }
 
 impl Limits {
     /// These limits, lowered where needed so that the listener holds at most `room` connections.
-    pub fn within(self, room: usize) -> Self {
+    pub(crate) fn within(self, room: usize) -> Self {
         let total = self.total.min(room.max(1));
         Self {
             total,
@@ -57,7 +57,7 @@ impl Limits {
 
 /// Counts open connections against [`Limits`].
 #[derive(Clone)]
-pub struct Limiter {
+pub(crate) struct Limiter {
     inner: Arc<Inner>,
 }
 
@@ -76,13 +76,13 @@ struct Counts {
 }
 
 /// An admitted connection's place in the budget, given back when dropped.
-pub struct Permit {
+pub(crate) struct Permit {
     inner: Arc<Inner>,
     key: ClientKey,
 }
 
 impl Limiter {
-    pub fn new(limits: Limits, open: Gauge) -> Self {
+    pub(crate) fn new(limits: Limits, open: Gauge) -> Self {
         Self {
             inner: Arc::new(Inner {
                 limits,
@@ -92,13 +92,13 @@ impl Limiter {
         }
     }
 
-    pub fn limits(&self) -> Limits {
+    pub(crate) fn limits(&self) -> Limits {
         self.inner.limits
     }
 
     /// Admits one more connection of `key`, or says which limit it is over. The client's own
     /// budget is checked first: a client over its share is told so even when the listener is full.
-    pub fn admit(&self, key: ClientKey) -> Result<Permit, CloseReason> {
+    pub(crate) fn admit(&self, key: ClientKey) -> Result<Permit, CloseReason> {
         let limits = self.inner.limits;
         let mut counts = self.inner.counts.lock().expect("limiter lock");
         let (budget, over) = match key {
@@ -124,7 +124,7 @@ impl Limiter {
     }
 
     /// Open connections: all of them, and those of `key`.
-    pub fn open(&self, key: ClientKey) -> (usize, usize) {
+    pub(crate) fn open(&self, key: ClientKey) -> (usize, usize) {
         let counts = self.inner.counts.lock().expect("limiter lock");
         (
             counts.total,

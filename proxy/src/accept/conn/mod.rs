@@ -24,10 +24,11 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-pub use self::{
-    deadline::{Deadlines, Reset},
-    limit::{ClientKey, Limits, Permit},
-    sendfile::{FileBody, FileSender},
+pub use self::{deadline::Deadlines, limit::Limits};
+pub(crate) use self::{
+    deadline::Reset,
+    limit::{ClientKey, Permit},
+    sendfile::FileSender,
 };
 use self::{
     deadline::{Ended, serve},
@@ -36,7 +37,7 @@ use self::{
 
 /// Why pullproxy closed a connection before the client did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CloseReason {
+pub(crate) enum CloseReason {
     /// No complete ClientHello (or plain-HTTP request head) before the handshake deadline.
     PeekTimeout,
     /// The TLS handshake did not finish before the handshake deadline.
@@ -67,7 +68,7 @@ impl CloseReason {
         Self::LimitDirect,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::PeekTimeout => "peek_timeout",
             Self::HandshakeTimeout => "handshake_timeout",
@@ -83,13 +84,13 @@ impl CloseReason {
 
 /// Which listener a connection arrived on (the `listener` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ListenerKind {
+pub(crate) enum ListenerKind {
     Proxy,
     Admin,
 }
 
 impl ListenerKind {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Proxy => "proxy",
             Self::Admin => "admin",
@@ -101,7 +102,7 @@ type Labels<const N: usize> = [(&'static str, &'static str); N];
 
 /// Connection metrics of both listeners.
 #[derive(Debug, Default)]
-pub struct ConnMetrics {
+pub(crate) struct ConnMetrics {
     closed: Family<Labels<2>, Counter>,
     open: Family<Labels<1>, Gauge>,
     accept_errors: Family<Labels<2>, Counter>,
@@ -109,7 +110,7 @@ pub struct ConnMetrics {
 
 impl ConnMetrics {
     /// Registers the metrics (names get the registry's `pullproxy_` prefix).
-    pub fn register(&self, reg: &mut Registry) {
+    pub(crate) fn register(&self, reg: &mut Registry) {
         reg.register(
             "connections_closed",
             "Connections pullproxy closed before the client did, by listener (proxy, admin) and \
@@ -151,7 +152,7 @@ fn accept_backoff(failures: u32) -> Duration {
 }
 
 /// One listener's door: its connection budget, its deadlines and its metrics.
-pub struct Gate {
+pub(crate) struct Gate {
     kind: ListenerKind,
     deadlines: Deadlines,
     limiter: Limiter,
@@ -159,7 +160,7 @@ pub struct Gate {
 }
 
 impl Gate {
-    pub fn new(
+    pub(crate) fn new(
         kind: ListenerKind,
         deadlines: Deadlines,
         limits: Limits,
@@ -189,13 +190,13 @@ impl Gate {
         }
     }
 
-    pub fn deadlines(&self) -> Deadlines {
+    pub(crate) fn deadlines(&self) -> Deadlines {
         self.deadlines
     }
 
     /// The next connection. A failed accept (out of descriptors, most likely) is counted and
     /// retried after a pause that grows while it keeps failing.
-    pub async fn accept(&self, listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    pub(crate) async fn accept(&self, listener: &TcpListener) -> (TcpStream, SocketAddr) {
         let mut failures: u32 = 0;
         loop {
             match listener.accept().await {
@@ -232,7 +233,7 @@ impl Gate {
     }
 
     /// A place for a connection of `key`, or `None` (counted and logged): the caller closes it.
-    pub fn admit(&self, key: ClientKey) -> Option<Permit> {
+    pub(crate) fn admit(&self, key: ClientKey) -> Option<Permit> {
         match self.limiter.admit(key) {
             Ok(permit) => Some(permit),
             Err(reason) => {
@@ -267,7 +268,7 @@ impl Gate {
     }
 
     /// Counts a connection closed for `reason`.
-    pub fn closed(&self, reason: CloseReason) {
+    pub(crate) fn closed(&self, reason: CloseReason) {
         self.metrics
             .closed
             .get_or_create(&[("listener", self.kind.label()), ("reason", reason.label())])
@@ -275,7 +276,7 @@ impl Gate {
     }
 
     /// Serves HTTP on `io` under the listener's deadlines, counting a deadline that closes it.
-    pub async fn serve_http<I, S, B>(&self, io: I, service: S)
+    pub(crate) async fn serve_http<I, S, B>(&self, io: I, service: S)
     where
         I: AsyncRead + AsyncWrite + Reset + Unpin + Send + 'static,
         S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -313,17 +314,17 @@ const FDS_PER_CONNECTION: u64 = 3;
 
 /// The open-file limit at start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FdLimit {
+pub(crate) struct FdLimit {
     /// The soft limit pullproxy was started with.
-    pub inherited: u64,
+    pub(crate) inherited: u64,
     /// The soft limit now (the hard limit, when raising it worked).
-    pub soft: u64,
-    pub hard: u64,
+    pub(crate) soft: u64,
+    pub(crate) hard: u64,
 }
 
 impl FdLimit {
     /// How many connections (both listeners together) fit in the soft limit.
-    pub fn connections(&self) -> usize {
+    pub(crate) fn connections(&self) -> usize {
         usize::try_from(self.soft.saturating_sub(RESERVED_FDS) / FDS_PER_CONNECTION)
             .unwrap_or(usize::MAX)
     }
@@ -331,7 +332,7 @@ impl FdLimit {
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit: many connections need many descriptors,
 /// and the inherited soft limit is often 1024.
-pub fn raise_fd_limit() -> std::io::Result<FdLimit> {
+pub(crate) fn raise_fd_limit() -> std::io::Result<FdLimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

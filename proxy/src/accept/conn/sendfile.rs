@@ -31,7 +31,7 @@ use crate::origins::client::BoxError;
 
 /// Bytes one placeholder chunk stands for at most. hyper stops asking a body for chunks while
 /// about 400 KiB are queued, so each chunk is written (sent) before the next is asked for.
-pub const CHUNK: usize = 1 << 20;
+pub(crate) const CHUNK: usize = 1 << 20;
 
 /// The placeholders' bytes. Never read: a slice of it on its way to the socket is replaced.
 static PLACEHOLDER: [u8; CHUNK] = [0; CHUNK];
@@ -46,7 +46,7 @@ struct Region {
 /// The file ranges a connection's file bodies have handed out and its transport has not sent
 /// yet, oldest first. Cheap to clone; one per connection.
 #[derive(Clone)]
-pub struct FileSender {
+pub(crate) struct FileSender {
     queue: Arc<Mutex<VecDeque<Region>>>,
     /// Bytes sent with `sendfile`.
     sent: Counter,
@@ -62,7 +62,7 @@ impl std::fmt::Debug for FileSender {
 
 impl FileSender {
     /// A sender counting what it sends in `sent`.
-    pub fn new(sent: Counter) -> Self {
+    pub(crate) fn new(sent: Counter) -> Self {
         Self {
             queue: Arc::default(),
             sent,
@@ -70,7 +70,7 @@ impl FileSender {
     }
 
     /// A body of `file`'s bytes `start..end`, sent by this connection's transport.
-    pub fn body(&self, file: Arc<File>, start: u64, end: u64) -> FileBody {
+    pub(crate) fn body(&self, file: Arc<File>, start: u64, end: u64) -> FileBody {
         FileBody {
             file,
             pos: start,
@@ -89,7 +89,7 @@ impl FileSender {
     /// Writes `bufs` to `io` in order, sending file ranges where they hold placeholders; returns
     /// how many bytes (of `bufs`) went, like `writev`. Stops at the first write that the socket
     /// takes only in part.
-    pub fn poll_write_vectored(
+    pub(crate) fn poll_write_vectored(
         &self,
         io: &TcpStream,
         cx: &mut Context<'_>,
@@ -207,7 +207,7 @@ fn poll_writev(
 
 /// A file range as a response body: placeholder chunks of at most [`CHUNK`] bytes, each queued
 /// with its range when yielded.
-pub struct FileBody {
+pub(crate) struct FileBody {
     file: Arc<File>,
     pos: u64,
     end: u64,

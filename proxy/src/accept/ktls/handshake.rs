@@ -27,9 +27,9 @@ const ALERT_GRACE: Duration = Duration::from_secs(1);
 
 /// The keys and sequence numbers of both directions, and the connection state that derives the
 /// next keys.
-pub struct Completed {
-    pub secrets: rustls::ExtractedSecrets,
-    pub conn: KernelConnection<ServerConnectionData>,
+pub(crate) struct Completed {
+    pub(crate) secrets: rustls::ExtractedSecrets,
+    pub(crate) conn: KernelConnection<ServerConnectionData>,
 }
 
 /// An error as tokio-rustls reports one: a rustls error (an alert the client sent, a certificate
@@ -47,7 +47,10 @@ enum Next {
 }
 
 /// Runs the handshake on `stream` with `config` (which must allow secret extraction).
-pub async fn accept(stream: &mut TcpStream, config: Arc<ServerConfig>) -> io::Result<Completed> {
+pub(crate) async fn accept(
+    stream: &mut TcpStream,
+    config: Arc<ServerConfig>,
+) -> io::Result<Completed> {
     let mut conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
     let mut incoming: Vec<u8> = Vec::with_capacity(HEADER_LEN + MAX_RECORD);
     let mut outgoing: Vec<u8> = vec![0; 4096];

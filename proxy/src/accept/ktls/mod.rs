@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tracing::info;
 
 use self::sys::{CryptoInfo, Direction};
-pub use self::{stream::KtlsStream, sys::Cipher};
+pub(crate) use self::{stream::KtlsStream, sys::Cipher};
 use crate::{
     accept::client_hello::TlsOffer,
     node_ca::{LeafMinter, mint},
@@ -48,7 +48,7 @@ pub const LOG_OFF: &str = "kernel TLS is off (listen.kernel_tls: false): TLS sta
 
 /// Why a terminated connection keeps TLS in user space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fallback {
+pub(crate) enum Fallback {
     /// `listen.kernel_tls` is false.
     Disabled,
     /// The kernel has no `tls` (or takes none of the ciphers): see the start-up log line.
@@ -73,7 +73,7 @@ impl Fallback {
         Fallback::Alpn,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Fallback::Disabled => "disabled",
             Fallback::Unavailable => "unavailable",
@@ -87,16 +87,25 @@ impl Fallback {
 
 /// Where a connection's TLS is done.
 #[derive(Clone)]
-pub enum Route {
+pub(crate) enum Route {
     /// The kernel, after a handshake with this configuration.
     Kernel(Arc<ServerConfig>),
-    /// rustls in user space, for this reason.
-    User(Fallback),
+    /// rustls in user space, for this reason (counted where it is decided).
+    User(
+        #[cfg_attr(
+            not(test),
+            expect(
+                dead_code,
+                reason = "production counts the reason in route(); tests read it"
+            )
+        )]
+        Fallback,
+    ),
 }
 
 /// Whether a client's offer can go to the kernel, given the ciphers the kernel takes (in
 /// pullproxy's order of preference); the cipher the handshake will pick.
-pub fn choose(kernel: &[Cipher], offer: &TlsOffer) -> Result<Cipher, Fallback> {
+pub(crate) fn choose(kernel: &[Cipher], offer: &TlsOffer) -> Result<Cipher, Fallback> {
     if !offer.tls13 {
         return Err(Fallback::Tls12);
     }
@@ -116,7 +125,7 @@ pub fn choose(kernel: &[Cipher], offer: &TlsOffer) -> Result<Cipher, Fallback> {
 
 /// Kernel TLS's counters.
 #[derive(Debug, Default)]
-pub struct KtlsMetrics {
+pub(crate) struct KtlsMetrics {
     offload: Family<[(&'static str, &'static str); 1], Counter>,
     sendfile_bytes: Counter,
     key_updates: Family<[(&'static str, &'static str); 1], Counter>,
@@ -160,7 +169,7 @@ pub enum KtlsError {
 
 /// The kernel TLS path of the proxy listener: whether it is on, the handshake configuration
 /// for it, and its metrics.
-pub struct KernelTls {
+pub(crate) struct KernelTls {
     /// Ciphers the kernel takes, in order of preference; empty when kernel TLS is not in use.
     ciphers: Vec<Cipher>,
     /// Why nothing goes to the kernel, when that is so.
@@ -172,7 +181,7 @@ pub struct KernelTls {
 impl KernelTls {
     /// Kernel TLS as configured (`enabled`) and as this kernel allows it, probed now; says which
     /// in one log line. `user` is the user-space configuration, whose session cache is shared.
-    pub fn new(enabled: bool, minter: Arc<LeafMinter>, user: &ServerConfig) -> Self {
+    pub(crate) fn new(enabled: bool, minter: Arc<LeafMinter>, user: &ServerConfig) -> Self {
         let metrics = Arc::new(KtlsMetrics::default());
         // Every series exists from the start at 0.
         for outcome in ["kernel", "failed"]
@@ -215,18 +224,14 @@ impl KernelTls {
         }
     }
 
+    #[cfg(test)]
     /// Kernel TLS off, for tests of everything else.
-    pub fn disabled() -> Self {
+    pub(crate) fn disabled() -> Self {
         Self::without(Fallback::Disabled, Arc::default())
     }
 
-    /// The ciphers in use (empty: kernel TLS is not in use).
-    pub fn ciphers(&self) -> &[Cipher] {
-        &self.ciphers
-    }
-
     /// Where the TLS of a client that sent `offer` is done; a fallback is counted.
-    pub fn route(&self, offer: &TlsOffer) -> Route {
+    pub(crate) fn route(&self, offer: &TlsOffer) -> Route {
         let decision = match (&self.config, self.off) {
             (Some(config), None) => choose(&self.ciphers, offer).map(|_| config.clone()),
             (_, why) => Err(why.unwrap_or(Fallback::Unavailable)),
@@ -242,7 +247,7 @@ impl KernelTls {
 
     /// Completes the handshake on `stream` with `config` (from [`KernelTls::route`]) and hands
     /// the keys to the kernel.
-    pub async fn accept(
+    pub(crate) async fn accept(
         &self,
         mut stream: TcpStream,
         config: Arc<ServerConfig>,
@@ -261,7 +266,7 @@ impl KernelTls {
     }
 
     /// Registers the metrics (names get the registry's `pullproxy_` prefix).
-    pub fn register(&self, reg: &mut Registry) {
+    pub(crate) fn register(&self, reg: &mut Registry) {
         reg.register(
             "tls_kernel_offload",
             "Terminated TLS connections by where their record layer ran: kernel (kTLS), failed \

@@ -84,7 +84,7 @@ pub(super) fn parse_control(record_type: u8, payload: &[u8]) -> Control {
 }
 
 /// A TLS connection after the handshake, with the kernel doing the record layer.
-pub struct KtlsStream {
+pub(crate) struct KtlsStream {
     io: TcpStream,
     conn: KernelConnection<ServerConnectionData>,
     files: FileSender,
@@ -121,7 +121,7 @@ impl KtlsStream {
     }
 
     /// Where this connection's file bodies queue their ranges.
-    pub fn files(&self) -> FileSender {
+    pub(crate) fn files(&self) -> FileSender {
         self.files.clone()
     }
 

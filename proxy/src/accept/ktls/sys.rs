@@ -7,9 +7,9 @@ use std::{io, mem::MaybeUninit, os::fd::AsRawFd};
 use rustls::{CipherSuite, ConnectionTrafficSecrets};
 
 /// Record content types (RFC 8446 B.1).
-pub const RECORD_ALERT: u8 = 21;
-pub const RECORD_HANDSHAKE: u8 = 22;
-pub const RECORD_APPLICATION_DATA: u8 = 23;
+pub(crate) const RECORD_ALERT: u8 = 21;
+pub(crate) const RECORD_HANDSHAKE: u8 = 22;
+pub(crate) const RECORD_APPLICATION_DATA: u8 = 23;
 
 /// The AEADs the kernel takes for TLS 1.3, in pullproxy's order of preference: AES-128-GCM does
 /// 10 AES rounds where AES-256 does 14 (about 30 % less work per byte on both ends), and both
@@ -22,13 +22,13 @@ pub enum Cipher {
 }
 
 impl Cipher {
-    pub const ALL: [Cipher; 3] = [
+    pub(crate) const ALL: [Cipher; 3] = [
         Cipher::Aes128Gcm,
         Cipher::Aes256Gcm,
         Cipher::Chacha20Poly1305,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Cipher::Aes128Gcm => "aes128gcm",
             Cipher::Aes256Gcm => "aes256gcm",
@@ -37,7 +37,7 @@ impl Cipher {
     }
 
     /// The TLS 1.3 cipher suite built on this AEAD.
-    pub fn tls13_suite(self) -> CipherSuite {
+    pub(crate) fn tls13_suite(self) -> CipherSuite {
         match self {
             Cipher::Aes128Gcm => CipherSuite::TLS13_AES_128_GCM_SHA256,
             Cipher::Aes256Gcm => CipherSuite::TLS13_AES_256_GCM_SHA384,
@@ -45,15 +45,16 @@ impl Cipher {
         }
     }
 
+    #[cfg(test)]
     /// The AEAD of a TLS 1.3 cipher suite (by its IANA number), if the kernel could take it.
-    pub fn of_tls13_suite(suite: u16) -> Option<Self> {
+    pub(crate) fn of_tls13_suite(suite: u16) -> Option<Self> {
         Cipher::ALL
             .into_iter()
             .find(|c| u16::from(c.tls13_suite()) == suite)
     }
 
     /// Key length in bytes.
-    pub fn key_len(self) -> usize {
+    pub(crate) fn key_len(self) -> usize {
         match self {
             Cipher::Aes128Gcm => 16,
             Cipher::Aes256Gcm | Cipher::Chacha20Poly1305 => 32,
@@ -71,7 +72,7 @@ impl Cipher {
 
 /// One direction's crypto state as `setsockopt(SOL_TLS, TLS_TX | TLS_RX)` takes it.
 #[derive(Clone, Copy)]
-pub enum CryptoInfo {
+pub(crate) enum CryptoInfo {
     Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128),
     Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256),
     Chacha20Poly1305(libc::tls12_crypto_info_chacha20_poly1305),
@@ -93,7 +94,7 @@ fn fill(dst: &mut [u8], src: &[u8]) {
 
 impl CryptoInfo {
     /// TLS 1.3 state for traffic `secrets` whose next record has sequence number `seq`.
-    pub fn tls13(secrets: &ConnectionTrafficSecrets, seq: u64) -> Option<Self> {
+    pub(crate) fn tls13(secrets: &ConnectionTrafficSecrets, seq: u64) -> Option<Self> {
         let (cipher, key, iv) = match secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
@@ -109,7 +110,7 @@ impl CryptoInfo {
     /// forms each nonce as `salt || iv` XOR the sequence number, as RFC 8446 5.3 does with the
     /// whole IV: the AES-GCM layouts split the IV into a 4-byte salt and an 8-byte rest,
     /// ChaCha20's keeps it whole.
-    pub fn from_parts(cipher: Cipher, key: &[u8], iv: &[u8], seq: u64) -> Option<Self> {
+    pub(crate) fn from_parts(cipher: Cipher, key: &[u8], iv: &[u8], seq: u64) -> Option<Self> {
         const IV_LEN: usize = 12;
         if iv.len() != IV_LEN {
             return None;
@@ -170,7 +171,7 @@ impl CryptoInfo {
         })
     }
 
-    pub fn cipher(&self) -> Cipher {
+    pub(crate) fn cipher(&self) -> Cipher {
         match self {
             CryptoInfo::Aes128Gcm(_) => Cipher::Aes128Gcm,
             CryptoInfo::Aes256Gcm(_) => Cipher::Aes256Gcm,
@@ -194,7 +195,7 @@ impl CryptoInfo {
 
     /// What the kernel will use: (key, salt || iv, first sequence number).
     #[cfg(test)]
-    pub fn parts(&self) -> (Vec<u8>, [u8; 12], u64) {
+    pub(crate) fn parts(&self) -> (Vec<u8>, [u8; 12], u64) {
         let (key, salt, iv, seq): (&[u8], &[u8], &[u8], [u8; 8]) = match self {
             CryptoInfo::Aes128Gcm(c) => (&c.key, &c.salt, &c.iv, c.rec_seq),
             CryptoInfo::Aes256Gcm(c) => (&c.key, &c.salt, &c.iv, c.rec_seq),
@@ -209,7 +210,7 @@ impl CryptoInfo {
 
 /// Which direction a crypto state is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
+pub(crate) enum Direction {
     Transmit,
     Receive,
 }
@@ -235,14 +236,18 @@ fn setsockopt(fd: &impl AsRawFd, level: i32, name: i32, value: &[u8]) -> io::Res
 
 /// Puts the `tls` upper-layer protocol on a connected TCP socket (loading the module when the
 /// kernel has it and may). `ENOENT`: the kernel has no `tls`.
-pub fn set_ulp(fd: &impl AsRawFd) -> io::Result<()> {
+pub(crate) fn set_ulp(fd: &impl AsRawFd) -> io::Result<()> {
     setsockopt(fd, libc::SOL_TCP, libc::TCP_ULP, b"tls")
 }
 
 /// Hands one direction's crypto state to the kernel: from then on it encrypts what is written
 /// (or decrypts what is read). Setting a direction again (a TLS 1.3 key update) needs Linux 6.14;
 /// older kernels refuse it with `EBUSY`.
-pub fn set_crypto(fd: &impl AsRawFd, direction: Direction, info: &CryptoInfo) -> io::Result<()> {
+pub(crate) fn set_crypto(
+    fd: &impl AsRawFd,
+    direction: Direction,
+    info: &CryptoInfo,
+) -> io::Result<()> {
     let name = match direction {
         Direction::Transmit => libc::TLS_TX,
         Direction::Receive => libc::TLS_RX,
@@ -261,17 +266,17 @@ const _: () = assert!(size_of::<libc::cmsghdr>() + 8 <= 32, "CMSG_SPACE(1) fits"
 
 /// What one `recvmsg` on a kernel TLS socket returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Received {
-    pub len: usize,
+pub(crate) struct Received {
+    pub(crate) len: usize,
     /// The record's content type; `None` when the kernel attached none (end of stream).
-    pub record_type: Option<u8>,
+    pub(crate) record_type: Option<u8>,
     /// The end of the record was reached (`MSG_EOR`): a control record is complete.
-    pub end_of_record: bool,
+    pub(crate) end_of_record: bool,
 }
 
 /// Reads decrypted bytes of one record type into `buf`. The kernel never mixes record types in
 /// one read, and marks each read with the type of its record.
-pub fn recv_record(fd: &impl AsRawFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<Received> {
+pub(crate) fn recv_record(fd: &impl AsRawFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<Received> {
     let mut cmsg = RecordTypeCmsg {
         _align: [],
         buf: [0; 32],
@@ -314,7 +319,7 @@ pub fn recv_record(fd: &impl AsRawFd, buf: &mut [MaybeUninit<u8>]) -> io::Result
 
 /// Sends `data` as one record of `record_type` (an alert, a handshake message) on a socket whose
 /// transmit side the kernel encrypts.
-pub fn send_record(fd: &impl AsRawFd, record_type: u8, data: &[u8]) -> io::Result<usize> {
+pub(crate) fn send_record(fd: &impl AsRawFd, record_type: u8, data: &[u8]) -> io::Result<usize> {
     let mut cmsg = RecordTypeCmsg {
         _align: [],
         buf: [0; 32],

@@ -23,7 +23,7 @@ mod push;
 
 /// Where the hub password comes from.
 #[derive(Debug, Clone)]
-pub enum PasswordSource {
+pub(crate) enum PasswordSource {
     None,
     Inline(crate::secret::Secret),
     /// A file holding the password (trailing newline ignored).
@@ -35,18 +35,18 @@ pub enum PasswordSource {
 /// What the hub client needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct HubSettings {
-    pub url: Uri,
-    pub username: Option<String>,
-    pub password: PasswordSource,
-    pub mapping: Mapping,
-    pub timeout: Duration,
+    pub(crate) url: Uri,
+    pub(crate) username: Option<String>,
+    pub(crate) password: PasswordSource,
+    pub(crate) mapping: Mapping,
+    pub(crate) timeout: Duration,
 }
 
 /// Repository on the hub for an image `{host}/{repo}`.
 #[derive(Debug, Clone)]
-pub struct Mapping {
-    pub default: String,
-    pub overrides: BTreeMap<String, String>,
+pub(crate) struct Mapping {
+    pub(crate) default: String,
+    pub(crate) overrides: BTreeMap<String, String>,
 }
 
 /// The registry host a default template is checked with when the configuration loads.
@@ -63,15 +63,15 @@ const PROBE_REPO: &str = "library/nginx";
 #[error(
     "hub mapping {template:?} gives no valid repository name for an image from {registry}: {reason}"
 )]
-pub struct MappingError {
-    pub template: String,
-    pub registry: String,
-    pub reason: NameError,
+pub(crate) struct MappingError {
+    pub(crate) template: String,
+    pub(crate) registry: String,
+    pub(crate) reason: NameError,
 }
 
 /// A template the configuration must not accept.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TemplateError {
+pub(crate) enum TemplateError {
     #[error("must contain {{repo}}")]
     NoRepo,
     #[error("only {{host}} and {{repo}} may be used")]
@@ -85,8 +85,9 @@ pub enum TemplateError {
 }
 
 impl Mapping {
+    #[cfg(test)]
     /// The sealos convention: the registry host is dropped.
-    pub fn sealos() -> Self {
+    pub(crate) fn sealos() -> Self {
         Self {
             default: "{repo}".into(),
             overrides: BTreeMap::new(),
@@ -97,7 +98,7 @@ impl Mapping {
     /// `library/nginx` by default). `registry` may be an alias (`registry-1.docker.io`); overrides
     /// match the alias or its canonical name. Fails when the result is not a valid repository
     /// name (a host that is no name component, or a name too long once the template adds to it).
-    pub fn hub_repo(
+    pub(crate) fn hub_repo(
         &self,
         registry: &str,
         repo: &RepositoryName,
@@ -121,7 +122,7 @@ impl Mapping {
 /// Checks a template for the configuration: `{repo}` present, no other placeholder, and a valid
 /// repository name for an image from `registry` (an override's host; `None` for the default
 /// template, which is checked with `docker.io`).
-pub fn check_template(template: &str, registry: Option<&str>) -> Result<(), TemplateError> {
+pub(crate) fn check_template(template: &str, registry: Option<&str>) -> Result<(), TemplateError> {
     if !template.contains("{repo}") {
         return Err(TemplateError::NoRepo);
     }
@@ -174,7 +175,7 @@ pub fn canonical_registry(host: &str) -> &str {
 
 /// Outcome of a hub lookup.
 #[derive(Debug)]
-pub enum HubOutcome {
+pub(crate) enum HubOutcome {
     /// The hub has it; its response (headers, and the body for GET).
     Found(Response<ProxyBody>),
     /// 404: the hub does not have it. Normal; fall back quietly.
@@ -190,7 +191,7 @@ pub enum HubOutcome {
 
 impl HubOutcome {
     /// Metric label.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             HubOutcome::Found(_) => "found",
             HubOutcome::NotFound => "not_found",
@@ -202,7 +203,7 @@ impl HubOutcome {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum CredentialError {
+pub(crate) enum CredentialError {
     #[error("reading hub credentials from {path}")]
     Read {
         path: PathBuf,
@@ -332,7 +333,7 @@ fn dockerconfig_auth(
 }
 
 /// Talks to the hub.
-pub struct HubClient {
+pub(crate) struct HubClient {
     client: HttpClient,
     base: Uri,
     credentials: Credentials,
@@ -341,7 +342,7 @@ pub struct HubClient {
 }
 
 impl HubClient {
-    pub fn new(client: HttpClient, settings: HubSettings) -> Self {
+    pub(crate) fn new(client: HttpClient, settings: HubSettings) -> Self {
         let authority = settings
             .url
             .authority()
@@ -362,12 +363,12 @@ impl HubClient {
     }
 
     /// The hub's base URL, for logs.
-    pub fn url(&self) -> &Uri {
+    pub(crate) fn url(&self) -> &Uri {
         &self.base
     }
 
     /// The hub repository for `repo` from `registry` ([`Mapping::hub_repo`]).
-    pub fn hub_repo(
+    pub(crate) fn hub_repo(
         &self,
         registry: &str,
         repo: &RepositoryName,
@@ -376,14 +377,14 @@ impl HubClient {
     }
 
     /// `GET /v2/`: is the hub up, and does it accept our credentials?
-    pub async fn ping(&self) -> HubOutcome {
+    pub(crate) async fn ping(&self) -> HubOutcome {
         self.send(Method::GET, "/v2/", HeaderMap::new()).await
     }
 
     /// Asks the hub for `/v2/<hub repo>/<kind>/<reference>` (`kind` is `manifests` or `blobs`),
     /// passing on `headers` (Accept, Range). Only the response head is awaited here (with the
     /// hub deadline); a GET body streams afterwards.
-    pub async fn lookup(
+    pub(crate) async fn lookup(
         &self,
         method: Method,
         hub_repo: &RepositoryName,
@@ -481,7 +482,7 @@ impl HubClient {
 
 /// What can go wrong talking to the hub.
 #[derive(Debug, thiserror::Error)]
-pub enum HubError {
+pub(crate) enum HubError {
     #[error("hub credentials: {0}")]
     Credentials(String),
     #[error("hub unreachable: {0}")]

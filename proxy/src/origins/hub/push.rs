@@ -13,11 +13,16 @@ use crate::{oci::Digest, origins::client::ProxyBody};
 /// so this is generous).
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// The repository `doctor` starts (and cancels) an upload in to learn whether it may push.
-pub const PUSH_PROBE_REPOSITORY: &str = "pullproxy/push-check";
+pub(crate) const PUSH_PROBE_REPOSITORY: &str = "pullproxy/push-check";
 
 impl HubClient {
     /// Whether the hub has `digest` in `hub_repo` (`kind`: `blobs` or `manifests`).
-    pub async fn has(&self, hub_repo: &str, kind: &str, digest: &Digest) -> Result<bool, HubError> {
+    pub(crate) async fn has(
+        &self,
+        hub_repo: &str,
+        kind: &str,
+        digest: &Digest,
+    ) -> Result<bool, HubError> {
         let resp = self
             .exchange(
                 Method::HEAD,
@@ -40,7 +45,7 @@ impl HubClient {
 
     /// Uploads a blob of `len` bytes into `hub_repo` in one go: `POST` an upload, then `PUT`
     /// the bytes to the location the hub gave, with the digest (the hub verifies it).
-    pub async fn upload_blob(
+    pub(crate) async fn upload_blob(
         &self,
         hub_repo: &str,
         digest: &Digest,
@@ -68,7 +73,7 @@ impl HubClient {
     }
 
     /// Puts a manifest by its digest into `hub_repo` (no tag: see the write-back module).
-    pub async fn put_manifest(
+    pub(crate) async fn put_manifest(
         &self,
         hub_repo: &str,
         digest: &Digest,
@@ -96,7 +101,7 @@ impl HubClient {
 
     /// Whether pullproxy's credentials may push: starts an upload in
     /// [`PUSH_PROBE_REPOSITORY`] and cancels it.
-    pub async fn can_push(&self) -> Result<bool, HubError> {
+    pub(crate) async fn can_push(&self) -> Result<bool, HubError> {
         let location = match self.start_upload(PUSH_PROBE_REPOSITORY).await {
             Ok(location) => location,
             Err(HubError::Refused(_)) => return Ok(false),
