@@ -26,10 +26,10 @@ use crate::{
     admin::{self, Readiness},
     cache::{Cache, CacheError},
     config::Config,
-    node_ca::{self, LeafMinter, NodeCa, TlsError},
+    node_ca::{self, LeafMinter, NodeCa, ca::CaError, hosts::HostPatternError},
     origins::client::{self, AddressPolicy, Connector, UpstreamClients},
     origins::hub::{HubClient, HubOutcome},
-    origins::tls::upstream_client_config,
+    origins::tls::{UpstreamTlsError, upstream_client_config},
     origins::upstream::Upstream,
     origins::writeback::{Jobs, Policy, WriteBack},
     redirect::{LoaderError, Redirector},
@@ -40,7 +40,11 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("setting up TLS")]
-    Tls(#[from] TlsError),
+    TlsHosts(#[from] HostPatternError),
+    #[error("setting up TLS")]
+    TlsCa(#[from] CaError),
+    #[error("setting up TLS")]
+    TlsUpstream(#[from] UpstreamTlsError),
     #[error("opening the cache in {dir}")]
     Cache {
         dir: std::path::PathBuf,

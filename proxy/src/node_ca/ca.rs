@@ -24,9 +24,51 @@ use tracing::info;
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName};
 
 use super::{
-    TlsError, TlsSettings,
+    FileError, TlsSettings,
     hosts::{DnsConstraints, InterceptSet},
 };
+
+/// Errors of the node CA: reading, generating and checking it, and minting leaves with it.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error(transparent)]
+    Io(#[from] FileError),
+    #[error(
+        "unprotected private key file {path}: mode {mode:04o} lets group or others read it; \
+         run `chmod 600 {path}`"
+    )]
+    KeyPermissions { path: PathBuf, mode: u32 },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error(
+        "{path}: not a usable private key ({cause}); pullproxy reads PKCS#8 (\"BEGIN PRIVATE \
+         KEY\"): convert with `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pk8`"
+    )]
+    Key { path: PathBuf, cause: rcgen::Error },
+    #[error("{path}: {reason}")]
+    BadCa { path: PathBuf, reason: String },
+    #[error("{key} is not the private key of {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("node CA {path} expired at {not_after}")]
+    CaExpired { path: PathBuf, not_after: String },
+    #[error(
+        "the node CA was supplied by the operator but {what} is not configured; set both the \
+         certificate and the key path"
+    )]
+    SuppliedCaPath { what: &'static str },
+    #[error(
+        "the operator-supplied node CA {path} cannot mint for {host}: its name constraints do not \
+         cover it; add {host} to the CA's permitted DNS subtrees or drop it from the intercepted \
+         hosts"
+    )]
+    NotCovered { path: PathBuf, host: String },
+    #[error("{host} is not an intercepted host")]
+    NotIntercepted { host: String },
+    #[error("generating a certificate")]
+    Certificate(#[from] rcgen::Error),
+    #[error("TLS configuration")]
+    Rustls(#[from] rustls::Error),
+}
 
 /// Lifetime of a generated node CA.
 pub(crate) const CA_VALIDITY: Duration = Duration::from_secs(3650 * 24 * 3600);
@@ -150,7 +192,7 @@ impl NodeCa {
     pub(crate) fn load_or_generate(
         settings: &TlsSettings,
         hosts: &InterceptSet,
-    ) -> Result<(Self, Vec<CaNotice>), TlsError> {
+    ) -> Result<(Self, Vec<CaNotice>), CaError> {
         if settings.ca_supplied {
             load_supplied(settings, hosts)
         } else {
@@ -162,12 +204,12 @@ impl NodeCa {
     /// that must neither need the key nor create a CA.
     pub(crate) fn read_certificate(
         settings: &TlsSettings,
-    ) -> Result<Option<CertificateDer<'static>>, TlsError> {
+    ) -> Result<Option<CertificateDer<'static>>, CaError> {
         let path = settings.ca_cert_path();
         match fs::read(&path) {
             Ok(pem) => parse_cert_pem(&path, &pem).map(Some),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(TlsError::io("reading", &path)(e)),
+            Err(e) => Err(FileError::at("reading", &path)(e).into()),
         }
     }
 
@@ -208,13 +250,13 @@ impl NodeCa {
     /// Mints a leaf for `host`: a fresh ECDSA P-256 key, SAN = `host`, server-auth only, valid for
     /// `validity` but never beyond the CA. The chain sent is leaf + CA, so an operator CA that is
     /// itself an intermediate still verifies.
-    pub(crate) fn mint_leaf(&self, host: &str, validity: Duration) -> Result<Leaf, TlsError> {
-        let dns = DnsName::try_from(host).map_err(|_| TlsError::NotIntercepted {
+    pub(crate) fn mint_leaf(&self, host: &str, validity: Duration) -> Result<Leaf, CaError> {
+        let dns = DnsName::try_from(host).map_err(|_| CaError::NotIntercepted {
             host: host.to_owned(),
         })?;
         let host = dns.as_ref().to_ascii_lowercase();
         if !self.may_mint_for(&host) {
-            return Err(TlsError::NotCovered {
+            return Err(CaError::NotCovered {
                 path: self.cert_path.clone(),
                 host,
             });
@@ -222,7 +264,7 @@ impl NodeCa {
         let now = OffsetDateTime::now_utc();
         let not_after = (now + validity).min(self.not_after);
         if not_after <= now {
-            return Err(TlsError::CaExpired {
+            return Err(CaError::CaExpired {
                 path: self.cert_path.clone(),
                 not_after: self.not_after.to_string(),
             });
@@ -265,17 +307,17 @@ impl NodeCa {
 fn load_supplied(
     settings: &TlsSettings,
     hosts: &InterceptSet,
-) -> Result<(NodeCa, Vec<CaNotice>), TlsError> {
-    let cert = settings.ca_cert.clone().ok_or(TlsError::SuppliedCaPath {
+) -> Result<(NodeCa, Vec<CaNotice>), CaError> {
+    let cert = settings.ca_cert.clone().ok_or(CaError::SuppliedCaPath {
         what: "the CA certificate",
     })?;
     let key = settings
         .ca_key
         .clone()
-        .ok_or(TlsError::SuppliedCaPath { what: "the CA key" })?;
+        .ok_or(CaError::SuppliedCaPath { what: "the CA key" })?;
     let ca = load(&cert, &key, CaOrigin::Supplied)?;
     if ca.not_after <= OffsetDateTime::now_utc() {
-        return Err(TlsError::CaExpired {
+        return Err(CaError::CaExpired {
             path: cert,
             not_after: ca.not_after.to_string(),
         });
@@ -305,7 +347,7 @@ fn load_supplied(
 fn load_generated(
     settings: &TlsSettings,
     hosts: &InterceptSet,
-) -> Result<(NodeCa, Vec<CaNotice>), TlsError> {
+) -> Result<(NodeCa, Vec<CaNotice>), CaError> {
     let cert_path = settings.ca_cert_path();
     let key_path = settings.ca_key_path();
     for path in [&cert_path, &key_path] {
@@ -317,7 +359,7 @@ fn load_generated(
             } else {
                 DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)
             }
-            .map_err(TlsError::io("creating", dir))?;
+            .map_err(FileError::at("creating", dir))?;
         }
     }
     // Two pullproxy processes starting at once (an init container and the daemon) must not both
@@ -329,13 +371,13 @@ fn load_generated(
         .write(true)
         .mode(FILE_MODE)
         .open(&lock_path)
-        .map_err(TlsError::io("opening", &lock_path))?;
-    lock.lock().map_err(TlsError::io("locking", &lock_path))?;
+        .map_err(FileError::at("opening", &lock_path))?;
+    lock.lock().map_err(FileError::at("locking", &lock_path))?;
     // Older versions wrote the certificate 0644; the key was always refused unless private.
     for path in [&lock_path, &cert_path] {
         match fs::symlink_metadata(path) {
             Ok(meta) if meta.is_file() => private_state::restrict(path, &meta, FILE_MODE)
-                .map_err(TlsError::io("restricting", path))?,
+                .map_err(FileError::at("restricting", path))?,
             _ => {}
         }
     }
@@ -350,7 +392,7 @@ fn load_generated(
     } else {
         match load(&cert_path, &key_path, CaOrigin::Generated) {
             // A key that others can read is not silently replaced: the operator must see it.
-            Err(e @ TlsError::KeyPermissions { .. }) => return Err(e),
+            Err(e @ CaError::KeyPermissions { .. }) => return Err(e),
             Err(e) => Some(format!("the previous one was unusable: {e}")),
             Ok(ca) => match regeneration_reason(&ca, hosts) {
                 None => {
@@ -402,7 +444,7 @@ fn regeneration_reason(ca: &NodeCa, hosts: &InterceptSet) -> Option<String> {
     None
 }
 
-fn generate(cert_path: &Path, key_path: &Path, hosts: &InterceptSet) -> Result<NodeCa, TlsError> {
+fn generate(cert_path: &Path, key_path: &Path, hosts: &InterceptSet) -> Result<NodeCa, CaError> {
     let now = OffsetDateTime::now_utc();
     let mut params = CertificateParams::default();
     params.not_before = now - BACKDATE;
@@ -440,8 +482,8 @@ fn generate(cert_path: &Path, key_path: &Path, hosts: &InterceptSet) -> Result<N
     let cert_tmp = tmp_path(cert_path);
     write_new(&key_tmp, key.serialize_pem().as_bytes())?;
     write_new(&cert_tmp, cert.pem().as_bytes())?;
-    fs::rename(&key_tmp, key_path).map_err(TlsError::io("renaming into", key_path))?;
-    fs::rename(&cert_tmp, cert_path).map_err(TlsError::io("renaming into", cert_path))?;
+    fs::rename(&key_tmp, key_path).map_err(FileError::at("renaming into", key_path))?;
+    fs::rename(&cert_tmp, cert_path).map_err(FileError::at("renaming into", cert_path))?;
     load(cert_path, key_path, CaOrigin::Generated)
 }
 
@@ -462,19 +504,20 @@ fn ca_subject() -> DistinguishedName {
 
 /// Creates `path` private from the start (never a moment with wider permissions), replacing a
 /// leftover from an interrupted run; `create_new` also refuses to follow a planted symlink.
-fn write_new(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+fn write_new(path: &Path, contents: &[u8]) -> Result<(), CaError> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            return Err(TlsError::io("removing", path)(e));
+            return Err(FileError::at("removing", path)(e).into());
         }
         _ => {}
     }
     let mut file = private_state::new_file()
         .open(path)
-        .map_err(TlsError::io("creating", path))?;
+        .map_err(FileError::at("creating", path))?;
     file.write_all(contents)
         .and_then(|()| file.sync_all())
-        .map_err(TlsError::io("writing", path))
+        .map_err(FileError::at("writing", path))?;
+    Ok(())
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
@@ -491,42 +534,42 @@ fn lock_path(key_path: &Path) -> PathBuf {
 
 /// Reads a private key the way ssh does: a file that group or others may read is refused. The
 /// mode is checked on the open file, so it is the file that was read.
-fn read_private_key(path: &Path) -> Result<KeyPair, TlsError> {
-    let mut file = File::open(path).map_err(TlsError::io("opening", path))?;
-    let meta = file.metadata().map_err(TlsError::io("inspecting", path))?;
+fn read_private_key(path: &Path) -> Result<KeyPair, CaError> {
+    let mut file = File::open(path).map_err(FileError::at("opening", path))?;
+    let meta = file.metadata().map_err(FileError::at("inspecting", path))?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
-        return Err(TlsError::KeyPermissions {
+        return Err(CaError::KeyPermissions {
             path: path.to_owned(),
             mode,
         });
     }
     let mut pem = Vec::new();
     file.read_to_end(&mut pem)
-        .map_err(TlsError::io("reading", path))?;
-    let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
+        .map_err(FileError::at("reading", path))?;
+    let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| CaError::Pem {
         path: path.to_owned(),
         message: format!("no private key: {e}"),
     })?;
-    KeyPair::try_from(&der).map_err(|cause| TlsError::Key {
+    KeyPair::try_from(&der).map_err(|cause| CaError::Key {
         path: path.to_owned(),
         cause,
     })
 }
 
-fn parse_cert_pem(path: &Path, pem: &[u8]) -> Result<CertificateDer<'static>, TlsError> {
-    CertificateDer::from_pem_slice(pem).map_err(|e| TlsError::Pem {
+fn parse_cert_pem(path: &Path, pem: &[u8]) -> Result<CertificateDer<'static>, CaError> {
+    CertificateDer::from_pem_slice(pem).map_err(|e| CaError::Pem {
         path: path.to_owned(),
         message: format!("no certificate: {e}"),
     })
 }
 
 /// Loads and checks a CA pair: a CA certificate that may sign certificates, and its key.
-fn load(cert_path: &Path, key_path: &Path, origin: CaOrigin) -> Result<NodeCa, TlsError> {
+fn load(cert_path: &Path, key_path: &Path, origin: CaOrigin) -> Result<NodeCa, CaError> {
     let key = read_private_key(key_path)?;
-    let pem = fs::read(cert_path).map_err(TlsError::io("reading", cert_path))?;
+    let pem = fs::read(cert_path).map_err(FileError::at("reading", cert_path))?;
     let der = parse_cert_pem(cert_path, &pem)?;
-    let bad = |reason: String| TlsError::BadCa {
+    let bad = |reason: String| CaError::BadCa {
         path: cert_path.to_owned(),
         reason,
     };
@@ -545,7 +588,7 @@ fn load(cert_path: &Path, key_path: &Path, origin: CaOrigin) -> Result<NodeCa, T
         ));
     }
     if x509.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
-        return Err(TlsError::KeyMismatch {
+        return Err(CaError::KeyMismatch {
             cert: cert_path.to_owned(),
             key: key_path.to_owned(),
         });
@@ -693,7 +736,7 @@ mod tests {
         fs::set_permissions(s.ca_key_path(), fs::Permissions::from_mode(0o644)).unwrap();
         let err = NodeCa::load_or_generate(&s, &hosts).unwrap_err();
         assert!(
-            matches!(err, TlsError::KeyPermissions { mode: 0o644, .. }),
+            matches!(err, CaError::KeyPermissions { mode: 0o644, .. }),
             "{err}"
         );
         assert!(err.to_string().contains("chmod 600"), "{err}");
@@ -812,7 +855,7 @@ mod tests {
         let err = ca
             .mint_leaf("registry-1.docker.io", Duration::from_secs(3600))
             .unwrap_err();
-        assert!(matches!(err, TlsError::NotCovered { .. }), "{err}");
+        assert!(matches!(err, CaError::NotCovered { .. }), "{err}");
         assert!(err.to_string().contains("registry-1.docker.io"), "{err}");
     }
 
@@ -831,7 +874,7 @@ mod tests {
         missing.ca_key = None;
         assert!(matches!(
             NodeCa::load_or_generate(&missing, &hosts),
-            Err(TlsError::SuppliedCaPath { .. })
+            Err(CaError::SuppliedCaPath { .. })
         ));
 
         let other_dir = dir.path().join("other");
@@ -841,7 +884,7 @@ mod tests {
         mismatched.ca_key = other.ca_key.clone();
         assert!(matches!(
             NodeCa::load_or_generate(&mismatched, &hosts),
-            Err(TlsError::KeyMismatch { .. })
+            Err(CaError::KeyMismatch { .. })
         ));
 
         // A leaf certificate is not a CA.

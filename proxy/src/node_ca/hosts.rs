@@ -6,7 +6,13 @@ use std::{collections::BTreeSet, fmt, str::FromStr};
 
 use rustls_pki_types::DnsName;
 
-use super::TlsError;
+/// A configured intercepted host that is not a usable pattern.
+#[derive(Debug, thiserror::Error)]
+#[error("intercepted host {pattern:?}: {reason}")]
+pub struct HostPatternError {
+    pattern: String,
+    reason: &'static str,
+}
 
 /// Registries intercepted without any configuration. Only hosts that serve the distribution API
 /// themselves: token services (`auth.docker.io`) and blob CDNs are reached by the runtime on their
@@ -51,10 +57,10 @@ pub(crate) enum HostPattern {
 }
 
 impl FromStr for HostPattern {
-    type Err = TlsError;
+    type Err = HostPatternError;
 
-    fn from_str(pattern: &str) -> Result<Self, TlsError> {
-        let err = |reason| TlsError::HostPattern {
+    fn from_str(pattern: &str) -> Result<Self, HostPatternError> {
+        let err = |reason| HostPatternError {
             pattern: pattern.to_owned(),
             reason,
         };
@@ -117,7 +123,7 @@ pub(crate) struct InterceptSet {
 
 impl InterceptSet {
     /// [`DEFAULT_REGISTRY_HOSTS`] plus the configured patterns.
-    pub(crate) fn with_defaults(configured: &[String]) -> Result<Self, TlsError> {
+    pub(crate) fn with_defaults(configured: &[String]) -> Result<Self, HostPatternError> {
         Self::from_patterns(
             DEFAULT_REGISTRY_HOSTS
                 .iter()
@@ -129,7 +135,7 @@ impl InterceptSet {
     /// Exactly the given patterns (see [`HostPattern`]).
     pub(crate) fn from_patterns<'a>(
         patterns: impl IntoIterator<Item = &'a str>,
-    ) -> Result<Self, TlsError> {
+    ) -> Result<Self, HostPatternError> {
         let mut set = Self {
             any: false,
             exact: BTreeSet::new(),

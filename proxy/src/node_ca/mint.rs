@@ -17,7 +17,27 @@ use rustls::{
 };
 use tracing::{debug, warn};
 
-use super::{TlsError, ca::NodeCa, hosts::InterceptSet};
+use super::{
+    ca::{CaError, NodeCa},
+    hosts::InterceptSet,
+};
+
+/// Errors of minting a leaf for a server name.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MintError {
+    #[error("{host} is not an intercepted host")]
+    NotIntercepted { host: String },
+    #[error("too many new server names to mint for; try again shortly")]
+    MintRateLimited,
+    #[error("minting a certificate for {host}")]
+    Mint {
+        host: String,
+        #[source]
+        source: Arc<MintError>,
+    },
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
 
 /// Validity of a minted leaf (capped at the CA's own expiry). Short, so a leaked leaf key is
 /// useful only briefly; minting is cheap.
@@ -151,19 +171,19 @@ impl LeafMinter {
     ///
     /// The server can call this before accepting, and splice the connection instead when it
     /// fails (an operator CA that does not cover the name), rather than fail the handshake.
-    pub(crate) fn certified_key(&self, server_name: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+    pub(crate) fn certified_key(&self, server_name: &str) -> Result<Arc<CertifiedKey>, MintError> {
         let name = server_name
             .strip_suffix('.')
             .unwrap_or(server_name)
             .to_ascii_lowercase();
         if !self.hosts.contains(&name) {
-            return Err(TlsError::NotIntercepted { host: name });
+            return Err(MintError::NotIntercepted { host: name });
         }
         self.leaves
             .try_get_with(name.clone(), || {
                 if !self.budget.take() {
                     self.limited.fetch_add(1, Ordering::Relaxed);
-                    return Err(TlsError::MintRateLimited);
+                    return Err(MintError::MintRateLimited);
                 }
                 let leaf = self.ca.mint_leaf(&name, LEAF_VALIDITY);
                 match &leaf {
@@ -179,9 +199,10 @@ impl LeafMinter {
                     key: Arc::new(leaf.certified_key),
                     not_after: leaf.not_after,
                 })
+                .map_err(MintError::from)
             })
             .map(|leaf| leaf.key)
-            .map_err(|source| TlsError::Mint { host: name, source })
+            .map_err(|source| MintError::Mint { host: name, source })
     }
 
     /// Leaf certificates minted since start (`pullproxy_tls_certificates_minted_total`).
@@ -210,7 +231,7 @@ impl ResolvesServerCert for LeafMinter {
         };
         match self.certified_key(name) {
             Ok(key) => Some(key),
-            Err(TlsError::NotIntercepted { host }) => {
+            Err(MintError::NotIntercepted { host }) => {
                 debug!(server_name = %host, "not an intercepted host; no certificate");
                 None
             }
@@ -335,7 +356,7 @@ mod tests {
         }
         let err = minter.certified_key("n3.example.com").unwrap_err();
         assert!(
-            matches!(&err, TlsError::Mint { source, .. } if matches!(**source, TlsError::MintRateLimited)),
+            matches!(&err, MintError::Mint { source, .. } if matches!(**source, MintError::MintRateLimited)),
             "{err}"
         );
         assert_eq!((minter.minted(), minter.mints_limited()), (3, 1));
@@ -445,7 +466,7 @@ mod tests {
         for outside in ["github.com", "auth.docker.io", "pkg.dev"] {
             let err = minter.certified_key(outside).unwrap_err();
             assert!(
-                matches!(err, TlsError::NotIntercepted { .. }),
+                matches!(err, MintError::NotIntercepted { .. }),
                 "{outside}: {err}"
             );
         }

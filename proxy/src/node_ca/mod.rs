@@ -12,7 +12,7 @@ use rustls::crypto::CryptoProvider;
 
 pub(crate) use self::{
     ca::NodeCa,
-    hosts::InterceptSet,
+    hosts::{HostPatternError, InterceptSet},
     mint::{LeafMinter, server_config},
 };
 
@@ -70,7 +70,7 @@ impl TlsSettings {
     }
 
     /// The intercepted hosts: the defaults plus `intercept_hosts`.
-    pub(crate) fn intercept_set(&self) -> Result<InterceptSet, TlsError> {
+    pub(crate) fn intercept_set(&self) -> Result<InterceptSet, HostPatternError> {
         InterceptSet::with_defaults(&self.intercept_hosts)
     }
 }
@@ -81,87 +81,25 @@ pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Errors of the TLS layer.
+/// An I/O error with what was being done to which file: the node CA's, the trust store's, the
+/// upstream CAs' files, /proc.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{action} {path}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "unprotected private key file {path}: mode {mode:04o} lets group or others read it; \
-         run `chmod 600 {path}`"
-    )]
-    KeyPermissions { path: PathBuf, mode: u32 },
-    #[error("{path}: {message}")]
-    Pem { path: PathBuf, message: String },
-    #[error(
-        "{path}: not a usable private key ({cause}); pullproxy reads PKCS#8 (\"BEGIN PRIVATE \
-         KEY\"): convert with `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pk8`"
-    )]
-    Key { path: PathBuf, cause: rcgen::Error },
-    #[error("{path}: {reason}")]
-    BadCa { path: PathBuf, reason: String },
-    #[error("{key} is not the private key of {cert}")]
-    KeyMismatch { cert: PathBuf, key: PathBuf },
-    #[error("node CA {path} expired at {not_after}")]
-    CaExpired { path: PathBuf, not_after: String },
-    #[error(
-        "the node CA was supplied by the operator but {what} is not configured; set both the \
-         certificate and the key path"
-    )]
-    SuppliedCaPath { what: &'static str },
-    #[error(
-        "the operator-supplied node CA {path} cannot mint for {host}: its name constraints do not \
-         cover it; add {host} to the CA's permitted DNS subtrees or drop it from the intercepted \
-         hosts"
-    )]
-    NotCovered { path: PathBuf, host: String },
-    #[error("{host} is not an intercepted host")]
-    NotIntercepted { host: String },
-    #[error("too many new server names to mint for; try again shortly")]
-    MintRateLimited,
-    #[error("intercepted host {pattern:?}: {reason}")]
-    HostPattern {
-        pattern: String,
-        reason: &'static str,
-    },
-    #[error("generating a certificate")]
-    Certificate(#[from] rcgen::Error),
-    #[error("minting a certificate for {host}")]
-    Mint {
-        host: String,
-        #[source]
-        source: Arc<TlsError>,
-    },
-    #[error("TLS configuration")]
-    Rustls(#[from] rustls::Error),
-    #[error(
-        "no trusted roots for upstream connections: the system store is empty and no extra CA \
-         file is configured"
-    )]
-    NoUpstreamRoots,
-    #[error(
-        "no system trust store under {root}: looked for {looked_for}; install ca-certificates or \
-         point --root at the host's root directory"
-    )]
-    NoTrustStore { root: PathBuf, looked_for: String },
-    #[error("reading {path}: {reason}")]
-    Proc { path: PathBuf, reason: String },
-    #[error("node CA trust is incomplete: {problems} problem(s) listed above")]
-    TrustIncomplete { problems: usize },
+#[error("{action} {path}")]
+pub struct FileError {
+    action: &'static str,
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
 }
 
-impl TlsError {
-    pub(crate) fn io(
+impl FileError {
+    /// The error of `action` on `path`, for `map_err`.
+    pub(crate) fn at(
         action: &'static str,
         path: impl Into<PathBuf>,
     ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| Self::Io {
+        move |source| Self {
             action,
             path,
             source,

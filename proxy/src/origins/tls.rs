@@ -7,7 +7,21 @@ use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::node_ca::{TlsError, ca::NodeCa, crypto_provider};
+use crate::node_ca::{FileError, ca::NodeCa, crypto_provider};
+
+/// Errors of setting up verified TLS towards upstream registries and the hub.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamTlsError {
+    #[error(transparent)]
+    Io(#[from] FileError),
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error(
+        "no trusted roots for upstream connections: the system store is empty and no extra CA \
+         file is configured"
+    )]
+    NoUpstreamRoots,
+}
 
 /// What went into the upstream trust roots; log it at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,7 +50,7 @@ pub(crate) struct UpstreamRoots {
 pub(crate) fn upstream_client_config(
     extra_ca_files: &[PathBuf],
     node_ca: Option<&NodeCa>,
-) -> Result<(Arc<ClientConfig>, UpstreamRoots), TlsError> {
+) -> Result<(Arc<ClientConfig>, UpstreamRoots), UpstreamTlsError> {
     let native = rustls_native_certs::load_native_certs();
     let problems = native.errors.iter().map(ToString::to_string).collect();
     build(native.certs, problems, extra_ca_files, node_ca)
@@ -47,7 +61,7 @@ fn build(
     problems: Vec<String>,
     extra_ca_files: &[PathBuf],
     node_ca: Option<&NodeCa>,
-) -> Result<(Arc<ClientConfig>, UpstreamRoots), TlsError> {
+) -> Result<(Arc<ClientConfig>, UpstreamRoots), UpstreamTlsError> {
     let mut report = UpstreamRoots {
         problems,
         ..UpstreamRoots::default()
@@ -67,15 +81,15 @@ fn build(
     }
 
     for path in extra_ca_files {
-        let pem = std::fs::read(path).map_err(TlsError::io("reading", path))?;
+        let pem = std::fs::read(path).map_err(FileError::at("reading", path))?;
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<_, _>>()
-            .map_err(|e| TlsError::Pem {
+            .map_err(|e| UpstreamTlsError::Pem {
                 path: path.clone(),
                 message: format!("unreadable PEM: {e}"),
             })?;
         if certs.is_empty() {
-            return Err(TlsError::Pem {
+            return Err(UpstreamTlsError::Pem {
                 path: path.clone(),
                 message: "no certificate in this extra upstream CA file".into(),
             });
@@ -86,7 +100,7 @@ fn build(
                 continue;
             }
             // A configured file is a deliberate choice: a bad certificate in it is an error.
-            roots.add(cert).map_err(|e| TlsError::Pem {
+            roots.add(cert).map_err(|e| UpstreamTlsError::Pem {
                 path: path.clone(),
                 message: format!("not usable as a trust anchor: {e}"),
             })?;
@@ -95,7 +109,7 @@ fn build(
     }
 
     if roots.is_empty() {
-        return Err(TlsError::NoUpstreamRoots);
+        return Err(UpstreamTlsError::NoUpstreamRoots);
     }
     let mut config = ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
@@ -271,7 +285,7 @@ mod tests {
     fn no_roots_and_bad_files_are_errors() {
         assert!(matches!(
             build(vec![], vec![], &[], None),
-            Err(TlsError::NoUpstreamRoots)
+            Err(UpstreamTlsError::NoUpstreamRoots)
         ));
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.pem");

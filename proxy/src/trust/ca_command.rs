@@ -7,10 +7,31 @@ use std::{
 };
 
 use super::{
-    runtimes::{ProcFs, TrustReport},
-    store::TrustStore,
+    runtimes::{ProcFs, RuntimesError, TrustReport},
+    store::{TrustStore, TrustStoreError},
 };
-use crate::node_ca::{TlsError, TlsSettings, ca::NodeCa};
+use crate::node_ca::{
+    FileError, TlsSettings,
+    ca::{CaError, NodeCa},
+    hosts::HostPatternError,
+};
+
+/// Errors of the `pullproxy ca` commands.
+#[derive(Debug, thiserror::Error)]
+pub enum CaCommandError {
+    #[error(transparent)]
+    Io(#[from] FileError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Hosts(#[from] HostPatternError),
+    #[error(transparent)]
+    Store(#[from] TrustStoreError),
+    #[error(transparent)]
+    Runtimes(#[from] RuntimesError),
+    #[error("node CA trust is incomplete: {problems} problem(s) listed above")]
+    TrustIncomplete { problems: usize },
+}
 
 /// `pullproxy ca ...`
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
@@ -37,7 +58,7 @@ pub enum CaCommand {
 }
 
 /// Runs a `pullproxy ca` command, printing to stdout (results) and stderr (notices).
-pub fn run(command: CaCommand, settings: &TlsSettings) -> Result<(), TlsError> {
+pub fn run(command: CaCommand, settings: &TlsSettings) -> Result<(), CaCommandError> {
     run_with(
         command,
         settings,
@@ -52,7 +73,7 @@ pub(crate) fn run_with(
     settings: &TlsSettings,
     out: &mut dyn Write,
     notices: &mut dyn Write,
-) -> Result<(), TlsError> {
+) -> Result<(), CaCommandError> {
     match command {
         CaCommand::Print => {
             let ca = load(settings, notices)?;
@@ -77,7 +98,7 @@ pub(crate) fn run_with(
                         settings.ca_cert_path().display()
                     ),
                 )?;
-                return Err(TlsError::TrustIncomplete { problems: 1 });
+                return Err(CaCommandError::TrustIncomplete { problems: 1 });
             };
             let report = TrustReport::collect(&root, &ProcFs::at(proc_root), &ca)?;
             for line in report.lines() {
@@ -85,7 +106,7 @@ pub(crate) fn run_with(
             }
             match report.problems() {
                 0 => Ok(()),
-                problems => Err(TlsError::TrustIncomplete { problems }),
+                problems => Err(CaCommandError::TrustIncomplete { problems }),
             }
         }
     }
@@ -93,7 +114,7 @@ pub(crate) fn run_with(
 
 /// Loads (or generates) the CA exactly as the proxy does at start, so what is printed or
 /// installed is what the proxy serves.
-fn load(settings: &TlsSettings, notices: &mut dyn Write) -> Result<NodeCa, TlsError> {
+fn load(settings: &TlsSettings, notices: &mut dyn Write) -> Result<NodeCa, CaCommandError> {
     let hosts = settings.intercept_set()?;
     let (ca, ca_notices) = NodeCa::load_or_generate(settings, &hosts)?;
     for notice in ca_notices {
@@ -102,10 +123,11 @@ fn load(settings: &TlsSettings, notices: &mut dyn Write) -> Result<NodeCa, TlsEr
     Ok(ca)
 }
 
-fn write(out: &mut dyn Write, text: &str) -> Result<(), TlsError> {
+fn write(out: &mut dyn Write, text: &str) -> Result<(), CaCommandError> {
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
-        .map_err(TlsError::io("writing", "standard output"))
+        .map_err(FileError::at("writing", "standard output"))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -160,7 +182,10 @@ mod tests {
         // Status never creates a CA.
         let mut out = Vec::new();
         let err = run_with(status(), &settings, &mut out, &mut Vec::new()).unwrap_err();
-        assert!(matches!(err, TlsError::TrustIncomplete { problems: 1 }));
+        assert!(matches!(
+            err,
+            CaCommandError::TrustIncomplete { problems: 1 }
+        ));
         assert!(!settings.ca_cert_path().exists());
 
         let (mut pem, mut notices) = (Vec::new(), Vec::new());

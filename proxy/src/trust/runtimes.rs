@@ -11,8 +11,19 @@ use rustls_pki_types::CertificateDer;
 
 use crate::runtimes::Vetting;
 
-use super::store::{InstallState, TrustStore};
-use crate::node_ca::TlsError;
+use super::store::{InstallState, TrustStore, TrustStoreError};
+use crate::node_ca::FileError;
+
+/// Errors of telling which container runtimes trust the node CA.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimesError {
+    #[error(transparent)]
+    Io(#[from] FileError),
+    #[error(transparent)]
+    Store(#[from] TrustStoreError),
+    #[error("reading {path}: {reason}")]
+    Proc { path: PathBuf, reason: String },
+}
 
 /// A procfs to read processes from: `/proc`, or a fake one in tests.
 #[derive(Debug, Clone)]
@@ -90,7 +101,7 @@ impl ProcFs {
     /// The running container runtimes, by pid. Processes that exit while being read are
     /// skipped, and so are impostors (named like a runtime, but not one). Unverified ones are
     /// kept: this only informs, and from a pod without CAP_SYS_PTRACE no runtime can be verified.
-    pub(crate) fn runtimes(&self) -> Result<Vec<RuntimeProcess>, TlsError> {
+    pub(crate) fn runtimes(&self) -> Result<Vec<RuntimeProcess>, RuntimesError> {
         let boot = self.boot_time()?;
         let mut found = Vec::new();
         let running = crate::runtimes::running(&self.root).into_iter();
@@ -98,7 +109,7 @@ impl ProcFs {
             let Ok(stat) = fs::read_to_string(process.dir.join("stat")) else {
                 continue;
             };
-            let ticks = start_ticks(&stat).ok_or_else(|| TlsError::Proc {
+            let ticks = start_ticks(&stat).ok_or_else(|| RuntimesError::Proc {
                 path: process.dir.join("stat"),
                 reason: "no start time (field 22)".into(),
             })?;
@@ -113,14 +124,14 @@ impl ProcFs {
     }
 
     /// Boot time: `btime` in `/proc/stat`.
-    fn boot_time(&self) -> Result<SystemTime, TlsError> {
+    fn boot_time(&self) -> Result<SystemTime, RuntimesError> {
         let path = self.root.join("stat");
-        let stat = fs::read_to_string(&path).map_err(TlsError::io("reading", &path))?;
+        let stat = fs::read_to_string(&path).map_err(FileError::at("reading", &path))?;
         stat.lines()
             .find_map(|line| line.strip_prefix("btime "))
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
-            .ok_or(TlsError::Proc {
+            .ok_or(RuntimesError::Proc {
                 path,
                 reason: "no btime line".into(),
             })
@@ -189,7 +200,7 @@ impl TrustReport {
         root: &Path,
         proc: &ProcFs,
         ca: &CertificateDer<'_>,
-    ) -> Result<Self, TlsError> {
+    ) -> Result<Self, RuntimesError> {
         let store = TrustStore::detect(root)?;
         let install = store.state(ca)?;
         let runtimes = check_runtimes(&proc.runtimes()?, &install);

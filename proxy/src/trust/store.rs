@@ -18,7 +18,19 @@ use std::{
 
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 
-use crate::node_ca::{TlsError, ca::pem_of};
+use crate::node_ca::{FileError, ca::pem_of};
+
+/// Errors of finding and editing the system trust store.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustStoreError {
+    #[error(transparent)]
+    Io(#[from] FileError),
+    #[error(
+        "no system trust store under {root}: looked for {looked_for}; install ca-certificates or \
+         point --root at the host's root directory"
+    )]
+    NoTrustStore { root: PathBuf, looked_for: String },
+}
 
 /// First line of the block pullproxy appends to a bundle when the distribution's tool cannot
 /// run; the block is replaced, never duplicated.
@@ -153,7 +165,7 @@ pub(crate) enum InstallState {
 
 impl TrustStore {
     /// Finds the trust store layout under `root` (`/` for this system).
-    pub(crate) fn detect(root: &Path) -> Result<Self, TlsError> {
+    pub(crate) fn detect(root: &Path) -> Result<Self, TrustStoreError> {
         let layouts = [Layout::Debian, Layout::Rhel];
         // A layout whose bundle exists wins over one that only has the anchor directory.
         let found = layouts
@@ -165,7 +177,7 @@ impl TrustStore {
                 root: root.to_owned(),
                 layout: *layout,
             }),
-            None => Err(TlsError::NoTrustStore {
+            None => Err(TrustStoreError::NoTrustStore {
                 root: root.to_owned(),
                 looked_for: layouts
                     .iter()
@@ -206,7 +218,7 @@ impl TrustStore {
     /// Installs the CA: the anchor file, then the bundle (through the distribution's tool, or
     /// by editing the bundle when the tool cannot run in this root). Idempotent: a second call
     /// changes nothing, so modification times keep telling when the CA was installed.
-    pub(crate) fn install(&self, ca: &CertificateDer<'_>) -> Result<Installed, TlsError> {
+    pub(crate) fn install(&self, ca: &CertificateDer<'_>) -> Result<Installed, TrustStoreError> {
         let anchor = self.anchor_path();
         let pem = pem_of(ca);
         let anchor_changed = write_if_changed(&anchor, pem.as_bytes(), 0o644)?;
@@ -236,14 +248,14 @@ impl TrustStore {
     }
 
     /// Whether and since when the CA is installed.
-    pub(crate) fn state(&self, ca: &CertificateDer<'_>) -> Result<InstallState, TlsError> {
+    pub(crate) fn state(&self, ca: &CertificateDer<'_>) -> Result<InstallState, TrustStoreError> {
         let anchor = self.anchor_path();
         let bundle = self.bundle_path();
         let anchor_has = file_contains(&anchor, ca)?;
         let bundle_text = match fs::read_to_string(&bundle) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(TlsError::io("reading", &bundle)(e)),
+            Err(e) => return Err(FileError::at("reading", &bundle)(e).into()),
         };
         if !text_contains(&bundle_text, ca) {
             return Ok(if anchor_has {
@@ -260,7 +272,7 @@ impl TrustStore {
         };
         let since = fs::metadata(&evidence)
             .and_then(|m| m.modified())
-            .map_err(TlsError::io("inspecting", &evidence))?;
+            .map_err(FileError::at("inspecting", &evidence))?;
         Ok(InstallState::Installed { evidence, since })
     }
 
@@ -312,9 +324,13 @@ impl TrustStore {
     /// Puts the CA into the bundle in a marked block, replacing an earlier block; leaves a bundle
     /// that already holds the CA elsewhere alone. Never creates a bundle: one holding only the
     /// node CA would distrust every public CA on the host.
-    fn edit_bundle(&self, ca: &CertificateDer<'_>, why: String) -> Result<Refresh, TlsError> {
+    fn edit_bundle(
+        &self,
+        ca: &CertificateDer<'_>,
+        why: String,
+    ) -> Result<Refresh, TrustStoreError> {
         let bundle = self.bundle_path();
-        let current = fs::read_to_string(&bundle).map_err(TlsError::io("reading", &bundle))?;
+        let current = fs::read_to_string(&bundle).map_err(FileError::at("reading", &bundle))?;
         let mut next = strip_blocks(&current);
         if !text_contains(&next, ca) {
             if !next.is_empty() && !next.ends_with('\n') {
@@ -353,14 +369,14 @@ fn resolve_in_root(root: &Path, relative: &str) -> PathBuf {
 
 /// Writes `contents` to `path` unless it already holds exactly that, through a temporary file
 /// and a rename so readers never see half a bundle. Keeps the existing file's mode.
-fn write_if_changed(path: &Path, contents: &[u8], mode: u32) -> Result<bool, TlsError> {
+fn write_if_changed(path: &Path, contents: &[u8], mode: u32) -> Result<bool, TrustStoreError> {
     let mode = match fs::read(path) {
         Ok(existing) if existing == contents => return Ok(false),
         Ok(_) => fs::metadata(path)
             .map(|m| m.mode() & 0o7777)
             .unwrap_or(mode),
         Err(e) if e.kind() == io::ErrorKind::NotFound => mode,
-        Err(e) => return Err(TlsError::io("reading", path)(e)),
+        Err(e) => return Err(FileError::at("reading", path)(e).into()),
     };
     let mut name = std::ffi::OsString::from(".");
     name.push(path.file_name().unwrap_or_default());
@@ -372,23 +388,23 @@ fn write_if_changed(path: &Path, contents: &[u8], mode: u32) -> Result<bool, Tls
         .create_new(true)
         .mode(mode)
         .open(&tmp)
-        .map_err(TlsError::io("creating", &tmp))?;
+        .map_err(FileError::at("creating", &tmp))?;
     file.write_all(contents)
         .and_then(|()| file.sync_all())
-        .map_err(TlsError::io("writing", &tmp))?;
-    fs::rename(&tmp, path).map_err(TlsError::io("renaming into", path))?;
+        .map_err(FileError::at("writing", &tmp))?;
+    fs::rename(&tmp, path).map_err(FileError::at("renaming into", path))?;
     Ok(true)
 }
 
-fn file_contains(path: &Path, ca: &CertificateDer<'_>) -> Result<bool, TlsError> {
+fn file_contains(path: &Path, ca: &CertificateDer<'_>) -> Result<bool, TrustStoreError> {
     match fs::read_to_string(path) {
         Ok(text) => Ok(text_contains(&text, ca)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(TlsError::io("reading", path)(e)),
+        Err(e) => Err(FileError::at("reading", path)(e).into()),
     }
 }
 
-fn bundle_contains(bundle: &Path, ca: &CertificateDer<'_>) -> Result<bool, TlsError> {
+fn bundle_contains(bundle: &Path, ca: &CertificateDer<'_>) -> Result<bool, TrustStoreError> {
     file_contains(bundle, ca)
 }
 
