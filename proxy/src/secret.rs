@@ -10,7 +10,7 @@ pub struct Secret(String);
 
 impl Secret {
     /// The secret itself, for the one place that sends it.
-    pub(crate) fn expose(&self) -> &str {
+    pub fn expose(&self) -> &str {
         &self.0
     }
 }

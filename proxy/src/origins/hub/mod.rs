@@ -38,13 +38,13 @@ pub struct HubSettings {
     pub(crate) url: Uri,
     pub(crate) username: Option<String>,
     pub(crate) password: PasswordSource,
-    pub(crate) mapping: Mapping,
+    pub mapping: Mapping,
     pub(crate) timeout: Duration,
 }
 
 /// Repository on the hub for an image `{host}/{repo}`.
 #[derive(Debug, Clone)]
-pub(crate) struct Mapping {
+pub struct Mapping {
     pub(crate) default: String,
     pub(crate) overrides: BTreeMap<String, String>,
 }
@@ -63,7 +63,7 @@ const PROBE_REPO: &str = "library/nginx";
 #[error(
     "hub mapping {template:?} gives no valid repository name for an image from {registry}: {reason}"
 )]
-pub(crate) struct MappingError {
+pub struct MappingError {
     pub(crate) template: String,
     pub(crate) registry: String,
     pub(crate) reason: NameError,
@@ -98,7 +98,7 @@ impl Mapping {
     /// `library/nginx` by default). `registry` may be an alias (`registry-1.docker.io`); overrides
     /// match the alias or its canonical name. Fails when the result is not a valid repository
     /// name (a host that is no name component, or a name too long once the template adds to it).
-    pub(crate) fn hub_repo(
+    pub fn hub_repo(
         &self,
         registry: &str,
         repo: &RepositoryName,
