@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pullproxy::tls::client_hello::{ClientHelloPeek, PEEK_LIMIT, parse_client_hello};
+use pullproxy::accept::client_hello::{ClientHelloPeek, PEEK_LIMIT, parse_client_hello};
 use rustls::server::Acceptor;
 use rustls_pki_types::DnsName;
 

@@ -8,7 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 use pullproxy::{
     config::{Config, ConfigError, ENV_PREFIX},
-    hub::PasswordSource,
+    origins::hub::PasswordSource,
     telemetry::error_chain,
 };
 

@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pullproxy::{config::Config, hub::canonical_registry, oci::RepositoryName};
+use pullproxy::{config::Config, oci::RepositoryName, origins::hub::canonical_registry};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -19,9 +19,9 @@ use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::net::TcpListener;
 
 use crate::{
-    client::{self, ProxyBody},
+    accept::conn::{ClientKey, Gate, Limits},
     config::{self, Zero, nonzero_count},
-    conn::{ClientKey, Gate, Limits},
+    origins::client::{self, ProxyBody},
 };
 
 /// What the admin listener needs from the configuration (`admin`).
@@ -59,20 +59,20 @@ impl TryFrom<&config::Admin> for AdminSettings {
 
 /// What `/readyz` checks.
 #[derive(Debug, Default)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     /// The kernel programs are attached (or the redirect is disabled).
-    pub attached: AtomicBool,
+    pub(crate) attached: AtomicBool,
     /// The proxy listeners are bound.
-    pub listening: AtomicBool,
+    pub(crate) listening: AtomicBool,
     /// The last hub check succeeded (or there is no hub).
-    pub hub_up: AtomicBool,
+    pub(crate) hub_up: AtomicBool,
     /// An unreachable hub does not make pullproxy unready.
-    pub hub_optional: bool,
+    pub(crate) hub_optional: bool,
 }
 
 impl Readiness {
     /// Ready, or the first reason it is not.
-    pub fn check(&self) -> Result<(), &'static str> {
+    pub(crate) fn check(&self) -> Result<(), &'static str> {
         if !self.attached.load(Ordering::Relaxed) {
             return Err("kernel programs not attached");
         }
@@ -87,7 +87,7 @@ impl Readiness {
 }
 
 /// Serves the admin endpoints on `listener` until the task is dropped.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     readiness: Arc<Readiness>,
@@ -112,10 +112,12 @@ pub async fn serve(
 }
 
 /// Binds the admin address.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::server::BindError> {
+pub(crate) async fn bind(
+    addr: SocketAddr,
+) -> Result<TcpListener, crate::accept::server::BindError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| crate::server::BindError { addr, source })
+        .map_err(|source| crate::accept::server::BindError { addr, source })
 }
 
 fn answer(

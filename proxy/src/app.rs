@@ -19,27 +19,32 @@ use prometheus_client::{
 use tracing::{error, info, warn};
 
 use crate::{
+    accept::conn::{self, ConnMetrics, Gate, ListenerKind},
+    accept::original_dst::{MemoryOriginalDst, OriginalDstSource},
+    accept::port_holder,
+    accept::server::{self, BindError, OnDistrust, Server, ServerMetrics},
     admin::{self, Readiness},
     cache::{Cache, CacheError},
-    client::{self, AddressPolicy, Connector, UpstreamClients},
     config::Config,
-    conn::{self, ConnMetrics, Gate, ListenerKind},
-    hub::{HubClient, HubOutcome},
-    original_dst::{MemoryOriginalDst, OriginalDstSource},
-    port_holder,
+    node_ca::{self, LeafMinter, NodeCa, ca::CaError, hosts::HostPatternError},
+    origins::client::{self, AddressPolicy, Connector, UpstreamClients},
+    origins::hub::{HubClient, HubOutcome},
+    origins::tls::{UpstreamTlsError, upstream_client_config},
+    origins::upstream::Upstream,
+    origins::writeback::{Jobs, Policy, WriteBack},
     redirect::{LoaderError, Redirector},
     registry::RegistryProxy,
-    server::{self, BindError, OnDistrust, Server, ServerMetrics},
-    tls::{self, LeafMinter, NodeCa, TlsError},
-    upstream::Upstream,
     warm::Warmer,
-    writeback::{Jobs, Policy, WriteBack},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("setting up TLS")]
-    Tls(#[from] TlsError),
+    TlsHosts(#[from] HostPatternError),
+    #[error("setting up TLS")]
+    TlsCa(#[from] CaError),
+    #[error("setting up TLS")]
+    TlsUpstream(#[from] UpstreamTlsError),
     #[error("opening the cache in {dir}")]
     Cache {
         dir: std::path::PathBuf,
@@ -85,7 +90,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     };
     if config.redirect.enabled {
-        crate::redirect::preflight()?;
+        crate::redirect::preflight::check()?;
     }
     let mut registry = Registry::with_prefix("pullproxy");
     registry.register(
@@ -106,8 +111,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     let ca = Arc::new(ca);
     let minter = Arc::new(LeafMinter::new(ca.clone(), Arc::new(intercept)));
-    let (client_tls, roots) =
-        tls::upstream_client_config(&tls_settings.extra_upstream_cas, Some(&ca))?;
+    let (client_tls, roots) = upstream_client_config(&tls_settings.extra_upstream_cas, Some(&ca))?;
     info!(
         system = roots.system,
         extra = roots.extra,
@@ -140,7 +144,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             })?,
     );
     crate::cache::metrics::register(&mut registry, cache.clone());
-    crate::tls::mint::register(&mut registry, minter.clone());
+    crate::node_ca::mint::register(&mut registry, minter.clone());
     let mut proxy = RegistryProxy::new(
         hub.clone(),
         Arc::new(Upstream::new(
@@ -177,8 +181,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     let proxy = Arc::new(proxy);
     proxy.metrics.register(&mut registry);
-    let tls_config = tls::server_config(minter.clone());
-    let kernel_tls = Arc::new(tls::ktls::KernelTls::new(
+    let tls_config = node_ca::server_config(minter.clone());
+    let kernel_tls = Arc::new(crate::accept::ktls::KernelTls::new(
         config.listen.kernel_tls,
         minter.clone(),
         &tls_config,

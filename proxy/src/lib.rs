@@ -14,25 +14,20 @@
 )]
 #![deny(clippy::unwrap_used, clippy::print_stdout, clippy::print_stderr)]
 
-pub mod admin;
+pub mod accept;
+pub(crate) mod admin;
 pub mod app;
 pub mod cache;
-pub mod client;
 pub mod config;
-pub mod conn;
 pub mod doctor;
-pub mod hub;
+pub mod node_ca;
 pub mod oci;
-pub mod original_dst;
-pub mod port_holder;
+pub mod origins;
 pub mod private_state;
 pub mod redirect;
-pub mod registry;
-pub mod runtimes;
+pub(crate) mod registry;
+pub(crate) mod runtimes;
 pub mod secret;
-pub mod server;
 pub mod telemetry;
-pub mod tls;
-pub mod upstream;
+pub mod trust;
 pub mod warm;
-pub mod writeback;

@@ -5,18 +5,12 @@
 )]
 #![deny(clippy::unwrap_used)]
 
+mod cli;
+
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use pullproxy::{
-    app,
-    config::Config,
-    doctor::{self, DoctorArgs},
-    redirect, telemetry,
-    tls::{self, CaCommand},
-    warm,
-};
+use pullproxy::{doctor::DoctorArgs, trust::ca_command::CaCommand};
 
 #[derive(Parser)]
 #[command(
@@ -67,18 +61,16 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(cli.config),
-        Command::CheckConfig { file } => check_config(file),
-        Command::Uninstall => uninstall(cli.config),
-        Command::Ca(cmd) => Config::load(cli.config.as_deref())
-            .map_err(anyhow::Error::from)
-            .and_then(|c| Ok(tls::cli::run(cmd, &c.tls)?)),
-        Command::Doctor(args) => run_doctor(cli.config, &args),
+        Command::Run => cli::run::run(cli.config),
+        Command::CheckConfig { file } => cli::check_config::run(file),
+        Command::Uninstall => cli::uninstall::run(cli.config),
+        Command::Ca(cmd) => cli::ca::run(cli.config, cmd),
+        Command::Doctor(args) => cli::doctor::run(cli.config, &args),
         Command::Warm {
             images,
             user,
             password_file,
-        } => warm(cli.config, &images, user, password_file),
+        } => cli::warm::run(cli.config, &images, user, password_file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,106 +79,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn check_config(file: PathBuf) -> anyhow::Result<()> {
-    let config = Config::load(Some(&file))?;
-    for var in &config.ignored_env {
-        println!("{var}: not a PULLPROXY_<SECTION>__<KEY> override; ignored");
-    }
-    println!("{}: ok", file.display());
-    Ok(())
-}
-
-fn uninstall(config: Option<PathBuf>) -> anyhow::Result<()> {
-    let config = Config::load(config.as_deref())?;
-    let removed = redirect::uninstall(&config.redirect.pin_dir)
-        .with_context(|| format!("removing pins under {}", config.redirect.pin_dir.display()))?;
-    if removed.is_empty() {
-        println!("nothing pinned under {}", config.redirect.pin_dir.display());
-    }
-    for path in removed {
-        println!("removed {}", path.display());
-    }
-    Ok(())
-}
-
-fn run_doctor(config: Option<PathBuf>, args: &DoctorArgs) -> anyhow::Result<()> {
-    let config = Config::load(config.as_deref())?;
-    if doctor::run(&config, args, &mut std::io::stdout().lock())? {
-        Ok(())
-    } else {
-        anyhow::bail!("the node needs the fixes listed above")
-    }
-}
-
-/// Prints warm-up progress, one line per step.
-struct Printed;
-
-impl warm::Progress for Printed {
-    fn step(&self, image: &pullproxy::oci::ImageRef, message: &str) {
-        println!("{image}: {message}");
-    }
-}
-
-fn warm(
-    config: Option<PathBuf>,
-    images: &[String],
-    user: Option<String>,
-    password_file: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let config = Config::load(config.as_deref())?;
-    let refs = images
-        .iter()
-        .map(|i| i.parse().with_context(|| format!("{i:?}")))
-        .collect::<anyhow::Result<Vec<pullproxy::oci::ImageRef>>>()?;
-    let password = match &password_file {
-        Some(f) => std::fs::read_to_string(f)
-            .with_context(|| format!("reading {}", f.display()))?
-            .trim_end_matches(['\n', '\r'])
-            .to_owned(),
-        None => String::new(),
-    };
-    let warmer = warm::Warmer::new(&config, user.as_deref().map(|u| (u, password.as_str())))?;
-    let failed = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?
-        .block_on(async {
-            let mut failed = 0;
-            for image in &refs {
-                if let Err(e) = warmer.warm(image, &Printed).await {
-                    eprintln!("{image}: {}", telemetry::error_chain(&e));
-                    failed += 1;
-                }
-            }
-            failed
-        });
-    if failed > 0 {
-        anyhow::bail!("{failed} of {} image(s) could not be warmed", refs.len());
-    }
-    Ok(())
-}
-
-fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
-    // Whatever the daemon creates is root's alone, also where a library or a future file forgets
-    // to say so (the cache and the node CA set their modes explicitly). Only here: `ca install`
-    // writes the system trust store, which everyone must be able to read.
-    // SAFETY: umask only replaces the process's file mode creation mask; it touches no memory
-    // and cannot fail.
-    unsafe { libc::umask(0o077) };
-    let config = Config::load(config.as_deref())?;
-    telemetry::init(&config.log);
-    for var in &config.ignored_env {
-        tracing::warn!(
-            var,
-            "environment variable is not a PULLPROXY_<SECTION>__<KEY> override; ignored"
-        );
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?
-        .block_on(app::run(config))
-        .map_err(anyhow::Error::from)
 }

@@ -10,13 +10,13 @@ use std::{
 };
 
 /// Mode of every state directory.
-pub const DIR_MODE: u32 = 0o700;
+pub(crate) const DIR_MODE: u32 = 0o700;
 /// Mode of every state file.
-pub const FILE_MODE: u32 = 0o600;
+pub(crate) const FILE_MODE: u32 = 0o600;
 
 /// Creates `dir` (and missing parents) with [`DIR_MODE`], or narrows an existing `dir` to it.
 /// Parents that exist already are left as they are: they may not be pullproxy's.
-pub fn create_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn create_dir(dir: &Path) -> io::Result<()> {
     DirBuilder::new()
         .recursive(true)
         .mode(DIR_MODE)
@@ -25,7 +25,7 @@ pub fn create_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Sets `path` to `mode` unless `meta` (its metadata, as already read) says it has it.
-pub fn restrict(path: &Path, meta: &Metadata, mode: u32) -> io::Result<()> {
+pub(crate) fn restrict(path: &Path, meta: &Metadata, mode: u32) -> io::Result<()> {
     if meta.mode() & 0o7777 == mode {
         return Ok(());
     }
@@ -34,7 +34,7 @@ pub fn restrict(path: &Path, meta: &Metadata, mode: u32) -> io::Result<()> {
 
 /// Options that create a new file with [`FILE_MODE`] from the start (no moment with wider
 /// permissions) and refuse a path that exists, a planted symlink included. Add `read` if needed.
-pub fn new_file() -> OpenOptions {
+pub(crate) fn new_file() -> OpenOptions {
     let mut options = OpenOptions::new();
     options.write(true).create_new(true).mode(FILE_MODE);
     options

@@ -10,7 +10,7 @@ use std::{
 };
 
 /// Systemd units of the container runtimes pullproxy serves.
-pub const RUNTIME_UNITS: &[&str] = &[
+pub(crate) const RUNTIME_UNITS: &[&str] = &[
     "containerd.service",
     "docker.service",
     "crio.service",
@@ -22,7 +22,7 @@ pub const RUNTIME_UNITS: &[&str] = &[
 
 /// Process names (`/proc/<pid>/comm`) of the runtimes that pull images. k3s and rke2 also run an
 /// embedded `containerd`.
-pub const RUNTIME_COMMS: &[&str] = &[
+pub(crate) const RUNTIME_COMMS: &[&str] = &[
     "containerd",
     "dockerd",
     "crio",
@@ -36,18 +36,18 @@ const GROUP_OTHER_WRITE: u32 = 0o022;
 
 /// A running process named like a runtime, and whether it is one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuntimeProc {
-    pub pid: u32,
+pub(crate) struct RuntimeProc {
+    pub(crate) pid: u32,
     /// One of [`RUNTIME_COMMS`].
-    pub comm: String,
+    pub(crate) comm: String,
     /// Its `/proc/<pid>` directory under the procfs root that was scanned.
-    pub dir: PathBuf,
-    pub vetting: Vetting,
+    pub(crate) dir: PathBuf,
+    pub(crate) vetting: Vetting,
 }
 
 /// Whether a process named like a runtime is one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Vetting {
+pub(crate) enum Vetting {
     /// Runs as root in the node's pid namespace from an executable only root can have put there.
     Runtime,
     /// Fails a check (the reason says which): whatever its name, it is not a runtime.
@@ -69,38 +69,38 @@ impl fmt::Display for Vetting {
 
 /// Owner and permissions of a file, and where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileFacts {
-    pub path: PathBuf,
-    pub uid: u32,
-    pub mode: u32,
+pub(crate) struct FileFacts {
+    pub(crate) path: PathBuf,
+    pub(crate) uid: u32,
+    pub(crate) mode: u32,
 }
 
 /// Why a file could not be inspected.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unreadable {
+pub(crate) struct Unreadable {
     /// The kernel refused (another process's `exe` needs ptrace access: CAP_SYS_PTRACE for a
     /// process with capabilities the reader lacks), as opposed to the process being gone.
-    pub denied: bool,
-    pub reason: String,
+    pub(crate) denied: bool,
+    pub(crate) reason: String,
 }
 
 /// What `/proc/<pid>` says about a process, as far as vetting it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcFacts {
+pub(crate) struct ProcFacts {
     /// Effective uid (second field of `Uid:` in `status`); `None` when unreadable.
-    pub euid: Option<u32>,
+    pub(crate) euid: Option<u32>,
     /// How many pid namespaces the process has a pid in, from this procfs's down (`NSpid:`): 1
     /// means it lives in the procfs's own namespace (the node's), more means in a container.
-    pub pid_namespaces: usize,
+    pub(crate) pid_namespaces: usize,
     /// The executable it runs (`exe`, followed).
-    pub exe: Result<FileFacts, Unreadable>,
+    pub(crate) exe: Result<FileFacts, Unreadable>,
     /// The directory holding it, resolved in the process's own root.
-    pub exe_dir: Result<FileFacts, Unreadable>,
+    pub(crate) exe_dir: Result<FileFacts, Unreadable>,
 }
 
 impl ProcFacts {
     /// Reads the facts of the process at `dir` (`/proc/<pid>`).
-    pub fn read(dir: &Path) -> Self {
+    pub(crate) fn read(dir: &Path) -> Self {
         let status = fs::read_to_string(dir.join("status")).ok();
         let field = |name: &str| {
             status
@@ -168,7 +168,7 @@ fn unreadable(path: &Path, e: &io::Error) -> Unreadable {
 /// namespace (not a container's), from a root-owned executable that neither group nor others may
 /// write, in a root-owned directory that neither group nor others may write (so nothing in `/tmp`
 /// or a user's home: only root can have put it there).
-pub fn vet(facts: &ProcFacts) -> Vetting {
+pub(crate) fn vet(facts: &ProcFacts) -> Vetting {
     let Some(euid) = facts.euid else {
         return Vetting::Unverified("its status is unreadable (it exited?)".into());
     };
@@ -213,7 +213,7 @@ pub fn vet(facts: &ProcFacts) -> Vetting {
 /// The processes under `proc_root` (`/proc`, the host's procfs mounted in a pod, or a fake one in
 /// tests) named like a runtime, by pid, each vetted. Processes that exit while being read are
 /// skipped.
-pub fn running(proc_root: &Path) -> Vec<RuntimeProc> {
+pub(crate) fn running(proc_root: &Path) -> Vec<RuntimeProc> {
     let mut found: Vec<RuntimeProc> = fs::read_dir(proc_root)
         .into_iter()
         .flatten()

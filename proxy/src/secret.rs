@@ -9,10 +9,6 @@ use serde::Deserialize;
 pub struct Secret(String);
 
 impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
     /// The secret itself, for the one place that sends it.
     pub fn expose(&self) -> &str {
         &self.0

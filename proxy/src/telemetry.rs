@@ -8,14 +8,14 @@ use tracing_subscriber::{EnvFilter, fmt};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Log {
-    pub format: LogFormat,
+    pub(crate) format: LogFormat,
     /// A tracing filter: `info`, `pullproxy=debug`, ...
-    pub level: String,
+    pub(crate) level: String,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }
@@ -46,14 +46,14 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_secs() -> u64 {
+pub(crate) fn unix_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
 /// Encodes one counter read at scrape time (for collectors over live state).
-pub fn encode_counter(
+pub(crate) fn encode_counter(
     encoder: &mut prometheus_client::encoding::DescriptorEncoder,
     name: &str,
     help: &str,
@@ -66,7 +66,7 @@ pub fn encode_counter(
 }
 
 /// Encodes one gauge read at scrape time.
-pub fn encode_gauge(
+pub(crate) fn encode_gauge(
     encoder: &mut prometheus_client::encoding::DescriptorEncoder,
     name: &str,
     help: &str,

@@ -19,10 +19,10 @@ use http_body_util::BodyExt as _;
 use tracing::{info, warn};
 
 use crate::{
-    client::{self, AddressPolicy, Connector, HttpClient, UpstreamClients},
     config::Config,
     oci::{BearerChallenge, Digest, ImageRef, ManifestRefs, Reference, media_type},
-    upstream::{UpstreamError, fetch_token},
+    origins::client::{self, AddressPolicy, Connector, HttpClient, UpstreamClients},
+    origins::upstream::{UpstreamError, fetch_token},
 };
 
 /// Deadline for one manifest or token exchange; blobs only need to keep flowing.
@@ -115,11 +115,12 @@ impl Warmer {
         // pullproxy trusts upstream (token services are dialled directly).
         let mut cas = tls_settings.extra_upstream_cas.clone();
         cas.push(ca_path.clone());
-        let (tls, _) =
-            crate::tls::upstream_client_config(&cas, None).map_err(|e| WarmError::NodeCa {
+        let (tls, _) = crate::origins::tls::upstream_client_config(&cas, None).map_err(|e| {
+            WarmError::NodeCa {
                 path: ca_path,
                 reason: crate::telemetry::error_chain(&e),
-            })?;
+            }
+        })?;
         let ip = config
             .listen
             .addresses
@@ -386,7 +387,11 @@ impl Progress for Logged {
 
 /// The daemon's warm-up: `images` now, then again whenever `warm.images` changes in the file at
 /// `config_path` (checked every [`CONFIG_CHECK_EVERY`]).
-pub async fn run_daemon(warmer: Arc<Warmer>, images: Vec<ImageRef>, config_path: Option<PathBuf>) {
+pub(crate) async fn run_daemon(
+    warmer: Arc<Warmer>,
+    images: Vec<ImageRef>,
+    config_path: Option<PathBuf>,
+) {
     let mut current = images;
     warm_all(&warmer, &current).await;
     let Some(path) = config_path else {

@@ -11,7 +11,7 @@ pub fn may_run(name: &str) -> bool {
     if !crate::privileged::may_run(name) {
         return false;
     }
-    match pullproxy::tls::ktls::probe() {
+    match pullproxy::accept::ktls::probe() {
         Ok(_) => true,
         Err(e) if std::env::var(OPT_IN).is_ok() => {
             panic!("{name}: {OPT_IN} is set, but this kernel's TLS is not usable: {e}")

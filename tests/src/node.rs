@@ -99,7 +99,7 @@ impl Node {
 
     /// The node CA pullproxy generated (after it started).
     pub fn node_ca_pem(&self) -> String {
-        let path = self.tls_dir().join(pullproxy::tls::CA_CERT_FILE);
+        let path = self.tls_dir().join(pullproxy::node_ca::CA_CERT_FILE);
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 

@@ -40,7 +40,8 @@ pub fn may_run(name: &str) -> bool {
         return false;
     }
     let booted = Path::new("/run/systemd/system").is_dir();
-    let pure_v2 = redirect::fs_magic(Path::new("/sys/fs/cgroup")) == Some(redirect::CGROUP2_MAGIC);
+    let pure_v2 = redirect::preflight::fs_magic(Path::new("/sys/fs/cgroup"))
+        == Some(redirect::preflight::CGROUP2_MAGIC);
     assert!(
         booted && pure_v2,
         "{name}: {OPT_IN} is set, but this machine is not systemd-booted with cgroup v2 at \

@@ -6,7 +6,7 @@
 //! As in the DaemonSet's container, pullproxy also runs in a cgroup namespace of its own with the
 //! cgroup v2 tree mounted read-only.
 //!
-//! pullproxy's preflight (`check_privileges` in proxy/src/redirect/mod.rs) refuses to start
+//! pullproxy's preflight (`check_privileges` in proxy/src/redirect/preflight.rs) refuses to start
 //! without a fixed list before the kernel is asked. To measure what the kernel itself enforces,
 //! [`Preflight::Masked`] shows pullproxy a full `CapEff` in `/proc/self/status` (a bind mount in
 //! the process's private mount namespace); the kernel still sees the real, reduced set.
@@ -309,7 +309,8 @@ fn the_trust_init_container_needs_no_capability() {
     let said =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{said}");
-    let ca = std::fs::read_to_string(state.join(pullproxy::tls::CA_CERT_FILE)).expect("node CA");
+    let ca =
+        std::fs::read_to_string(state.join(pullproxy::node_ca::CA_CERT_FILE)).expect("node CA");
     let ca_body: String = ca.lines().filter(|l| !l.starts_with("-----")).collect();
     let in_bundle: String = std::fs::read_to_string(&bundle)
         .unwrap()

@@ -14,7 +14,7 @@ use harness::{
     require_kernel_tls,
     world::World,
 };
-use pullproxy::tls::ktls;
+use pullproxy::accept::ktls;
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 

@@ -308,7 +308,7 @@ fn pullproxy_service_redirects_fails_open_when_stopped_swaps_programs_on_restart
     let node_ca = fs::read_to_string(
         Path::new(STATE_DIR)
             .join("tls")
-            .join(pullproxy::tls::CA_CERT_FILE),
+            .join(pullproxy::node_ca::CA_CERT_FILE),
     )
     .expect("the service's node CA");
     let bundle = ca_bundle(

@@ -20,7 +20,7 @@ use std::{
 
 use harness::{bpffs::Bpffs, cgroup::Cgroup, netns::NetNs};
 use pullproxy::{
-    original_dst::{ClientAddr, ListenAddr, OriginalDstSource},
+    accept::original_dst::{ClientAddr, ListenAddr, OriginalDstSource},
     redirect::{self, RedirectSettings, Redirector, Targets},
 };
 use pullproxy_bench::{

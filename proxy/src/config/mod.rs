@@ -16,9 +16,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::{
-    admin::AdminSettings, cache::CacheSettings, hub::HubSettings, redirect::RedirectSettings,
-    secret::Secret, server::ListenSettings, telemetry::Log, tls::TlsSettings,
-    upstream::UpstreamSettings, warm::WarmSettings,
+    accept::server::ListenSettings, admin::AdminSettings, cache::CacheSettings,
+    node_ca::TlsSettings, origins::hub::HubSettings, origins::upstream::UpstreamSettings,
+    redirect::RedirectSettings, secret::Secret, telemetry::Log, warm::WarmSettings,
 };
 
 /// The default configuration, embedded in the binary. Every key is documented there.
@@ -175,7 +175,7 @@ pub struct Hub {
     pub timeout: Duration,
     /// Push images the upstream served (because the hub lacked them) into the hub: `public`,
     /// `all` or `off`.
-    pub write_back: crate::writeback::Policy,
+    pub write_back: crate::origins::writeback::Policy,
     /// Bytes per second write-back may upload into the hub, all uploads together.
     pub write_back_rate: ByteSize,
 }

@@ -1,7 +1,7 @@
 //! The loader end to end: layering, and every refusal named with its key and where it was set.
 
 use super::*;
-use crate::{hub::PasswordSource, redirect::Targets};
+use crate::{origins::hub::PasswordSource, redirect::Targets};
 
 fn no_env() -> Vec<(String, String)> {
     Vec::new()

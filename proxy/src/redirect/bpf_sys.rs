@@ -60,7 +60,7 @@ pub struct CgroupLinkInfo {
 }
 
 /// `BPF_LINK_TYPE_CGROUP` from `enum bpf_link_type`.
-pub const LINK_TYPE_CGROUP: u32 = 3;
+pub(crate) const LINK_TYPE_CGROUP: u32 = 3;
 
 fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, correctly laid out `bpf_attr` prefix of `size_of::<T>()` bytes.
@@ -80,7 +80,7 @@ fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
 }
 
 /// Opens a pinned BPF object (here: a link) from bpffs.
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut attr = ObjGetAttr {
@@ -93,7 +93,7 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// Which cgroup a link is attached to and which program it runs.
-pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+pub(crate) fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
     let mut info = CgroupLinkInfo::default();
     let mut attr = InfoAttr {
         bpf_fd: link.as_raw_fd() as u32,
@@ -105,7 +105,7 @@ pub fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
 }
 
 /// Atomically replaces the program a link runs.
-pub fn link_update(link: BorrowedFd<'_>, program: impl AsFd) -> io::Result<()> {
+pub(crate) fn link_update(link: BorrowedFd<'_>, program: impl AsFd) -> io::Result<()> {
     let mut attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: program.as_fd().as_raw_fd() as u32,

@@ -14,12 +14,12 @@ const UNIT_SCAN_DEPTH: usize = 3;
 
 /// What a scan for runtimes found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Detection {
+pub(crate) struct Detection {
     /// Cgroup paths of the runtimes: their systemd units and the cgroups of vetted processes.
-    pub cgroups: BTreeSet<String>,
+    pub(crate) cgroups: BTreeSet<String>,
     /// Processes named like a runtime whose cgroups do not count (impostors, or unverified),
     /// except those in a cgroup that is a target anyway (a runtime's unit).
-    pub skipped: Vec<RuntimeProc>,
+    pub(crate) skipped: Vec<RuntimeProc>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,7 @@ impl Cgroup2 {
     }
 
     /// Parses mountinfo text; the first `cgroup2` mount wins.
-    pub fn from_mountinfo(text: &str) -> Result<Self, CgroupError> {
+    pub(crate) fn from_mountinfo(text: &str) -> Result<Self, CgroupError> {
         text.lines()
             .find_map(|line| {
                 // `36 35 0:30 / /sys/fs/cgroup rw,... shared:9 - cgroup2 cgroup2 rw`
@@ -75,8 +75,9 @@ impl Cgroup2 {
             .ok_or(CgroupError::NoCgroup2)
     }
 
+    #[cfg(test)]
     /// A cgroup v2 tree rooted at `mount` (tests).
-    pub fn at(mount: impl Into<PathBuf>) -> Self {
+    pub(crate) fn at(mount: impl Into<PathBuf>) -> Self {
         Self {
             mount: mount.into(),
         }
@@ -119,7 +120,7 @@ impl Cgroup2 {
     /// of processes under `proc_root` that are runtimes (named like one and vetted, see
     /// [`runtimes::vet`]). The root cgroup is never returned: targeting it would redirect every
     /// process on the node.
-    pub fn detect_runtimes(&self, proc_root: &Path) -> Detection {
+    pub(crate) fn detect_runtimes(&self, proc_root: &Path) -> Detection {
         let mut units = BTreeSet::new();
         self.scan_units(Path::new("/"), 0, &mut units);
         process_cgroups(runtimes::running(proc_root), units)
@@ -192,7 +193,7 @@ fn process_cgroup(process: &RuntimeProc) -> Option<String> {
 }
 
 /// The cgroup v2 path in `/proc/<pid>/cgroup` text (`0::/path`).
-pub fn unified_path(proc_cgroup: &str) -> Option<&str> {
+pub(crate) fn unified_path(proc_cgroup: &str) -> Option<&str> {
     proc_cgroup
         .lines()
         .find_map(|l| l.strip_prefix("0::"))

@@ -16,16 +16,19 @@ use super::LoaderError;
 
 /// The guard as pinned: what `pullproxy doctor` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PinnedGuard {
+pub(crate) struct PinnedGuard {
     /// Ports only pullproxy's cgroup may bind, ascending.
-    pub ports: Vec<u16>,
+    pub(crate) ports: Vec<u16>,
     /// Cookie of the network namespace where they are guarded; 0 while pullproxy has not bound
     /// them yet (the guard is not armed).
-    pub netns: u64,
+    pub(crate) netns: u64,
 }
 
 /// Makes the guarded-port map hold exactly `ports`.
-pub fn sync_ports(map: &mut HashMap<MapData, u16, u32>, ports: &[u16]) -> Result<(), LoaderError> {
+pub(crate) fn sync_ports(
+    map: &mut HashMap<MapData, u16, u32>,
+    ports: &[u16],
+) -> Result<(), LoaderError> {
     let map_err = |source| LoaderError::Map {
         map: maps::GUARD_PORTS,
         source,
@@ -51,7 +54,7 @@ pub fn sync_ports(map: &mut HashMap<MapData, u16, u32>, ports: &[u16]) -> Result
 /// Arms the guard in this process's network namespace before pullproxy binds, so no other
 /// process can take the ports in between. On kernels without `SO_NETNS_COOKIE` (before 5.14)
 /// the bind programs arm it themselves when pullproxy binds.
-pub fn arm(netns: &mut Array<MapData, u64>) -> Result<(), LoaderError> {
+pub(crate) fn arm(netns: &mut Array<MapData, u64>) -> Result<(), LoaderError> {
     let cookie = match own_netns_cookie() {
         Ok(c) => c,
         Err(e) => {
@@ -94,7 +97,7 @@ fn own_netns_cookie() -> io::Result<u64> {
 }
 
 /// The guard of an installed redirect, read from its pins (also while pullproxy is down).
-pub fn pinned(pin_dir: &Path) -> Result<PinnedGuard, LoaderError> {
+pub(crate) fn pinned(pin_dir: &Path) -> Result<PinnedGuard, LoaderError> {
     let dir = pin_dir.join(format!("maps-{}", proxy_common::MAPS_LAYOUT));
     let open = |name: &'static str| {
         let map_err = |source| LoaderError::Map { map: name, source };

@@ -9,7 +9,7 @@ use proxy_common::{CgroupRole, MAX_CGROUPS};
 use tracing::{info, warn};
 
 /// Cgroup id -> (role, cgroup path): what should be, or what is, in the kernel map.
-pub type Marks = BTreeMap<u64, (CgroupRole, String)>;
+pub(crate) type Marks = BTreeMap<u64, (CgroupRole, String)>;
 
 /// Why a mark could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +21,7 @@ pub enum MarkError {
 }
 
 /// The kernel's cgroup map, as far as the sync needs it (a fake in tests).
-pub trait CgroupMarks {
+pub(crate) trait CgroupMarks {
     /// Every id in the map.
     fn ids(&self) -> Vec<u64>;
     /// Writes `id`'s role (inserting or replacing).
@@ -52,23 +52,23 @@ impl CgroupMarks for HashMap<MapData, u64, u32> {
 
 /// What a sync did.
 #[derive(Debug, Default)]
-pub struct SyncOutcome {
+pub(crate) struct SyncOutcome {
     /// What the map holds now (of what was desired): the next sync's `applied`.
-    pub applied: Marks,
+    pub(crate) applied: Marks,
     /// Whether the map changed (the kernel's decision cache must be invalidated).
-    pub changed: bool,
+    pub(crate) changed: bool,
     /// Desired cgroups left out because the map was full.
-    pub full: BTreeSet<u64>,
+    pub(crate) full: BTreeSet<u64>,
     /// pullproxy's own (bypass) mark could not be written: its binds would be refused and its
     /// upstream connections might loop. The caller treats this as an error.
-    pub bypass_failed: Option<MarkError>,
+    pub(crate) bypass_failed: Option<MarkError>,
 }
 
 /// Makes `map` hold exactly `desired`, given `applied` (what the last sync left there). Stale
 /// entries (earlier runs, cgroups that are gone) are removed before anything is inserted, so
 /// they never take the room of current ones; the bypass mark is written before the targets.
 /// A write that fails is logged and left out of `applied`, so the next sync retries it.
-pub fn sync(map: &mut impl CgroupMarks, applied: &Marks, desired: &Marks) -> SyncOutcome {
+pub(crate) fn sync(map: &mut impl CgroupMarks, applied: &Marks, desired: &Marks) -> SyncOutcome {
     let mut out = SyncOutcome::default();
     for id in map.ids() {
         if !desired.contains_key(&id) {

@@ -68,6 +68,6 @@ impl Collector for KernelCollector {
 }
 
 /// Registers the kernel counters (names get the registry's `pullproxy_` prefix).
-pub fn register(reg: &mut Registry, redirector: Arc<Mutex<Redirector>>) {
+pub(crate) fn register(reg: &mut Registry, redirector: Arc<Mutex<Redirector>>) {
     reg.register_collector(Box::new(KernelCollector(redirector)));
 }

@@ -5,9 +5,10 @@
 
 pub mod bpf_sys;
 pub mod cgroup;
-pub mod guard;
+pub(crate) mod guard;
 pub mod marks;
-pub mod metrics;
+pub(crate) mod metrics;
+pub mod preflight;
 
 use std::{
     collections::BTreeSet,
@@ -23,7 +24,6 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, Program, SockOps, links::FdLink},
-    util::KernelVersion,
 };
 use ipnet::IpNet;
 use proxy_common::{CgroupRole, Counter, globals, maps, programs};
@@ -32,10 +32,11 @@ use tracing::{debug, info, warn};
 use self::{
     cgroup::{Cgroup2, CgroupError},
     marks::Marks,
+    preflight::MIN_KERNEL,
 };
 use crate::{
+    accept::original_dst::KernelOriginalDst,
     config::{self, SettingError, TargetsConfig},
-    original_dst::KernelOriginalDst,
     runtimes::RuntimeProc,
     telemetry::error_chain,
 };
@@ -43,15 +44,6 @@ use crate::{
 /// The kernel object built from `proxy-ebpf` (empty in cargo-fuzz builds, which never load it:
 /// see build.rs).
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pullproxy"));
-
-/// Oldest kernel with everything used here: bounded loops, BPF links for cgroups, sk lookup and
-/// ancestor cgroup ids from sock_addr programs.
-pub const MIN_KERNEL: (u8, u8) = (5, 8);
-
-/// Filesystem magic of bpffs (`BPF_FS_MAGIC`).
-pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-/// Filesystem magic of the cgroup v2 hierarchy (`CGROUP2_SUPER_MAGIC`).
-pub const CGROUP2_MAGIC: i64 = 0x6367_7270;
 
 /// Which cgroups' connections are redirected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,7 +262,7 @@ const PROGRAMS: [&str; 7] = [
 ];
 
 /// The bind guard's programs, among [`PROGRAMS`].
-pub const GUARD_PROGRAMS: [&str; 2] = [programs::BIND4, programs::BIND6];
+pub(crate) const GUARD_PROGRAMS: [&str; 2] = [programs::BIND4, programs::BIND6];
 
 impl Redirector {
     /// Loads and attaches the programs (or swaps them into the pinned links of an earlier run),
@@ -279,7 +271,7 @@ impl Redirector {
     /// from here on only this process's cgroup may bind the guarded ports. Returns the
     /// redirector and the original-destination source the proxy reads on accept.
     pub fn install(settings: RedirectSettings) -> Result<(Self, KernelOriginalDst), LoaderError> {
-        preflight()?;
+        preflight::check()?;
         let cgroup2 = Cgroup2::discover()?;
         let attach_dir = cgroup2.dir(&settings.attach_cgroup)?;
         let attach_id = cgroup2.id(&settings.attach_cgroup)?;
@@ -367,7 +359,7 @@ impl Redirector {
     /// Re-resolves target and bypass cgroups and writes the changes to the kernel map. A full
     /// map leaves targets out (logged, and counted in `pullproxy_redirect_target_cgroups_unmarked`)
     /// but never stops the rescan; failing to mark pullproxy's own cgroup is an error.
-    pub fn refresh_targets(&mut self) -> Result<(), LoaderError> {
+    pub(crate) fn refresh_targets(&mut self) -> Result<(), LoaderError> {
         let mut desired = Marks::new();
         let paths: BTreeSet<String> = match &self.settings.targets {
             Targets::Auto => {
@@ -452,7 +444,7 @@ impl Redirector {
     /// Stops redirecting process `pid`: it rejected the node CA's certificate, so it started
     /// before the CA was installed and will not trust it until it restarts (a restarted process
     /// has a new pid and is redirected again). Until then its pulls go direct instead of failing.
-    pub fn distrust(&mut self, pid: u32) -> Result<(), LoaderError> {
+    pub(crate) fn distrust(&mut self, pid: u32) -> Result<(), LoaderError> {
         self.untrusted
             .insert(&pid, &crate::telemetry::unix_secs(), 0)
             .map_err(|source| LoaderError::Map {
@@ -463,7 +455,7 @@ impl Redirector {
 
     /// Re-resolves targets every `rescan_interval`, so a runtime restarted into a new cgroup is
     /// redirected again without restarting pullproxy.
-    pub async fn watch_targets(this: Arc<Mutex<Self>>) {
+    pub(crate) async fn watch_targets(this: Arc<Mutex<Self>>) {
         let interval = this
             .lock()
             .expect("redirector lock")
@@ -481,17 +473,17 @@ impl Redirector {
     }
 
     /// The kernel's counters, summed over CPUs.
-    pub fn counters(&self) -> Vec<(Counter, u64)> {
+    pub(crate) fn counters(&self) -> Vec<(Counter, u64)> {
         sum_counters(&self.counters)
     }
 
     /// How many target cgroups were found but are not marked because the map is full.
-    pub fn unmarked_targets(&self) -> usize {
+    pub(crate) fn unmarked_targets(&self) -> usize {
         self.unmarked.len()
     }
 
     /// Ids of the cgroups currently marked as targets.
-    pub fn target_cgroups(&self) -> Vec<(String, u64)> {
+    pub(crate) fn target_cgroups(&self) -> Vec<(String, u64)> {
         self.applied
             .iter()
             .filter(|(_, (r, _))| *r == CgroupRole::Target)
@@ -567,76 +559,11 @@ pub fn uninstall(pin_dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
-/// The checks that need no change to the system: kernel version, privileges, cgroup v2. Run
-/// first at start, so a node that cannot redirect says why before anything is created.
-pub fn preflight() -> Result<(), LoaderError> {
-    check_kernel()?;
-    check_privileges()?;
-    Cgroup2::discover()?;
-    Ok(())
-}
-
-fn check_kernel() -> Result<(), LoaderError> {
-    // An unreadable version is not a reason to refuse: loading will tell.
-    match KernelVersion::current() {
-        Ok(v) => check_kernel_version(v),
-        Err(_) => Ok(()),
-    }
-}
-
-fn check_kernel_version(v: KernelVersion) -> Result<(), LoaderError> {
-    if v < KernelVersion::new(MIN_KERNEL.0, MIN_KERNEL.1, 0) {
-        return Err(LoaderError::KernelTooOld {
-            found: format!("{v:?}"),
-        });
-    }
-    Ok(())
-}
-
-/// Capabilities the loader needs, as measured (tests/tests/capabilities.rs): BPF to create maps
-/// and load, PERFMON for the verifier to accept the programs' pointer arithmetic, NET_ADMIN for
-/// cgroup socket programs. CAP_SYS_ADMIN is only needed to mount bpffs when the host has none.
-const NEEDED_CAPS: [(u32, &str); 3] = [(39, "CAP_BPF"), (38, "CAP_PERFMON"), (12, "CAP_NET_ADMIN")];
-
-/// Fails early, naming the missing capabilities, instead of a bare EPERM from a syscall later.
-fn check_privileges() -> Result<(), LoaderError> {
-    let Ok(status) = fs::read_to_string("/proc/self/status") else {
-        return Ok(());
-    };
-    let missing = missing_caps(&status);
-    if missing.is_empty() {
-        return Ok(());
-    }
-    Err(LoaderError::NoPermission {
-        detail: format!("missing {}", missing.join(", ")),
-    })
-}
-
-/// Needed capabilities absent from the `CapEff` line of `/proc/<pid>/status` text.
-fn missing_caps(status: &str) -> Vec<&'static str> {
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(u64::MAX);
-    // CAP_SYS_ADMIN implies CAP_BPF and CAP_PERFMON on kernels that predate them.
-    let sys_admin = eff & (1 << 21) != 0;
-    NEEDED_CAPS
-        .iter()
-        .filter(|(bit, _)| eff & (1 << bit) == 0 && !(sys_admin && matches!(bit, 38 | 39)))
-        .map(|(_, name)| *name)
-        .collect()
-}
-
 /// Makes sure `pin_dir` is on bpffs, mounting bpffs at `/sys/fs/bpf` when nothing is there.
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoaderError> {
-    let root = Path::new("/sys/fs/bpf");
-    let probe = if pin_dir.starts_with(root) {
-        root
-    } else {
-        pin_dir.parent().unwrap_or(pin_dir)
-    };
-    if fs_magic(probe) == Some(BPF_FS_MAGIC) {
+    let root = Path::new(preflight::BPFFS);
+    let probe = preflight::bpffs_probe(pin_dir);
+    if preflight::fs_magic(probe) == Some(preflight::BPF_FS_MAGIC) {
         return Ok(());
     }
     if probe == root {
@@ -658,17 +585,6 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), LoaderError> {
         path: probe.into(),
         source: io::Error::other("not a bpffs mount"),
     })
-}
-
-/// The filesystem type (`statfs` `f_type`, e.g. [`BPF_FS_MAGIC`]) of the filesystem holding
-/// `path`, or None if it cannot be read.
-pub fn fs_magic(path: &Path) -> Option<i64> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statfs is plain old data; all zeroes is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid C string and `st` a writable statfs.
-    let ret = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    (ret == 0).then_some(st.f_type)
 }
 
 fn mount_bpffs(at: &Path) -> io::Result<()> {
@@ -928,30 +844,6 @@ fn is_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn old_kernels_are_refused_by_name() {
-        let err = check_kernel_version(KernelVersion::new(5, 4, 0)).unwrap_err();
-        assert!(err.to_string().contains("too old"), "{err}");
-        assert!(err.to_string().contains("5.8"), "{err}");
-        check_kernel_version(KernelVersion::new(5, 8, 0)).unwrap();
-        check_kernel_version(KernelVersion::new(6, 18, 44)).unwrap();
-    }
-
-    #[test]
-    fn missing_capabilities_are_named() {
-        // root: everything
-        assert!(missing_caps("CapEff:\t000001ffffffffff\n").is_empty());
-        // nobody
-        let missing = missing_caps("Name: x\nCapEff:\t0000000000000000\n");
-        assert_eq!(missing, vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]);
-        // CAP_BPF + CAP_NET_ADMIN only
-        let missing = missing_caps(&format!("CapEff:\t{:016x}\n", (1u64 << 39) | (1 << 12)));
-        assert_eq!(missing, vec!["CAP_PERFMON"]);
-        // The measured set is enough.
-        let set = (1u64 << 39) | (1 << 38) | (1 << 12);
-        assert!(missing_caps(&format!("CapEff:\t{set:016x}\n")).is_empty());
-    }
 
     #[test]
     fn errors_are_classified_by_errno_anywhere_in_the_chain() {

@@ -11,7 +11,7 @@ use sha2::{Digest as _, Sha256};
 const REMEMBER_FOR: Duration = Duration::from_secs(24 * 3600);
 
 /// Upstream acceptances of `(registry, repository, credentials)`.
-pub struct Approvals {
+pub(crate) struct Approvals {
     /// Per-process random key: the hashes mean nothing outside this process.
     key: [u8; 32],
     approved: moka::sync::Cache<[u8; 32], Instant>,
@@ -36,19 +36,19 @@ impl Default for Approvals {
 
 impl Approvals {
     /// Records that the upstream served `repository` of `registry` to these credentials now.
-    pub fn approve(&self, registry: &str, repository: &str, auth: Option<&HeaderValue>) {
+    pub(crate) fn approve(&self, registry: &str, repository: &str, auth: Option<&HeaderValue>) {
         self.approved
             .insert(self.hash(registry, repository, auth), Instant::now());
     }
 
     /// Forgets an acceptance: the upstream has just refused these credentials.
-    pub fn revoke(&self, registry: &str, repository: &str, auth: Option<&HeaderValue>) {
+    pub(crate) fn revoke(&self, registry: &str, repository: &str, auth: Option<&HeaderValue>) {
         self.approved
             .invalidate(&self.hash(registry, repository, auth));
     }
 
     /// Whether the upstream served `repository` to these credentials within `window`.
-    pub fn approved_within(
+    pub(crate) fn approved_within(
         &self,
         registry: &str,
         repository: &str,

@@ -14,14 +14,14 @@ use super::{
     respond::{api_version, digest_headers, relay},
     served::Source,
     small_response,
-    sources::{HubSource, UpstreamSource},
 };
 use crate::{
+    accept::conn::FileSender,
     cache::{BlobResponse, BlobSource, BodyRange, FlightOutcome, UpstreamBlob},
-    client::{self, ProxyBody},
-    conn::FileSender,
     oci::{ByteRange, Digest, RepositoryName},
-    upstream::UpstreamError,
+    origins::client::{self, ProxyBody},
+    origins::sources::{HubSource, UpstreamSource},
+    origins::upstream::UpstreamError,
 };
 
 /// Why a blob could not be fetched upstream.

@@ -19,22 +19,23 @@ use std::{sync::Arc, time::Duration};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header, uri::PathAndQuery};
 use tracing::{debug, warn};
 
-use super::{access::Approvals, served::Source, sources::UpstreamSource};
+use super::{access::Approvals, served::Source};
+use crate::origins::sources::UpstreamSource;
 use crate::{
     cache::Cache,
     oci::{BearerChallenge, Digest, RepositoryName},
+    origins::upstream::{Origin, Small, UpstreamError},
     telemetry::unix_secs,
-    upstream::{Origin, Small, UpstreamError},
 };
 
 /// An upstream acceptance this recent is trusted without asking again.
-pub const FRESH_FOR: Duration = Duration::from_secs(300);
+pub(crate) const FRESH_FOR: Duration = Duration::from_secs(300);
 /// An upstream acceptance this recent still counts when the upstream cannot be asked.
-pub const OFFLINE_FOR: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const OFFLINE_FOR: Duration = Duration::from_secs(24 * 3600);
 /// A public mark this recent is trusted without asking again.
-pub const PUBLIC_FRESH_FOR: Duration = FRESH_FOR;
+pub(crate) const PUBLIC_FRESH_FOR: Duration = FRESH_FOR;
 /// A public mark this recent still counts when the upstream cannot be asked (it is persisted).
-pub const PUBLIC_OFFLINE_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
+pub(crate) const PUBLIC_OFFLINE_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often a repository's public-or-not is probed anonymously.
 const PROBE_EVERY: Duration = Duration::from_secs(3600);
 /// Registries whose last authentication challenge is remembered.
@@ -42,11 +43,11 @@ const CHALLENGES_KEPT: u64 = 1000;
 
 /// Who asks for what: the connection's registry, the repository, the request path (for the
 /// upstream to be asked about) and the client's headers (its credentials).
-pub struct Ask<'a> {
-    pub origin: &'a Origin,
-    pub repo: &'a RepositoryName,
-    pub path: &'a PathAndQuery,
-    pub headers: &'a HeaderMap,
+pub(crate) struct Ask<'a> {
+    pub(crate) origin: &'a Origin,
+    pub(crate) repo: &'a RepositoryName,
+    pub(crate) path: &'a PathAndQuery,
+    pub(crate) headers: &'a HeaderMap,
 }
 
 impl Ask<'_> {
@@ -61,7 +62,7 @@ impl Ask<'_> {
 
 /// The content rule's answer for cached content.
 #[derive(Debug)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Serve the cached copy: [`Source::Cache`] when the upstream agreed (now or recently),
     /// [`Source::Stale`] when it could not be asked and known facts entitle the client.
     Serve(Source),
@@ -81,7 +82,7 @@ enum Window {
 }
 
 /// The content rule over the cache's repository index and the upstream's approvals.
-pub struct ContentRule<U> {
+pub(crate) struct ContentRule<U> {
     cache: Arc<Cache>,
     upstream: Arc<U>,
     approvals: Approvals,
@@ -94,7 +95,7 @@ pub struct ContentRule<U> {
 }
 
 impl<U: UpstreamSource> ContentRule<U> {
-    pub fn new(cache: Arc<Cache>, upstream: Arc<U>) -> Self {
+    pub(crate) fn new(cache: Arc<Cache>, upstream: Arc<U>) -> Self {
         Self {
             cache,
             upstream,
@@ -108,7 +109,7 @@ impl<U: UpstreamSource> ContentRule<U> {
     }
 
     /// Remembers the registry's challenge from a 401 it sent.
-    pub fn learn_challenge(&self, registry: &str, status: StatusCode, headers: &HeaderMap) {
+    pub(crate) fn learn_challenge(&self, registry: &str, status: StatusCode, headers: &HeaderMap) {
         if status != StatusCode::UNAUTHORIZED {
             return;
         }
@@ -121,7 +122,11 @@ impl<U: UpstreamSource> ContentRule<U> {
     /// The challenge to send a client without credentials while `registry` cannot be asked, for
     /// `repo` (a Bearer challenge gets that repository's pull scope), if the registry ever sent
     /// one.
-    pub fn challenge(&self, registry: &str, repo: Option<&RepositoryName>) -> Option<HeaderValue> {
+    pub(crate) fn challenge(
+        &self,
+        registry: &str,
+        repo: Option<&RepositoryName>,
+    ) -> Option<HeaderValue> {
         let v = self.challenges.get(&registry.to_ascii_lowercase())?;
         let Some(bearer) = v.to_str().ok().and_then(BearerChallenge::parse) else {
             return Some(v);
@@ -139,7 +144,7 @@ impl<U: UpstreamSource> ContentRule<U> {
 
     /// May this client get the cached `digest` as content of the asked repository? Asks the
     /// upstream when no fresh fact decides.
-    pub async fn may_serve(&self, ask: &Ask<'_>, digest: &Digest) -> Verdict {
+    pub(crate) async fn may_serve(&self, ask: &Ask<'_>, digest: &Digest) -> Verdict {
         let linked = self.linked(ask, digest);
         if linked && self.entitled(ask, Window::Fresh) {
             return Verdict::Serve(Source::Cache);
@@ -178,7 +183,7 @@ impl<U: UpstreamSource> ContentRule<U> {
 
     /// May this client get the cached `digest` when the upstream has just failed to answer?
     /// Only known facts count.
-    pub fn may_serve_offline(&self, ask: &Ask<'_>, digest: &Digest) -> bool {
+    pub(crate) fn may_serve_offline(&self, ask: &Ask<'_>, digest: &Digest) -> bool {
         self.linked(ask, digest) && self.entitled(ask, Window::Offline)
     }
 
@@ -186,7 +191,7 @@ impl<U: UpstreamSource> ContentRule<U> {
     /// resource itself and, for a manifest, what it references): link them and remember the
     /// acceptance. Without credentials that makes the repository public; with credentials an
     /// anonymous probe finds out (in the background, at most every [`PROBE_EVERY`]).
-    pub async fn confirmed(&self, ask: &Ask<'_>, digests: &[Digest]) {
+    pub(crate) async fn confirmed(&self, ask: &Ask<'_>, digests: &[Digest]) {
         let registry = ask.registry();
         if let Err(e) = self.cache.repos().link(registry, ask.repo, digests).await {
             warn!(registry, repository = %ask.repo, error = %e, "recording repository links failed");
@@ -203,7 +208,7 @@ impl<U: UpstreamSource> ContentRule<U> {
     /// The upstream refused this client (`status`): an earlier acceptance of these credentials
     /// no longer counts, and refusing a client without credentials means the repository is not
     /// public (any more).
-    pub async fn refused(&self, ask: &Ask<'_>, status: StatusCode, headers: &HeaderMap) {
+    pub(crate) async fn refused(&self, ask: &Ask<'_>, status: StatusCode, headers: &HeaderMap) {
         self.learn_challenge(ask.registry(), status, headers);
         if !matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
             return;

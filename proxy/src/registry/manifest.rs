@@ -15,13 +15,13 @@ use super::{
     respond::{api_version, digest_headers, oci_error, relay},
     served::Source,
     small_response,
-    sources::{HubSource, UpstreamSource},
 };
 use crate::{
     cache::{MAX_MANIFEST_BYTES, Manifest, TagTarget},
-    client::{self, ProxyBody},
     oci::{Digest, ErrorCode, ManifestRefs, Reference, RepositoryName, media_type},
-    upstream::{Small, UpstreamError},
+    origins::client::{self, ProxyBody},
+    origins::sources::{HubSource, UpstreamSource},
+    origins::upstream::{Small, UpstreamError},
 };
 
 /// A manifest whose bytes do not hash to the digest it was asked for (or announced).
@@ -290,7 +290,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
             }
         }
         let mut resp = Response::from_parts(parts, client::full(body));
-        crate::upstream::strip_hop_by_hop(resp.headers_mut());
+        crate::origins::upstream::strip_hop_by_hop(resp.headers_mut());
         FromHub::Served((Source::Hub, resp))
     }
 

@@ -64,7 +64,7 @@ const DURATION_BUCKETS: [f64; 17] = [
 
 /// The registry proxy's instruments.
 #[derive(Debug)]
-pub struct RegistryMetrics {
+pub(crate) struct RegistryMetrics {
     requests: Family<RequestLabels, Counter>,
     bytes: Family<SourceLabels, Counter>,
     duration: Family<KindSourceLabels, Histogram>,
@@ -98,7 +98,7 @@ impl Default for RegistryMetrics {
 
 impl RegistryMetrics {
     /// Registers every instrument (names get the registry's `pullproxy_` prefix).
-    pub fn register(&self, reg: &mut Registry) {
+    pub(crate) fn register(&self, reg: &mut Registry) {
         reg.register(
             "requests",
             "Registry requests answered, by registry, kind, source and HTTP status",
@@ -158,7 +158,7 @@ impl RegistryMetrics {
     }
 
     /// Records an upstream's `RateLimit-Remaining` (`76;w=21600`), if it sent one.
-    pub fn ratelimit(&self, registry: &str, headers: &http::HeaderMap) {
+    pub(crate) fn ratelimit(&self, registry: &str, headers: &http::HeaderMap) {
         let remaining = headers
             .get("ratelimit-remaining")
             .and_then(|v| v.to_str().ok())
@@ -174,7 +174,7 @@ impl RegistryMetrics {
     }
 
     /// A request is done: `bytes` of body were sent in `seconds`.
-    pub fn request(
+    pub(crate) fn request(
         &self,
         registry: &str,
         kind: Kind,
@@ -210,13 +210,13 @@ impl RegistryMetrics {
             .observe(seconds);
     }
 
-    pub fn hub_lookup(&self, outcome: &'static str) {
+    pub(crate) fn hub_lookup(&self, outcome: &'static str) {
         self.hub_lookups
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }
 
-    pub fn upstream_fetch(&self, registry: &str, outcome: &'static str) {
+    pub(crate) fn upstream_fetch(&self, registry: &str, outcome: &'static str) {
         self.upstream_fetches
             .get_or_create(&RegistryOutcomeLabels {
                 registry: registry.to_owned(),
@@ -225,7 +225,7 @@ impl RegistryMetrics {
             .inc();
     }
 
-    pub fn upstream_error(&self, registry: &str, reason: &'static str) {
+    pub(crate) fn upstream_error(&self, registry: &str, reason: &'static str) {
         self.upstream_errors
             .get_or_create(&RegistryReasonLabels {
                 registry: registry.to_owned(),
@@ -234,11 +234,11 @@ impl RegistryMetrics {
             .inc();
     }
 
-    pub fn digest_mismatch(&self) {
+    pub(crate) fn digest_mismatch(&self) {
         self.digest_mismatches.inc();
     }
 
-    pub fn invalid_request(&self, reason: &'static str) {
+    pub(crate) fn invalid_request(&self, reason: &'static str) {
         self.invalid_requests
             .get_or_create(&ReasonLabels { reason })
             .inc();

@@ -9,17 +9,16 @@
 //!   clients (stale-if-error).
 //! - `/v2/`, tag lists and everything else go to the upstream.
 //!
-//! The hub and the upstream are reached through [`sources`]' traits, so everything here runs
+//! The hub and the upstream are reached through [`crate::origins::sources`]' traits, so everything here runs
 //! in-process against fakes in the tests (`tests.rs`).
 
 mod access;
 mod blob;
-pub mod content;
+pub(crate) mod content;
 mod manifest;
 mod metrics;
 mod respond;
 mod served;
-pub mod sources;
 #[cfg(test)]
 mod tests;
 
@@ -39,45 +38,44 @@ use tracing::{debug, warn};
 use self::{
     content::ContentRule,
     respond::{json, logged, oci_error, relay},
-    sources::{HubSource, UpstreamSource},
 };
-pub use self::{
+pub(crate) use self::{
     metrics::RegistryMetrics,
     respond::RequestRecord,
     served::{Kind, Source},
 };
 use crate::{
+    accept::original_dst::OriginalDst,
     cache::Cache,
-    client::{self, ProxyBody},
-    hub::{HubClient, HubOutcome},
     oci::{Digest, ErrorCode, RepositoryName, Route},
-    original_dst::{ClientAddr, OriginalDst},
-    upstream::{Origin, Small, Upstream, UpstreamError},
-    writeback::WriteBack,
+    origins::client::{self, ProxyBody},
+    origins::hub::{HubClient, HubOutcome},
+    origins::sources::{HubSource, UpstreamSource},
+    origins::upstream::{Origin, Small, Upstream, UpstreamError},
+    origins::writeback::WriteBack,
 };
 
 /// What is known about a terminated connection.
-pub struct ConnContext {
+pub(crate) struct ConnContext {
     /// The registry the client talks to, and where its connection was going.
-    pub origin: Origin,
+    pub(crate) origin: Origin,
     /// The kernel record (absent when a client connected to the proxy port directly).
-    pub orig: Option<OriginalDst>,
-    pub peer: ClientAddr,
+    pub(crate) orig: Option<OriginalDst>,
     /// The registry's label in metrics: a configured name or pattern, never an open-ended
     /// client-chosen name (logs carry the full name).
-    pub label: String,
+    pub(crate) label: String,
     /// Where cached blobs' file ranges go when the connection's transport sends files itself
     /// (kernel TLS); `None`: bodies carry the bytes.
-    pub files: Option<crate::conn::FileSender>,
+    pub(crate) files: Option<crate::accept::conn::FileSender>,
 }
 
 /// Serves registry requests.
-pub struct RegistryProxy<H = HubClient, U = Upstream> {
+pub(crate) struct RegistryProxy<H = HubClient, U = Upstream> {
     hub: Option<Arc<H>>,
     upstream: Arc<U>,
     cache: Arc<Cache>,
     content: ContentRule<U>,
-    pub metrics: Arc<RegistryMetrics>,
+    pub(crate) metrics: Arc<RegistryMetrics>,
     /// Idle timeout for relayed bodies.
     idle_timeout: Duration,
     hub_warned: AtomicU64,
@@ -100,7 +98,7 @@ enum HubAnswer {
 const HUB_WARN_EVERY: Duration = Duration::from_secs(30);
 
 impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
-    pub fn new(
+    pub(crate) fn new(
         hub: Option<Arc<H>>,
         upstream: Arc<U>,
         cache: Arc<Cache>,
@@ -119,13 +117,17 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
     }
 
     /// Writes what upstreams serve (because the hub lacked it) back into the hub.
-    pub fn with_write_back(mut self, write_back: WriteBack<H>) -> Self {
+    pub(crate) fn with_write_back(mut self, write_back: WriteBack<H>) -> Self {
         self.write_back = Some(write_back);
         self
     }
 
     /// Answers one request of a terminated connection.
-    pub async fn handle(&self, ctx: &ConnContext, req: Request<ProxyBody>) -> Response<ProxyBody> {
+    pub(crate) async fn handle(
+        &self,
+        ctx: &ConnContext,
+        req: Request<ProxyBody>,
+    ) -> Response<ProxyBody> {
         let route = Route::parse(req.method(), req.uri().path());
         let mut record = RequestRecord {
             metrics: self.metrics.clone(),
@@ -394,6 +396,6 @@ fn small_response(s: Small) -> Response<ProxyBody> {
     let mut resp = Response::new(client::full(s.body));
     *resp.status_mut() = s.status;
     *resp.headers_mut() = s.headers;
-    crate::upstream::strip_hop_by_hop(resp.headers_mut());
+    crate::origins::upstream::strip_hop_by_hop(resp.headers_mut());
     resp
 }

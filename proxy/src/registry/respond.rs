@@ -15,28 +15,28 @@ use http_body_util::BodyExt as _;
 use tracing::info;
 
 use crate::{
-    client::{self, BoxError, IdleTimeout, ProxyBody},
     oci::{ErrorCode, error_body},
-    upstream::strip_hop_by_hop,
+    origins::client::{self, BoxError, IdleTimeout, ProxyBody},
+    origins::upstream::strip_hop_by_hop,
 };
 
 use super::served::{Kind, Source};
 
 /// The facts of one request, logged and counted once its body is done.
 #[derive(Debug, Clone)]
-pub struct RequestRecord {
-    pub metrics: std::sync::Arc<super::metrics::RegistryMetrics>,
-    pub registry: String,
+pub(crate) struct RequestRecord {
+    pub(crate) metrics: std::sync::Arc<super::metrics::RegistryMetrics>,
+    pub(crate) registry: String,
     /// The registry's bounded metric label.
-    pub label: String,
-    pub repository: String,
+    pub(crate) label: String,
+    pub(crate) repository: String,
     /// Tag or digest (empty for other requests).
-    pub reference: String,
-    pub method: http::Method,
-    pub kind: Kind,
-    pub comm: String,
-    pub pid: u32,
-    pub started: Instant,
+    pub(crate) reference: String,
+    pub(crate) method: http::Method,
+    pub(crate) kind: Kind,
+    pub(crate) comm: String,
+    pub(crate) pid: u32,
+    pub(crate) started: Instant,
 }
 
 impl RequestRecord {
@@ -70,7 +70,7 @@ impl RequestRecord {
 }
 
 /// Wraps `resp` so its request is logged when the body ends (or is dropped unfinished).
-pub fn logged(
+pub(crate) fn logged(
     record: RequestRecord,
     source: Source,
     resp: Response<ProxyBody>,
@@ -179,7 +179,7 @@ fn body_complete(bytes: u64, expected: Option<u64>, ended: bool) -> bool {
 
 /// Relays a hub or upstream response: status and headers as they came, hop-by-hop headers
 /// dropped, the body streamed with the idle timeout.
-pub fn relay<B>(resp: Response<B>, idle: std::time::Duration) -> Response<ProxyBody>
+pub(crate) fn relay<B>(resp: Response<B>, idle: std::time::Duration) -> Response<ProxyBody>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
@@ -190,12 +190,12 @@ where
 }
 
 /// An OCI error response (`{"errors":[...]}`).
-pub fn oci_error(status: StatusCode, code: ErrorCode, message: &str) -> Response<ProxyBody> {
+pub(crate) fn oci_error(status: StatusCode, code: ErrorCode, message: &str) -> Response<ProxyBody> {
     json(status, error_body(code, message))
 }
 
 /// A JSON response.
-pub fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
+pub(crate) fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
     let mut r = Response::new(client::full(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -206,7 +206,7 @@ pub fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
 }
 
 /// `Docker-Content-Digest` and a strong `ETag` for content served by digest.
-pub fn digest_headers(h: &mut http::HeaderMap, digest: &crate::oci::Digest) {
+pub(crate) fn digest_headers(h: &mut http::HeaderMap, digest: &crate::oci::Digest) {
     if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
         h.insert("docker-content-digest", v.clone());
         if let Ok(etag) = HeaderValue::from_str(&format!("\"{digest}\"")) {
@@ -216,7 +216,7 @@ pub fn digest_headers(h: &mut http::HeaderMap, digest: &crate::oci::Digest) {
 }
 
 /// Adds `Docker-Distribution-API-Version: registry/2.0`, which clients look for.
-pub fn api_version(mut r: Response<ProxyBody>) -> Response<ProxyBody> {
+pub(crate) fn api_version(mut r: Response<ProxyBody>) -> Response<ProxyBody> {
     r.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),

@@ -3,7 +3,7 @@
 
 /// Where a response's content came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     /// The cluster's hub.
     Hub,
     /// This node's copy of what the hub served (the node tier).
@@ -21,7 +21,7 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Source::Hub => "hub",
             Source::Node => "node",
@@ -36,14 +36,14 @@ impl Source {
 
 /// What kind of registry request it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Manifest,
     Blob,
     Other,
 }
 
 impl Kind {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Kind::Manifest => "manifest",
             Kind::Blob => "blob",

@@ -21,15 +21,15 @@ use http::{
 use http_body_util::BodyExt as _;
 use tokio::sync::Notify;
 
-use super::{ConnContext, RegistryProxy, sources::HubSource, sources::UpstreamSource};
+use super::{ConnContext, RegistryProxy};
 use crate::{
     cache::Cache,
-    client::{self, BoxError, ProxyBody},
-    hub::{HubError, HubOutcome, MappingError},
     oci::{Digest, Reference, RepositoryName, Route, media_type},
-    original_dst::ClientAddr,
-    upstream::{Origin, Small, UpstreamError},
-    writeback::{Jobs, Policy, WriteBack},
+    origins::client::{self, BoxError, ProxyBody},
+    origins::hub::{HubError, HubOutcome, MappingError},
+    origins::sources::{HubSource, UpstreamSource},
+    origins::upstream::{Origin, Small, UpstreamError},
+    origins::writeback::{Jobs, Policy, WriteBack},
 };
 
 const ALICE: &str = "Basic YWxpY2U6d29uZGVybGFuZA=="; // alice:wonderland
@@ -620,7 +620,6 @@ impl World {
                 addr: None,
             },
             orig: None,
-            peer: ClientAddr("127.0.0.1:40000".parse().unwrap()),
             label: authority.to_owned(),
             files: None,
         };

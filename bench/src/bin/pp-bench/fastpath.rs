@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use harness::pullproxy::sample;
-use pullproxy::tls::ktls;
+use pullproxy::accept::ktls;
 use pullproxy_bench::{Client, Fastpath, FastpathRow, Settings, Spread, Tls, size_label};
 
 use crate::{

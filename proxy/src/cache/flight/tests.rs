@@ -599,10 +599,18 @@ async fn the_last_byte_waits_for_the_digest_check_even_when_every_byte_has_arriv
     up.send(&evil);
     let mut got = Vec::new();
     read_to(&mut body, &mut got, evil.len() - 1).await;
-    assert_eq!(got.len(), evil.len() - 1, "the last byte went out unchecked");
+    assert_eq!(
+        got.len(),
+        evil.len() - 1,
+        "the last byte went out unchecked"
+    );
     up.end();
     let (rest, err) = drain(body).await;
-    assert!(rest.is_empty(), "{} more bytes after the mismatch", rest.len());
+    assert!(
+        rest.is_empty(),
+        "{} more bytes after the mismatch",
+        rest.len()
+    );
     assert!(matches!(
         flight_error(&err.expect("body must fail")),
         FlightError::DigestMismatch(_)

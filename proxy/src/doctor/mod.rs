@@ -1,0 +1,238 @@
+//! `pullproxy doctor`: checks that a node can run pullproxy and that a running one works (kernel
+//! and BPF support, cgroup v2, privileges, bpffs, container runtimes, attached programs, the bind
+//! guard, trust in the node CA, the hub, the cache directory), as a report tests can assert on
+//! and one line per finding for the operator. Nothing here changes the system, and no credential
+//! is ever printed.
+
+mod cache;
+mod hub;
+mod kernel;
+mod programs;
+mod trust;
+
+use std::{
+    fmt,
+    io::{self, Write},
+    path::PathBuf,
+};
+
+use crate::config::Config;
+
+/// `pullproxy doctor [--root DIR] [--proc DIR] [--verbose]`
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct DoctorArgs {
+    /// Root directory of the system whose trust store is checked (a pod that mounts the host's
+    /// trust store at /host passes `--root /host`).
+    #[arg(long, default_value = "/", env = "PULLPROXY_HOST_ROOT")]
+    pub root: PathBuf,
+    /// procfs that shows the host's processes (in a pod: hostPID).
+    #[arg(long = "proc", default_value = "/proc")]
+    pub proc_root: PathBuf,
+    /// Print every finding, not only problems and notes.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+impl Default for DoctorArgs {
+    fn default() -> Self {
+        Self {
+            root: "/".into(),
+            proc_root: "/proc".into(),
+            verbose: false,
+        }
+    }
+}
+
+/// What was checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    Kernel,
+    BpfPrograms,
+    Cgroup2,
+    Privileges,
+    Bpffs,
+    Runtimes,
+    Attached,
+    Guard,
+    Trust,
+    Hub,
+    Cache,
+}
+
+impl Check {
+    fn label(self) -> &'static str {
+        match self {
+            Check::Kernel => "kernel",
+            Check::BpfPrograms => "bpf",
+            Check::Cgroup2 => "cgroup",
+            Check::Privileges => "privileges",
+            Check::Bpffs => "bpffs",
+            Check::Runtimes => "runtimes",
+            Check::Attached => "attached",
+            Check::Guard => "guard",
+            Check::Trust => "trust",
+            Check::Hub => "hub",
+            Check::Cache => "cache",
+        }
+    }
+}
+
+/// How a finding came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    /// Something the operator must fix; the message says how.
+    Problem,
+    /// Could not be checked from here; the message says why and where to check instead.
+    Note,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub check: Check,
+    pub verdict: Verdict,
+    pub message: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tag = match self.verdict {
+            Verdict::Ok => "ok",
+            Verdict::Problem => "PROBLEM",
+            Verdict::Note => "note",
+        };
+        write!(f, "{tag:<7} {:<10} {}", self.check.label(), self.message)
+    }
+}
+
+/// Everything `pullproxy doctor` found.
+#[derive(Debug, Clone, Default)]
+pub struct DoctorReport {
+    pub findings: Vec<Finding>,
+}
+
+impl DoctorReport {
+    fn push(&mut self, check: Check, verdict: Verdict, message: impl Into<String>) {
+        self.findings.push(Finding {
+            check,
+            verdict,
+            message: message.into(),
+        });
+    }
+
+    fn ok(&mut self, check: Check, message: impl Into<String>) {
+        self.push(check, Verdict::Ok, message);
+    }
+
+    fn problem(&mut self, check: Check, message: impl Into<String>) {
+        self.push(check, Verdict::Problem, message);
+    }
+
+    fn note(&mut self, check: Check, message: impl Into<String>) {
+        self.push(check, Verdict::Note, message);
+    }
+
+    /// The findings that need the operator.
+    pub fn problems(&self) -> impl Iterator<Item = &Finding> {
+        self.findings
+            .iter()
+            .filter(|f| f.verdict == Verdict::Problem)
+    }
+
+    /// The findings of one check.
+    pub fn of(&self, check: Check) -> impl Iterator<Item = &Finding> {
+        self.findings.iter().filter(move |f| f.check == check)
+    }
+
+    /// Whether nothing needs fixing.
+    pub fn healthy(&self) -> bool {
+        self.problems().next().is_none()
+    }
+
+    /// Writes problems and notes (every finding with `verbose`), then a summary line.
+    pub fn write(&self, out: &mut dyn Write, verbose: bool) -> io::Result<()> {
+        for finding in &self.findings {
+            if verbose || finding.verdict != Verdict::Ok {
+                writeln!(out, "{finding}")?;
+            }
+        }
+        let problems = self.problems().count();
+        let checked = self.findings.len();
+        if problems == 0 {
+            writeln!(out, "pullproxy doctor: all {checked} findings ok")
+        } else {
+            writeln!(
+                out,
+                "pullproxy doctor: {problems} problem(s) in {checked} findings"
+            )
+        }
+    }
+}
+
+/// Runs every check against the configuration and this system.
+pub async fn diagnose(config: &Config, args: &DoctorArgs) -> DoctorReport {
+    let mut report = DoctorReport::default();
+    kernel::check_kernel(&mut report);
+    let cgroup2 = kernel::check_cgroup(&mut report, config);
+    kernel::check_privileges(&mut report);
+    kernel::check_bpffs(&mut report, &config.redirect.pin_dir);
+    if let Some(cgroup2) = &cgroup2 {
+        programs::check_runtimes(&mut report, config, cgroup2, &args.proc_root);
+    }
+    programs::check_attached(&mut report, config, cgroup2.as_ref());
+    programs::check_guard(&mut report, config);
+    trust::check_trust(&mut report, config, args);
+    hub::check_hub(&mut report, config).await;
+    cache::check_cache(&mut report, &config.cache.dir, config.cache.max_bytes);
+    report
+}
+
+/// [`diagnose`] on a runtime of its own, for callers without one.
+pub fn diagnose_blocking(config: &Config, args: &DoctorArgs) -> io::Result<DoctorReport> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(diagnose(config, args)))
+}
+
+/// `pullproxy doctor`: prints the report to `out`; `Ok(true)` when nothing needs fixing.
+pub fn run(config: &Config, args: &DoctorArgs, out: &mut dyn Write) -> io::Result<bool> {
+    let report = diagnose_blocking(config, args)?;
+    report.write(out, args.verbose)?;
+    Ok(report.healthy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_prints_problems_and_a_summary() {
+        let mut report = DoctorReport::default();
+        report.ok(Check::Kernel, "Linux 6.18.0");
+        report.problem(
+            Check::Hub,
+            "hub http://h:5000 unreachable: connection refused",
+        );
+        report.note(Check::Trust, "not checked here");
+        let mut out = Vec::new();
+        report.write(&mut out, false).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "PROBLEM hub        hub http://h:5000 unreachable: connection refused\n\
+             note    trust      not checked here\n\
+             pullproxy doctor: 1 problem(s) in 3 findings\n"
+        );
+        assert!(!report.healthy());
+        let mut healthy = DoctorReport::default();
+        healthy.ok(Check::Kernel, "Linux 6.18.0");
+        let mut out = Vec::new();
+        healthy.write(&mut out, true).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "ok      kernel     Linux 6.18.0\npullproxy doctor: all 1 findings ok\n"
+        );
+    }
+}
