@@ -3,9 +3,9 @@
 //! and blobs from the cluster's hub, a local cache, or the real upstream.
 //!
 //! This crate touches eBPF and raw sockets, so it allows `unsafe` where a syscall has no safe
-//! wrapper (bpf(2), getsockopt, statfs, preadv2, mmap of cached blobs, rlimits, mount, chroot
-//! before exec, the kernel log's ring buffer fd; for kernel TLS setsockopt, recvmsg and sendmsg
-//! with a record type, and sendfile); each block says why it is sound. As a daemon that parses what registries and
+//! wrapper (bpf(2), getsockopt, statfs, preadv2, rlimits, mount, chroot before exec, the kernel
+//! log's ring buffer fd; for kernel TLS setsockopt, recvmsg and sendmsg with a record type, and
+//! sendfile); each block says why it is sound. As a daemon that parses what registries and
 //! clients send, it does not `unwrap`: a panic site names its invariant with `expect`. Its output
 //! goes through `tracing`; the command line (`main.rs`) prints.
 #![expect(

@@ -18,7 +18,6 @@
 
 mod index;
 mod ingest;
-mod mapped;
 mod read;
 mod rebuild;
 
@@ -46,7 +45,7 @@ use crate::{
 };
 use index::{Slot, blob_path, build_index};
 use ingest::{FsIngest, create_temp};
-use read::stored_content;
+use read::FileContent;
 use rebuild::VERIFY_STRIPES;
 
 /// Opens a temp file for writing (and reading by followers). Replaceable in tests, to stand in
@@ -182,7 +181,7 @@ impl BlobStore for FsBlobStore {
             match opened {
                 Ok((file, len)) if len == entry.len => Ok(Some(StoredBlob {
                     len,
-                    content: stored_content(Arc::new(file), len, digest),
+                    content: Arc::new(FileContent(Arc::new(file))),
                 })),
                 Ok((_, len)) => {
                     warn!(%digest, indexed = entry.len, on_disk = len, "cached blob changed size; dropping it");

@@ -1,30 +1,12 @@
 //! Reading stored blobs and temp files: `pread` on a shared descriptor, from the page cache
-//! without a thread switch when it can; large stored blobs through a mapping ([`super::mapped`]).
+//! without a thread switch when it can.
 
 use std::{fs::File, io, sync::Arc};
 
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, FutureExt};
-use tracing::debug;
 
-use super::mapped;
-use crate::{cache::store::BlobRead, oci::Digest};
-
-/// How a published blob is read: through a mapping from [`mapped::MAP_MIN`] bytes on, with
-/// `pread`; `pread` alone where the file cannot be mapped.
-pub(super) fn stored_content(file: Arc<File>, len: u64, digest: &Digest) -> Arc<dyn BlobRead> {
-    let pread = Arc::new(FileContent(file.clone()));
-    if len < mapped::MAP_MIN {
-        return pread;
-    }
-    match mapped::MappedContent::new(file, len, pread.clone()) {
-        Ok(m) => Arc::new(m),
-        Err(e) => {
-            debug!(%digest, error = %e, "cannot map cached blob; reading it with pread");
-            pread
-        }
-    }
-}
+use crate::cache::store::BlobRead;
 
 /// Reads an open file with `pread`, so any number of readers share one descriptor.
 ///

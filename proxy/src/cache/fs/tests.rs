@@ -30,23 +30,6 @@ async fn blobs_live_at_their_digest_path() {
 }
 
 #[tokio::test]
-async fn a_large_blob_is_read_through_its_mapping_even_after_eviction() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = FsBlobStore::open(dir.path(), 16 << 20).unwrap();
-    let len = mapped::MAP_MIN as usize * 3 + 17;
-    let bytes = data(len, 9);
-    let digest = put(&store, &bytes).await;
-    let blob = store.open(&digest).await.unwrap().unwrap();
-    assert_eq!(read(&*blob.content, 0, len).await, bytes);
-    // Evicted while a client reads it: the mapping outlives the name.
-    store.remove(&digest);
-    store.run_pending_tasks();
-    assert!(!store.path_of(&digest).exists());
-    let tail = read(&*blob.content, len as u64 - 5000, 10_000).await;
-    assert_eq!(tail, bytes[len - 5000..]);
-}
-
-#[tokio::test]
 async fn uncommitted_temp_files_are_deleted_on_drop() {
     let dir = tempfile::tempdir().unwrap();
     let store = FsBlobStore::open(dir.path(), 1 << 20).unwrap();
