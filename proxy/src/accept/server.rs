@@ -29,7 +29,7 @@ use crate::{
     node_ca::LeafMinter,
     origins::client::BoxError,
     origins::upstream::Origin,
-    registry::{ConnContext, RegistryProxy},
+    registry::{Caller, ConnContext, RegistryProxy},
 };
 
 /// How long connecting to an original destination may take.
@@ -262,7 +262,7 @@ impl Server {
                         self.metrics.decided("terminated");
                         let ctx = ConnContext {
                             origin: origin("https", &name, dst_port, 443, dst),
-                            orig,
+                            caller: orig.map(caller),
                             label: self.minter.label(&name),
                             files: None,
                         };
@@ -281,7 +281,7 @@ impl Server {
                         let (name, port) = split_host_port(&host);
                         let ctx = ConnContext {
                             origin: origin("http", name, port.or(dst_port), 80, dst),
-                            orig,
+                            caller: orig.map(caller),
                             label: entry.to_owned(),
                             files: None,
                         };
@@ -359,7 +359,7 @@ impl Server {
         let accepted = self.kernel_tls.accept(stream, config);
         match tokio::time::timeout_at(deadline, accepted).await {
             Ok(Ok(tls)) => {
-                ctx.files = Some(tls.files());
+                ctx.files = Some(Box::new(tls.files()));
                 self.serve_http(tls, ctx).await
             }
             Ok(Err(KtlsError::Handshake(e))) => self.handshake_failed(&ctx, &e),
@@ -514,6 +514,14 @@ pub(crate) async fn splice(mut client: TcpStream, orig: Option<OriginalDst>) {
     let mut upstream = upstream;
     if let Err(e) = copy_bidirectional(&mut client, &mut upstream).await {
         debug!(dst = %orig.addr, error = %e, "splice ended");
+    }
+}
+
+/// Who opened a redirected connection, as the policy names it in logs and metrics.
+fn caller(orig: OriginalDst) -> Caller {
+    Caller {
+        pid: orig.process.pid,
+        comm: orig.process.comm,
     }
 }
 

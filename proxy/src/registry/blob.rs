@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, StreamBody};
 use tracing::{debug, warn};
 
 use super::{
-    ConnContext, HubAnswer, RegistryProxy,
+    ConnContext, HubAnswer, RegistryProxy, SendsFiles,
     content::{Ask, Verdict},
     not_entitled, path_of,
     respond::{api_version, digest_headers, relay},
@@ -16,7 +16,6 @@ use super::{
     small_response,
 };
 use crate::{
-    accept::conn::FileSender,
     cache::{BlobResponse, BlobSource, BodyRange, FlightOutcome, UpstreamBlob},
     oci::{ByteRange, Digest, RepositoryName},
     origins::client::{self, ProxyBody},
@@ -108,7 +107,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                         } else {
                             Source::Upstream
                         };
-                        return (source, blob_response(digest, blob, ctx.files.as_ref()));
+                        return (source, blob_response(digest, blob, ctx.files.as_deref()));
                     }
                     None => {
                         // Another request cached it or started fetching it since it was looked
@@ -202,7 +201,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 if blob.source == BlobSource::Fetched {
                     self.watch_flight(ctx, name, digest, &blob);
                 }
-                Some((source, blob_response(digest, blob, ctx.files.as_ref())))
+                Some((source, blob_response(digest, blob, ctx.files.as_deref())))
             }
             // Gone from the node and from the hub: the cache and upstream path decides.
             Err(_) => None,
@@ -343,7 +342,7 @@ fn blob_head(digest: &Digest, len: u64) -> Response<ProxyBody> {
 fn blob_response(
     digest: &Digest,
     blob: BlobResponse,
-    files: Option<&FileSender>,
+    files: Option<&dyn SendsFiles>,
 ) -> Response<ProxyBody> {
     let (status, length, content_range) = match blob.range {
         BodyRange::Full => (StatusCode::OK, blob.len, None),
@@ -359,9 +358,7 @@ fn blob_response(
         ),
     };
     let body = match (files, blob.file) {
-        (Some(files), Some(range)) => files
-            .body(range.file, range.start, range.end)
-            .boxed_unsync(),
+        (Some(files), Some(range)) => files.file_body(range.file, range.start, range.end),
         _ => StreamBody::new(
             blob.body
                 .map_ok(Frame::data)

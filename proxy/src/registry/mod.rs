@@ -23,6 +23,7 @@ mod served;
 mod tests;
 
 use std::{
+    fs::File,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -45,7 +46,6 @@ pub(crate) use self::{
     served::{Kind, Source},
 };
 use crate::{
-    accept::original_dst::OriginalDst,
     cache::Cache,
     oci::{Digest, ErrorCode, RepositoryName, Route},
     origins::client::{self, ProxyBody},
@@ -59,14 +59,28 @@ use crate::{
 pub(crate) struct ConnContext {
     /// The registry the client talks to, and where its connection was going.
     pub(crate) origin: Origin,
-    /// The kernel record (absent when a client connected to the proxy port directly).
-    pub(crate) orig: Option<OriginalDst>,
+    /// The process that opened the connection, as the kernel recorded it (absent when a client
+    /// connected to the proxy port directly).
+    pub(crate) caller: Option<Caller>,
     /// The registry's label in metrics: a configured name or pattern, never an open-ended
     /// client-chosen name (logs carry the full name).
     pub(crate) label: String,
     /// Where cached blobs' file ranges go when the connection's transport sends files itself
     /// (kernel TLS); `None`: bodies carry the bytes.
-    pub(crate) files: Option<crate::accept::conn::FileSender>,
+    pub(crate) files: Option<Box<dyn SendsFiles>>,
+}
+
+/// Who opened a redirected connection: what request logs and metrics name.
+pub(crate) struct Caller {
+    pub(crate) pid: u32,
+    pub(crate) comm: String,
+}
+
+/// A connection's transport that sends cached file ranges itself (kernel TLS with `sendfile`),
+/// so a cache hit's body is the range, not its bytes.
+pub(crate) trait SendsFiles: Send + Sync {
+    /// A body that has the transport send `start..end` of `file`.
+    fn file_body(&self, file: Arc<File>, start: u64, end: u64) -> ProxyBody;
 }
 
 /// Serves registry requests.
@@ -138,11 +152,11 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
             method: req.method().clone(),
             kind: Kind::Other,
             comm: ctx
-                .orig
+                .caller
                 .as_ref()
-                .map(|o| o.process.comm.clone())
+                .map(|c| c.comm.clone())
                 .unwrap_or_default(),
-            pid: ctx.orig.as_ref().map_or(0, |o| o.process.pid),
+            pid: ctx.caller.as_ref().map_or(0, |c| c.pid),
             started: Instant::now(),
         };
         let route = match route {

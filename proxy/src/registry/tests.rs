@@ -619,7 +619,7 @@ impl World {
                 authority: Authority::try_from(authority).unwrap(),
                 addr: None,
             },
-            orig: None,
+            caller: None,
             label: authority.to_owned(),
             files: None,
         };

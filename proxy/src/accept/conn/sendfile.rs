@@ -24,10 +24,14 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
 use prometheus_client::metrics::counter::Counter;
 use tokio::{io::Interest, net::TcpStream};
 
-use crate::origins::client::BoxError;
+use crate::{
+    origins::client::{BoxError, ProxyBody},
+    registry::SendsFiles,
+};
 
 /// Bytes one placeholder chunk stands for at most. hyper stops asking a body for chunks while
 /// about 400 KiB are queued, so each chunk is written (sent) before the next is asked for.
@@ -57,6 +61,12 @@ impl std::fmt::Debug for FileSender {
         f.debug_struct("FileSender")
             .field("queued", &self.queue.lock().expect("file queue").len())
             .finish()
+    }
+}
+
+impl SendsFiles for FileSender {
+    fn file_body(&self, file: Arc<File>, start: u64, end: u64) -> ProxyBody {
+        self.body(file, start, end).boxed_unsync()
     }
 }
 
