@@ -106,6 +106,19 @@ pub fn journal(unit: &str, since: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The log of the unit's current run (its `InvocationID`), one message per line: exact where a
+/// `--since` time, whole seconds, may take in the end of the previous run.
+pub fn journal_of_this_run(unit: &str) -> String {
+    let id = property(unit, "InvocationID");
+    assert!(!id.is_empty(), "{unit} has no invocation: is it running?");
+    let out = Command::new("journalctl")
+        .args(["--no-pager", "-o", "cat"])
+        .arg(format!("_SYSTEMD_INVOCATION_ID={id}"))
+        .output()
+        .expect("running journalctl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Now, as `journalctl --since` takes it.
 pub fn now() -> String {
     let secs = std::time::SystemTime::now()

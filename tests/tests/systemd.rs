@@ -207,10 +207,12 @@ impl Service {
 
     /// The service's JSON log records since `since`.
     fn logs(since: &str) -> Vec<Value> {
-        journal(UNIT, since)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        records(&journal(UNIT, since))
+    }
+
+    /// The JSON log records of the service's current run.
+    fn logs_of_this_run() -> Vec<Value> {
+        records(&systemd::journal_of_this_run(UNIT))
     }
 }
 
@@ -224,6 +226,14 @@ impl Drop for Service {
         let _ = fs::remove_dir_all(CONFIG_DIR);
         let _ = fs::remove_dir_all(STATE_DIR);
     }
+}
+
+/// The JSON records among journal lines.
+fn records(journal: &str) -> Vec<Value> {
+    journal
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Waits until pullproxy's admin listener in the World's namespace says ready.
@@ -351,7 +361,6 @@ fn pullproxy_service_redirects_fails_open_when_stopped_swaps_programs_on_restart
     // Started and restarted: the same links, new programs swapped into them.
     service.start(&w);
     let before = redirect::pinned_links(Path::new(PIN_DIR));
-    let since = systemd::now();
     systemctl(&["restart", UNIT]);
     wait_ready(&w);
     let after = redirect::pinned_links(Path::new(PIN_DIR));
@@ -360,11 +369,23 @@ fn pullproxy_service_redirects_fails_open_when_stopped_swaps_programs_on_restart
         assert_eq!(before.id, after.id, "{name}: the link survives the restart");
         assert_ne!(before.prog_id, after.prog_id, "{name}: a new program in it");
     }
-    let swapped = Service::logs(&since)
-        .iter()
-        .filter(|r| r["message"] == "swapped into pinned link")
-        .count();
-    assert_eq!(swapped, links.len(), "every program swapped in place");
+    // This run's records only: the start before it swapped programs too, possibly within the
+    // same second. journald may still be writing them; wait for the count, then check it.
+    let swapped = || {
+        Service::logs_of_this_run()
+            .iter()
+            .filter(|r| r["message"] == "swapped into pinned link")
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while swapped() < links.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        swapped(),
+        links.len(),
+        "every program swapped in place, once"
+    );
 
     // Killed: Restart=on-failure brings it back, again into the same links.
     let pid = Service::main_pid();
