@@ -379,18 +379,18 @@ impl Server {
 
     /// A handshake that failed; a client refusing the node CA's certificate is told apart.
     fn handshake_failed(&self, ctx: &ConnContext, e: &std::io::Error) {
-        match (&ctx.orig, rejected_our_certificate(e)) {
-            (Some(o), true) => {
+        match (&ctx.caller, rejected_our_certificate(e)) {
+            (Some(c), true) => {
                 self.metrics.decided("client_rejected_ca");
                 warn!(
                     registry = %ctx.origin.authority,
-                    pid = o.process.pid,
-                    comm = %o.process.comm,
+                    pid = c.pid,
+                    comm = %c.comm,
                     "the client does not trust the node CA (it started before the CA was \
                      installed): its connections go direct until it restarts; run \
                      `pullproxy ca status`"
                 );
-                (self.on_distrust)(o.process.pid);
+                (self.on_distrust)(c.pid);
             }
             _ => {
                 debug!(registry = %ctx.origin.authority, error = %e, "TLS handshake with the client failed")

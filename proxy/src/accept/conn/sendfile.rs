@@ -263,7 +263,6 @@ mod tests {
     use std::{convert::Infallible, io::Write as _, time::Duration};
 
     use http::{Request, Response, StatusCode, header};
-    use http_body_util::BodyExt as _;
     use hyper::body::Incoming;
     use tokio::{
         io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
