@@ -7,8 +7,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use pullproxy::{
-    config::{Config, ConfigError, ENV_PREFIX},
+    config::{ConfigError, ENV_PREFIX},
     origins::hub::PasswordSource,
+    settings::Config,
     telemetry::error_chain,
 };
 

@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pullproxy::{config::Config, oci::RepositoryName, origins::hub::canonical_registry};
+use pullproxy::{oci::RepositoryName, origins::hub::canonical_registry, settings::Config};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -25,15 +25,16 @@ use crate::{
     accept::server::{self, BindError, OnDistrust, Server, ServerMetrics},
     admin::{self, Readiness},
     cache::{Cache, CacheError},
-    config::Config,
+    config::WriteBackPolicy as Policy,
     node_ca::{self, LeafMinter, NodeCa, ca::CaError, hosts::HostPatternError},
     origins::client::{self, AddressPolicy, Connector, UpstreamClients},
     origins::hub::{HubClient, HubOutcome},
     origins::tls::{UpstreamTlsError, upstream_client_config},
     origins::upstream::Upstream,
-    origins::writeback::{Jobs, Policy, WriteBack},
+    origins::writeback::{Jobs, WriteBack},
     redirect::{LoaderError, Redirector},
     registry::RegistryProxy,
+    settings::Config,
     warm::Warmer,
 };
 

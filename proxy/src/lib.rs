@@ -28,6 +28,7 @@ pub mod redirect;
 pub(crate) mod registry;
 pub(crate) mod runtimes;
 pub mod secret;
+pub mod settings;
 pub mod telemetry;
 pub mod trust;
 pub mod warm;

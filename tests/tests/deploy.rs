@@ -19,7 +19,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use pullproxy::{config::Config, origins::hub::PasswordSource};
+use pullproxy::{origins::hub::PasswordSource, settings::Config};
 use serde_json::Value;
 
 /// The capabilities measured to be enough (tests/tests/capabilities.rs measures whatever the chart

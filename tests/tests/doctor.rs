@@ -7,8 +7,9 @@ use std::{net::SocketAddr, path::Path, process::Command};
 
 use harness::{node::Node, registry::Registry, require_root};
 use pullproxy::{
-    config::{Config, DEFAULT_YAML},
+    config::DEFAULT_YAML,
     doctor::{self, Check, DoctorArgs, DoctorReport, Verdict},
+    settings::Config,
 };
 
 /// Where the hub listens inside the node's network namespace.

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use pullproxy::{
-    config::Config,
+    settings::Config,
     trust::ca_command::{self, CaCommand},
 };
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use pullproxy::config::Config;
+use pullproxy::settings::Config;
 
 pub(crate) fn run(file: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(Some(&file))?;

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use pullproxy::{
-    config::Config,
     doctor::{self, DoctorArgs},
+    settings::Config,
 };
 
 pub(crate) fn run(config: Option<PathBuf>, args: &DoctorArgs) -> anyhow::Result<()> {

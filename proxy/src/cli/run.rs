@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use pullproxy::{app, config::Config, telemetry};
+use pullproxy::{app, settings::Config, telemetry};
 
 pub(crate) fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     // Whatever the daemon creates is root's alone, also where a library or a future file forgets

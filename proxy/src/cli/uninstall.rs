@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use pullproxy::{config::Config, redirect};
+use pullproxy::{redirect, settings::Config};
 
 pub(crate) fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config.as_deref())?;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use pullproxy::{config::Config, telemetry, warm};
+use pullproxy::{settings::Config, telemetry, warm};
 
 /// Prints warm-up progress, one line per step.
 struct Printed;

@@ -1,7 +1,8 @@
-//! Configuration: YAML (serde-saphyr), the default embedded from `config/pullproxy.yaml`,
-//! `--config FILE` and `PULLPROXY_<SECTION>__<KEY>` environment overrides, layered key by key
-//! (`layers`), then each section converted by the subsystem that owns it. Invalid configuration
-//! is an error that names the key and where it was set, before anything binds.
+//! The configuration file's format: YAML (serde-saphyr), the default embedded from
+//! `config/pullproxy.yaml`, `--config FILE` and `PULLPROXY_<SECTION>__<KEY>` environment
+//! overrides, layered key by key (`layers`) into the sections below. Each subsystem converts its
+//! own section (`TryFrom<&config::X>`, errors naming the key through [`SettingError`]);
+//! [`crate::settings::Config`] gathers the converted sections. This module imports none of them.
 
 mod layers;
 
@@ -15,11 +16,7 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::{
-    accept::server::ListenSettings, admin::AdminSettings, cache::CacheSettings,
-    node_ca::TlsSettings, origins::hub::HubSettings, origins::upstream::UpstreamSettings,
-    redirect::RedirectSettings, secret::Secret, telemetry::Log, warm::WarmSettings,
-};
+use crate::{secret::Secret, telemetry::Log};
 
 /// The default configuration, embedded in the binary. Every key is documented there.
 pub const DEFAULT_YAML: &str = include_str!("../../../config/pullproxy.yaml");
@@ -87,31 +84,10 @@ pub fn nonzero_count(key: &'static str, n: usize) -> Result<usize, Zero> {
     if n == 0 { Err(Zero::Count(key)) } else { Ok(n) }
 }
 
-/// A loaded configuration: every section as the subsystem that owns it converted it, once.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub listen: ListenSettings,
-    pub admin: AdminSettings,
-    pub redirect: RedirectSettings,
-    pub registries: Registries,
-    /// `None` when `hub.url` is null.
-    pub hub: Option<HubSettings>,
-    pub cache: CacheSettings,
-    /// Its `intercept_hosts` are `registries.intercept` and the hosts of `hub.mapping.overrides`.
-    pub tls: TlsSettings,
-    pub upstream: UpstreamSettings,
-    pub log: Log,
-    pub warm: WarmSettings,
-    /// `PULLPROXY_*` variables that are not overrides (logged as a warning at start).
-    pub ignored_env: Vec<String>,
-    /// The file this configuration was read from (the daemon watches it for `warm.images`).
-    pub source: Option<PathBuf>,
-}
-
 /// The configuration file's format: what the layered YAML and overrides deserialize into.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ConfigFile {
+pub struct ConfigFile {
     pub listen: Listen,
     pub admin: Admin,
     pub redirect: Redirect,
@@ -175,9 +151,30 @@ pub struct Hub {
     pub timeout: Duration,
     /// Push images the upstream served (because the hub lacked them) into the hub: `public`,
     /// `all` or `off`.
-    pub write_back: crate::origins::writeback::Policy,
+    pub write_back: WriteBackPolicy,
     /// Bytes per second write-back may upload into the hub, all uploads together.
     pub write_back_rate: ByteSize,
+}
+
+/// What write-back may push into the hub (`hub.write_back`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteBackPolicy {
+    /// Only what the upstream serves without credentials.
+    Public,
+    /// Everything, private content included (it becomes readable by every client of the cluster).
+    All,
+    Off,
+}
+
+impl std::fmt::Display for WriteBackPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WriteBackPolicy::Public => "public",
+            WriteBackPolicy::All => "all",
+            WriteBackPolicy::Off => "off",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -350,8 +347,15 @@ impl<'de> Deserialize<'de> for TargetsConfig {
     }
 }
 
-impl Config {
-    /// Loads the embedded defaults, `path` over them, then environment overrides, and converts.
+/// The layered configuration file, and where each key was set (for errors that name it).
+pub struct Layered {
+    pub file: ConfigFile,
+    layers: layers::Layers,
+}
+
+impl Layered {
+    /// Reads `path` (if any) over the embedded defaults, then the `PULLPROXY_*` overrides of the
+    /// process environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let text = match path {
             Some(p) => Some(
@@ -363,69 +367,32 @@ impl Config {
             None => None,
         };
         let origin = path.map(|p| p.display().to_string());
-        let mut config = Self::layered(text.as_deref().zip(origin.as_deref()), std::env::vars())?;
-        config.source = path.map(Path::to_path_buf);
-        Ok(config)
-    }
-
-    /// `text` (named `origin` in messages) over the embedded defaults, then the `PULLPROXY_*`
-    /// overrides in `env`, converted.
-    pub fn from_yaml(
-        text: &str,
-        origin: &str,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
-        Self::layered(Some((text, origin)), env)
+        Self::new(text.as_deref().zip(origin.as_deref()), std::env::vars())
     }
 
     /// The embedded defaults with `file` (text, name for messages) and then the `PULLPROXY_*`
-    /// overrides in `env` layered over them key by key, then converted section by section.
-    fn layered(
+    /// overrides in `env` layered over them key by key.
+    pub fn new(
         file: Option<(&str, &str)>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let mut layers = layers::Layers::new(DEFAULT_YAML, file)?;
         layers.apply_env(env, |tree| typed(tree).map(drop))?;
         let file = typed(&layers.tree).map_err(|(at, msg)| layers.error_at(&at, msg))?;
-        let mut config = Self::convert(file, &layers)?;
-        config.ignored_env = layers.ignored_env;
-        Ok(config)
+        Ok(Layered { file, layers })
     }
 
-    /// Each section converted by its owner, the first refusal told at the key's layer.
-    fn convert(file: ConfigFile, layers: &layers::Layers) -> Result<Self, ConfigError> {
-        fn owned<T, E: SettingError>(
-            layers: &layers::Layers,
-            converted: Result<T, E>,
-        ) -> Result<T, ConfigError> {
-            converted.map_err(|e| layers.error_at(e.key(), crate::telemetry::error_chain(&e)))
-        }
-        let listen = owned(layers, ListenSettings::try_from(&file.listen))?;
-        let admin = owned(layers, AdminSettings::try_from(&file.admin))?;
-        let redirect = owned(
-            layers,
-            RedirectSettings::from_section(&file.redirect, listen.port, admin.listen.port()),
-        )?;
-        let hub = owned(layers, Option::<HubSettings>::try_from(&file.hub))?;
-        let mut tls = owned(layers, TlsSettings::try_from(&file.tls))?;
-        tls.intercept_hosts = (file.registries.intercept.iter())
-            .chain(file.hub.mapping.overrides.keys())
-            .cloned()
-            .collect();
-        Ok(Self {
-            warm: owned(layers, WarmSettings::try_from(&file.warm))?,
-            cache: owned(layers, CacheSettings::try_from(&file.cache))?,
-            upstream: owned(layers, UpstreamSettings::try_from(&file.upstream))?,
-            listen,
-            admin,
-            redirect,
-            hub,
-            tls,
-            registries: file.registries,
-            log: file.log,
-            ignored_env: Vec::new(),
-            source: None,
+    /// A subsystem's conversion of its section, a refusal told at the layer that set the key.
+    pub fn owned<T, E: SettingError>(&self, converted: Result<T, E>) -> Result<T, ConfigError> {
+        converted.map_err(|e| {
+            self.layers
+                .error_at(e.key(), crate::telemetry::error_chain(&e))
         })
+    }
+
+    /// `PULLPROXY_*` variables that are not overrides (logged as a warning at start).
+    pub fn ignored_env(&self) -> &[String] {
+        &self.layers.ignored_env
     }
 }
 

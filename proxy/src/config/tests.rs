@@ -1,7 +1,7 @@
 //! The loader end to end: layering, and every refusal named with its key and where it was set.
 
 use super::*;
-use crate::{origins::hub::PasswordSource, redirect::Targets};
+use crate::{origins::hub::PasswordSource, redirect::Targets, settings::Config};
 
 fn no_env() -> Vec<(String, String)> {
     Vec::new()
@@ -15,7 +15,7 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 fn defaults() -> Config {
-    Config::layered(None, no_env()).unwrap()
+    Config::defaults_with(no_env()).unwrap()
 }
 
 fn error(text: &str, vars: &[(&str, &str)]) -> String {
@@ -178,7 +178,7 @@ fn environment_overrides_layer_over_the_file() {
     assert!(c.ignored_env.is_empty(), "{:?}", c.ignored_env);
 
     // An empty variable unsets an optional key.
-    let c = Config::layered(None, env(&[("PULLPROXY_HUB__URL", "")])).unwrap();
+    let c = Config::defaults_with(env(&[("PULLPROXY_HUB__URL", "")])).unwrap();
     assert!(c.hub.is_none());
 
     let err = error("", &[("PULLPROXY_LISTEN__PROT", "1")]);
@@ -251,7 +251,7 @@ fn variables_that_are_not_overrides_are_ignored() {
         ("PULLPROXY___X", "1"),
         ("PULLPROXY_LOG__LEVEL", "debug"),
     ]);
-    let c = Config::layered(None, vars).unwrap();
+    let c = Config::defaults_with(vars).unwrap();
     assert_eq!(c.log.level, "debug");
     assert_eq!(c.ignored_env.len(), 6, "{:?}", c.ignored_env);
     assert!(c.ignored_env.contains(&"PULLPROXY_BIN".to_owned()));
@@ -262,17 +262,17 @@ fn secrets_are_taken_verbatim_and_never_shown() {
     for pw in [
         "123456", "null", "pw #x", "true", "[a]", "{x: 1}", "~", " lead",
     ] {
-        let c = Config::layered(None, env(&[("PULLPROXY_HUB__PASSWORD", pw)])).unwrap();
+        let c = Config::defaults_with(env(&[("PULLPROXY_HUB__PASSWORD", pw)])).unwrap();
         let got = match &c.hub.unwrap().password {
             PasswordSource::Inline(p) => p.expose().to_owned(),
             other => panic!("{other:?}"),
         };
         assert_eq!(got, pw, "PULLPROXY_HUB__PASSWORD={pw:?}");
     }
-    let c = Config::layered(None, env(&[("PULLPROXY_HUB__PASSWORD", "s3cr3t #x")])).unwrap();
+    let c = Config::defaults_with(env(&[("PULLPROXY_HUB__PASSWORD", "s3cr3t #x")])).unwrap();
     let debug = format!("{c:?}");
     assert!(!debug.contains("s3cr3t"), "{debug}");
-    let c = Config::layered(None, env(&[("PULLPROXY_HUB__USERNAME", "0123")])).unwrap();
+    let c = Config::defaults_with(env(&[("PULLPROXY_HUB__USERNAME", "0123")])).unwrap();
     assert_eq!(c.hub.unwrap().username.as_deref(), Some("0123"));
 
     // In a file, YAML types apply: an unquoted number is refused, without repeating it.

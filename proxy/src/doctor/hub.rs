@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use super::{Check, DoctorReport};
 use crate::{
-    config::Config,
     origins::{
         client::{self, AddressPolicy, Connector},
         hub::{HubClient, HubOutcome, PasswordSource},
         tls::upstream_client_config,
     },
+    settings::Config,
     telemetry::error_chain,
 };
 
@@ -76,11 +76,11 @@ pub(super) async fn check_hub(report: &mut DoctorReport, config: &Config) {
 /// With write-back on, pullproxy's hub credentials must be allowed to push.
 async fn check_push_rights(
     report: &mut DoctorReport,
-    policy: crate::origins::writeback::Policy,
+    policy: crate::config::WriteBackPolicy,
     hub: &HubClient,
     shown: &str,
 ) {
-    if policy == crate::origins::writeback::Policy::Off {
+    if policy == crate::config::WriteBackPolicy::Off {
         return;
     }
     match hub.can_push().await {

@@ -8,12 +8,12 @@ use aya::util::KernelVersion;
 
 use super::{Check, DoctorReport};
 use crate::{
-    config::Config,
     redirect::{
         LoaderError,
         cgroup::Cgroup2,
         preflight::{self, BPFFS, MIN_KERNEL},
     },
+    settings::Config,
     telemetry::error_chain,
 };
 

@@ -16,7 +16,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::config::Config;
+use crate::settings::Config;
 
 /// `pullproxy doctor [--root DIR] [--proc DIR] [--verbose]`
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]

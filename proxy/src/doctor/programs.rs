@@ -7,8 +7,8 @@ use proxy_common::Counter;
 
 use super::{Check, DoctorReport};
 use crate::{
-    config::Config,
     redirect::{self, cgroup::Cgroup2},
+    settings::Config,
     telemetry::error_chain,
 };
 

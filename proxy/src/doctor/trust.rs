@@ -3,8 +3,8 @@
 
 use super::{Check, DoctorArgs, DoctorReport, Verdict};
 use crate::{
-    config::Config,
     node_ca::NodeCa,
+    settings::Config,
     telemetry::error_chain,
     trust::{
         runtimes::{ProcFs, RuntimeTrust, TrustReport},

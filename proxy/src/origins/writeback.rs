@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     cache::{Cache, CacheError, MAX_RECORD_BYTES, READ_CHUNK, RecordDir},
+    config::WriteBackPolicy as Policy,
     oci::{Digest, ManifestRefs, RepositoryName},
     origins::client::{BoxError, ProxyBody},
     origins::hub::HubError,
@@ -50,17 +51,6 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 const MAX_ATTEMPTS: u32 = 120;
 /// A public mark younger than this lets `public` push content fetched with credentials.
 const PUBLIC_MARK_FOR: u64 = 7 * 24 * 3600;
-
-/// What may be written back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Policy {
-    /// Only what the upstream serves without credentials.
-    Public,
-    /// Everything, private content included (it becomes readable by every client of the cluster).
-    All,
-    Off,
-}
 
 /// One image to push: a manifest (or index) of `repo` on `registry`, by digest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,16 +84,6 @@ enum Outcome {
     Incomplete,
     /// The hub refused or failed.
     Failed,
-}
-
-impl std::fmt::Display for Policy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Policy::Public => "public",
-            Policy::All => "all",
-            Policy::Off => "off",
-        })
-    }
 }
 
 impl Outcome {

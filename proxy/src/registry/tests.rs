@@ -24,12 +24,13 @@ use tokio::sync::Notify;
 use super::{ConnContext, RegistryProxy};
 use crate::{
     cache::Cache,
+    config::WriteBackPolicy as Policy,
     oci::{Digest, Reference, RepositoryName, Route, media_type},
     origins::client::{self, BoxError, ProxyBody},
     origins::hub::{HubError, HubOutcome, MappingError},
     origins::sources::{HubSource, UpstreamSource},
     origins::upstream::{Origin, Small, UpstreamError},
-    origins::writeback::{Jobs, Policy, WriteBack},
+    origins::writeback::{Jobs, WriteBack},
 };
 
 const ALICE: &str = "Basic YWxpY2U6d29uZGVybGFuZA=="; // alice:wonderland

@@ -9,13 +9,44 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use super::{
-    BlobBody, BlobResponse, BlobSource, BodyRange, FlightError, Outcome,
+    BlobBody, BlobResponse, BlobSource, BodyRange, FlightError, Inner, Outcome,
     state::{Flight, Phase, Progress},
 };
 use crate::{
     cache::store::{BlobRead, BlobStore},
     oci::{ByteRange, Digest},
 };
+
+impl Inner {
+    /// Joins the flight for `digest` or registers a new one; the reader is registered under the
+    /// same lock, so a flight that stops taking joiners never gains an unseen reader.
+    pub(super) fn join_or_register(&self, digest: &Digest) -> (ReaderSlot, bool) {
+        let mut flights = self.flights.lock().expect("flights lock");
+        if let Some(flight) = flights.get(digest)
+            && let Some(slot) = ReaderSlot::join(flight)
+        {
+            return (slot, false);
+        }
+        // No flight, or one that can no longer give a new reader every byte: replace it (it
+        // goes on for its own readers; `unregister` will not remove this one).
+        let flight = Arc::new(Flight::new(digest.clone()));
+        flights.insert(digest.clone(), flight.clone());
+        (ReaderSlot::new(flight), true)
+    }
+
+    /// A new flight, registered for joiners unless another joinable flight holds the digest.
+    pub(super) fn register_if_free(&self, digest: &Digest) -> ReaderSlot {
+        let flight = Arc::new(Flight::new(digest.clone()));
+        let mut flights = self.flights.lock().expect("flights lock");
+        let taken = flights
+            .get(digest)
+            .is_some_and(|f| f.shared.lock().expect("flight lock").joinable());
+        if !taken {
+            flights.insert(digest.clone(), flight.clone());
+        }
+        ReaderSlot::new(flight)
+    }
+}
 
 /// Size of the reads that serve a body: large enough that a 256 MiB hit is ~1000 reads, small
 /// enough that many concurrent clients do not add up to much memory.

@@ -44,7 +44,7 @@ pub struct HubSettings {
     pub mapping: Mapping,
     pub(crate) timeout: Duration,
     /// What write-back pushes into the hub.
-    pub(crate) write_back: crate::origins::writeback::Policy,
+    pub(crate) write_back: crate::config::WriteBackPolicy,
     /// Bytes per second write-back may upload, all uploads together.
     pub(crate) write_back_rate: u64,
 }

@@ -7,6 +7,8 @@
 //! configuration is warmed by the daemon at start and whenever that list changes in the file
 //! (anonymously: public images, and whatever the hub holds).
 
+pub mod settings;
+
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
@@ -19,59 +21,16 @@ use http_body_util::BodyExt as _;
 use tracing::{info, warn};
 
 use crate::{
-    config::Config,
     oci::{BearerChallenge, Digest, ImageRef, ManifestRefs, Reference, media_type},
     origins::client::{self, AddressPolicy, Connector, HttpClient, UpstreamClients},
     origins::upstream::{UpstreamError, fetch_token},
+    settings::Config,
 };
 
 /// Deadline for one manifest or token exchange; blobs only need to keep flowing.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the daemon looks at its configuration file for a new `warm.images`.
 const CONFIG_CHECK_EVERY: Duration = Duration::from_secs(10);
-
-/// What the daemon warms, from the configuration (`warm`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WarmSettings {
-    /// Images this node's cache is filled with at start and whenever this list changes.
-    pub images: Vec<ImageRef>,
-}
-
-/// A `warm` value that is no image.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WarmSettingsError {
-    #[error("{image:?}: {reason}")]
-    Image {
-        image: String,
-        reason: crate::oci::ImageRefError,
-    },
-}
-
-impl crate::config::SettingError for WarmSettingsError {
-    fn key(&self) -> &'static str {
-        match self {
-            Self::Image { .. } => "warm.images",
-        }
-    }
-}
-
-impl TryFrom<&crate::config::Warm> for WarmSettings {
-    type Error = WarmSettingsError;
-
-    fn try_from(w: &crate::config::Warm) -> Result<Self, Self::Error> {
-        let images = w
-            .images
-            .iter()
-            .map(|image| {
-                image.parse().map_err(|reason| WarmSettingsError::Image {
-                    image: image.clone(),
-                    reason,
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Self { images })
-    }
-}
 
 /// Why warming an image failed.
 #[derive(Debug, thiserror::Error)]
