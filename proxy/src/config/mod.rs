@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::{
-    accept::server::ListenSettings, admin::AdminSettings, cache::CacheSettings,
+    accept::listen::ListenSettings, admin::AdminSettings, cache::CacheSettings,
     node_ca::TlsSettings, origins::hub::HubSettings, origins::upstream::UpstreamSettings,
     redirect::RedirectSettings, secret::Secret, telemetry::Log, warm::WarmSettings,
 };
