@@ -114,10 +114,10 @@ pub(crate) async fn serve(
 /// Binds the admin address.
 pub(crate) async fn bind(
     addr: SocketAddr,
-) -> Result<TcpListener, crate::accept::server::BindError> {
+) -> Result<TcpListener, crate::accept::listen::BindError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| crate::accept::server::BindError { addr, source })
+        .map_err(|source| crate::accept::listen::BindError { addr, source })
 }
 
 fn answer(

@@ -20,9 +20,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     accept::conn::{self, ConnMetrics, Gate, ListenerKind},
+    accept::listen::{self, BindError},
     accept::original_dst::{MemoryOriginalDst, OriginalDstSource},
     accept::port_holder,
-    accept::server::{self, BindError, OnDistrust, Server, ServerMetrics},
+    accept::server::{OnDistrust, Server, ServerMetrics},
     admin::{self, Readiness},
     cache::{Cache, CacheError},
     config::WriteBackPolicy as Policy,
@@ -237,7 +238,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let admin_listener = admin::bind(config.admin.listen)
         .await
         .map_err(|e| bind_failed(e, guarded))?;
-    let listeners = server::bind(&config.listen.addresses, config.listen.port)
+    let listeners = listen::bind(&config.listen.addresses, config.listen.port)
         .map_err(|e| bind_failed(e, guarded))?;
     readiness.listening.store(true, Ordering::Relaxed);
     info!(port = config.listen.port, admin = %config.admin.listen, "listening");

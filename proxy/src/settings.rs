@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::{
-    accept::server::ListenSettings,
+    accept::listen::ListenSettings,
     admin::AdminSettings,
     cache::CacheSettings,
     config::{ConfigError, Layered, Registries},

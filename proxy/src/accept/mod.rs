@@ -6,6 +6,7 @@
 pub mod client_hello;
 pub mod conn;
 pub mod ktls;
+pub(crate) mod listen;
 pub mod original_dst;
 pub(crate) mod port_holder;
 pub(crate) mod server;
