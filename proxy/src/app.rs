@@ -244,7 +244,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     info!(port = config.listen.port, admin = %config.admin.listen, "listening");
     readiness.attached.store(true, Ordering::Relaxed);
     if !config.warm.images.is_empty() || config.source.is_some() {
-        match Warmer::new(&config, None) {
+        match Warmer::new(&(&config).into(), None) {
             Ok(warmer) => {
                 tokio::spawn(crate::warm::run_daemon(
                     Arc::new(warmer),

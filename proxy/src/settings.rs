@@ -13,7 +13,7 @@ use crate::{
     origins::{hub::HubSettings, upstream::UpstreamSettings},
     redirect::RedirectSettings,
     telemetry::Log,
-    warm::settings::WarmSettings,
+    warm::{Proxy, settings::WarmSettings},
 };
 
 /// A loaded configuration: every section as the subsystem that owns it converted it, once.
@@ -93,5 +93,16 @@ impl Config {
             ignored_env: layered.ignored_env().to_vec(),
             source: None,
         })
+    }
+}
+
+impl<'a> From<&'a Config> for Proxy<'a> {
+    fn from(config: &'a Config) -> Self {
+        Proxy {
+            tls: &config.tls,
+            listen: &config.listen,
+            connect_timeout: config.upstream.connect_timeout,
+            insecure: &config.registries.insecure,
+        }
     }
 }

@@ -32,7 +32,10 @@ pub(crate) fn run(
             .to_owned(),
         None => String::new(),
     };
-    let warmer = warm::Warmer::new(&config, user.as_deref().map(|u| (u, password.as_str())))?;
+    let warmer = warm::Warmer::new(
+        &(&config).into(),
+        user.as_deref().map(|u| (u, password.as_str())),
+    )?;
     let failed = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

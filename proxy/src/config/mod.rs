@@ -2,7 +2,7 @@
 //! `config/pullproxy.yaml`, `--config FILE` and `PULLPROXY_<SECTION>__<KEY>` environment
 //! overrides, layered key by key (`layers`) into the sections below. Each subsystem converts its
 //! own section (`TryFrom<&config::X>`, errors naming the key through [`SettingError`]);
-//! [`crate::settings::Config`] gathers the converted sections. This module imports none of them.
+//! `settings::Config` gathers the converted sections. This module imports none of them.
 
 mod layers;
 

@@ -20,11 +20,14 @@ use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::BodyExt as _;
 use tracing::{info, warn};
 
+use self::settings::WarmSettings;
 use crate::{
+    accept::listen::ListenSettings,
+    config::Layered,
+    node_ca::TlsSettings,
     oci::{BearerChallenge, Digest, ImageRef, ManifestRefs, Reference, media_type},
     origins::client::{self, AddressPolicy, Connector, HttpClient, UpstreamClients},
     origins::upstream::{UpstreamError, fetch_token},
-    settings::Config,
 };
 
 /// Deadline for one manifest or token exchange; blobs only need to keep flowing.
@@ -64,11 +67,24 @@ pub struct Warmer {
     basic: Option<HeaderValue>,
 }
 
+/// The pullproxy a warmer pulls through, from its loaded configuration
+/// (`settings::Config` makes one).
+pub struct Proxy<'a> {
+    /// Its node CA, and the CAs it trusts upstream (token services are dialled directly).
+    pub tls: &'a TlsSettings,
+    /// Where it listens.
+    pub listen: &'a ListenSettings,
+    /// `upstream.connect_timeout`.
+    pub connect_timeout: Duration,
+    /// `registries.insecure`: registries spoken to in plain HTTP.
+    pub insecure: &'a [String],
+}
+
 impl Warmer {
-    /// A warmer for the pullproxy `config` describes, trusting its node CA (and the system roots,
-    /// for token services); `basic` is `user:password` to authenticate with, if any.
-    pub fn new(config: &Config, basic: Option<(&str, &str)>) -> Result<Self, WarmError> {
-        let tls_settings = &config.tls;
+    /// A warmer for `proxy`, trusting its node CA (and the system roots, for token services);
+    /// `basic` is `user:password` to authenticate with, if any.
+    pub fn new(proxy: &Proxy<'_>, basic: Option<(&str, &str)>) -> Result<Self, WarmError> {
+        let tls_settings = proxy.tls;
         let ca_path = tls_settings.ca_cert_path();
         // The node CA (pullproxy's port speaks for every registry with it), plus the roots
         // pullproxy trusts upstream (token services are dialled directly).
@@ -80,24 +96,24 @@ impl Warmer {
                 reason: crate::telemetry::error_chain(&e),
             }
         })?;
-        let ip = config
+        let ip = proxy
             .listen
             .addresses
             .iter()
             .copied()
             .find(IpAddr::is_ipv4)
-            .or_else(|| config.listen.addresses.first().copied())
+            .or_else(|| proxy.listen.addresses.first().copied())
             .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        let connect = config.upstream.connect_timeout;
+        let connect = proxy.connect_timeout;
         Ok(Warmer {
             to_proxy: UpstreamClients::new(Connector::new(
                 tls.clone(),
                 AddressPolicy::Any,
                 connect,
             )),
-            proxy_addr: SocketAddr::new(ip, config.listen.port),
+            proxy_addr: SocketAddr::new(ip, proxy.listen.port),
             tokens: client::build(Connector::new(tls, AddressPolicy::Any, connect)),
-            insecure: config.registries.insecure.clone(),
+            insecure: proxy.insecure.to_vec(),
             basic: basic.map(|(u, p)| basic_auth(u, p)),
         })
     }
@@ -364,10 +380,12 @@ pub(crate) async fn run_daemon(
             continue;
         }
         stamp = now;
-        match Config::load(Some(&path)) {
-            Ok(config) if config.warm.images != current => {
-                info!(images = config.warm.images.len(), "warm.images changed");
-                current = config.warm.images;
+        let warm = Layered::load(Some(&path))
+            .and_then(|file| file.owned(WarmSettings::try_from(&file.file.warm)));
+        match warm {
+            Ok(warm) if warm.images != current => {
+                info!(images = warm.images.len(), "warm.images changed");
+                current = warm.images;
                 warm_all(&warmer, &current).await;
             }
             Ok(_) => {}
