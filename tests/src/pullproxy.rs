@@ -131,7 +131,7 @@ impl Pullproxy {
         let stderr = proc.child_mut().stderr.take().expect("stderr");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let sink = logs.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let value = serde_json::from_str(&line)
                     .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
@@ -143,16 +143,17 @@ impl Pullproxy {
         // builds and tests.
         let started = Instant::now();
         while me.find("ready").is_none() {
-            if me.proc.exited() || started.elapsed() > Duration::from_secs(60) {
-                // Give the reader a moment to collect the last lines.
-                std::thread::sleep(Duration::from_millis(100));
+            let status = me.proc.child_mut().try_wait().ok().flatten();
+            if status.is_some() || started.elapsed() > Duration::from_secs(60) {
+                // An exited process's last lines (its error) are read once its stderr ends: on
+                // a loaded machine that can take longer than any fixed pause.
+                let read_until = Instant::now() + Duration::from_secs(10);
+                while status.is_some() && !reader.is_finished() && Instant::now() < read_until {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 panic!(
                     "pullproxy did not become ready ({} after {:?}):\n{}",
-                    if me.proc.exited() {
-                        "exited"
-                    } else {
-                        "still running"
-                    },
+                    status.map_or_else(|| "still running".to_owned(), |s| format!("exited: {s}")),
                     started.elapsed(),
                     me.dump()
                 );
