@@ -138,8 +138,7 @@ pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
 /// serves them, and that must not count as serving.
 fn restart(w: &mut World, tls: Tls, fixtures: &[Fixture]) {
     w.stop_proxy();
-    let on = (tls == Tls::Kernel).to_string();
-    w.start_proxy(&[("PULLPROXY_LISTEN__KERNEL_TLS", on)]);
+    start(w, tls);
     for f in fixtures {
         let out = w.run(
             Via::Pullproxy,
@@ -167,47 +166,52 @@ fn cold_hub_hit(w: &mut World, tls: Tls, client: Client, f: &Fixture) -> (f64, f
         }
         _ => {}
     }
-    let on = (tls == Tls::Kernel).to_string();
-    w.start_proxy(&[("PULLPROXY_LISTEN__KERNEL_TLS", on)]);
+    start(w, tls);
     w.page_in_hub(digest);
-    let (via, size) = (Via::PullproxyHub, f.layer().size);
-    let path = f.blob_path(via);
-    let pid = w.proxy().pid();
-    let cpu_before = cpu_seconds(pid);
-    let rate = match client {
-        Client::Loadgen => {
-            let out = w.run(via, &w.job(via, "GET", vec![path]));
-            out.expect("cold hub hit", 200, Some(size));
-            out.bytes() as f64 / MIB / out.wall_s
-        }
-        Client::Curl => curl(w, via, &path, 0, 1, size),
-    };
-    let cpu = (cpu_seconds(pid) - cpu_before) / (size as f64 / GIB);
+    let (rate, cpu) = timed_gets(w, Via::PullproxyHub, client, f, 0, 1);
     w.settle_cached(Via::Pullproxy, digest);
-    (rate, cpu)
+    (rate, cpu.expect("pullproxy served it"))
 }
 
-/// Warm GETs of `f`'s blob through `via` with `client`: MiB/s, and pullproxy's CPU seconds per
-/// GiB over the whole job when pullproxy served it.
+/// Starts pullproxy with its TLS where `tls` says.
+fn start(w: &mut World, tls: Tls) {
+    let on = (tls == Tls::Kernel).to_string();
+    w.start_proxy(&[("PULLPROXY_LISTEN__KERNEL_TLS", on)]);
+}
+
+/// Warm GETs of `f`'s blob through `via` with `client` (one untimed first).
 fn measure(w: &World, via: Via, client: Client, f: &Fixture) -> (f64, Option<f64>) {
+    timed_gets(w, via, client, f, 1, warm_repeat(f.layer().size))
+}
+
+/// `repeat` timed GETs of `f`'s blob through `via` with `client`, after `untimed` ones, on one
+/// connection: MiB/s over the timed ones, and pullproxy's CPU seconds per GiB over all of them
+/// when pullproxy served them.
+fn timed_gets(
+    w: &World,
+    via: Via,
+    client: Client,
+    f: &Fixture,
+    untimed: usize,
+    repeat: usize,
+) -> (f64, Option<f64>) {
     let size = f.layer().size;
     let path = f.blob_path(via);
-    let repeat = warm_repeat(size);
     let pid = (via != Via::Hub).then(|| w.proxy().pid());
     let cpu_before = pid.map(cpu_seconds);
     let rate = match client {
         Client::Loadgen => {
             let mut job = w.job(via, "GET", vec![path]);
             job.repeat = repeat;
-            job.warmup = 1;
+            job.warmup = untimed;
             let out = w.run(via, &job);
-            out.expect(&format!("warm GET via {}", via.label()), 200, Some(size));
+            out.expect(&format!("GET via {}", via.label()), 200, Some(size));
             out.bytes() as f64 / MIB / out.wall_s
         }
-        Client::Curl => curl(w, via, &path, 1, repeat, size),
+        Client::Curl => curl(w, via, &path, untimed, repeat, size),
     };
     let cpu = pid.zip(cpu_before).map(|(pid, before)| {
-        (cpu_seconds(pid) - before) / ((repeat + 1) as f64 * size as f64 / GIB)
+        (cpu_seconds(pid) - before) / ((untimed + repeat) as f64 * size as f64 / GIB)
     });
     (rate, cpu)
 }
