@@ -12,7 +12,7 @@
 //! (MiB) and `--only latency,throughput,concurrency,memory` narrow a run down while working on
 //! one figure; `--only fastpath` runs the TLS fast path figure, which no other run includes
 //! (`cargo xtask bench` runs it on its own, at 256 MiB);
-//! `pp-bench --profile hub|cache|cold|head [--seconds S]` sets the world up and repeats one
+//! `pp-bench --profile hub|cache|cold|hub-cold|head [--seconds S]` sets the world up and repeats one
 //! pullproxy workload (256 MiB blob GETs, or manifest HEADs) for S seconds (default 20), for
 //! `perf record -a` to watch; `pp-bench client` is the load generator's process (see
 //! `harness::loadgen`).
@@ -70,7 +70,7 @@ fn main() {
             other => panic!(
                 "unknown argument {other} (pp-bench [--quick] [--rounds N] [--out FILE] \
                  [--sizes MIB,...] [--only latency,throughput,concurrency,memory|fastpath] \
-                 [--profile hub|cache|cold|head [--seconds S]])"
+                 [--profile hub|cache|cold|hub-cold|head [--seconds S]])"
             ),
         }
     }
