@@ -11,11 +11,11 @@ mod programs;
 mod trust;
 
 use std::{
-    fmt,
     io::{self, Write},
     path::PathBuf,
 };
 
+pub use crate::diagnosis::{Check, Finding, Verdict};
 use crate::settings::Config;
 
 /// `pullproxy doctor [--root DIR] [--proc DIR] [--verbose]`
@@ -43,69 +43,6 @@ impl Default for DoctorArgs {
     }
 }
 
-/// What was checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Check {
-    Kernel,
-    BpfPrograms,
-    Cgroup2,
-    Privileges,
-    Bpffs,
-    Runtimes,
-    Attached,
-    Guard,
-    Trust,
-    Hub,
-    Cache,
-}
-
-impl Check {
-    fn label(self) -> &'static str {
-        match self {
-            Check::Kernel => "kernel",
-            Check::BpfPrograms => "bpf",
-            Check::Cgroup2 => "cgroup",
-            Check::Privileges => "privileges",
-            Check::Bpffs => "bpffs",
-            Check::Runtimes => "runtimes",
-            Check::Attached => "attached",
-            Check::Guard => "guard",
-            Check::Trust => "trust",
-            Check::Hub => "hub",
-            Check::Cache => "cache",
-        }
-    }
-}
-
-/// How a finding came out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Ok,
-    /// Something the operator must fix; the message says how.
-    Problem,
-    /// Could not be checked from here; the message says why and where to check instead.
-    Note,
-}
-
-/// One line of the report.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
-    pub check: Check,
-    pub verdict: Verdict,
-    pub message: String,
-}
-
-impl fmt::Display for Finding {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let tag = match self.verdict {
-            Verdict::Ok => "ok",
-            Verdict::Problem => "PROBLEM",
-            Verdict::Note => "note",
-        };
-        write!(f, "{tag:<7} {:<10} {}", self.check.label(), self.message)
-    }
-}
-
 /// Everything `pullproxy doctor` found.
 #[derive(Debug, Clone, Default)]
 pub struct DoctorReport {
@@ -114,23 +51,19 @@ pub struct DoctorReport {
 
 impl DoctorReport {
     fn push(&mut self, check: Check, verdict: Verdict, message: impl Into<String>) {
-        self.findings.push(Finding {
-            check,
-            verdict,
-            message: message.into(),
-        });
+        self.findings.push(Finding::new(check, verdict, message));
     }
 
     fn ok(&mut self, check: Check, message: impl Into<String>) {
-        self.push(check, Verdict::Ok, message);
+        self.findings.push(Finding::ok(check, message));
     }
 
     fn problem(&mut self, check: Check, message: impl Into<String>) {
-        self.push(check, Verdict::Problem, message);
+        self.findings.push(Finding::problem(check, message));
     }
 
     fn note(&mut self, check: Check, message: impl Into<String>) {
-        self.push(check, Verdict::Note, message);
+        self.findings.push(Finding::note(check, message));
     }
 
     /// The findings that need the operator.
