@@ -4,7 +4,6 @@
 //! and one line per finding for the operator. Nothing here changes the system, and no credential
 //! is ever printed.
 
-mod cache;
 mod hub;
 mod kernel;
 mod programs;
@@ -16,7 +15,7 @@ use std::{
 };
 
 pub use crate::diagnosis::{Check, Finding, Verdict};
-use crate::settings::Config;
+use crate::{cache, settings::Config};
 
 /// `pullproxy doctor [--root DIR] [--proc DIR] [--verbose]`
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
@@ -117,7 +116,7 @@ pub async fn diagnose(config: &Config, args: &DoctorArgs) -> DoctorReport {
     programs::check_guard(&mut report, config);
     trust::check_trust(&mut report, config, args);
     hub::check_hub(&mut report, config).await;
-    cache::check_cache(&mut report, &config.cache.dir, config.cache.max_bytes);
+    report.findings.extend(cache::diagnose(&config.cache));
     report
 }
 
