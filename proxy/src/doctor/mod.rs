@@ -7,7 +7,6 @@
 mod hub;
 mod kernel;
 mod programs;
-mod trust;
 
 use std::{
     io::{self, Write},
@@ -15,7 +14,7 @@ use std::{
 };
 
 pub use crate::diagnosis::{Check, Finding, Verdict};
-use crate::{cache, settings::Config};
+use crate::{cache, settings::Config, trust};
 
 /// `pullproxy doctor [--root DIR] [--proc DIR] [--verbose]`
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
@@ -49,10 +48,6 @@ pub struct DoctorReport {
 }
 
 impl DoctorReport {
-    fn push(&mut self, check: Check, verdict: Verdict, message: impl Into<String>) {
-        self.findings.push(Finding::new(check, verdict, message));
-    }
-
     fn ok(&mut self, check: Check, message: impl Into<String>) {
         self.findings.push(Finding::ok(check, message));
     }
@@ -114,7 +109,9 @@ pub async fn diagnose(config: &Config, args: &DoctorArgs) -> DoctorReport {
     }
     programs::check_attached(&mut report, config, cgroup2.as_ref());
     programs::check_guard(&mut report, config);
-    trust::check_trust(&mut report, config, args);
+    report
+        .findings
+        .extend(trust::diagnose(&config.tls, &args.root, &args.proc_root));
     hub::check_hub(&mut report, config).await;
     report.findings.extend(cache::diagnose(&config.cache));
     report
