@@ -4,7 +4,6 @@
 //! and one line per finding for the operator. Nothing here changes the system, and no credential
 //! is ever printed.
 
-mod hub;
 mod kernel;
 mod programs;
 
@@ -14,7 +13,7 @@ use std::{
 };
 
 pub use crate::diagnosis::{Check, Finding, Verdict};
-use crate::{cache, settings::Config, trust};
+use crate::{cache, origins::hub, settings::Config, trust};
 
 /// `pullproxy doctor [--root DIR] [--proc DIR] [--verbose]`
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
@@ -112,7 +111,15 @@ pub async fn diagnose(config: &Config, args: &DoctorArgs) -> DoctorReport {
     report
         .findings
         .extend(trust::diagnose(&config.tls, &args.root, &args.proc_root));
-    hub::check_hub(&mut report, config).await;
+    let connect_timeout = config.upstream.connect_timeout;
+    report.findings.extend(
+        hub::diagnose(
+            config.hub.as_ref(),
+            &config.tls.extra_upstream_cas,
+            connect_timeout,
+        )
+        .await,
+    );
     report.findings.extend(cache::diagnose(&config.cache));
     report
 }
