@@ -3,9 +3,9 @@
 //! guard, trust in the node CA, the hub, the cache directory), as a report tests can assert on
 //! and one line per finding for the operator. Nothing here changes the system, and no credential
 //! is ever printed.
-
-mod kernel;
-mod programs;
+//!
+//! Each subsystem judges its own state with a `diagnose()` that returns its [`Finding`]s
+//! ([`crate::diagnosis`]); this module only gathers them in order and prints them.
 
 use std::{
     io::{self, Write},
@@ -13,7 +13,7 @@ use std::{
 };
 
 pub use crate::diagnosis::{Check, Finding, Verdict};
-use crate::{cache, origins::hub, settings::Config, trust};
+use crate::{cache, origins::hub, redirect, settings::Config, trust};
 
 /// `pullproxy doctor [--root DIR] [--proc DIR] [--verbose]`
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
@@ -47,18 +47,6 @@ pub struct DoctorReport {
 }
 
 impl DoctorReport {
-    fn ok(&mut self, check: Check, message: impl Into<String>) {
-        self.findings.push(Finding::ok(check, message));
-    }
-
-    fn problem(&mut self, check: Check, message: impl Into<String>) {
-        self.findings.push(Finding::problem(check, message));
-    }
-
-    fn note(&mut self, check: Check, message: impl Into<String>) {
-        self.findings.push(Finding::note(check, message));
-    }
-
     /// The findings that need the operator.
     pub fn problems(&self) -> impl Iterator<Item = &Finding> {
         self.findings
@@ -98,21 +86,11 @@ impl DoctorReport {
 
 /// Runs every check against the configuration and this system.
 pub async fn diagnose(config: &Config, args: &DoctorArgs) -> DoctorReport {
-    let mut report = DoctorReport::default();
-    kernel::check_kernel(&mut report);
-    let cgroup2 = kernel::check_cgroup(&mut report, config);
-    kernel::check_privileges(&mut report);
-    kernel::check_bpffs(&mut report, &config.redirect.pin_dir);
-    if let Some(cgroup2) = &cgroup2 {
-        programs::check_runtimes(&mut report, config, cgroup2, &args.proc_root);
-    }
-    programs::check_attached(&mut report, config, cgroup2.as_ref());
-    programs::check_guard(&mut report, config);
-    report
-        .findings
-        .extend(trust::diagnose(&config.tls, &args.root, &args.proc_root));
+    // In the report's order: the redirect (kernel to bind guard), trust, the hub, the cache.
+    let mut findings = redirect::diagnose(&config.redirect, &args.proc_root);
+    findings.extend(trust::diagnose(&config.tls, &args.root, &args.proc_root));
     let connect_timeout = config.upstream.connect_timeout;
-    report.findings.extend(
+    findings.extend(
         hub::diagnose(
             config.hub.as_ref(),
             &config.tls.extra_upstream_cas,
@@ -120,8 +98,8 @@ pub async fn diagnose(config: &Config, args: &DoctorArgs) -> DoctorReport {
         )
         .await,
     );
-    report.findings.extend(cache::diagnose(&config.cache));
-    report
+    findings.extend(cache::diagnose(&config.cache));
+    DoctorReport { findings }
 }
 
 /// [`diagnose`] on a runtime of its own, for callers without one.
@@ -145,13 +123,16 @@ mod tests {
 
     #[test]
     fn the_report_prints_problems_and_a_summary() {
-        let mut report = DoctorReport::default();
-        report.ok(Check::Kernel, "Linux 6.18.0");
-        report.problem(
-            Check::Hub,
-            "hub http://h:5000 unreachable: connection refused",
-        );
-        report.note(Check::Trust, "not checked here");
+        let report = DoctorReport {
+            findings: vec![
+                Finding::ok(Check::Kernel, "Linux 6.18.0"),
+                Finding::problem(
+                    Check::Hub,
+                    "hub http://h:5000 unreachable: connection refused",
+                ),
+                Finding::note(Check::Trust, "not checked here"),
+            ],
+        };
         let mut out = Vec::new();
         report.write(&mut out, false).unwrap();
         let text = String::from_utf8(out).unwrap();
@@ -162,8 +143,9 @@ mod tests {
              pullproxy doctor: 1 problem(s) in 3 findings\n"
         );
         assert!(!report.healthy());
-        let mut healthy = DoctorReport::default();
-        healthy.ok(Check::Kernel, "Linux 6.18.0");
+        let healthy = DoctorReport {
+            findings: vec![Finding::ok(Check::Kernel, "Linux 6.18.0")],
+        };
         let mut out = Vec::new();
         healthy.write(&mut out, true).unwrap();
         assert_eq!(
