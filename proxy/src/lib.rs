@@ -19,6 +19,7 @@ pub(crate) mod admin;
 pub mod app;
 pub mod cache;
 pub mod config;
+pub(crate) mod diagnosis;
 pub mod doctor;
 pub mod node_ca;
 pub mod oci;

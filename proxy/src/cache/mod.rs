@@ -27,8 +27,9 @@
 //! JSON record per entry), all root's alone (directories 0700, files 0600). Temp files count
 //! toward the size limit while they are written (see `store.rs`). See
 //! `flight/` for how downloads are shared and what happens when the disk fails, `fs/` for
-//! start-up and verification.
+//! start-up and verification, `diagnose.rs` for what `pullproxy doctor` reports of the directory.
 
+mod diagnose;
 mod flight;
 mod fs;
 mod manifest;
@@ -43,6 +44,7 @@ mod conformance;
 
 use std::{io, path::PathBuf, sync::Arc};
 
+pub(crate) use diagnose::diagnose;
 pub use flight::{
     BlobBody, BlobCache, BlobResponse, BlobSource, BodyRange, CacheStats, FileRange, FlightError,
     FlightOutcome, Outcome, READ_CHUNK, UpstreamBlob,

@@ -3,20 +3,17 @@
 //! guard, trust in the node CA, the hub, the cache directory), as a report tests can assert on
 //! and one line per finding for the operator. Nothing here changes the system, and no credential
 //! is ever printed.
-
-mod cache;
-mod hub;
-mod kernel;
-mod programs;
-mod trust;
+//!
+//! Each subsystem judges its own state with a `diagnose()` that returns its [`Finding`]s
+//! ([`crate::diagnosis`]); this module only gathers them in order and prints them.
 
 use std::{
-    fmt,
     io::{self, Write},
     path::PathBuf,
 };
 
-use crate::settings::Config;
+pub use crate::diagnosis::{Check, Finding, Verdict};
+use crate::{cache, origins::hub, redirect, settings::Config, trust};
 
 /// `pullproxy doctor [--root DIR] [--proc DIR] [--verbose]`
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
@@ -43,69 +40,6 @@ impl Default for DoctorArgs {
     }
 }
 
-/// What was checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Check {
-    Kernel,
-    BpfPrograms,
-    Cgroup2,
-    Privileges,
-    Bpffs,
-    Runtimes,
-    Attached,
-    Guard,
-    Trust,
-    Hub,
-    Cache,
-}
-
-impl Check {
-    fn label(self) -> &'static str {
-        match self {
-            Check::Kernel => "kernel",
-            Check::BpfPrograms => "bpf",
-            Check::Cgroup2 => "cgroup",
-            Check::Privileges => "privileges",
-            Check::Bpffs => "bpffs",
-            Check::Runtimes => "runtimes",
-            Check::Attached => "attached",
-            Check::Guard => "guard",
-            Check::Trust => "trust",
-            Check::Hub => "hub",
-            Check::Cache => "cache",
-        }
-    }
-}
-
-/// How a finding came out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Ok,
-    /// Something the operator must fix; the message says how.
-    Problem,
-    /// Could not be checked from here; the message says why and where to check instead.
-    Note,
-}
-
-/// One line of the report.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
-    pub check: Check,
-    pub verdict: Verdict,
-    pub message: String,
-}
-
-impl fmt::Display for Finding {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let tag = match self.verdict {
-            Verdict::Ok => "ok",
-            Verdict::Problem => "PROBLEM",
-            Verdict::Note => "note",
-        };
-        write!(f, "{tag:<7} {:<10} {}", self.check.label(), self.message)
-    }
-}
-
 /// Everything `pullproxy doctor` found.
 #[derive(Debug, Clone, Default)]
 pub struct DoctorReport {
@@ -113,26 +47,6 @@ pub struct DoctorReport {
 }
 
 impl DoctorReport {
-    fn push(&mut self, check: Check, verdict: Verdict, message: impl Into<String>) {
-        self.findings.push(Finding {
-            check,
-            verdict,
-            message: message.into(),
-        });
-    }
-
-    fn ok(&mut self, check: Check, message: impl Into<String>) {
-        self.push(check, Verdict::Ok, message);
-    }
-
-    fn problem(&mut self, check: Check, message: impl Into<String>) {
-        self.push(check, Verdict::Problem, message);
-    }
-
-    fn note(&mut self, check: Check, message: impl Into<String>) {
-        self.push(check, Verdict::Note, message);
-    }
-
     /// The findings that need the operator.
     pub fn problems(&self) -> impl Iterator<Item = &Finding> {
         self.findings
@@ -172,20 +86,20 @@ impl DoctorReport {
 
 /// Runs every check against the configuration and this system.
 pub async fn diagnose(config: &Config, args: &DoctorArgs) -> DoctorReport {
-    let mut report = DoctorReport::default();
-    kernel::check_kernel(&mut report);
-    let cgroup2 = kernel::check_cgroup(&mut report, config);
-    kernel::check_privileges(&mut report);
-    kernel::check_bpffs(&mut report, &config.redirect.pin_dir);
-    if let Some(cgroup2) = &cgroup2 {
-        programs::check_runtimes(&mut report, config, cgroup2, &args.proc_root);
-    }
-    programs::check_attached(&mut report, config, cgroup2.as_ref());
-    programs::check_guard(&mut report, config);
-    trust::check_trust(&mut report, config, args);
-    hub::check_hub(&mut report, config).await;
-    cache::check_cache(&mut report, &config.cache.dir, config.cache.max_bytes);
-    report
+    // In the report's order: the redirect (kernel to bind guard), trust, the hub, the cache.
+    let mut findings = redirect::diagnose(&config.redirect, &args.proc_root);
+    findings.extend(trust::diagnose(&config.tls, &args.root, &args.proc_root));
+    let connect_timeout = config.upstream.connect_timeout;
+    findings.extend(
+        hub::diagnose(
+            config.hub.as_ref(),
+            &config.tls.extra_upstream_cas,
+            connect_timeout,
+        )
+        .await,
+    );
+    findings.extend(cache::diagnose(&config.cache));
+    DoctorReport { findings }
 }
 
 /// [`diagnose`] on a runtime of its own, for callers without one.
@@ -209,13 +123,16 @@ mod tests {
 
     #[test]
     fn the_report_prints_problems_and_a_summary() {
-        let mut report = DoctorReport::default();
-        report.ok(Check::Kernel, "Linux 6.18.0");
-        report.problem(
-            Check::Hub,
-            "hub http://h:5000 unreachable: connection refused",
-        );
-        report.note(Check::Trust, "not checked here");
+        let report = DoctorReport {
+            findings: vec![
+                Finding::ok(Check::Kernel, "Linux 6.18.0"),
+                Finding::problem(
+                    Check::Hub,
+                    "hub http://h:5000 unreachable: connection refused",
+                ),
+                Finding::note(Check::Trust, "not checked here"),
+            ],
+        };
         let mut out = Vec::new();
         report.write(&mut out, false).unwrap();
         let text = String::from_utf8(out).unwrap();
@@ -226,8 +143,9 @@ mod tests {
              pullproxy doctor: 1 problem(s) in 3 findings\n"
         );
         assert!(!report.healthy());
-        let mut healthy = DoctorReport::default();
-        healthy.ok(Check::Kernel, "Linux 6.18.0");
+        let healthy = DoctorReport {
+            findings: vec![Finding::ok(Check::Kernel, "Linux 6.18.0")],
+        };
         let mut out = Vec::new();
         healthy.write(&mut out, true).unwrap();
         assert_eq!(

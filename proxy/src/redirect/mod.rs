@@ -1,10 +1,12 @@
 //! The kernel redirect: loads the programs embedded in this binary, attaches them at a stable
 //! ancestor cgroup, pins maps and links under the pin directory so a restarted proxy resumes
 //! without re-attaching, keeps the target cgroup ids current as runtimes restart, and guards the
-//! proxy's ports so only pullproxy can bind them.
+//! proxy's ports so only pullproxy can bind them. `diagnose.rs` tells `pullproxy doctor` whether
+//! the node can run all this and whether a running pullproxy's programs are in place.
 
 pub mod bpf_sys;
 pub mod cgroup;
+mod diagnose;
 pub(crate) mod guard;
 mod loader;
 pub mod marks;
@@ -22,6 +24,7 @@ use aya::{
 };
 use proxy_common::{CgroupRole, Counter, maps, programs};
 
+pub(crate) use self::diagnose::diagnose;
 use self::{
     cgroup::{Cgroup2, CgroupError},
     marks::Marks,

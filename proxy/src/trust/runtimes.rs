@@ -254,7 +254,7 @@ impl TrustReport {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::UNIX_EPOCH;
 
     use super::*;
@@ -262,7 +262,7 @@ mod tests {
     const BOOT: u64 = 1_700_000_000;
 
     /// A fake /proc: a boot time and processes with (pid, comm, start in ticks at 100 Hz).
-    fn fake_proc(processes: &[(u32, &str, u64)]) -> tempfile::TempDir {
+    pub(crate) fn fake_proc(processes: &[(u32, &str, u64)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         fs::write(
             dir.path().join("stat"),

@@ -1,7 +1,8 @@
 //! The cluster's own registry (the sealos hub): which hub repository holds an image, basic auth
 //! that follows credential-file rotation without a restart, and lookups whose outcomes ("has it",
 //! "does not have it", "unreachable", "refused our credentials") stay distinct, because only the
-//! first means "serve from the hub" and the last two deserve an operator's attention.
+//! first means "serve from the hub" and the last two deserve an operator's attention (and
+//! `pullproxy doctor`'s, through `diagnose.rs`).
 
 use std::{
     collections::BTreeMap,
@@ -14,6 +15,7 @@ use base64::Engine as _;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt as _;
 
+pub(crate) use self::diagnose::diagnose;
 pub use self::{
     mapping::{Mapping, MappingError, TemplateError, canonical_registry},
     settings::{HubSettings, HubSettingsError, PasswordSource},
@@ -23,6 +25,7 @@ use crate::{
     origins::client::{self, BoxError, HttpClient, ProxyBody},
 };
 
+mod diagnose;
 mod mapping;
 mod push;
 mod settings;
