@@ -369,6 +369,27 @@ fn each_section_refuses_with_its_key_and_the_same_words() {
             "hub.url: \"http://a b\": invalid uri character",
         ),
         (
+            "HUB__URL",
+            "http://admin:s3cr3t@sealos.hub:5000",
+            "hub.url: \"http://…@sealos.hub:5000\" must not carry credentials (they would show \
+             in logs): set hub.username and hub.password, hub.password_file or hub.dockerconfigjson",
+        ),
+        (
+            "HUB__URL",
+            "ftp://admin:s3cr3t@hub/x@y",
+            "hub.url: \"ftp://…@hub/x@y\" must be http://host[:port] or https://host[:port]",
+        ),
+        (
+            "HUB__URL",
+            "http://admin:s3cr3t@a b",
+            "hub.url: \"http://…@a b\": invalid uri character",
+        ),
+        (
+            "HUB__URL",
+            "admin:s3cr3t@hub",
+            "hub.url: \"…@hub\" must be http://host[:port] or https://host[:port]",
+        ),
+        (
             "HUB__PASSWORD",
             "s3cr3t",
             "hub.password: set at most one of hub.password, hub.password_file and hub.dockerconfigjson",

@@ -44,6 +44,11 @@ pub enum HubSettingsError {
     Url { url: String, reason: String },
     #[error("{0:?} must be http://host[:port] or https://host[:port]")]
     Scheme(String),
+    #[error(
+        "{0:?} must not carry credentials (they would show in logs): set hub.username and \
+         hub.password, hub.password_file or hub.dockerconfigjson"
+    )]
+    Credentials(String),
     #[error("set at most one of hub.password, hub.password_file and hub.dockerconfigjson")]
     PasswordSources,
     #[error("{}: {template:?} {reason}", .host.as_deref().unwrap_or("default"))]
@@ -62,12 +67,25 @@ pub enum HubSettingsError {
 impl crate::config::SettingError for HubSettingsError {
     fn key(&self) -> &'static str {
         match self {
-            Self::Url { .. } | Self::Scheme(_) => "hub.url",
+            Self::Url { .. } | Self::Scheme(_) | Self::Credentials(_) => "hub.url",
             Self::PasswordSources => "hub.password",
             Self::Template { .. } => "hub.mapping",
             Self::WriteBackRate => "hub.write_back_rate",
             Self::Zero(z) => crate::config::SettingError::key(z),
         }
+    }
+}
+
+/// `url` with any `user:password@` in its authority replaced by `…@`, for errors.
+fn without_userinfo(url: &str) -> String {
+    let (scheme, rest) = url
+        .split_once("://")
+        .map_or(("", url), |(scheme, rest)| (scheme, rest));
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) if scheme.is_empty() => format!("…@{}", &rest[at + 1..]),
+        Some(at) => format!("{scheme}://…@{}", &rest[at + 1..]),
+        None => url.to_owned(),
     }
 }
 
@@ -78,14 +96,18 @@ impl TryFrom<&crate::config::Hub> for Option<HubSettings> {
     fn try_from(h: &crate::config::Hub) -> Result<Self, Self::Error> {
         let url = match &h.url {
             Some(url) => {
+                let shown = without_userinfo(url);
                 let uri: Uri =
                     url.parse()
                         .map_err(|e: http::uri::InvalidUri| HubSettingsError::Url {
-                            url: url.clone(),
+                            url: shown.clone(),
                             reason: e.to_string(),
                         })?;
                 if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                    return Err(HubSettingsError::Scheme(url.clone()));
+                    return Err(HubSettingsError::Scheme(shown));
+                }
+                if shown != *url {
+                    return Err(HubSettingsError::Credentials(shown));
                 }
                 Some(uri)
             }
