@@ -4,23 +4,22 @@
 //! single flight, and every client is checked before it joins one.
 
 use futures_util::TryStreamExt as _;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header, request::Parts};
-use http_body::Frame;
-use http_body_util::{BodyExt, StreamBody};
+use http::{HeaderMap, Method, Response, StatusCode, header, request::Parts};
+use http_body_util::BodyExt;
 use tracing::{debug, warn};
 
 use super::{
-    ConnContext, RegistryProxy, SendsFiles,
+    ConnContext, RegistryProxy,
     chain::{Answer, Content, Failure, Pull},
     path_of,
-    respond::{api_version, digest_headers, relay},
+    respond::{blob_head, blob_response, relay},
     served::Source,
     small_response,
 };
 use crate::{
-    cache::{BlobResponse, BlobSource, BodyRange, FlightOutcome, UpstreamBlob},
+    cache::{BlobResponse, BlobSource, FlightOutcome, UpstreamBlob},
     oci::{ByteRange, Digest, RepositoryName},
-    origins::client::{self, ProxyBody},
+    origins::client::ProxyBody,
     origins::sources::{HubSource, UpstreamSource},
     origins::upstream::UpstreamError,
 };
@@ -337,64 +336,4 @@ fn upstream_blob(resp: Response<ProxyBody>) -> UpstreamBlob {
         .into_data_stream()
         .map_err(|e| std::io::Error::other(crate::telemetry::error_chain(e.as_ref())));
     UpstreamBlob::new(len, body)
-}
-
-fn blob_head(digest: &Digest, len: u64) -> Response<ProxyBody> {
-    let mut r = Response::new(client::empty());
-    let h = r.headers_mut();
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    digest_headers(h, digest);
-    api_version(r)
-}
-
-/// The response for `blob`. A cached blob on a connection whose transport sends files itself
-/// (`files`) goes out as its file range; everything else streams its bytes.
-fn blob_response(
-    digest: &Digest,
-    blob: BlobResponse,
-    files: Option<&dyn SendsFiles>,
-) -> Response<ProxyBody> {
-    let (status, length, content_range) = match blob.range {
-        BodyRange::Full => (StatusCode::OK, blob.len, None),
-        BodyRange::Partial(r) => (
-            StatusCode::PARTIAL_CONTENT,
-            Some(r.end - r.start + 1),
-            blob.len.map(|total| r.content_range(total)),
-        ),
-        BodyRange::Unsatisfiable(u) => (
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            Some(0),
-            Some(u.content_range()),
-        ),
-    };
-    let body = match (files, blob.file) {
-        (Some(files), Some(range)) => files.file_body(range.file, range.start, range.end),
-        _ => StreamBody::new(
-            blob.body
-                .map_ok(Frame::data)
-                .map_err(client::BoxError::from),
-        )
-        .boxed_unsync(),
-    };
-    let mut r = Response::new(body);
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    if let Some(len) = length {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    }
-    if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
-        h.insert(header::CONTENT_RANGE, cr);
-    }
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    digest_headers(h, digest);
-    api_version(r)
 }

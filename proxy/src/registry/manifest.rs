@@ -12,7 +12,7 @@ use super::{
     ConnContext, RegistryProxy,
     chain::{Answer, Content, Failure, Pull, Stale},
     content::Ask,
-    respond::{api_version, digest_headers, oci_error, relay},
+    respond::{manifest_response, oci_error, relay},
     served::Source,
     small_response,
 };
@@ -359,20 +359,4 @@ async fn read_manifest(mut body: ProxyBody) -> Option<Bytes> {
         }
     }
     Some(buf.freeze())
-}
-
-fn manifest_response(m: &Manifest, method: &Method) -> Response<ProxyBody> {
-    let body = if *method == Method::HEAD {
-        client::empty()
-    } else {
-        client::full(m.bytes.clone())
-    };
-    let mut r = Response::new(body);
-    let h = r.headers_mut();
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
-    if let Ok(v) = HeaderValue::from_str(&m.media_type) {
-        h.insert(header::CONTENT_TYPE, v);
-    }
-    digest_headers(h, &m.digest);
-    api_version(r)
 }
