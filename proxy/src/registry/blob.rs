@@ -11,7 +11,6 @@ use tracing::{debug, warn};
 use super::{
     ConnContext, RegistryProxy,
     chain::{Answer, Content, Failure, Pull},
-    path_of,
     respond::{blob_head, blob_response, relay},
     served::Source,
     small_response,
@@ -108,34 +107,12 @@ impl<H: HubSource, U: UpstreamSource> Content<H, U> for BlobPull<'_> {
     ) -> Result<Answer, Failure> {
         let (ctx, digest) = (q.ctx, self.digest);
         let mut allowed = cleared.map(|(source, ())| source);
-        let ask = q.ask();
         if *q.method() == Method::HEAD {
-            if let (Some(source), Some(len)) = (allowed, p.cache.blobs().lookup(digest).await) {
-                return Ok((source, blob_head(digest, len)));
-            }
-            let mut headers = q.req.headers.clone();
-            headers.remove(header::RANGE);
-            return match p
-                .upstream
-                .small(&ctx.origin, Method::HEAD, &q.path, &headers)
-                .await
-            {
-                Ok(s) if s.status.is_success() => {
-                    p.content
-                        .confirmed(&ask, std::slice::from_ref(digest))
-                        .await;
-                    Ok((Source::Upstream, small_response(s)))
-                }
-                Ok(s) if s.status.is_server_error() => Err(Failure::Status(small_response(s))),
-                Ok(s) => {
-                    p.content.refused(&ask, s.status, &s.headers).await;
-                    Ok((Source::Upstream, small_response(s)))
-                }
-                Err(e) => Err(Failure::Error(e)),
-            };
+            return self.head(p, q, allowed).await;
         }
+        let ask = q.ask();
         loop {
-            match p.get_or_fetch(ctx, q.req, digest, self.range).await {
+            match p.get_or_fetch(q, digest, self.range).await {
                 Ok(blob) if blob.source == BlobSource::Fetched => {
                     // This request's own upstream GET succeeded: that was the check.
                     p.content
@@ -165,7 +142,7 @@ impl<H: HubSource, U: UpstreamSource> Content<H, U> for BlobPull<'_> {
                     }
                 },
                 Err(FetchError::Status(resp)) if resp.status().is_server_error() => {
-                    return Err(Failure::Status(*resp));
+                    return Err(Failure::Status(resp));
                 }
                 Err(FetchError::Status(resp)) => {
                     p.content.refused(&ask, resp.status(), resp.headers()).await;
@@ -178,6 +155,42 @@ impl<H: HubSource, U: UpstreamSource> Content<H, U> for BlobPull<'_> {
 }
 
 impl BlobPull<'_> {
+    /// HEAD: the cleared copy's length, or the upstream's answer.
+    async fn head<H: HubSource, U: UpstreamSource>(
+        &self,
+        p: &RegistryProxy<H, U>,
+        q: &Pull<'_>,
+        allowed: Option<Source>,
+    ) -> Result<Answer, Failure> {
+        let digest = self.digest;
+        if let (Some(source), Some(len)) = (allowed, p.cache.blobs().lookup(digest).await) {
+            return Ok((source, blob_head(digest, len)));
+        }
+        let mut headers = q.req.headers.clone();
+        headers.remove(header::RANGE);
+        let ask = q.ask();
+        match p
+            .upstream
+            .small(&q.ctx.origin, Method::HEAD, &q.path, &headers)
+            .await
+        {
+            Ok(s) if s.status.is_success() => {
+                p.content
+                    .confirmed(&ask, std::slice::from_ref(digest))
+                    .await;
+                Ok((Source::Upstream, small_response(s)))
+            }
+            Ok(s) if s.status.is_server_error() => {
+                Err(Failure::Status(Box::new(small_response(s))))
+            }
+            Ok(s) => {
+                p.content.refused(&ask, s.status, &s.headers).await;
+                Ok((Source::Upstream, small_response(s)))
+            }
+            Err(e) => Err(Failure::Error(e)),
+        }
+    }
+
     /// The bytes from this node, from a download under way, or from the hub's answer in hand
     /// (streamed to this client and into the cache at once); for HEAD, this node's length.
     /// `None`: gone from the node (evicted since it was looked up) and not from the hub either:
@@ -246,18 +259,16 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
     /// the whole blob: that is what gets cached and verified; this client's range is cut from it).
     async fn get_or_fetch(
         &self,
-        ctx: &ConnContext,
-        req: &Parts,
+        q: &Pull<'_>,
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<BlobResponse, FetchError> {
-        let mut fetch_headers = req.headers.clone();
+        let mut fetch_headers = q.req.headers.clone();
         fetch_headers.remove(header::RANGE);
-        let path = path_of(req);
         let fetch = || async {
             let resp = self
                 .upstream
-                .blob(&ctx.origin, Method::GET, &path, &fetch_headers)
+                .blob(&q.ctx.origin, Method::GET, &q.path, &fetch_headers)
                 .await
                 .map_err(FetchError::Failed)?;
             if resp.status() != StatusCode::OK {

@@ -103,7 +103,7 @@ pub(super) enum HubAnswer {
 /// Why the upstream did not serve the content: what step 5 stands in for.
 pub(super) enum Failure {
     /// It answered with a server error: relayed if nothing stands in.
-    Status(Response<ProxyBody>),
+    Status(Box<Response<ProxyBody>>),
     /// It could not be asked.
     Error(UpstreamError),
 }
@@ -256,7 +256,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
             // entitled once authenticated.
             Stale::NotEntitled => (Source::Local, self.not_entitled(q, K::WHAT)),
             Stale::Nothing => match failure {
-                Failure::Status(resp) => (Source::Upstream, resp),
+                Failure::Status(resp) => (Source::Upstream, *resp),
                 Failure::Error(e) => (Source::Local, super::failed(&e)),
             },
         }

@@ -158,7 +158,7 @@ impl<H: HubSource, U: UpstreamSource> Content<H, U> for ManifestPull<'_> {
         };
         p.metrics.ratelimit(&q.ctx.label, &s.headers);
         if s.status.is_server_error() {
-            return Err(Failure::Status(small_response(s)));
+            return Err(Failure::Status(Box::new(small_response(s))));
         }
         if !s.status.is_success() {
             p.content.refused(&ask, s.status, &s.headers).await;
