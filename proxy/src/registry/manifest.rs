@@ -186,15 +186,27 @@ impl<H: HubSource, U: UpstreamSource> Content<H, U> for ManifestPull<'_> {
         }
     }
 
+    /// The cached manifest, to a client entitled to it without the upstream; when something is
+    /// cached for this tag or digest but not for this client: not entitled.
     async fn stale(&self, p: &RegistryProxy<H, U>, q: &Pull<'_>) -> Stale {
-        let ask = q.ask();
-        if let Some(m) = p.stale_manifest(&ask, self.reference).await {
+        let registry = q.registry();
+        let (digest, something) = match self.reference {
+            Reference::Tag(tag) => match p.cache.tags().get(registry, q.name, tag) {
+                Some(target) => (target.digest, true),
+                None => return Stale::Nothing,
+            },
+            Reference::Digest(d) => (d.clone(), p.cache.repos().holds(registry, q.name, d)),
+        };
+        if p.content.may_serve_offline(&q.ask(), &digest)
+            && let Some(m) = p.cache.manifests().get(&digest).await
+        {
             return Stale::Copy(manifest_response(&m, q.method()));
         }
-        if p.stale_candidate(&ask, self.reference) {
-            return Stale::NotEntitled;
+        if something {
+            Stale::NotEntitled
+        } else {
+            Stale::Nothing
         }
-        Stale::Nothing
     }
 }
 
@@ -217,35 +229,6 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
     ) -> Answer {
         let q = Pull::new(ctx, req, name, reference);
         self.serve(&q, &ManifestPull { reference }).await
-    }
-
-    /// Whether the cache has a manifest for `reference` of the asked repository at all.
-    fn stale_candidate(&self, ask: &Ask<'_>, reference: &Reference) -> bool {
-        match reference {
-            Reference::Tag(tag) => self
-                .cache
-                .tags()
-                .get(ask.origin.authority.as_str(), ask.repo, tag)
-                .is_some(),
-            Reference::Digest(d) => {
-                self.cache
-                    .repos()
-                    .holds(ask.origin.authority.as_str(), ask.repo, d)
-            }
-        }
-    }
-
-    /// The cached manifest for `reference` if this client may have it without the upstream.
-    async fn stale_manifest(&self, ask: &Ask<'_>, reference: &Reference) -> Option<Manifest> {
-        let registry = ask.origin.authority.as_str();
-        let digest = match reference {
-            Reference::Tag(tag) => self.cache.tags().get(registry, ask.repo, tag)?.digest,
-            Reference::Digest(d) => d.clone(),
-        };
-        if !self.content.may_serve_offline(ask, &digest) {
-            return None;
-        }
-        self.cache.manifests().get(&digest).await
     }
 
     /// Takes in what the upstream answered for a manifest (see [`Self::keep_manifest`]), tells
