@@ -178,9 +178,11 @@ const HUB_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
     /// Walks the chain for one request of `kind`: the first tier that answers, answers.
     pub(super) async fn serve<K: Content<H, U>>(&self, q: &Pull<'_>, kind: &K) -> Answer {
+        // 1. The node tier.
         if let Some(answer) = kind.node_copy(self, q).await {
             return answer;
         }
+        // 2. The hub.
         if let Some((method, headers)) = kind.hub_request(q) {
             let answer = match self
                 .hub_lookup(q.ctx, &method, q.name, K::SEGMENT, &q.reference, headers)
@@ -194,6 +196,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 return answer;
             }
         }
+        // 3. The cache, under the content rule.
         let mut cleared = None;
         if let Some(digest) = kind.digest()
             && let Some(copy) = kind.cached(self, q).await
@@ -203,6 +206,7 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                 Err(refusal) => return *refusal,
             }
         }
+        // 4. The upstream (or the copy the content rule cleared); 5. when it fails.
         match kind.fetch(self, q, cleared).await {
             Ok(answer) => answer,
             Err(failure) => self.upstream_down(q, kind, failure).await,
