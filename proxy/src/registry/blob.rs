@@ -1,24 +1,24 @@
-//! Blobs: the hub, then the cache under the content rule, then one upstream fetch per blob
-//! however many clients ask (streamed to each, verified, cached).
+//! Blobs down the chain ([`super::chain`]): from this node's copy of what the hub served, the
+//! hub, the cache under the content rule, then one upstream fetch per blob however many clients
+//! ask (streamed to each, verified, cached). Every tier's bytes go through the download cache's
+//! single flight, and every client is checked before it joins one.
 
 use futures_util::TryStreamExt as _;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header, request::Parts};
-use http_body::Frame;
-use http_body_util::{BodyExt, StreamBody};
+use http::{HeaderMap, Method, Response, StatusCode, header, request::Parts};
+use http_body_util::BodyExt;
 use tracing::{debug, warn};
 
 use super::{
-    ConnContext, HubAnswer, RegistryProxy, SendsFiles,
-    content::{Ask, Verdict},
-    not_entitled, path_of,
-    respond::{api_version, digest_headers, relay},
+    ConnContext, RegistryProxy,
+    chain::{Answer, Content, Failure, Pull},
+    respond::{blob_head, blob_response, relay},
     served::Source,
     small_response,
 };
 use crate::{
-    cache::{BlobResponse, BlobSource, BodyRange, FlightOutcome, UpstreamBlob},
+    cache::{BlobResponse, BlobSource, FlightOutcome, UpstreamBlob},
     oci::{ByteRange, Digest, RepositoryName},
-    origins::client::{self, ProxyBody},
+    origins::client::ProxyBody,
     origins::sources::{HubSource, UpstreamSource},
     origins::upstream::UpstreamError,
 };
@@ -30,75 +30,96 @@ enum FetchError {
     Failed(UpstreamError),
 }
 
-impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
-    pub(super) async fn blob(
-        &self,
-        ctx: &ConnContext,
-        req: &Parts,
-        name: &RepositoryName,
-        digest: &Digest,
-    ) -> (Source, Response<ProxyBody>) {
-        let method = &req.method;
-        // A Range header that does not parse is ignored, as RFC 9110 asks: the whole blob, 200.
-        let range_header = req.headers.get(header::RANGE);
-        let range = range_header
-            .and_then(|v| v.to_str().ok())
-            .and_then(ByteRange::parse);
-        if let Some(answer) = self.blob_from_hub(ctx, req, name, digest, range).await {
-            return answer;
-        }
+/// A blob request.
+struct BlobPull<'a> {
+    digest: &'a Digest,
+    /// The client's range; one that does not parse is ignored, as RFC 9110 asks: the whole blob.
+    range: Option<ByteRange>,
+    /// Whether this node had the bytes (or was receiving them) when the request came in.
+    here: bool,
+    /// Whether they are here, and because the hub served them for this repository.
+    node_holds: bool,
+}
 
-        let path = path_of(req);
-        let ask = Ask {
-            origin: &ctx.origin,
-            repo: name,
-            path: &path,
-            headers: &req.headers,
+impl<H: HubSource, U: UpstreamSource> Content<H, U> for BlobPull<'_> {
+    const WHAT: &'static str = "blob";
+    const SEGMENT: &'static str = "blobs";
+    /// The bytes are served by the download cache (in [`Content::fetch`]), once cleared.
+    type Cached = ();
+
+    fn digest(&self) -> Option<&Digest> {
+        Some(self.digest)
+    }
+
+    async fn node_copy(&self, p: &RegistryProxy<H, U>, q: &Pull<'_>) -> Option<Answer> {
+        if !self.node_holds {
+            return None;
+        }
+        self.serve_from_node(p, q, None).await
+    }
+
+    fn hub_request(&self, q: &Pull<'_>) -> Option<(Method, HeaderMap)> {
+        if self.node_holds {
+            return None;
+        }
+        // Only the head when the bytes are here already (or the client asks only that).
+        let method = if self.here || *q.method() == Method::HEAD {
+            Method::HEAD
+        } else {
+            Method::GET
         };
-        // Content that is here (or arriving) goes to this client only under the content rule.
-        let mut allowed = None;
-        let blobs = self.cache.blobs();
-        if blobs.in_flight(digest) || blobs.lookup(digest).await.is_some() {
-            match self.check(ctx, &ask, digest).await {
-                Ok(source) => allowed = Some(source),
-                Err(refusal) => return *refusal,
-            }
-        }
+        Some((method, HeaderMap::new()))
+    }
 
-        if method == Method::HEAD {
-            if let (Some(source), Some(len)) = (allowed, blobs.lookup(digest).await) {
-                return (source, blob_head(digest, len));
-            }
-            let mut headers = req.headers.clone();
-            headers.remove(header::RANGE);
-            return match self
-                .upstream
-                .small(&ctx.origin, Method::HEAD, &path, &headers)
-                .await
-            {
-                Ok(s) if s.status.is_success() => {
-                    self.content
-                        .confirmed(&ask, std::slice::from_ref(digest))
-                        .await;
-                    (Source::Upstream, small_response(s))
-                }
-                Ok(s) => {
-                    self.content.refused(&ask, s.status, &s.headers).await;
-                    (Source::Upstream, small_response(s))
-                }
-                Err(e) => (Source::Local, self.upstream_failed(ctx, &e)),
-            };
+    /// A blob the hub has is served from this node's copy, or fetched from the hub once (whole,
+    /// verified and kept, however many clients ask).
+    async fn keep_hub_answer(
+        &self,
+        p: &RegistryProxy<H, U>,
+        q: &Pull<'_>,
+        resp: Response<ProxyBody>,
+    ) -> Option<Answer> {
+        if resp.status() != StatusCode::OK {
+            return Some((Source::Hub, relay(resp, p.idle_timeout)));
         }
+        p.hub_served(q.registry(), q.name, std::slice::from_ref(self.digest))
+            .await;
+        if *q.method() == Method::HEAD && !self.here {
+            return Some((Source::Hub, relay(resp, p.idle_timeout)));
+        }
+        // The hub was sent a GET exactly when the bytes were neither here nor only a HEAD asked.
+        let hub_body = (!self.here).then_some(resp);
+        self.serve_from_node(p, q, hub_body).await
+    }
 
+    async fn cached(&self, p: &RegistryProxy<H, U>, _q: &Pull<'_>) -> Option<()> {
+        let blobs = p.cache.blobs();
+        (blobs.in_flight(self.digest) || blobs.lookup(self.digest).await.is_some()).then_some(())
+    }
+
+    /// The cleared copy, the download under way, or this request's own upstream fetch; a client
+    /// that was not cleared is checked like any other before it gets bytes someone else fetched.
+    async fn fetch(
+        &self,
+        p: &RegistryProxy<H, U>,
+        q: &Pull<'_>,
+        cleared: Option<(Source, ())>,
+    ) -> Result<Answer, Failure> {
+        let (ctx, digest) = (q.ctx, self.digest);
+        let mut allowed = cleared.map(|(source, ())| source);
+        if *q.method() == Method::HEAD {
+            return self.head(p, q, allowed).await;
+        }
+        let ask = q.ask();
         loop {
-            match self.get_or_fetch(ctx, req, digest, range).await {
+            match p.get_or_fetch(q, digest, self.range).await {
                 Ok(blob) if blob.source == BlobSource::Fetched => {
                     // This request's own upstream GET succeeded: that was the check.
-                    self.content
+                    p.content
                         .confirmed(&ask, std::slice::from_ref(digest))
                         .await;
-                    self.watch_flight(ctx, name, digest, &blob);
-                    return (Source::Upstream, blob_response(digest, blob, None));
+                    p.watch_flight(ctx, q.name, digest, &blob);
+                    return Ok((Source::Upstream, blob_response(digest, blob, None)));
                 }
                 Ok(blob) => match allowed {
                     Some(source) => {
@@ -107,82 +128,84 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                         } else {
                             Source::Upstream
                         };
-                        return (source, blob_response(digest, blob, ctx.files.as_deref()));
+                        let files = ctx.files.as_deref();
+                        return Ok((source, blob_response(digest, blob, files)));
                     }
                     None => {
                         // Another request cached it or started fetching it since it was looked
                         // up: this client is checked like any other before it gets the bytes.
                         drop(blob);
-                        match self.check(ctx, &ask, digest).await {
+                        match p.clear(q, digest, "blob").await {
                             Ok(source) => allowed = Some(source),
-                            Err(refusal) => return *refusal,
+                            Err(refusal) => return Ok(*refusal),
                         }
                     }
                 },
+                Err(FetchError::Status(resp)) if resp.status().is_server_error() => {
+                    return Err(Failure::Status(resp));
+                }
                 Err(FetchError::Status(resp)) => {
-                    self.content
-                        .refused(&ask, resp.status(), resp.headers())
-                        .await;
-                    return (Source::Upstream, *resp);
+                    p.content.refused(&ask, resp.status(), resp.headers()).await;
+                    return Ok((Source::Upstream, *resp));
                 }
-                Err(FetchError::Failed(e)) => {
-                    return (Source::Local, self.upstream_failed(ctx, &e));
-                }
+                Err(FetchError::Failed(e)) => return Err(Failure::Error(e)),
             }
         }
     }
+}
 
-    /// The node tier. A blob the hub served for this repository is served from this node's disk,
-    /// also while the hub is down; one the hub has is fetched from it once (whole, verified and
-    /// kept, however many clients ask) and served from there. `None`: the hub does not have it,
-    /// or cannot be asked and this node has no copy from it.
-    async fn blob_from_hub(
+impl BlobPull<'_> {
+    /// HEAD: the cleared copy's length, or the upstream's answer.
+    async fn head<H: HubSource, U: UpstreamSource>(
         &self,
-        ctx: &ConnContext,
-        req: &Parts,
-        name: &RepositoryName,
-        digest: &Digest,
-        range: Option<ByteRange>,
-    ) -> Option<(Source, Response<ProxyBody>)> {
-        let registry = ctx.origin.authority.as_str();
-        let blobs = self.cache.blobs();
-        let here = blobs.lookup(digest).await.is_some() || blobs.in_flight(digest);
-        let mut hub_body = None;
-        if !(here && self.cache.repos().hub_holds(registry, name, digest)) {
-            // Only the head when the bytes are here already (or the client asks only that).
-            let method = if here || req.method == Method::HEAD {
-                Method::HEAD
-            } else {
-                Method::GET
-            };
-            let key = digest.to_string();
-            match self
-                .hub_lookup(ctx, &method, name, "blobs", &key, HeaderMap::new())
-                .await
-            {
-                HubAnswer::Found(resp) if resp.status() == StatusCode::OK => {
-                    self.hub_served(registry, name, std::slice::from_ref(digest))
-                        .await;
-                    if req.method == Method::HEAD && !here {
-                        return Some((Source::Hub, relay(resp, self.idle_timeout)));
-                    }
-                    if method == Method::GET {
-                        hub_body = Some(resp);
-                    }
-                }
-                HubAnswer::Found(other) => {
-                    return Some((Source::Hub, relay(other, self.idle_timeout)));
-                }
-                HubAnswer::Missing | HubAnswer::Unavailable => return None,
-            }
+        p: &RegistryProxy<H, U>,
+        q: &Pull<'_>,
+        allowed: Option<Source>,
+    ) -> Result<Answer, Failure> {
+        let digest = self.digest;
+        if let (Some(source), Some(len)) = (allowed, p.cache.blobs().lookup(digest).await) {
+            return Ok((source, blob_head(digest, len)));
         }
-        if req.method == Method::HEAD {
+        let mut headers = q.req.headers.clone();
+        headers.remove(header::RANGE);
+        let ask = q.ask();
+        match p
+            .upstream
+            .small(&q.ctx.origin, Method::HEAD, &q.path, &headers)
+            .await
+        {
+            Ok(s) if s.status.is_success() => {
+                p.content
+                    .confirmed(&ask, std::slice::from_ref(digest))
+                    .await;
+                Ok((Source::Upstream, small_response(s)))
+            }
+            Ok(s) if s.status.is_server_error() => {
+                Err(Failure::Status(Box::new(small_response(s))))
+            }
+            Ok(s) => {
+                p.content.refused(&ask, s.status, &s.headers).await;
+                Ok((Source::Upstream, small_response(s)))
+            }
+            Err(e) => Err(Failure::Error(e)),
+        }
+    }
+
+    /// The bytes from this node, from a download under way, or from the hub's answer in hand
+    /// (streamed to this client and into the cache at once); for HEAD, this node's length.
+    /// `None`: gone from the node (evicted since it was looked up) and not from the hub either:
+    /// the cache and upstream decide.
+    async fn serve_from_node<H: HubSource, U: UpstreamSource>(
+        &self,
+        p: &RegistryProxy<H, U>,
+        q: &Pull<'_>,
+        hub_body: Option<Response<ProxyBody>>,
+    ) -> Option<Answer> {
+        let (digest, blobs) = (self.digest, p.cache.blobs());
+        if *q.method() == Method::HEAD {
             let len = blobs.lookup(digest).await?;
             return Some((Source::Node, blob_head(digest, len)));
         }
-        // The bytes from this node, from a download under way, or from the hub's answer in hand
-        // (streamed to this client and into the cache at once).
-        // Evicted since it was looked up: nothing in hand, so the cache and upstream path decides.
         let fetch = || async move {
             hub_body
                 .map(upstream_blob)
@@ -191,59 +214,61 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
                     reason: "the node's copy was evicted".into(),
                 }))
         };
-        match blobs.get_or_fetch(digest, range, fetch).await {
-            Ok(blob) => {
-                let source = if blob.source == BlobSource::Hit {
-                    Source::Node
-                } else {
-                    Source::Hub
-                };
-                if blob.source == BlobSource::Fetched {
-                    self.watch_flight(ctx, name, digest, &blob);
-                }
-                Some((source, blob_response(digest, blob, ctx.files.as_deref())))
-            }
-            // Gone from the node and from the hub: the cache and upstream path decides.
-            Err(_) => None,
+        let blob = blobs.get_or_fetch(digest, self.range, fetch).await.ok()?;
+        let source = if blob.source == BlobSource::Hit {
+            Source::Node
+        } else {
+            Source::Hub
+        };
+        if blob.source == BlobSource::Fetched {
+            p.watch_flight(q.ctx, q.name, digest, &blob);
         }
+        Some((source, blob_response(digest, blob, q.ctx.files.as_deref())))
     }
+}
 
-    /// The content rule for a cached (or arriving) blob: the source to serve it as, or the
-    /// response that refuses it.
-    async fn check(
+impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
+    pub(super) async fn blob(
         &self,
         ctx: &ConnContext,
-        ask: &Ask<'_>,
+        req: &Parts,
+        name: &RepositoryName,
         digest: &Digest,
-    ) -> Result<Source, Box<(Source, Response<ProxyBody>)>> {
-        let refusal = match self.content.may_serve(ask, digest).await {
-            Verdict::Serve(source) => return Ok(source),
-            Verdict::Refused(s) => (Source::Upstream, small_response(s)),
-            Verdict::Unavailable => (
-                Source::Local,
-                not_entitled(&self.content, ctx, ask.headers, ask.repo, "blob"),
-            ),
-            Verdict::NoSuchHost(e) => (Source::Local, self.upstream_failed(ctx, &e)),
+    ) -> Answer {
+        let range = req
+            .headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(ByteRange::parse);
+        let blobs = self.cache.blobs();
+        let here = blobs.lookup(digest).await.is_some() || blobs.in_flight(digest);
+        let kind = BlobPull {
+            digest,
+            range,
+            here,
+            node_holds: here
+                && self
+                    .cache
+                    .repos()
+                    .hub_holds(ctx.origin.authority.as_str(), name, digest),
         };
-        Err(Box::new(refusal))
+        self.serve(&Pull::new(ctx, req, name, digest), &kind).await
     }
 
     /// The blob from the cache, the download under way, or this request's own upstream GET (of
     /// the whole blob: that is what gets cached and verified; this client's range is cut from it).
     async fn get_or_fetch(
         &self,
-        ctx: &ConnContext,
-        req: &Parts,
+        q: &Pull<'_>,
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<BlobResponse, FetchError> {
-        let mut fetch_headers = req.headers.clone();
+        let mut fetch_headers = q.req.headers.clone();
         fetch_headers.remove(header::RANGE);
-        let path = path_of(req);
         let fetch = || async {
             let resp = self
                 .upstream
-                .blob(&ctx.origin, Method::GET, &path, &fetch_headers)
+                .blob(&q.ctx.origin, Method::GET, &q.path, &fetch_headers)
                 .await
                 .map_err(FetchError::Failed)?;
             if resp.status() != StatusCode::OK {
@@ -322,64 +347,4 @@ fn upstream_blob(resp: Response<ProxyBody>) -> UpstreamBlob {
         .into_data_stream()
         .map_err(|e| std::io::Error::other(crate::telemetry::error_chain(e.as_ref())));
     UpstreamBlob::new(len, body)
-}
-
-fn blob_head(digest: &Digest, len: u64) -> Response<ProxyBody> {
-    let mut r = Response::new(client::empty());
-    let h = r.headers_mut();
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    digest_headers(h, digest);
-    api_version(r)
-}
-
-/// The response for `blob`. A cached blob on a connection whose transport sends files itself
-/// (`files`) goes out as its file range; everything else streams its bytes.
-fn blob_response(
-    digest: &Digest,
-    blob: BlobResponse,
-    files: Option<&dyn SendsFiles>,
-) -> Response<ProxyBody> {
-    let (status, length, content_range) = match blob.range {
-        BodyRange::Full => (StatusCode::OK, blob.len, None),
-        BodyRange::Partial(r) => (
-            StatusCode::PARTIAL_CONTENT,
-            Some(r.end - r.start + 1),
-            blob.len.map(|total| r.content_range(total)),
-        ),
-        BodyRange::Unsatisfiable(u) => (
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            Some(0),
-            Some(u.content_range()),
-        ),
-    };
-    let body = match (files, blob.file) {
-        (Some(files), Some(range)) => files.file_body(range.file, range.start, range.end),
-        _ => StreamBody::new(
-            blob.body
-                .map_ok(Frame::data)
-                .map_err(client::BoxError::from),
-        )
-        .boxed_unsync(),
-    };
-    let mut r = Response::new(body);
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    if let Some(len) = length {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    }
-    if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
-        h.insert(header::CONTENT_RANGE, cr);
-    }
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    digest_headers(h, digest);
-    api_version(r)
 }

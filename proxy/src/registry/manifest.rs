@@ -1,7 +1,7 @@
-//! Manifests: the hub, then (by digest) the cache under the content rule, then the upstream;
-//! tags are always re-validated upstream and served from the cache only when it cannot be asked.
-//! What the upstream serves is verified against its digest (sha256 or sha512), cached, and its
-//! references linked to the repository.
+//! Manifests down the chain ([`super::chain`]): by digest from this node or the cache, a tag
+//! from the hub or re-validated upstream every time (served from the cache only when the upstream
+//! cannot be asked). What the hub or the upstream serves is verified against its digest (sha256
+//! or sha512), cached, and its references linked to the repository.
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header, request::Parts};
@@ -9,10 +9,10 @@ use http_body_util::BodyExt as _;
 use tracing::warn;
 
 use super::{
-    ConnContext, HubAnswer, RegistryProxy,
-    content::{Ask, Verdict},
-    not_entitled, path_of,
-    respond::{api_version, digest_headers, oci_error, relay},
+    ConnContext, RegistryProxy,
+    chain::{Answer, Content, Failure, Pull, Stale},
+    content::Ask,
+    respond::{manifest_response, oci_error, relay},
     served::Source,
     small_response,
 };
@@ -21,24 +21,203 @@ use crate::{
     oci::{Digest, ErrorCode, ManifestRefs, Reference, RepositoryName, media_type},
     origins::client::{self, ProxyBody},
     origins::sources::{HubSource, UpstreamSource},
-    origins::upstream::{Small, UpstreamError},
+    origins::upstream::Small,
 };
 
 /// A manifest whose bytes do not hash to the digest it was asked for (or announced).
 struct DigestDisagrees;
 
-/// What the node tier did with a manifest request.
-enum FromHub {
-    /// Answered it (the hub's answer, or this node's copy of what the hub served).
-    Served((Source, Response<ProxyBody>)),
-    /// The hub does not have it (or there is no hub).
-    Missing,
-    /// The hub cannot be asked and this node has nothing from it for this request.
-    Unavailable,
-}
-
 /// How long reading a manifest the hub is sending may take.
 const HUB_MANIFEST_READ: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// A manifest request: a tag or a digest.
+struct ManifestPull<'a> {
+    reference: &'a Reference,
+}
+
+impl<H: HubSource, U: UpstreamSource> Content<H, U> for ManifestPull<'_> {
+    const WHAT: &'static str = "manifest";
+    const SEGMENT: &'static str = "manifests";
+    type Cached = Manifest;
+
+    fn digest(&self) -> Option<&Digest> {
+        self.by_digest()
+    }
+
+    async fn node_copy(&self, p: &RegistryProxy<H, U>, q: &Pull<'_>) -> Option<Answer> {
+        let d = self.by_digest()?;
+        if !p.cache.repos().hub_holds(q.registry(), q.name, d) {
+            return None;
+        }
+        let m = p.cache.manifests().get(d).await?;
+        Some((Source::Node, manifest_response(&m, q.method())))
+    }
+
+    /// Asked every time, tags too: the hub is authoritative for the tags it holds.
+    fn hub_request(&self, q: &Pull<'_>) -> Option<(Method, HeaderMap)> {
+        // Every Accept line the client sent (Go clients send one per media type): a registry
+        // that sees only some of them converts the manifest (down to schema 1, even).
+        let mut headers = HeaderMap::new();
+        for accept in q.req.headers.get_all(header::ACCEPT) {
+            headers.append(header::ACCEPT, accept.clone());
+        }
+        if headers.is_empty() {
+            headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static(media_type::MANIFEST_ACCEPT),
+            );
+        }
+        Some((q.method().clone(), headers))
+    }
+
+    /// The hub's manifest, read whole, verified, kept and recorded as the hub's.
+    async fn keep_hub_answer(
+        &self,
+        p: &RegistryProxy<H, U>,
+        q: &Pull<'_>,
+        resp: Response<ProxyBody>,
+    ) -> Option<Answer> {
+        let (registry, name, reference, method) =
+            (q.registry(), q.name, self.reference, q.method());
+        if !resp.status().is_success() {
+            return Some((Source::Hub, relay(resp, p.idle_timeout)));
+        }
+        let (parts, body) = resp.into_parts();
+        let body = if *method == Method::GET {
+            match tokio::time::timeout(HUB_MANIFEST_READ, read_manifest(body)).await {
+                Ok(Some(bytes)) => bytes,
+                _ => {
+                    warn!(registry, repository = %name, %reference, "the hub's manifest could not be read whole");
+                    return None;
+                }
+            }
+        } else {
+            Bytes::new()
+        };
+        match p
+            .keep_manifest(registry, name, reference, method, &parts.headers, &body)
+            .await
+        {
+            Ok(linked) => p.hub_served(registry, name, &linked).await,
+            Err(DigestDisagrees) => {
+                return Some((
+                    Source::Hub,
+                    oci_error(
+                        StatusCode::BAD_GATEWAY,
+                        ErrorCode::ManifestInvalid,
+                        "the hub's manifest does not match its digest",
+                    ),
+                ));
+            }
+        }
+        let mut resp = Response::from_parts(parts, client::full(body));
+        crate::origins::upstream::strip_hop_by_hop(resp.headers_mut());
+        Some((Source::Hub, resp))
+    }
+
+    async fn node_copy_of_tag(&self, p: &RegistryProxy<H, U>, q: &Pull<'_>) -> Option<Answer> {
+        let Reference::Tag(tag) = self.reference else {
+            return None;
+        };
+        let target = p.cache.tags().get(q.registry(), q.name, tag)?;
+        if !p
+            .cache
+            .repos()
+            .hub_holds(q.registry(), q.name, &target.digest)
+        {
+            return None;
+        }
+        let m = p.cache.manifests().get(&target.digest).await?;
+        Some((Source::Node, manifest_response(&m, q.method())))
+    }
+
+    async fn cached(&self, p: &RegistryProxy<H, U>, _q: &Pull<'_>) -> Option<Manifest> {
+        p.cache.manifests().get(self.by_digest()?).await
+    }
+
+    /// The cleared copy, or the upstream's manifest: verified, kept, linked (and offered to
+    /// write-back, since it did not come from the hub).
+    async fn fetch(
+        &self,
+        p: &RegistryProxy<H, U>,
+        q: &Pull<'_>,
+        cleared: Option<(Source, Manifest)>,
+    ) -> Result<Answer, Failure> {
+        let method = q.method();
+        if let Some((source, m)) = cleared {
+            return Ok((source, manifest_response(&m, method)));
+        }
+        let ask = q.ask();
+        let upstream = p
+            .upstream
+            .small(&q.ctx.origin, method.clone(), &q.path, &q.req.headers)
+            .await;
+        let s = match upstream {
+            Ok(s) => s,
+            Err(e) => return Err(Failure::Error(e)),
+        };
+        p.metrics.ratelimit(&q.ctx.label, &s.headers);
+        if s.status.is_server_error() {
+            return Err(Failure::Status(Box::new(small_response(s))));
+        }
+        if !s.status.is_success() {
+            p.content.refused(&ask, s.status, &s.headers).await;
+            return Ok((Source::Upstream, small_response(s)));
+        }
+        match p.remember_manifest(&ask, self.reference, method, &s).await {
+            Ok(digest) => {
+                if p.hub.is_some()
+                    && *method == Method::GET
+                    && let (Some(wb), Some(digest)) = (&p.write_back, digest)
+                {
+                    let anonymous = !q.req.headers.contains_key(header::AUTHORIZATION);
+                    wb.offer(q.registry(), q.name, &digest, anonymous).await;
+                }
+                Ok((Source::Upstream, small_response(s)))
+            }
+            Err(DigestDisagrees) => Ok((
+                Source::Upstream,
+                oci_error(
+                    StatusCode::BAD_GATEWAY,
+                    ErrorCode::ManifestInvalid,
+                    "the upstream manifest does not match its digest",
+                ),
+            )),
+        }
+    }
+
+    /// The cached manifest, to a client entitled to it without the upstream; when something is
+    /// cached for this tag or digest but not for this client: not entitled.
+    async fn stale(&self, p: &RegistryProxy<H, U>, q: &Pull<'_>) -> Stale {
+        let registry = q.registry();
+        let (digest, something) = match self.reference {
+            Reference::Tag(tag) => match p.cache.tags().get(registry, q.name, tag) {
+                Some(target) => (target.digest, true),
+                None => return Stale::Nothing,
+            },
+            Reference::Digest(d) => (d.clone(), p.cache.repos().holds(registry, q.name, d)),
+        };
+        if p.content.may_serve_offline(&q.ask(), &digest)
+            && let Some(m) = p.cache.manifests().get(&digest).await
+        {
+            return Stale::Copy(manifest_response(&m, q.method()));
+        }
+        if something {
+            Stale::NotEntitled
+        } else {
+            Stale::Nothing
+        }
+    }
+}
+
+impl ManifestPull<'_> {
+    fn by_digest(&self) -> Option<&Digest> {
+        match self.reference {
+            Reference::Digest(d) => Some(d),
+            Reference::Tag(_) => None,
+        }
+    }
+}
 
 impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
     pub(super) async fn manifest(
@@ -47,148 +226,9 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         req: &Parts,
         name: &RepositoryName,
         reference: &Reference,
-    ) -> (Source, Response<ProxyBody>) {
-        let method = &req.method;
-        // Every Accept line the client sent (Go clients send one per media type): a registry
-        // that sees only some of them converts the manifest (down to schema 1, even).
-        let mut hub_headers = HeaderMap::new();
-        for accept in req.headers.get_all(header::ACCEPT) {
-            hub_headers.append(header::ACCEPT, accept.clone());
-        }
-        if hub_headers.is_empty() {
-            hub_headers.insert(
-                header::ACCEPT,
-                HeaderValue::from_static(media_type::MANIFEST_ACCEPT),
-            );
-        }
-        let not_from_hub = match self
-            .manifest_from_hub(ctx, req, name, reference, hub_headers)
-            .await
-        {
-            FromHub::Served(answer) => return answer,
-            // Not from the hub (it lacks it, or cannot say): write-back checks before pushing.
-            FromHub::Missing | FromHub::Unavailable => self.hub.is_some(),
-        };
-
-        let path = path_of(req);
-        let ask = Ask {
-            origin: &ctx.origin,
-            repo: name,
-            path: &path,
-            headers: &req.headers,
-        };
-        // A manifest by digest never changes: the cached copy, under the content rule.
-        if let Reference::Digest(digest) = reference
-            && let Some(m) = self.cache.manifests().get(digest).await
-        {
-            return match self.content.may_serve(&ask, digest).await {
-                Verdict::Serve(source) => (source, manifest_response(&m, method)),
-                Verdict::Refused(s) => (Source::Upstream, small_response(s)),
-                Verdict::Unavailable => (
-                    Source::Local,
-                    not_entitled(&self.content, ctx, &req.headers, name, "manifest"),
-                ),
-                Verdict::NoSuchHost(e) => (Source::Local, self.upstream_failed(ctx, &e)),
-            };
-        }
-
-        let registry = ctx.origin.authority.as_str();
-        let upstream = self
-            .upstream
-            .small(&ctx.origin, method.clone(), &path, &req.headers)
-            .await;
-        if let Ok(s) = &upstream {
-            self.metrics.ratelimit(&ctx.label, &s.headers);
-        }
-        let why = match upstream {
-            Ok(s) if s.status.is_success() => {
-                return match self.remember_manifest(&ask, reference, method, &s).await {
-                    Ok(digest) => {
-                        if not_from_hub
-                            && *method == Method::GET
-                            && let (Some(wb), Some(digest)) = (&self.write_back, digest)
-                        {
-                            let anonymous = !req.headers.contains_key(header::AUTHORIZATION);
-                            wb.offer(registry, name, &digest, anonymous).await;
-                        }
-                        (Source::Upstream, small_response(s))
-                    }
-                    Err(DigestDisagrees) => (
-                        Source::Upstream,
-                        oci_error(
-                            StatusCode::BAD_GATEWAY,
-                            ErrorCode::ManifestInvalid,
-                            "the upstream manifest does not match its digest",
-                        ),
-                    ),
-                };
-            }
-            Ok(s) if !s.status.is_server_error() => {
-                self.content.refused(&ask, s.status, &s.headers).await;
-                return (Source::Upstream, small_response(s));
-            }
-            Err(e @ UpstreamError::NoSuchHost { .. }) => {
-                return (Source::Local, self.upstream_failed(ctx, &e));
-            }
-            other => other,
-        };
-        // The upstream cannot be asked (or is failing): what the cache knows, to a client
-        // entitled to it.
-        let reason = match &why {
-            Ok(s) => {
-                self.metrics.upstream_error(&ctx.label, "server_error");
-                format!("upstream answered {}", s.status)
-            }
-            Err(e) => {
-                self.metrics.upstream_error(&ctx.label, e.reason());
-                e.to_string()
-            }
-        };
-        if let Some(m) = self.stale_manifest(&ask, reference).await {
-            warn!(registry, repository = %name, %reference, %reason, "upstream unavailable; serving the cached manifest");
-            return (Source::Stale, manifest_response(&m, method));
-        }
-        // Something is cached for this tag, but not for this client: the registry's challenge
-        // to a client without credentials, who may turn out entitled once authenticated.
-        if self.stale_candidate(&ask, reference) {
-            return (
-                Source::Local,
-                not_entitled(&self.content, ctx, &req.headers, name, "manifest"),
-            );
-        }
-        match why {
-            Ok(s) => (Source::Upstream, small_response(s)),
-            Err(e) => (Source::Local, self.upstream_failed(ctx, &e)),
-        }
-    }
-
-    /// Whether the cache has a manifest for `reference` of the asked repository at all.
-    fn stale_candidate(&self, ask: &Ask<'_>, reference: &Reference) -> bool {
-        match reference {
-            Reference::Tag(tag) => self
-                .cache
-                .tags()
-                .get(ask.origin.authority.as_str(), ask.repo, tag)
-                .is_some(),
-            Reference::Digest(d) => {
-                self.cache
-                    .repos()
-                    .holds(ask.origin.authority.as_str(), ask.repo, d)
-            }
-        }
-    }
-
-    /// The cached manifest for `reference` if this client may have it without the upstream.
-    async fn stale_manifest(&self, ask: &Ask<'_>, reference: &Reference) -> Option<Manifest> {
-        let registry = ask.origin.authority.as_str();
-        let digest = match reference {
-            Reference::Tag(tag) => self.cache.tags().get(registry, ask.repo, tag)?.digest,
-            Reference::Digest(d) => d.clone(),
-        };
-        if !self.content.may_serve_offline(ask, &digest) {
-            return None;
-        }
-        self.cache.manifests().get(&digest).await
+    ) -> Answer {
+        let q = Pull::new(ctx, req, name, reference);
+        self.serve(&q, &ManifestPull { reference }).await
     }
 
     /// Takes in what the upstream answered for a manifest (see [`Self::keep_manifest`]), tells
@@ -215,101 +255,6 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         }
         // keep_manifest puts the manifest itself last.
         Ok(linked.last().cloned())
-    }
-
-    /// The node tier for manifests. By digest, what the hub served for this repository is served
-    /// from this node. Otherwise the hub is asked (tags every time: the hub is authoritative for
-    /// the tags it holds); what it serves is verified, kept and recorded. While it cannot be
-    /// asked, a tag it served before is served from this node. Otherwise on to the cache and the
-    /// upstream.
-    async fn manifest_from_hub(
-        &self,
-        ctx: &ConnContext,
-        req: &Parts,
-        name: &RepositoryName,
-        reference: &Reference,
-        accept: HeaderMap,
-    ) -> FromHub {
-        let registry = ctx.origin.authority.as_str();
-        let method = &req.method;
-        if let Reference::Digest(d) = reference
-            && self.cache.repos().hub_holds(registry, name, d)
-            && let Some(m) = self.cache.manifests().get(d).await
-        {
-            return FromHub::Served((Source::Node, manifest_response(&m, method)));
-        }
-        let resp = match self
-            .hub_lookup(
-                ctx,
-                method,
-                name,
-                "manifests",
-                &reference.to_string(),
-                accept,
-            )
-            .await
-        {
-            HubAnswer::Found(resp) => resp,
-            HubAnswer::Missing => return FromHub::Missing,
-            HubAnswer::Unavailable => {
-                return match self.node_copy_of_hub_tag(registry, name, reference).await {
-                    Some(m) => FromHub::Served((Source::Node, manifest_response(&m, method))),
-                    None => FromHub::Unavailable,
-                };
-            }
-        };
-        if !resp.status().is_success() {
-            return FromHub::Served((Source::Hub, relay(resp, self.idle_timeout)));
-        }
-        let (parts, body) = resp.into_parts();
-        let body = if *method == Method::GET {
-            match tokio::time::timeout(HUB_MANIFEST_READ, read_manifest(body)).await {
-                Ok(Some(bytes)) => bytes,
-                _ => {
-                    warn!(registry, repository = %name, %reference, "the hub's manifest could not be read whole");
-                    return FromHub::Unavailable;
-                }
-            }
-        } else {
-            Bytes::new()
-        };
-        match self
-            .keep_manifest(registry, name, reference, method, &parts.headers, &body)
-            .await
-        {
-            Ok(linked) => self.hub_served(registry, name, &linked).await,
-            Err(DigestDisagrees) => {
-                return FromHub::Served((
-                    Source::Hub,
-                    oci_error(
-                        StatusCode::BAD_GATEWAY,
-                        ErrorCode::ManifestInvalid,
-                        "the hub's manifest does not match its digest",
-                    ),
-                ));
-            }
-        }
-        let mut resp = Response::from_parts(parts, client::full(body));
-        crate::origins::upstream::strip_hop_by_hop(resp.headers_mut());
-        FromHub::Served((Source::Hub, resp))
-    }
-
-    /// While the hub cannot be asked: this node's copy of the manifest a tag pointed to when the
-    /// hub last served it.
-    async fn node_copy_of_hub_tag(
-        &self,
-        registry: &str,
-        name: &RepositoryName,
-        reference: &Reference,
-    ) -> Option<Manifest> {
-        let Reference::Tag(tag) = reference else {
-            return None;
-        };
-        let target = self.cache.tags().get(registry, name, tag)?;
-        if !self.cache.repos().hub_holds(registry, name, &target.digest) {
-            return None;
-        }
-        self.cache.manifests().get(&target.digest).await
     }
 
     /// Takes in a manifest answer (hub or upstream): the bytes, verified against the digest asked
@@ -397,20 +342,4 @@ async fn read_manifest(mut body: ProxyBody) -> Option<Bytes> {
         }
     }
     Some(buf.freeze())
-}
-
-fn manifest_response(m: &Manifest, method: &Method) -> Response<ProxyBody> {
-    let body = if *method == Method::HEAD {
-        client::empty()
-    } else {
-        client::full(m.bytes.clone())
-    };
-    let mut r = Response::new(body);
-    let h = r.headers_mut();
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
-    if let Ok(v) = HeaderValue::from_str(&m.media_type) {
-        h.insert(header::CONTENT_TYPE, v);
-    }
-    digest_headers(h, &m.digest);
-    api_version(r)
 }

@@ -1,7 +1,8 @@
 //! The registry proxy: answers a terminated connection's OCI requests.
 //!
-//! - Manifests and blobs: the hub first (when it has the image under its mapped name), then the
-//!   cache, then the upstream (with the client's own credentials), caching on the way.
+//! - Manifests and blobs go down one chain of sources, written once in [`chain`]: this node's
+//!   copy of what the hub served, the hub, the cache, the upstream (with the client's own
+//!   credentials), and stale-if-error. `manifest.rs` and `blob.rs` hold only what differs.
 //! - What is served from the cache is decided by one rule ([`content`]): the repository must be
 //!   known to hold the content, and the client entitled to the repository.
 //! - A tag the hub does not have is re-validated upstream every time (`imagePullPolicy: Always`
@@ -10,10 +11,13 @@
 //! - `/v2/`, tag lists and everything else go to the upstream.
 //!
 //! The hub and the upstream are reached through [`crate::origins::sources`]' traits, so everything here runs
-//! in-process against fakes in the tests (`tests.rs`).
+//! in-process against fakes in the tests (`tests.rs`; the chain's own decisions in `chain_tests.rs`).
 
 mod access;
 mod blob;
+mod chain;
+#[cfg(test)]
+mod chain_tests;
 pub(crate) mod content;
 mod manifest;
 mod metrics;
@@ -24,19 +28,15 @@ mod tests;
 
 use std::{
     fs::File,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
-use http::{
-    HeaderMap, Method, Request, Response, StatusCode, header, request::Parts, uri::PathAndQuery,
-};
+use http::{HeaderMap, Request, Response, StatusCode, header, request::Parts, uri::PathAndQuery};
 use tracing::{debug, warn};
 
 use self::{
+    chain::HubAnswer,
     content::ContentRule,
     respond::{json, logged, oci_error, relay},
 };
@@ -47,9 +47,9 @@ pub(crate) use self::{
 };
 use crate::{
     cache::Cache,
-    oci::{Digest, ErrorCode, RepositoryName, Route},
+    oci::{ErrorCode, RepositoryName, Route},
     origins::client::{self, ProxyBody},
-    origins::hub::{HubClient, HubOutcome},
+    origins::hub::HubClient,
     origins::sources::{HubSource, UpstreamSource},
     origins::upstream::{Origin, Small, Upstream, UpstreamError},
     origins::writeback::WriteBack,
@@ -92,24 +92,11 @@ pub(crate) struct RegistryProxy<H = HubClient, U = Upstream> {
     pub(crate) metrics: Arc<RegistryMetrics>,
     /// Idle timeout for relayed bodies.
     idle_timeout: Duration,
+    /// When hub trouble was last logged (unix seconds).
     hub_warned: AtomicU64,
     /// Pushes what upstreams served into the hub.
     write_back: Option<WriteBack<H>>,
 }
-
-/// What the hub said.
-enum HubAnswer {
-    /// It has the content: its answer.
-    Found(Response<ProxyBody>),
-    /// It does not have it (or there is no hub).
-    Missing,
-    /// It cannot be asked (down, refusing pullproxy's credentials): what it served before, and
-    /// this node kept, still counts.
-    Unavailable,
-}
-
-/// Hub trouble is logged at most this often (every request is counted in metrics).
-const HUB_WARN_EVERY: Duration = Duration::from_secs(30);
 
 impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
     pub(crate) fn new(
@@ -271,88 +258,10 @@ impl<H: HubSource, U: UpstreamSource> RegistryProxy<H, U> {
         }
     }
 
-    /// What the hub says about the content; hub trouble is logged (rate-limited) and counted.
-    async fn hub_lookup(
-        &self,
-        ctx: &ConnContext,
-        method: &Method,
-        name: &RepositoryName,
-        kind: &str,
-        reference: &str,
-        headers: HeaderMap,
-    ) -> HubAnswer {
-        let Some(hub) = self.hub.as_ref() else {
-            return HubAnswer::Missing;
-        };
-        let hub_repo = match hub.hub_repo(ctx.origin.host(), name) {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.hub_lookup("invalid_name");
-                if self.may_warn_about_hub() {
-                    warn!(error = %e, "no hub repository for this image; serving from this node, the cache and upstream");
-                }
-                return HubAnswer::Missing;
-            }
-        };
-        let outcome = hub
-            .lookup(method.clone(), &hub_repo, kind, reference, headers)
-            .await;
-        self.metrics.hub_lookup(outcome.label());
-        match outcome {
-            HubOutcome::Found(resp) => return HubAnswer::Found(resp),
-            HubOutcome::NotFound => {
-                debug!(%hub_repo, kind, reference, "not on the hub");
-                return HubAnswer::Missing;
-            }
-            HubOutcome::Unreachable(reason) if self.may_warn_about_hub() => {
-                warn!(hub = %hub.url(), %reason, "hub unreachable; serving from this node, the cache and upstream")
-            }
-            HubOutcome::NoCredentials(reason) if self.may_warn_about_hub() => {
-                warn!(hub = %hub.url(), %reason, "cannot read the hub credentials; serving from this node, the cache and upstream")
-            }
-            HubOutcome::Refused(status) if self.may_warn_about_hub() => warn!(
-                hub = %hub.url(),
-                status = status.as_u16(),
-                "the hub refused pullproxy's credentials; check hub.username and the password source"
-            ),
-            _ => {}
-        }
-        HubAnswer::Unavailable
-    }
-
-    /// The answer when the upstream failed and nothing local can stand in; counted. A name that
-    /// does not exist is 404 (`NAME_UNKNOWN`), anything else 502.
+    /// The answer when the upstream failed and nothing local can stand in ([`failed`]); counted.
     fn upstream_failed(&self, ctx: &ConnContext, e: &UpstreamError) -> Response<ProxyBody> {
         self.metrics.upstream_error(&ctx.label, e.reason());
-        match e {
-            UpstreamError::NoSuchHost { .. } => oci_error(
-                StatusCode::NOT_FOUND,
-                ErrorCode::NameUnknown,
-                &e.to_string(),
-            ),
-            _ => oci_error(
-                StatusCode::BAD_GATEWAY,
-                ErrorCode::Unsupported,
-                &e.to_string(),
-            ),
-        }
-    }
-
-    /// Records that the hub served `digests` for `name` (the node tier serves them from here).
-    async fn hub_served(&self, registry: &str, name: &RepositoryName, digests: &[Digest]) {
-        if let Err(e) = self.cache.repos().hub_link(registry, name, digests).await {
-            warn!(registry, repository = %name, error = %e, "recording what the hub served failed");
-        }
-    }
-
-    fn may_warn_about_hub(&self) -> bool {
-        let now = crate::telemetry::unix_secs();
-        let last = self.hub_warned.load(Ordering::Relaxed);
-        now >= last + HUB_WARN_EVERY.as_secs()
-            && self
-                .hub_warned
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+        failed(e)
     }
 }
 
@@ -377,26 +286,21 @@ fn offline_challenge<U: UpstreamSource>(
     Some(r)
 }
 
-/// The answer for content the client is not known to be entitled to while the upstream cannot
-/// be asked: the registry's challenge to a client without credentials, 503 to anyone else.
-fn not_entitled<U: UpstreamSource>(
-    content: &ContentRule<U>,
-    ctx: &ConnContext,
-    headers: &HeaderMap,
-    repo: &RepositoryName,
-    what: &str,
-) -> Response<ProxyBody> {
-    if let Some(r) = offline_challenge(content, ctx, headers, Some(repo)) {
-        return r;
-    }
-    oci_error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        ErrorCode::Unsupported,
-        &format!(
-            "the upstream cannot be asked, and this client is not known to be entitled to the \
-             cached {what}"
+/// The answer for an upstream that failed: a name that does not exist is 404 (`NAME_UNKNOWN`),
+/// anything else 502.
+fn failed(e: &UpstreamError) -> Response<ProxyBody> {
+    match e {
+        UpstreamError::NoSuchHost { .. } => oci_error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NameUnknown,
+            &e.to_string(),
         ),
-    )
+        _ => oci_error(
+            StatusCode::BAD_GATEWAY,
+            ErrorCode::Unsupported,
+            &e.to_string(),
+        ),
+    }
 }
 
 fn path_of(req: &Parts) -> PathAndQuery {

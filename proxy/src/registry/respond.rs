@@ -1,5 +1,5 @@
 //! Responses: relayed ones (hop-by-hop headers dropped), locally built ones with the exact
-//! registry headers, OCI error bodies, and the one log line per request, written when the body
+//! registry headers (cached manifests and blobs, whole, ranges, heads), OCI error bodies, and the one log line per request, written when the body
 //! has been sent (so it carries the bytes and the duration).
 
 use std::{
@@ -9,18 +9,23 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use futures_util::TryStreamExt as _;
+use http::{HeaderValue, Method, Response, StatusCode, header};
 use http_body::{Body, Frame};
-use http_body_util::BodyExt as _;
+use http_body_util::{BodyExt as _, StreamBody};
 use tracing::info;
 
 use crate::{
-    oci::{ErrorCode, error_body},
+    cache::{BlobResponse, BodyRange, Manifest},
+    oci::{Digest, ErrorCode, error_body},
     origins::client::{self, BoxError, IdleTimeout, ProxyBody},
     origins::upstream::strip_hop_by_hop,
 };
 
-use super::served::{Kind, Source};
+use super::{
+    SendsFiles,
+    served::{Kind, Source},
+};
 
 /// The facts of one request, logged and counted once its body is done.
 #[derive(Debug, Clone)]
@@ -206,7 +211,7 @@ pub(crate) fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
 }
 
 /// `Docker-Content-Digest` and a strong `ETag` for content served by digest.
-pub(crate) fn digest_headers(h: &mut http::HeaderMap, digest: &crate::oci::Digest) {
+fn digest_headers(h: &mut http::HeaderMap, digest: &Digest) {
     if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
         h.insert("docker-content-digest", v.clone());
         if let Ok(etag) = HeaderValue::from_str(&format!("\"{digest}\"")) {
@@ -216,12 +221,90 @@ pub(crate) fn digest_headers(h: &mut http::HeaderMap, digest: &crate::oci::Diges
 }
 
 /// Adds `Docker-Distribution-API-Version: registry/2.0`, which clients look for.
-pub(crate) fn api_version(mut r: Response<ProxyBody>) -> Response<ProxyBody> {
+fn api_version(mut r: Response<ProxyBody>) -> Response<ProxyBody> {
     r.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
     );
     r
+}
+
+/// A cached manifest (for HEAD, its head).
+pub(super) fn manifest_response(m: &Manifest, method: &Method) -> Response<ProxyBody> {
+    let body = if *method == Method::HEAD {
+        client::empty()
+    } else {
+        client::full(m.bytes.clone())
+    };
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
+    if let Ok(v) = HeaderValue::from_str(&m.media_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    digest_headers(h, &m.digest);
+    api_version(r)
+}
+
+/// A cached blob's head.
+pub(super) fn blob_head(digest: &Digest, len: u64) -> Response<ProxyBody> {
+    let mut r = Response::new(client::empty());
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    digest_headers(h, digest);
+    api_version(r)
+}
+
+/// The response for `blob`. A cached blob on a connection whose transport sends files itself
+/// (`files`) goes out as its file range; everything else streams its bytes.
+pub(super) fn blob_response(
+    digest: &Digest,
+    blob: BlobResponse,
+    files: Option<&dyn SendsFiles>,
+) -> Response<ProxyBody> {
+    let (status, length, content_range) = match blob.range {
+        BodyRange::Full => (StatusCode::OK, blob.len, None),
+        BodyRange::Partial(r) => (
+            StatusCode::PARTIAL_CONTENT,
+            Some(r.end - r.start + 1),
+            blob.len.map(|total| r.content_range(total)),
+        ),
+        BodyRange::Unsatisfiable(u) => (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            Some(0),
+            Some(u.content_range()),
+        ),
+    };
+    let body = match (files, blob.file) {
+        (Some(files), Some(range)) => files.file_body(range.file, range.start, range.end),
+        _ => StreamBody::new(
+            blob.body
+                .map_ok(Frame::data)
+                .map_err(client::BoxError::from),
+        )
+        .boxed_unsync(),
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    if let Some(len) = length {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        h.insert(header::CONTENT_RANGE, cr);
+    }
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    digest_headers(h, digest);
+    api_version(r)
 }
 
 #[cfg(test)]
