@@ -304,3 +304,71 @@ fn bearer_challenges_are_rescoped_to_the_repository_asked_for() {
     rule.learn_challenge(QUAY, StatusCode::FORBIDDEN, &h);
     assert_eq!(rule.challenge(QUAY, None), None);
 }
+
+#[tokio::test]
+async fn bearer_tokens_gate_cached_content_as_passwords_do() {
+    const GITLAB: &str = "registry.gitlab.com";
+    const TOKEN: &str = "Bearer alice-pull-team-app";
+    const OTHER_TOKEN: &str = "Bearer alice-pull-team-other";
+    let w = World::new();
+    let img = Image::new("gitlab", &[2000, 500]);
+    w.up.push(GITLAB, "team/app", Some(TOKEN), "1", &img);
+    // No token: the registry's challenge goes back, so the client fetches a token from its realm.
+    let got = w.manifest(GITLAB, "team/app", "1", &[]).await;
+    assert_eq!(got.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        got.headers[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer realm=\"https://auth.fake/token\""),
+        "{got:?}"
+    );
+    // With it: the token is forwarded, and what the registry serves is cached.
+    w.pull(GITLAB, "team/app", "1", &img, Some(TOKEN)).await;
+    assert_eq!(w.up.blob_gets.load(Ordering::SeqCst), 2);
+    // Cached now: still nothing without a token, or with a token for another repository.
+    for creds in [vec![], vec![("authorization", OTHER_TOKEN)]] {
+        let got = w.manifest(GITLAB, "team/app", "1", &creds).await;
+        assert_eq!(got.status, StatusCode::UNAUTHORIZED, "{creds:?}");
+        assert_ne!(got.body, img.manifest);
+        for (i, layer) in img.layers.iter().enumerate() {
+            let got = w.blob(GITLAB, "team/app", &img.layer(i), &creds).await;
+            assert_eq!(got.status, StatusCode::UNAUTHORIZED, "{creds:?} layer {i}");
+            assert!(
+                !got.body
+                    .windows(32)
+                    .any(|b| layer.windows(32).any(|l| l == b)),
+                "{creds:?} layer {i}: private bytes in the answer"
+            );
+        }
+    }
+    // The registry gone: the token it approved still pulls, from this node's cache; without a
+    // token a client gets the challenge (rescoped to the repository), with another one 503.
+    w.up.set(GITLAB, State::Down);
+    w.pull(GITLAB, "team/app", "1", &img, Some(TOKEN)).await;
+    assert_eq!(served(&w.proxy, "manifest", "stale"), 1);
+    let got = w.blob(GITLAB, "team/app", &img.layer(0), &[]).await;
+    assert_eq!(got.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        got.headers[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .ends_with(",scope=\"repository:team/app:pull\""),
+        "{got:?}"
+    );
+    let got = w
+        .blob(
+            GITLAB,
+            "team/app",
+            &img.layer(0),
+            &[("authorization", OTHER_TOKEN)],
+        )
+        .await;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_ne!(got.body, img.layers[0]);
+    assert_eq!(
+        w.up.blob_gets.load(Ordering::SeqCst),
+        2,
+        "no download while cached"
+    );
+}

@@ -268,6 +268,12 @@ async fn private_content_goes_only_to_entitled_clients_of_the_repository_that_ho
                 }
                 Want::Status(code) => {
                     assert_eq!(got.status.as_u16(), *code, "{label}");
+                    if *code == 401 {
+                        assert!(
+                            got.headers.contains_key(header::WWW_AUTHENTICATE),
+                            "{label}: the registry's challenge is relayed"
+                        );
+                    }
                     assert!(
                         !got.body
                             .windows(32)

@@ -57,7 +57,7 @@ impl Image {
 
 #[derive(Default)]
 pub(super) struct Repo {
-    /// `Authorization` the repository wants; `None`: public.
+    /// `Authorization` the repository wants (`Basic ...` or `Bearer <token>`); `None`: public.
     pub(super) password: Option<&'static str>,
     pub(super) tags: HashMap<String, Digest>,
     pub(super) manifests: HashMap<Digest, Bytes>,
@@ -201,9 +201,15 @@ impl FakeUpstream {
         if let Some(pw) = wanted
             && headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()) != Some(pw.as_bytes())
         {
+            // Repositories that want a bearer token send clients to a token service.
+            let challenge = if pw.starts_with("Bearer ") {
+                "Bearer realm=\"https://auth.fake/token\",service=\"fake\""
+            } else {
+                "Basic realm=\"fake\""
+            };
             h.insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"fake\""),
+                HeaderValue::from_static(challenge),
             );
             return Ok((StatusCode::UNAUTHORIZED, h, Bytes::new()));
         }

@@ -4,6 +4,33 @@
 use super::*;
 
 #[tokio::test]
+async fn a_hub_hit_is_served_from_the_hub_with_the_upstream_down() {
+    let w = World::new();
+    let img = Image::new("onhub", &[1200, 300]);
+    w.hub.put("library/onhub", "latest", &img);
+    w.up.set(HUB, State::Down);
+    w.pull(HUB, "library/onhub", "latest", &img, None).await;
+    // Every answer came from the hub: the tag, and each layer from the hub repository the
+    // mapping names, with pullproxy's credentials (the fake hub stands for both).
+    assert_eq!(served(&w.proxy, "manifest", "hub"), 1);
+    assert_eq!(served(&w.proxy, "blob", "hub"), 2);
+    assert_eq!(metric(&w.proxy, "requests_total{", &[]), 3.0);
+    for i in 0..2 {
+        let lookup = format!("GET blobs {}", img.layer(i));
+        assert_eq!(w.hub.count(&lookup), 1, "{lookup}");
+    }
+    assert!(
+        w.up.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| !s.contains("/blobs/") && !s.contains("/manifests/")),
+        "the upstream was asked for content: {:?}",
+        w.up.seen.lock().unwrap()
+    );
+}
+
+#[tokio::test]
 async fn the_hub_answers_first_and_its_range_answers_are_kept() {
     let s = scene().await;
     let hub_img = Image::new("hubbed", &[1000]);

@@ -66,8 +66,11 @@ struct World {
 #[derive(Debug)]
 struct Got {
     status: StatusCode,
+    /// What arrived of the body (all of it unless `truncated`).
     body: Bytes,
     headers: HeaderMap,
+    /// The body ended in an error: the client saw a broken response.
+    truncated: bool,
 }
 
 impl World {
@@ -114,39 +117,7 @@ impl World {
     }
 
     async fn get(&self, authority: &str, method: Method, path: &str, hdrs: &[(&str, &str)]) -> Got {
-        let ctx = ConnContext {
-            origin: Origin {
-                scheme: Scheme::HTTPS,
-                authority: Authority::try_from(authority).unwrap(),
-                addr: None,
-            },
-            caller: None,
-            label: authority.to_owned(),
-            files: None,
-        };
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .body(client::empty())
-            .unwrap();
-        for (k, v) in hdrs {
-            req.headers_mut().append(
-                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        let resp = self.proxy.handle(&ctx, req).await;
-        let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        Got {
-            status: parts.status,
-            body,
-            headers: parts.headers,
-        }
+        send(&self.proxy, https(authority), method, path, hdrs).await
     }
 
     async fn blob(&self, authority: &str, repo: &str, d: &Digest, hdrs: &[(&str, &str)]) -> Got {
@@ -178,16 +149,124 @@ impl World {
         image: &Image,
         auth: Option<&str>,
     ) {
-        let hdrs: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
-        let m = self.manifest(authority, repo, tag, &hdrs).await;
-        assert_eq!(m.status, StatusCode::OK, "{authority}/{repo}:{tag}");
-        assert_eq!(m.body, image.manifest);
-        for (i, layer) in image.layers.iter().enumerate() {
-            let b = self.blob(authority, repo, &image.layer(i), &hdrs).await;
-            assert_eq!(b.status, StatusCode::OK, "{authority}/{repo} layer {i}");
-            assert_eq!(&b.body, layer);
+        pull(&self.proxy, &https(authority), repo, tag, image, auth).await;
+    }
+}
+
+/// The origin of a client's connection to `authority` on port 443.
+fn https(authority: &str) -> Origin {
+    Origin {
+        scheme: Scheme::HTTPS,
+        authority: Authority::try_from(authority).unwrap(),
+        addr: None,
+    }
+}
+
+/// Pulls `repo:tag` through `proxy` like a runtime: the manifest, then every layer; each must
+/// be exactly `image`'s.
+async fn pull<H: HubSource, U: UpstreamSource>(
+    proxy: &RegistryProxy<H, U>,
+    origin: &Origin,
+    repo: &str,
+    tag: &str,
+    image: &Image,
+    auth: Option<&str>,
+) {
+    let hdrs: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+    let at = &origin.authority;
+    let path = format!("/v2/{repo}/manifests/{tag}");
+    let m = send(proxy, origin.clone(), Method::GET, &path, &hdrs).await;
+    assert_eq!(m.status, StatusCode::OK, "{at}/{repo}:{tag}");
+    assert_eq!(m.body, image.manifest);
+    for (i, layer) in image.layers.iter().enumerate() {
+        let path = format!("/v2/{repo}/blobs/{}", image.layer(i));
+        let b = send(proxy, origin.clone(), Method::GET, &path, &hdrs).await;
+        assert_eq!(b.status, StatusCode::OK, "{at}/{repo} layer {i}");
+        assert_eq!(&b.body, layer);
+    }
+}
+
+/// One request to `proxy` on a connection to `origin`, as a client sends it; the whole answer.
+async fn send<H: HubSource, U: UpstreamSource>(
+    proxy: &RegistryProxy<H, U>,
+    origin: Origin,
+    method: Method,
+    path: &str,
+    hdrs: &[(&str, &str)],
+) -> Got {
+    let ctx = ConnContext {
+        label: origin.authority.to_string(),
+        origin,
+        caller: None,
+        files: None,
+    };
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .body(client::empty())
+        .unwrap();
+    for (k, v) in hdrs {
+        req.headers_mut().append(
+            header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let resp = proxy.handle(&ctx, req).await;
+    let (parts, mut body) = resp.into_parts();
+    let (mut bytes, mut truncated) = (bytes::BytesMut::new(), false);
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    bytes.extend_from_slice(&data);
+                }
+            }
+            Err(_) => {
+                truncated = true;
+                break;
+            }
         }
     }
+    Got {
+        status: parts.status,
+        body: bytes.freeze(),
+        headers: parts.headers,
+        truncated,
+    }
+}
+
+/// The sum of `proxy`'s samples whose line (`name{labels}`, without the `pullproxy_` prefix)
+/// starts with `name` and holds every one of `labels`: what the request log and `/metrics` say
+/// about where answers came from.
+fn metric<H: HubSource, U: UpstreamSource>(
+    proxy: &RegistryProxy<H, U>,
+    name: &str,
+    labels: &[&str],
+) -> f64 {
+    let mut registry = prometheus_client::registry::Registry::default();
+    proxy.metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            series.starts_with(name) && labels.iter().all(|label| series.contains(label))
+        })
+        .map(|(_, v)| v.parse::<f64>().unwrap())
+        .sum()
+}
+
+/// How many `kind` requests (`manifest`, `blob`) `proxy` answered from `source` (`hub`, `node`,
+/// `cache`, `stale`, `upstream`, `local`).
+fn served<H: HubSource, U: UpstreamSource>(
+    proxy: &RegistryProxy<H, U>,
+    kind: &str,
+    source: &str,
+) -> u64 {
+    let labels = [format!("kind=\"{kind}\""), format!("source=\"{source}\"")];
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    metric(proxy, "requests_total{", &labels) as u64
 }
 
 /// The world of the trust-boundary report: alice's private image on Docker Hub, pulled with her
