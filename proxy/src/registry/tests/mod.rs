@@ -13,6 +13,7 @@ mod fake_hub;
 mod fake_upstream;
 mod hub;
 mod malformed;
+mod origins;
 mod upstream;
 mod writeback;
 
