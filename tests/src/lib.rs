@@ -53,7 +53,6 @@ pub mod skopeo;
 pub mod squatter;
 pub mod systemd;
 pub mod testca;
-pub mod token;
 pub mod world;
 
 /// A short unique suffix for names of namespaces, cgroups and pin directories.

@@ -5,9 +5,6 @@
 //! else (manifests, `/v2/`) passed through, over kept-alive, verified TLS connections to the
 //! upstream. Used by the benchmarks as a peer of pullproxy.
 //!
-//! With [`NginxBuilder::serve_files`] it is instead a CDN: a TLS static file server (what a
-//! registry redirects blob downloads to) that logs whether each request carried credentials.
-//!
 //! Checked on Debian 12's nginx 1.22 (what `nginx-light` installs): built with the SSL module and
 //! the (default) proxy module, which holds `proxy_cache`.
 
@@ -42,9 +39,6 @@ pub struct NginxBuilder {
     placement: Placement,
     tls: Option<Leaf>,
     upstream: Option<(SocketAddr, PathBuf)>,
-    files: Option<PathBuf>,
-    basic_auth: Option<(String, String)>,
-    workers: usize,
 }
 
 impl NginxBuilder {
@@ -72,26 +66,6 @@ impl NginxBuilder {
         self
     }
 
-    /// Serves the files under `root` (instead of proxying an upstream; as JSON when the name says
-    /// nothing else), logging each request's `Authorization` header to
-    /// [`NginxCache::access_log`].
-    pub fn serve_files(mut self, root: &Path) -> Self {
-        self.files = Some(root.to_owned());
-        self
-    }
-
-    /// Requires basic auth for `user` on the files served (as a token service does).
-    pub fn basic_auth(mut self, user: &str, password: &str) -> Self {
-        self.basic_auth = Some((user.to_owned(), password.to_owned()));
-        self
-    }
-
-    /// Worker processes (default: one per CPU, as `worker_processes auto`).
-    pub fn workers(mut self, n: usize) -> Self {
-        self.workers = n;
-        self
-    }
-
     /// Writes the configuration, checks it with `nginx -t`, starts nginx and waits until it
     /// answers `/v2/`.
     pub fn start(self) -> NginxCache {
@@ -105,9 +79,6 @@ impl NginxBuilder {
             dir,
         };
         fs::create_dir_all(nginx.cache_dir()).expect("nginx cache dir");
-        if let Some((user, password)) = &nginx.options.basic_auth {
-            crate::registry::write_htpasswd(&nginx.htpasswd_path(), user, password);
-        }
         fs::write(nginx.config_path(), nginx.config()).expect("write nginx.conf");
         // `nginx -t` binds the listen address: it must run in the namespace that has it.
         let mut check = match &nginx.options.placement.netns {
@@ -142,7 +113,7 @@ pub struct NginxCache {
 }
 
 impl NginxCache {
-    /// nginx listening on `listen` (a TLS leaf and an upstream or a file root are required).
+    /// nginx listening on `listen` (a TLS leaf and an upstream are required).
     pub fn builder(listen: SocketAddr) -> NginxBuilder {
         NginxBuilder {
             listen,
@@ -150,9 +121,6 @@ impl NginxCache {
             placement: Placement::new(),
             tls: None,
             upstream: None,
-            files: None,
-            basic_auth: None,
-            workers: std::thread::available_parallelism().map_or(1, usize::from),
         }
     }
 
@@ -168,12 +136,6 @@ impl NginxCache {
     /// Where cached responses live.
     pub fn cache_dir(&self) -> PathBuf {
         self.dir.path().join("cache")
-    }
-
-    /// `<method> <uri> <status> auth=<Authorization header, or ->`, one line per request (file
-    /// serving only).
-    pub fn access_log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
 
     /// The error log, for panic messages.
@@ -218,12 +180,9 @@ impl NginxCache {
             .netns_path(self.options.placement.netns.clone())
             .tls(client_config(&[&leaf.ca_pem]))
             .timeout(Duration::from_secs(2));
-        let serves_files = self.options.files.is_some();
         loop {
-            match probe.ping() {
-                Ok(200 | 401) => return,
-                Ok(_) if serves_files => return,
-                _ => {}
+            if let Ok(200 | 401) = probe.ping() {
+                return;
             }
             let exited = self.proc.as_mut().is_some_and(Proc::exited);
             if exited || started.elapsed() > START_TIMEOUT {
@@ -242,41 +201,9 @@ impl NginxCache {
         self.dir.path().join("nginx.conf")
     }
 
-    fn htpasswd_path(&self) -> PathBuf {
-        self.dir.path().join("htpasswd")
-    }
-
     fn config(&self) -> String {
-        let o = &self.options;
         let d = self.dir.path().display();
-        let leaf = o.tls.as_ref().expect("nginx needs a TLS leaf");
-        let name = &o.server_name;
-        let server = match &o.files {
-            Some(root) => format!(
-                r#"    log_format cdn '$request_method $uri $status auth=$http_authorization';
-    server {{
-        listen {listen} ssl;
-        server_name {name};
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        access_log {d}/access.log cdn;
-        root {root};
-        default_type application/json;
-{auth}    }}"#,
-                listen = o.listen,
-                auth = match o.basic_auth {
-                    Some(_) => format!(
-                        "        auth_basic \"registry token\";\n        auth_basic_user_file {};\n",
-                        self.htpasswd_path().display()
-                    ),
-                    None => String::new(),
-                },
-                cert = leaf.cert.display(),
-                key = leaf.key.display(),
-                root = root.display(),
-            ),
-            None => self.proxy_server(),
-        };
+        let server = self.proxy_server();
         format!(
             r#"daemon off;
 master_process on;
@@ -297,7 +224,8 @@ http {{
 {server}
 }}
 "#,
-            workers = o.workers,
+            // One per CPU this process may use, as `worker_processes auto` would be.
+            workers = std::thread::available_parallelism().map_or(1, usize::from),
         )
     }
 

@@ -57,28 +57,13 @@ pub struct RegistryBuilder {
     tls: Option<Leaf>,
     auth: Option<Auth>,
     proxy: Option<RemoteProxy>,
-    redirect_blobs: Option<String>,
 }
 
 /// How the registry authenticates clients.
 #[derive(Debug, Clone)]
 enum Auth {
     /// Basic auth against an htpasswd file holding `user`.
-    Htpasswd {
-        user: String,
-        password: String,
-    },
-    Token(TokenAuth),
-}
-
-/// Bearer-token authentication (distribution's `auth.token`): clients are sent to `realm` for a
-/// token, which must be signed by the key whose certificate is `cert`.
-#[derive(Debug, Clone)]
-pub struct TokenAuth {
-    pub realm: String,
-    pub service: String,
-    pub issuer: String,
-    pub cert: PathBuf,
+    Htpasswd { user: String, password: String },
 }
 
 impl RegistryBuilder {
@@ -112,20 +97,6 @@ impl RegistryBuilder {
     /// Pull-through cache of another registry.
     pub fn proxy(mut self, remote: RemoteProxy) -> Self {
         self.proxy = Some(remote);
-        self
-    }
-
-    /// Answers blob downloads with a redirect to `base_url` followed by the blob's path in the
-    /// storage directory (distribution's `redirect` storage middleware, as registries in front
-    /// of a CDN or an object store do); serve [`Registry::storage`] there.
-    pub fn redirect_blobs(mut self, base_url: &str) -> Self {
-        self.redirect_blobs = Some(base_url.to_owned());
-        self
-    }
-
-    /// Requires bearer tokens (see [`crate::token::TokenIssuer`]) instead of basic auth.
-    pub fn token_auth(mut self, auth: TokenAuth) -> Self {
-        self.auth = Some(Auth::Token(auth));
         self
     }
 
@@ -240,7 +211,6 @@ impl Registry {
             tls: None,
             auth: None,
             proxy: None,
-            redirect_blobs: None,
         }
     }
 
@@ -518,22 +488,7 @@ impl Registry {
                     q(&self.htpasswd_path())
                 );
             }
-            Some(Auth::Token(t)) => {
-                y += &format!(
-                    "auth:\n  token:\n    realm: {:?}\n    service: {:?}\n    issuer: {:?}\n    \
-                 rootcertbundle: {}\n",
-                    t.realm,
-                    t.service,
-                    t.issuer,
-                    q(&t.cert)
-                );
-            }
             None => {}
-        }
-        if let Some(base) = &o.redirect_blobs {
-            y += &format!(
-                "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {base:?}\n"
-            );
         }
         if let Some(p) = &o.proxy {
             y += &format!("proxy:\n  remoteurl: {:?}\n", p.url);

@@ -100,12 +100,6 @@ impl RegistryClient {
         self
     }
 
-    /// A bearer token (see [`crate::token::TokenIssuer`]) on every request.
-    pub fn bearer(mut self, token: &str) -> Self {
-        self.authorization = Some(format!("Bearer {token}"));
-        self
-    }
-
     /// No `Authorization` header.
     pub fn anonymous(mut self) -> Self {
         self.authorization = None;

@@ -34,19 +34,6 @@ pub const PRIVATE_IP: &str = "10.204.0.3";
 pub const INSECURE_IP: &str = "10.204.0.4";
 /// A TLS site that is not a registry: its connections are spliced untouched.
 pub const SITE_IP: &str = "10.204.0.5";
-/// A registry that redirects blob downloads to a CDN, as GitHub's does: started by the tests
-/// that need it.
-pub const REDIRECTING_IP: &str = "10.204.0.6";
-pub const REDIRECTING_HOST: &str = "ghcr.io";
-/// The CDN the redirecting registry sends blob downloads to.
-pub const CDN_IP: &str = "10.204.0.7";
-pub const CDN_HOST: &str = "pkg-containers.githubusercontent.com";
-/// A registry that wants bearer tokens, as GitLab's does: started by the tests that need it.
-pub const TOKEN_REGISTRY_IP: &str = "10.204.0.8";
-pub const TOKEN_REGISTRY_HOST: &str = "registry.gitlab.com";
-/// Its token service: not a registry, so pullproxy splices it untouched.
-pub const TOKEN_SERVICE_IP: &str = "10.204.0.9";
-pub const TOKEN_SERVICE_HOST: &str = "gitlab.com";
 pub use crate::node::ADMIN_ADDR;
 pub const HUB_USER: &str = "admin";
 pub const HUB_PASSWORD: &str = "hub-secret-1";
@@ -96,17 +83,7 @@ impl World {
     /// also apply to [`World::restart_proxy`]).
     pub fn with_proxy_env(prefix: &str, extra: &[(&'static str, String)]) -> Self {
         let node = Node::new(prefix);
-        for ip in [
-            UPSTREAM_IP,
-            HUB_IP,
-            PRIVATE_IP,
-            INSECURE_IP,
-            SITE_IP,
-            REDIRECTING_IP,
-            CDN_IP,
-            TOKEN_REGISTRY_IP,
-            TOKEN_SERVICE_IP,
-        ] {
+        for ip in [UPSTREAM_IP, HUB_IP, PRIVATE_IP, INSECURE_IP, SITE_IP] {
             node.ns.add_addr(&format!("{ip}/32"));
         }
         let ca = TestCa::new("upstream");
@@ -293,8 +270,4 @@ pub fn hosts() -> MountSpec {
         .hosts(&["sealos.hub"], ip(HUB_IP))
         .hosts(&["insecure.registry"], ip(INSECURE_IP))
         .hosts(&["site.example"], ip(SITE_IP))
-        .hosts(&[REDIRECTING_HOST], ip(REDIRECTING_IP))
-        .hosts(&[CDN_HOST], ip(CDN_IP))
-        .hosts(&[TOKEN_REGISTRY_HOST], ip(TOKEN_REGISTRY_IP))
-        .hosts(&[TOKEN_SERVICE_HOST], ip(TOKEN_SERVICE_IP))
 }

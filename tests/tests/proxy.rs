@@ -1,33 +1,29 @@
-//! The pull proxy with real registries and real clients: `docker-registry` as the sealos hub
-//! (htpasswd), `docker-registry` behind TLS as Docker Hub and as a private quay.io, and an
-//! unmodified `skopeo` whose connections the kernel redirects to pullproxy. Some tests also talk
-//! to the proxy port directly (many concurrent clients, exact ranges, hostile requests).
+//! The wiring of the pull proxy that only a real process shows, with real registries and real
+//! clients: the kernel redirect, TLS termination and the splice of hosts that are not registries,
+//! a client that does not trust the node CA, a plain-HTTP registry through the listener, metrics
+//! through the admin port, hostile bytes at the HTTP layer, and root-only files on disk.
+//! `docker-registry` plays the sealos hub (htpasswd), Docker Hub and a private quay.io behind TLS;
+//! an unmodified `skopeo` is the client whose connections the kernel redirects to pullproxy.
+//!
+//! What pullproxy decides for a request (hub, cache, upstream, stale, who is entitled, ranges,
+//! corrupt bodies, CDN redirects, hub credentials) is tested in-process, in seconds and without
+//! root: `proxy/src/registry/tests/`.
 
 use std::{
-    net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Command,
-    sync::Arc,
     time::Duration,
 };
 
 use harness::{
-    images::{self, Digest, Format, Image},
-    nginx::NginxCache,
+    images::{self, Digest, Format},
     process::Placement,
     pullproxy::sample,
-    registry::{Registry, TokenAuth},
-    registry_client::{Body, RegistryClient},
+    registry_client::Body,
     require_root,
     skopeo::verify_dir_copy,
-    testca,
-    token::TokenIssuer,
-    world::{
-        CDN_HOST, CDN_IP, HUB_PASSWORD, HUB_USER, PRIVATE_PASSWORD, PRIVATE_USER, REDIRECTING_HOST,
-        REDIRECTING_IP, SITE_IP, TOKEN_REGISTRY_HOST, TOKEN_REGISTRY_IP, TOKEN_SERVICE_HOST,
-        TOKEN_SERVICE_IP, World, hosts,
-    },
+    world::{HUB_PASSWORD, HUB_USER, PRIVATE_PASSWORD, PRIVATE_USER, SITE_IP, World, hosts},
 };
 use pullproxy::private_state::too_open;
 use serde_json::Value;
@@ -42,522 +38,34 @@ fn copy(
     (dest, out)
 }
 
+/// What pullproxy keeps on the node is root's alone (the in-process registry tests cover what it
+/// serves from there, `registry::tests::upstream`).
 #[test]
-fn hub_hit_is_served_from_the_hub_with_the_upstream_down() {
+fn cached_blobs_and_tls_state_are_root_only() {
     require_root!();
-    let mut w = World::new("pp-proxy");
-    let image = images::busybox(Format::Docker);
-    w.hub
-        .client()
-        .push_image("library/busybox", "latest", &image);
-    w.upstream.stop();
-
-    let (dir, out) = copy(
-        &w,
-        "docker://registry-1.docker.io/library/busybox:latest",
-        None,
-    );
-    out.expect_success();
-    verify_dir_copy(dir.path(), &image).unwrap();
-    w.settle();
-    let manifests = w.sources("library/busybox", "manifest");
-    let blobs = w.sources("library/busybox", "blob");
-    assert!(
-        !manifests.is_empty() && manifests.iter().all(|s| s == "hub"),
-        "{manifests:?}"
-    );
-    assert_eq!(blobs.len(), image.layers.len() + 1, "{blobs:?}");
-    assert!(blobs.iter().all(|s| s == "hub"), "{blobs:?}");
-    // Hub lookups used the sealos mapping and pullproxy's credentials.
-    assert!(
-        w.hub.count(
-            "GET",
-            &format!("/v2/library/busybox/blobs/{}", image.layers[0].digest)
-        ) >= 1
-    );
-}
-
-#[test]
-fn hub_miss_is_fetched_upstream_cached_and_served_when_the_upstream_is_gone() {
-    require_root!();
-    let mut w = World::without_write_back("pp-proxy");
-    let image = images::multi_layer(Format::Oci, 3, 1 << 20, 31);
+    let w = World::without_write_back("pp-proxy");
+    let image = images::multi_layer(Format::Oci, 1, 256 << 10, 31);
     w.upstream.client().push_image("library/app", "1.0", &image);
-    let src = "docker://registry-1.docker.io/library/app:1.0";
-
-    let (dir, out) = copy(&w, src, None);
+    let (dir, out) = copy(&w, "docker://registry-1.docker.io/library/app:1.0", None);
     out.expect_success();
     verify_dir_copy(dir.path(), &image).unwrap();
-    for blob in image.blobs() {
-        let path = format!("/v2/library/app/blobs/{}", blob.digest);
-        w.upstream
-            .wait_count("GET", &path, 1, Duration::from_secs(30));
-        assert_eq!(w.upstream.blob_fetches("library/app", &blob.digest), 1);
+    // The blob goes into the cache once its download is verified, which may finish just after
+    // the client has its bytes.
+    let layer = &image.layers[0].digest;
+    let cached = w.node.cache_dir().join("blobs/sha256").join(layer.hex());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !cached.is_file() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
     }
-
-    // Again: the tag is re-validated upstream, the blobs come from the cache.
-    let (dir, out) = copy(&w, src, None);
-    out.expect_success();
-    verify_dir_copy(dir.path(), &image).unwrap();
-    for blob in image.blobs() {
-        assert_eq!(
-            w.upstream.blob_fetches("library/app", &blob.digest),
-            1,
-            "a cached blob must not be fetched again"
-        );
-    }
-    state_is_root_only(&w, &image.layers[0].digest);
-
-    // The upstream goes away: the cached tag mapping is served (stale-if-error), and the blobs
-    // come from the cache (the upstream approved these credentials for this repository minutes
-    // ago).
-    w.settle();
-    let before = w.pulls("library/app").len();
-    w.upstream.stop();
-    let (dir, out) = copy(&w, src, None);
-    out.expect_success();
-    verify_dir_copy(dir.path(), &image).unwrap();
-    w.settle();
-    let last: Vec<Value> = w.pulls("library/app").into_iter().skip(before).collect();
-    let by_kind = |kind: &str| -> Vec<String> {
-        last.iter()
-            .filter(|r| r["kind"] == kind)
-            .map(|r| r["source"].as_str().unwrap_or_default().to_owned())
-            .collect()
-    };
-    let manifests = by_kind("manifest");
-    assert!(
-        !manifests.is_empty() && manifests.iter().all(|s| s == "stale"),
-        "{manifests:?}"
-    );
-    let blobs = by_kind("blob");
-    assert_eq!(blobs.len(), image.layers.len() + 1, "{blobs:?}");
-    assert!(blobs.iter().all(|s| s == "cache"), "{blobs:?}");
-    // Every request of these successful pulls was sent whole: none is logged as abandoned.
-    let pulls = w.pulls("library/app");
-    let abandoned: Vec<&Value> = pulls.iter().filter(|r| !r["error"].is_null()).collect();
-    assert!(abandoned.is_empty(), "{abandoned:?}");
+    state_is_root_only(&w, layer);
 }
 
-/// A client that connects to pullproxy's port directly (no kernel record) for `host`.
-fn direct(w: &World, host: &str) -> RegistryClient {
-    RegistryClient::new(host, "127.0.0.1:15443".parse().unwrap())
-        .netns(&w.node.ns)
-        .tls(testca::client_config(&[&w.node.node_ca_pem()]))
-}
-
+/// Hostile bytes over a real connection: paths hyper decodes before pullproxy sees them, and a
+/// header too large to buffer. Which paths are refused, and that nothing is asked for them, is
+/// `registry::tests::malformed`; here, that the listener hands them over the same way, answers
+/// with an OCI error, keeps serving, and writes nothing to disk for them.
 #[test]
-fn private_images_need_the_clients_own_credentials_even_when_cached() {
-    require_root!();
-    let mut w = World::new("pp-proxy");
-    let image = images::multi_layer(Format::Docker, 1, 256 << 10, 77);
-    w.private.client().push_image("team/secret", "1", &image);
-    let src = "docker://quay.io/team/secret:1";
-
-    let (dir, out) = copy(&w, src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
-    out.expect_success();
-    verify_dir_copy(dir.path(), &image).unwrap();
-
-    // Every blob is cached now; still, no credentials or wrong ones get nothing.
-    let (_, out) = copy(&w, src, None);
-    let err = out.expect_failure();
-    assert!(
-        err.contains("401") || err.to_lowercase().contains("unauthorized"),
-        "{err}"
-    );
-    let (_, out) = copy(&w, src, Some((PRIVATE_USER, "wrong")));
-    out.expect_failure();
-
-    // Not even a single cached blob by digest, asked for directly.
-    let client = direct(&w, "quay.io").anonymous();
-    let resp = client
-        .get_blob("team/secret", &image.layers[0].digest, None)
-        .unwrap();
-    assert_eq!(
-        resp.status,
-        401,
-        "a refused client got {} bytes",
-        resp.body.len()
-    );
-    assert!(
-        resp.header("www-authenticate").is_some(),
-        "the challenge is relayed"
-    );
-    assert!(resp.body.len() < 1024, "no blob bytes for a refused client");
-
-    // And the right credentials still work, from the cache.
-    let (dir, out) = copy(&w, src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
-    out.expect_success();
-    verify_dir_copy(dir.path(), &image).unwrap();
-
-    // Through any other door, the private layer and manifest stay closed: another repository of
-    // the same registry, a public repository of another registry, a made-up name under an
-    // intercepted wildcard (it does not resolve), each with no credentials and with alice's.
-    let manifest = image.manifest.digest.to_string();
-    for (host, repo) in [
-        ("quay.io", "team/other"),
-        ("registry-1.docker.io", "library/busybox"),
-        ("a.b.gcr.io", "x"),
-    ] {
-        for client in [
-            direct(&w, host).anonymous(),
-            direct(&w, host).creds(PRIVATE_USER, PRIVATE_PASSWORD),
-        ] {
-            let blob = client
-                .get_blob(repo, &image.layers[0].digest, None)
-                .unwrap();
-            let man = client.get_manifest(repo, &manifest).unwrap();
-            for resp in [&blob, &man] {
-                assert!(
-                    !resp.is_success() && resp.body.len() < 1024,
-                    "{host}/{repo}: {} with {} bytes",
-                    resp.status,
-                    resp.body.len()
-                );
-            }
-        }
-    }
-
-    // The registry down: alice still pulls (stale), nobody else gets a byte.
-    w.private.stop();
-    let (dir, out) = copy(&w, src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
-    out.expect_success();
-    verify_dir_copy(dir.path(), &image).unwrap();
-    for client in [
-        direct(&w, "quay.io").anonymous(),
-        direct(&w, "quay.io").creds(PRIVATE_USER, "wrong"),
-    ] {
-        let resp = client
-            .get_blob("team/secret", &image.layers[0].digest, None)
-            .unwrap();
-        assert!(
-            [401, 503].contains(&resp.status) && resp.body.len() < 1024,
-            "upstream down: {} with {} bytes",
-            resp.status,
-            resp.body.len()
-        );
-    }
-}
-
-#[test]
-fn blobs_redirected_to_a_cdn_are_fetched_there_without_the_registrys_credentials() {
-    require_root!();
-    let w = World::new("pp-proxy");
-    // A private registry that sends blob downloads to its CDN, as ghcr.io does.
-    let registry = Registry::builder(SocketAddr::new(REDIRECTING_IP.parse().unwrap(), 443))
-        .netns(&w.node.ns)
-        .server_name(REDIRECTING_HOST)
-        .tls(&w.upstream_leaf(&[REDIRECTING_HOST]))
-        .htpasswd(PRIVATE_USER, PRIVATE_PASSWORD)
-        .redirect_blobs(&format!("https://{CDN_HOST}"))
-        .start();
-    let mut cdn = NginxCache::builder(SocketAddr::new(CDN_IP.parse().unwrap(), 443))
-        .netns(&w.node.ns)
-        .server_name(CDN_HOST)
-        .tls(&w.upstream_leaf(&[CDN_HOST]))
-        .serve_files(&registry.storage())
-        .workers(1)
-        .start();
-    let image = images::multi_layer(Format::Oci, 2, 256 << 10, 91);
-    registry.client().push_image("team/app", "1", &image);
-    let src = format!("docker://{REDIRECTING_HOST}/team/app:1");
-
-    let (dir, out) = copy(&w, &src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
-    out.expect_success();
-    verify_dir_copy(dir.path(), &image).unwrap();
-
-    // The registry answered the blob GETs with redirects, pullproxy followed them to the CDN,
-    // and no request to the CDN carried the registry's credentials.
-    let redirected = registry
-        .requests()
-        .iter()
-        .filter(|r| r.method == "GET" && r.path().contains("/blobs/") && r.status == 307)
-        .count();
-    assert!(
-        redirected >= image.blobs().count(),
-        "{:?}",
-        registry.requests()
-    );
-    let log = cdn.access_log();
-    let fetched: Vec<&str> = log
-        .lines()
-        .filter(|l| l.starts_with("GET ") && l.contains(" 200 "))
-        .collect();
-    for blob in image.blobs() {
-        assert!(
-            fetched.iter().any(|l| l.contains(blob.digest.hex())),
-            "{} was not fetched from the CDN:\n{log}",
-            blob.digest
-        );
-    }
-    assert!(
-        log.lines().all(|l| l.ends_with("auth=-")),
-        "a request to the CDN carried credentials:\n{log}"
-    );
-
-    // What came through the CDN was cached: with the CDN gone, the image is still served.
-    cdn.stop();
-    let (dir, out) = copy(&w, &src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
-    out.expect_success();
-    verify_dir_copy(dir.path(), &image).unwrap();
-    let log_after = cdn.access_log();
-    assert_eq!(log_after, log, "the CDN was asked again");
-}
-
-#[test]
-fn bearer_token_flow_works_through_the_proxy_and_gates_cached_content() {
-    require_root!();
-    let w = World::new("pp-proxy");
-    // registry.gitlab.com wants bearer tokens from gitlab.com/jwt/auth, which hands one out to
-    // alice (basic auth) and to nobody else.
-    let issuer = TokenIssuer::new("gitlab-issuer", "container_registry");
-    let realm = format!("https://{TOKEN_SERVICE_HOST}/jwt/auth");
-    let mut registry = Registry::builder(SocketAddr::new(TOKEN_REGISTRY_IP.parse().unwrap(), 443))
-        .netns(&w.node.ns)
-        .server_name(TOKEN_REGISTRY_HOST)
-        .tls(&w.upstream_leaf(&[TOKEN_REGISTRY_HOST]))
-        .token_auth(TokenAuth {
-            realm: realm.clone(),
-            service: issuer.service.clone(),
-            issuer: issuer.issuer.clone(),
-            cert: issuer.cert_path(),
-        })
-        .start();
-    let ttl = Duration::from_secs(3600);
-    let files = tempfile::tempdir().unwrap();
-    let pull = issuer.token(PRIVATE_USER, "team/app", &["pull"], ttl);
-    issuer.write_response(&files.path().join("jwt/auth"), &pull, ttl);
-    let token_service =
-        NginxCache::builder(SocketAddr::new(TOKEN_SERVICE_IP.parse().unwrap(), 443))
-            .netns(&w.node.ns)
-            .server_name(TOKEN_SERVICE_HOST)
-            .tls(&w.upstream_leaf(&[TOKEN_SERVICE_HOST]))
-            .serve_files(files.path())
-            .basic_auth(PRIVATE_USER, PRIVATE_PASSWORD)
-            .workers(1)
-            .start();
-    let image = images::multi_layer(Format::Docker, 2, 256 << 10, 93);
-    let push = issuer.token("ci", "team/app", &["pull", "push"], ttl);
-    registry
-        .client()
-        .bearer(&push)
-        .push_image("team/app", "1", &image);
-    let src = format!("docker://{TOKEN_REGISTRY_HOST}/team/app:1");
-
-    // The client is challenged (through pullproxy), gets its token from the token service (spliced,
-    // TLS untouched) and pulls with it; pullproxy forwards the token and caches what it gets.
-    let (dir, out) = copy(&w, &src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
-    out.expect_success();
-    verify_dir_copy(dir.path(), &image).unwrap();
-    let issued = token_service.access_log();
-    assert!(
-        issued
-            .lines()
-            .any(|l| l.starts_with("GET /jwt/auth 200 auth=Basic ")),
-        "the client never got a token:\n{issued}"
-    );
-    let served = registry
-        .requests()
-        .iter()
-        .filter(|r| r.method == "GET" && r.path().contains("/blobs/") && r.status == 200)
-        .count();
-    assert!(served >= image.blobs().count(), "{:?}", registry.requests());
-    let metrics = w.scrape();
-    assert!(
-        sample(
-            &metrics,
-            r#"pullproxy_connections_total{decision="spliced"}"#
-        ) >= 1.0,
-        "the token request was not spliced:\n{metrics}"
-    );
-    assert!(
-        !metrics.contains(&format!(r#"registry="{TOKEN_SERVICE_HOST}""#)),
-        "pullproxy served the token service as a registry:\n{metrics}"
-    );
-
-    // No credentials, no token, no image: not even from pullproxy's cache.
-    let (_, out) = copy(&w, &src, None);
-    let err = out.expect_failure();
-    assert!(
-        err.contains("401") || err.to_lowercase().contains("unauthorized"),
-        "{err}"
-    );
-    // A token for another repository does not open this one's cached blobs.
-    let other = issuer.token(PRIVATE_USER, "team/other", &["pull"], ttl);
-    let client = direct(&w, TOKEN_REGISTRY_HOST).bearer(&other);
-    let resp = client
-        .get_blob("team/app", &image.layers[0].digest, None)
-        .unwrap();
-    assert_eq!(resp.status, 401, "got {} bytes", resp.body.len());
-
-    // The registry gone, the token service still up: alice still pulls, from the cache.
-    registry.stop();
-    let (dir, out) = copy(&w, &src, Some((PRIVATE_USER, PRIVATE_PASSWORD)));
-    out.expect_success();
-    verify_dir_copy(dir.path(), &image).unwrap();
-}
-
-#[test]
-fn sixty_four_concurrent_cold_gets_fetch_the_blob_once() {
-    require_root!();
-    let w = Arc::new(World::new("pp-proxy"));
-    let layer = images::random_layer(24 << 20, 0xc0ffee);
-    let image = Image::build(
-        Format::Docker,
-        images::Platform::linux_amd64(),
-        None,
-        &[layer],
-    );
-    w.upstream.client().push_image("library/big", "1", &image);
-    let blob = image.layers[0].clone();
-    let barrier = Arc::new(std::sync::Barrier::new(64));
-    let handles: Vec<_> = (0..64)
-        .map(|_| {
-            let (w, barrier, digest) = (w.clone(), barrier.clone(), blob.digest.clone());
-            std::thread::spawn(move || {
-                // 64 TLS downloads of 24 MiB at once: in the emulated guest of `cargo xtask
-                // vm-test` a client can wait longer than the usual 30 s for its next bytes.
-                let client = w.direct().timeout(Duration::from_secs(300));
-                barrier.wait();
-                client
-                    .get_blob("library/big", &digest, None)
-                    .expect("GET through pullproxy")
-            })
-        })
-        .collect();
-    for h in handles {
-        let resp = h.join().unwrap();
-        assert_eq!(resp.status, 200, "{}", resp.text());
-        assert_eq!(
-            Digest::of(&resp.body),
-            blob.digest,
-            "every client gets the exact bytes"
-        );
-    }
-    let path = format!("/v2/library/big/blobs/{}", blob.digest);
-    w.upstream
-        .wait_count("GET", &path, 1, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        w.upstream.blob_fetches("library/big", &blob.digest),
-        1,
-        "64 concurrent clients, one upstream fetch"
-    );
-}
-
-#[test]
-fn a_corrupted_upstream_blob_is_never_cached() {
-    require_root!();
-    let w = World::new("pp-proxy");
-    let image = images::multi_layer(Format::Docker, 1, 2 << 20, 5);
-    w.upstream.client().push_image("library/bad", "1", &image);
-    let layer = image.layers[1].clone();
-    // Flip bytes in the upstream's stored copy, keeping its size.
-    let data = w
-        .upstream
-        .storage()
-        .join("docker/registry/v2/blobs/sha256")
-        .join(&layer.digest.hex()[..2])
-        .join(layer.digest.hex())
-        .join("data");
-    let mut bytes = std::fs::read(&data).unwrap();
-    for b in bytes.iter_mut().skip(1000).take(64) {
-        *b ^= 0xff;
-    }
-    std::fs::write(&data, &bytes).unwrap();
-
-    for attempt in 1..=2 {
-        let resp = w.direct().get_blob("library/bad", &layer.digest, None);
-        if let Ok(resp) = &resp {
-            assert!(
-                resp.status != 200 || Digest::of(&resp.body) != layer.digest,
-                "the client must get an error or bytes it will reject"
-            );
-            assert!(
-                resp.body.len() < layer.size as usize,
-                "the corrupt blob is never delivered whole"
-            );
-        }
-        let path = format!("/v2/library/bad/blobs/{}", layer.digest);
-        w.upstream
-            .wait_count("GET", &path, attempt, Duration::from_secs(30));
-    }
-    // Nothing cached: the second GET went upstream again, and the cache has no file for it.
-    assert_eq!(w.upstream.blob_fetches("library/bad", &layer.digest), 2);
-    let cached = w
-        .node
-        .cache_dir()
-        .join("blobs/sha256")
-        .join(layer.digest.hex());
-    assert!(!cached.exists(), "{} must not exist", cached.display());
-    assert!(
-        w.proxy
-            .wait_for(
-                "upstream blob does not match its digest: not cached, clients got an error",
-                Duration::from_secs(30),
-                |_| true
-            )
-            .is_some(),
-        "{}",
-        w.proxy.dump()
-    );
-}
-
-#[test]
-fn ranges_and_open_ended_ranges_are_exact_cold_and_cached() {
-    require_root!();
-    let w = World::new("pp-proxy");
-    let image = images::multi_layer(Format::Docker, 1, 1 << 20, 9);
-    w.upstream
-        .client()
-        .push_image("library/ranged", "1", &image);
-    let layer = image.layers[1].clone();
-    let full = layer.bytes();
-    let len = full.len();
-    for round in ["cold", "cached"] {
-        let resp = w
-            .direct()
-            .get_blob("library/ranged", &layer.digest, Some("bytes=10-99"))
-            .unwrap();
-        assert_eq!(resp.status, 206, "{round}: {}", resp.text());
-        assert_eq!(
-            resp.header("content-range"),
-            Some(format!("bytes 10-99/{len}").as_str()),
-            "{round}"
-        );
-        assert_eq!(resp.body, &full[10..100], "{round}");
-
-        let resp = w
-            .direct()
-            .get_blob("library/ranged", &layer.digest, Some("bytes=1000-"))
-            .unwrap();
-        assert_eq!(resp.status, 206, "{round}");
-        assert_eq!(
-            resp.header("content-range"),
-            Some(format!("bytes 1000-{}/{len}", len - 1).as_str())
-        );
-        assert_eq!(resp.body, &full[1000..], "{round}");
-        assert_eq!(
-            resp.header("content-length"),
-            Some((len - 1000).to_string().as_str())
-        );
-
-        let past = format!("bytes={}-", len + 10);
-        let resp = w
-            .direct()
-            .get_blob("library/ranged", &layer.digest, Some(&past))
-            .unwrap();
-        assert_eq!(resp.status, 416, "{round}");
-        assert_eq!(
-            resp.header("content-range"),
-            Some(format!("bytes */{len}").as_str())
-        );
-    }
-    assert_eq!(w.upstream.blob_fetches("library/ranged", &layer.digest), 1);
-}
-
-#[test]
-fn malformed_requests_get_a_4xx_and_never_reach_the_disk_or_crash_the_proxy() {
+fn hostile_requests_on_the_wire_get_a_4xx_and_never_reach_the_disk_or_crash_the_proxy() {
     require_root!();
     let mut w = World::new("pp-proxy");
     let image = images::busybox(Format::Docker);
@@ -568,13 +76,8 @@ fn malformed_requests_get_a_4xx_and_never_reach_the_disk_or_crash_the_proxy() {
         "/v2/../../etc/passwd/manifests/latest",
         "/v2/library/%2e%2e/%2e%2e/etc/manifests/latest",
         "/v2/library/ok%2fx/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000",
-        "/v2/library/ok/blobs/sha256:1234",
-        "/v2/library/ok/blobs/md5:d41d8cd98f00b204e9800998ecf8427e",
         "/v2/library/ok/blobs/sha256:../../../../etc/passwd",
-        "/v2/Library/OK/manifests/latest",
-        "/v2/library/ok/manifests/bad:tag",
         "/v2/library/ok//manifests/latest",
-        "/v2/library/ok/manifests/..",
     ] {
         let resp = client.request("GET", path, &[], Body::Empty).unwrap();
         assert!(
@@ -625,77 +128,6 @@ fn malformed_requests_get_a_4xx_and_never_reach_the_disk_or_crash_the_proxy() {
     w.upstream.stop();
 }
 
-#[test]
-fn a_rotated_hub_password_is_used_on_the_next_request() {
-    require_root!();
-    let mut w = World::new("pp-proxy");
-    let image = images::busybox(Format::Oci);
-    w.hub.client().push_image("library/rotate", "1", &image);
-    let src = "docker://registry-1.docker.io/library/rotate:1";
-    copy(&w, src, None).1.expect_success();
-    w.settle();
-    assert!(
-        w.sources("library/rotate", "manifest")
-            .iter()
-            .all(|s| s == "hub")
-    );
-
-    // The hub's password changes; pullproxy's file still has the old one: the hub refuses (the
-    // upstream does not have the image). What the hub served before still comes from this
-    // node, as while the hub is down.
-    w.hub.set_password("hub-secret-2");
-    let before = w.pulls("library/rotate").len();
-    copy(&w, src, None).1.expect_success();
-    w.settle();
-    let meanwhile: Vec<_> = w.pulls("library/rotate").into_iter().skip(before).collect();
-    assert!(
-        !meanwhile.is_empty() && meanwhile.iter().all(|r| r["source"] == "node"),
-        "{meanwhile:?}"
-    );
-    assert!(
-        w.proxy
-            .wait_for(
-                "the hub refused pullproxy's credentials; check hub.username and the password source",
-                Duration::from_secs(30),
-                |_| true
-            )
-            .is_some(),
-        "{}",
-        w.proxy.dump()
-    );
-
-    // The hub now refuses pullproxy: not ready (the hub is not optional), still healthy.
-    let why = ready_becomes(&w, 503);
-    assert!(why.contains("hub"), "{why}");
-    assert_eq!(w.admin_get("/healthz").0, 200);
-    assert_eq!(sample(&w.scrape(), "pullproxy_hub_up"), 0.0);
-
-    // The credentials file is updated (as a Secret update would): the next pull uses it.
-    std::fs::write(&w.hub_password_file, "hub-secret-2\n").unwrap();
-    ready_becomes(&w, 200);
-    let before = w.pulls("library/rotate").len();
-    let (dir, out) = copy(&w, src, None);
-    out.expect_success();
-    verify_dir_copy(dir.path(), &image).unwrap();
-    w.settle();
-    let after: Vec<_> = w.pulls("library/rotate").into_iter().skip(before).collect();
-    // The tag is asked of the hub again (with the new password); the rest is this node's.
-    assert!(
-        after
-            .iter()
-            .any(|r| r["kind"] == "manifest" && r["source"] == "hub")
-            && after
-                .iter()
-                .all(|r| r["source"] == "hub" || r["source"] == "node"),
-        "{after:?}"
-    );
-    // No credential value ever reaches the logs.
-    let logs = w.proxy.dump();
-    for secret in [HUB_PASSWORD, "hub-secret-2"] {
-        assert!(!logs.contains(secret), "a password leaked into the logs");
-    }
-}
-
 /// `cat path` as nobody (uid and gid 65534, no groups).
 fn cat_as_nobody(path: &Path) -> std::process::Output {
     Command::new("setpriv")
@@ -744,22 +176,6 @@ fn dir_listing(dir: &std::path::Path) -> Vec<PathBuf> {
         }
     }
     out
-}
-
-/// Polls `/readyz` until it answers `status` (or 30 s pass); returns the body.
-fn ready_becomes(w: &World, status: u16) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (got, body) = w.admin_get("/readyz");
-        if got == status {
-            return body;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "/readyz stayed {got}: {body}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
