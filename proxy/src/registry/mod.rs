@@ -11,13 +11,11 @@
 //! - `/v2/`, tag lists and everything else go to the upstream.
 //!
 //! The hub and the upstream are reached through [`crate::origins::sources`]' traits, so everything here runs
-//! in-process against fakes in the tests (`tests.rs`; the chain's own decisions in `chain_tests.rs`).
+//! in-process against fakes in the tests (`tests/`; the chain's own decisions in `tests/chain.rs`).
 
 mod access;
 mod blob;
 mod chain;
-#[cfg(test)]
-mod chain_tests;
 pub(crate) mod content;
 mod manifest;
 mod metrics;

@@ -96,9 +96,10 @@ async fn joining_a_download_in_flight_needs_the_same_entitlement() {
                 .await
         })
     };
-    while !w.cache.blobs().in_flight(&layer) {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until("alice's download in flight", async || {
+        w.cache.blobs().in_flight(&layer)
+    })
+    .await;
     // While it is in flight: the same digest for an anonymous client, another repository and a
     // wrong password is refused; it is never joined.
     let got = w.blob(HUB, "alice/secret", &layer, &[]).await;
@@ -118,9 +119,10 @@ async fn joining_a_download_in_flight_needs_the_same_entitlement() {
                 .await
         })
     };
-    while w.cache.blobs().stats().joins == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until("the second client joined", async || {
+        w.cache.blobs().stats().joins > 0
+    })
+    .await;
     gate.notify_one();
     for h in [owner, second] {
         let got = h.await.unwrap();
@@ -174,12 +176,10 @@ async fn public_marks_come_from_an_anonymous_probe_when_clients_send_credentials
     w.pull(HUB, "library/nginx", "latest", &img, Some("Bearer token-1"))
         .await;
     let repo: RepositoryName = "library/nginx".parse().unwrap();
-    for _ in 0..1000 {
-        if w.cache.repos().public_since(HUB, &repo).is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until("the repository probed public", async || {
+        w.cache.repos().public_since(HUB, &repo).is_some()
+    })
+    .await;
     assert!(
         w.cache.repos().public_since(HUB, &repo).is_some(),
         "probed public"
@@ -206,12 +206,10 @@ async fn a_private_repository_is_probed_private_and_new_tokens_get_nothing_offli
     w.pull(HUB, "alice/tok", "v1", &img, Some("Bearer alice-1"))
         .await;
     // Let the background probe run (it finds the repository private).
-    for _ in 0..100 {
-        if w.up.count(&format!("HEAD {HUB} /v2/alice/tok")) >= 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until("the anonymous probe", async || {
+        w.up.count(&format!("HEAD {HUB} /v2/alice/tok")) >= 1
+    })
+    .await;
     let repo: RepositoryName = "alice/tok".parse().unwrap();
     assert_eq!(w.cache.repos().public_since(HUB, &repo), None);
     w.up.set(HUB, State::Down);

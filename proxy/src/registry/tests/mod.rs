@@ -8,6 +8,7 @@
 //! fakes' modules; the tests are grouped by theme.
 
 mod access;
+mod chain;
 mod entitlement;
 mod fake_hub;
 mod fake_upstream;
@@ -155,6 +156,20 @@ impl World {
 }
 
 /// The origin of a client's connection to `authority` on port 443.
+/// Polls `done` until it holds. Something the proxy does in the background is waited for
+/// this way: a minute is plenty on a busy machine, and a wait that never ends is a failure
+/// naming `what`, not a hung test.
+async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !done().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gave up waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn https(authority: &str) -> Origin {
     Origin {
         scheme: Scheme::HTTPS,

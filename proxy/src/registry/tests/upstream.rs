@@ -47,15 +47,11 @@ async fn sixty_four_concurrent_cold_gets_fetch_the_blob_once() {
         })
         .collect();
     // The download holds after its first byte until the other 63 clients have joined it.
-    let mut joined = 0;
-    for _ in 0..2000 {
-        joined = w.cache.blobs().stats().joins;
-        if joined == 63 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(joined, 63, "{:?}", w.cache.blobs().stats());
+    until("63 clients joined the download", async || {
+        w.cache.blobs().stats().joins >= 63
+    })
+    .await;
+    assert_eq!(w.cache.blobs().stats().joins, 63);
     gate.notify_one();
     for c in clients {
         let got = c.await.unwrap();
@@ -135,12 +131,10 @@ async fn corrupt_blobs_and_manifests_are_never_cached_or_linked() {
             "attempt {attempt}: the corrupt blob is never delivered whole"
         );
         // The outcome settles in the background; then nothing is cached.
-        for _ in 0..400 {
-            if metric(&w.proxy, "digest_mismatches_total", &[]) >= f64::from(attempt) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until("the mismatch counted", async || {
+            metric(&w.proxy, "digest_mismatches_total", &[]) >= f64::from(attempt)
+        })
+        .await;
         assert_eq!(
             metric(&w.proxy, "digest_mismatches_total", &[]),
             f64::from(attempt)

@@ -5,17 +5,11 @@ use super::*;
 
 /// Waits until `hub_repo` of the fake hub holds every one of `digests`.
 async fn pushed(hub: &FakeHub, hub_repo: &str, digests: &[Digest]) {
-    for _ in 0..2000 {
+    until(&format!("{hub_repo} holds {digests:?}"), async || {
         let there = hub.pushed_to(hub_repo);
-        if digests.iter().all(|d| there.contains(d)) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!(
-        "{hub_repo} never got all of {digests:?}: {:?}",
-        hub.pushed_to(hub_repo)
-    );
+        digests.iter().all(|d| there.contains(d))
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -55,12 +49,10 @@ async fn private_images_are_written_back_only_with_all() {
             pushed(&w.hub, "alice/wb", &[img.layer(0), img.digest.clone()]).await;
         } else {
             // The job ends (skipped) without a byte pushed.
-            for _ in 0..400 {
-                if w.proxy.write_back.as_ref().unwrap().pending() == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            until("the job ended", async || {
+                w.proxy.write_back.as_ref().unwrap().pending() == 0
+            })
+            .await;
             assert_eq!(w.proxy.write_back.as_ref().unwrap().pending(), 0);
             assert!(w.hub.pushed_to("alice/wb").is_empty(), "{policy:?}");
         }
@@ -137,12 +129,10 @@ async fn an_index_goes_in_only_with_every_platform_and_the_held_ones_go_in_anywa
     pushed(&w.hub, "multi/app", &[amd.layer(0), amd.digest.clone()]).await;
     // The arm platform was never on this node: the index must not be in the hub (it would be an
     // image whose arm manifest is missing).
-    for _ in 0..400 {
-        if w.proxy.write_back.as_ref().unwrap().pending() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until("the job ended", async || {
+        w.proxy.write_back.as_ref().unwrap().pending() == 0
+    })
+    .await;
     let there = w.hub.pushed_to("multi/app");
     assert!(!there.contains(&index_digest), "{there:?}");
     assert!(!there.contains(&arm.digest));

@@ -1,4 +1,4 @@
-//! The source chain's own decisions ([`super::chain`]), in-process against tiny fakes of the hub
+//! The source chain's own decisions ([`crate::registry::chain`]), in-process against tiny fakes of the hub
 //! and the upstream: once through a scripted [`Content`] that records which tiers were consulted,
 //! and once through both real kinds, which must meet the tiers in the same order.
 
@@ -19,7 +19,8 @@ use http::{
 };
 use http_body_util::BodyExt as _;
 
-use super::{
+use super::until;
+use crate::registry::{
     ConnContext, RegistryProxy,
     chain::{Answer, Content, Failure, Pull, Stale},
     served::Source,
@@ -688,9 +689,10 @@ impl Item {
         };
         let got = read(answer).await;
         if !self.manifest && got.2 == self.bytes {
-            while node.cache.blobs().lookup(&self.digest).await.is_none() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            until("the blob stored", async || {
+                node.cache.blobs().lookup(&self.digest).await.is_some()
+            })
+            .await;
         }
         got
     }
