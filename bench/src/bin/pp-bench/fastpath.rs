@@ -173,13 +173,15 @@ fn cold_hub_hit(w: &mut World, tls: Tls, client: Client, f: &Fixture) -> (f64, f
     (rate, cpu.expect("pullproxy served it"))
 }
 
-/// Repeats [`cold_hub_hit`] with user-space TLS and the load generator for `seconds`, for a
-/// profiler to watch (`pp-bench --profile hub-cold`).
-pub fn profile_cold_hub_hits(w: &mut World, f: &Fixture, seconds: f64) {
+/// Repeats [`cold_hub_hit`] of a 256 MiB blob with user-space TLS and the load generator for
+/// `seconds`, for a profiler to watch (`pp-bench --profile hub-cold`).
+pub fn profile_cold_hub_hits(seconds: f64) {
+    let mut w = World::new();
+    let f = w.fixture("profile", 256 << 20, 0x9f0f);
     let started = std::time::Instant::now();
     let (mut runs, mut rate, mut cpu) = (0, 0.0, 0.0);
     while started.elapsed().as_secs_f64() < seconds {
-        let (r, c) = cold_hub_hit(w, Tls::User, Client::Loadgen, f);
+        let (r, c) = cold_hub_hit(&mut w, Tls::User, Client::Loadgen, &f);
         eprintln!("pp-bench: pullproxy pid {}", w.proxy().pid());
         eprintln!(
             "pp-bench: hub-cold run {}: {r:.0} MiB/s, {c:.3} CPU s per GiB",

@@ -10,10 +10,7 @@ use pullproxy_bench::{
     size_label, stats::percentile,
 };
 
-use crate::{
-    fastpath,
-    world::{Fixture, Via, World},
-};
+use crate::world::{Fixture, Via, World};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -387,15 +384,14 @@ fn cache_usage(dir: &std::path::Path) -> (usize, u64) {
 
 /// Repeats one pullproxy workload for `seconds` (bounded), printing pullproxy's pid, for a
 /// profiler to watch: `hub` (hub hits), `cache` (cache hits), `cold` (restart with an empty cache,
-/// then a pull from the upstream), `hub-cold` (restart without the node's copy, then a pull
-/// streamed from the hub) of a 256 MiB blob, or `head` (hub-hit manifest HEADs).
+/// then a pull from the upstream) of a 256 MiB blob, or `head` (hub-hit manifest HEADs). The
+/// cold hub hit has its own loop ([`crate::fastpath::profile_cold_hub_hits`]).
 pub fn profile(workload: &str, seconds: f64) {
     let mut w = World::new();
     let f = w.fixture("profile", 256 << 20, 0x9f0f);
     let via = match workload {
         "hub" | "head" => Via::PullproxyHub,
         "cache" | "cold" => Via::Pullproxy,
-        "hub-cold" => return fastpath::profile_cold_hub_hits(&mut w, &f, seconds),
         other => panic!("unknown workload {other}: hub, cache, cold, hub-cold or head"),
     };
     if workload == "cache" {

@@ -74,8 +74,10 @@ fn main() {
             ),
         }
     }
-    if let Some(workload) = profile {
-        return figures::profile(&workload, seconds);
+    match profile.as_deref() {
+        Some("hub-cold") => return fastpath::profile_cold_hub_hits(seconds),
+        Some(workload) => return figures::profile(workload, seconds),
+        None => {}
     }
     let settings = if quick {
         Settings {
