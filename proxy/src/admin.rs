@@ -46,7 +46,12 @@ impl TryFrom<&config::Admin> for AdminSettings {
         )?;
         Ok(Self {
             listen: a.listen,
-            hub_check_interval: a.hub_check_interval,
+            // A zero period would stop the hub check (tokio's interval refuses it) and leave
+            // pullproxy unready for good.
+            hub_check_interval: config::nonzero_duration(
+                "admin.hub_check_interval",
+                a.hub_check_interval,
+            )?,
             limits: Limits {
                 total,
                 per_client,

@@ -401,6 +401,11 @@ fn each_section_refuses_with_its_key_and_the_same_words() {
         ),
         ("HUB__TIMEOUT", "0s", "hub.timeout: must be longer than 0s"),
         (
+            "ADMIN__HUB_CHECK_INTERVAL",
+            "0s",
+            "admin.hub_check_interval: must be longer than 0s",
+        ),
+        (
             "CACHE__MAX_SIZE",
             "1023KiB",
             "cache.max_size: must be at least 1MiB",
