@@ -25,7 +25,7 @@ use pullproxy::{
 };
 use pullproxy_bench::{
     HookRate, HookResults, ImpliedSlowdown, KernelPhases, KernelProgramCost, LatencyPercentiles,
-    ProgramCost, Quartiles, RedirectedConnect,
+    ProgramCost, Quartiles, RedirectedConnect, stats::percentile,
 };
 
 const PROXY_PORT: u16 = 15443;
@@ -207,8 +207,8 @@ fn bench(args: &Args) -> HookResults {
     // connection over the baseline's time per connection (robust against a busy machine, unlike
     // the rate ratios, which need a quiet one).
     let baseline_ns = |v: &[[f64; 2]]| {
-        let mut rates: Vec<f64> = v.iter().map(|r| r[0]).collect();
-        1e9 / percentile(&mut rates, 0.5)
+        let rates: Vec<f64> = v.iter().map(|r| r[0]).collect();
+        1e9 / percentile(&rates, 0.5)
     };
     let implied = |phase: &BTreeMap<String, ProgramCost>, v: &[[f64; 2]]| {
         let in_kernel: f64 = phase.values().map(ProgramCost::ns_per_connection).sum();
@@ -221,8 +221,8 @@ fn bench(args: &Args) -> HookResults {
 
     let ratio = |v: &[[f64; 2]]| spread(v.iter().map(|r| r[1] / r[0]).collect());
     let base = |v: &[[f64; 2]]| spread(v.iter().map(|r| r[0]).collect());
-    let redirected_med = percentile(&mut redirected, 0.5);
-    let direct_med = percentile(&mut direct, 0.5);
+    let redirected_med = percentile(&redirected, 0.5);
+    let direct_med = percentile(&direct, 0.5);
     HookResults {
         connections_per_round: args.connections,
         rounds: args.rounds,
@@ -253,11 +253,11 @@ fn bench(args: &Args) -> HookResults {
                 .to_owned(),
             direct_us: LatencyPercentiles {
                 p50: direct_med,
-                p99: percentile(&mut direct, 0.99),
+                p99: percentile(&direct, 0.99),
             },
             redirected_us: LatencyPercentiles {
                 p50: redirected_med,
-                p99: percentile(&mut redirected, 0.99),
+                p99: percentile(&redirected, 0.99),
             },
             added_us_p50: redirected_med - direct_med,
         },
@@ -346,18 +346,12 @@ fn close_with_reset(s: TcpStream) {
     drop(s);
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-fn spread(mut v: Vec<f64>) -> Quartiles {
-    let median = percentile(&mut v, 0.5);
+fn spread(v: Vec<f64>) -> Quartiles {
     Quartiles {
-        min: v[0],
-        p25: percentile(&mut v, 0.25),
-        median,
-        p75: percentile(&mut v, 0.75),
-        max: v[v.len() - 1],
+        min: v.iter().copied().fold(f64::INFINITY, f64::min),
+        p25: percentile(&v, 0.25),
+        median: percentile(&v, 0.5),
+        p75: percentile(&v, 0.75),
+        max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
     }
 }
