@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::Path, process::Command};
 
 use harness::{node::Node, registry::Registry, require_root};
 use pullproxy::{
-    config::DEFAULT_YAML,
+    config::{ConfigError, DEFAULT_YAML},
     doctor::{self, Check, DoctorArgs, DoctorReport, Verdict},
     settings::Config,
 };
@@ -18,14 +18,18 @@ const USER: &str = "admin";
 const RIGHT: &str = "right-hub-password-7c1f";
 const WRONG: &str = "wrong-hub-password-03ab";
 
-/// The node's overrides plus `extra`, as the configuration pullproxy would load.
-fn config(node: &Node, extra: &[(&str, String)]) -> Config {
+/// The node's overrides plus `extra`, loaded as pullproxy would load them.
+fn load(node: &Node, extra: &[(&str, String)]) -> Result<Config, ConfigError> {
     let env = node
         .env()
         .into_iter()
         .chain(extra.iter().cloned())
         .map(|(k, v)| (k.to_owned(), v));
-    Config::from_yaml(DEFAULT_YAML, "test", env).expect("valid test configuration")
+    Config::from_yaml(DEFAULT_YAML, "test", env)
+}
+
+fn config(node: &Node, extra: &[(&str, String)]) -> Config {
+    load(node, extra).expect("valid test configuration")
 }
 
 /// Runs the doctor's checks from inside the node's network namespace (the hub lives there).
@@ -168,12 +172,17 @@ fn hub_credentials_are_checked_and_never_printed() {
         "{found:?}"
     );
 
-    // Credentials in the URL itself are not printed either.
-    let inline = vec![("PULLPROXY_HUB__URL", format!("http://{USER}:{WRONG}@{HUB}"))];
-    let report = diagnose(&node, &config(&node, &inline));
-    let text = printed(&report);
-    assert!(!text.contains(WRONG), "{text}");
-    assert!(text.contains(&format!("hub http://{HUB}")), "{text}");
+    // Credentials in the URL itself never get this far: the configuration is refused, and the
+    // error does not repeat them.
+    let inline = [("PULLPROXY_HUB__URL", format!("http://{USER}:{WRONG}@{HUB}"))];
+    let refused = load(&node, &inline)
+        .expect_err("a password in hub.url")
+        .to_string();
+    assert!(
+        refused.contains(&format!("\"http://…@{HUB}\" must not carry credentials"))
+            && !refused.contains(WRONG),
+        "{refused}"
+    );
 }
 
 #[test]
