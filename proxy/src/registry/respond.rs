@@ -249,8 +249,15 @@ pub(super) fn manifest_response(m: &Manifest, method: &Method) -> Response<Proxy
 /// A cached blob's head.
 pub(super) fn blob_head(digest: &Digest, len: u64) -> Response<ProxyBody> {
     let mut r = Response::new(client::empty());
+    r.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    blob_headers(r, digest)
+}
+
+/// What every blob response from pullproxy carries: ranges accepted, the type, the digest and
+/// the API version.
+fn blob_headers(mut r: Response<ProxyBody>, digest: &Digest) -> Response<ProxyBody> {
     let h = r.headers_mut();
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(
         header::CONTENT_TYPE,
@@ -298,13 +305,7 @@ pub(super) fn blob_response(
     if let Some(cr) = content_range.and_then(|c| HeaderValue::from_str(&c).ok()) {
         h.insert(header::CONTENT_RANGE, cr);
     }
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    digest_headers(h, digest);
-    api_version(r)
+    blob_headers(r, digest)
 }
 
 #[cfg(test)]
