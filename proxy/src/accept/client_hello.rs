@@ -346,21 +346,15 @@ pub(crate) async fn peek_client_hello(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use rustls::{ClientConfig, ClientConnection, RootCertStore, pki_types::ServerName};
+    use rustls::{ClientConnection, pki_types::ServerName};
 
     use super::*;
 
     /// The bytes a real rustls client sends first when connecting to `server_name`.
     pub(crate) fn rustls_client_hello(server_name: &str) -> Vec<u8> {
-        let config = ClientConfig::builder_with_provider(crate::node_ca::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(RootCertStore::empty())
-            .with_no_client_auth();
+        let config = crate::origins::client::trusting_nothing();
         let name = ServerName::try_from(server_name.to_owned()).unwrap();
-        let mut conn = ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut conn = ClientConnection::new(config, name).unwrap();
         let mut out = Vec::new();
         while conn.wants_write() {
             conn.write_tls(&mut out).unwrap();

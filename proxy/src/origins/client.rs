@@ -441,6 +441,19 @@ where
     }
 }
 
+/// A client TLS configuration that trusts no certificate: for tests whose servers speak plain
+/// HTTP, or must not be trusted.
+#[cfg(test)]
+pub(crate) fn trusting_nothing() -> Arc<rustls::ClientConfig> {
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(crate::node_ca::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .expect("the provider supports the default versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,17 +493,8 @@ mod tests {
 
     #[tokio::test]
     async fn unresolvable_and_forbidden_names_are_told_apart() {
-        let tls = Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth(),
-        );
         let c = Connector::new(
-            tls,
+            trusting_nothing(),
             AddressPolicy::Remote { admin_port: 15090 },
             Duration::from_secs(1),
         );

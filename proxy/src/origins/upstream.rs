@@ -577,17 +577,8 @@ mod tests {
     }
 
     fn upstream(budget_bytes: usize) -> Upstream {
-        let tls = Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth(),
-        );
         let connector = client::Connector::new(
-            tls,
+            client::trusting_nothing(),
             client::AddressPolicy::Remote { admin_port: 15090 },
             Duration::from_secs(2),
         );

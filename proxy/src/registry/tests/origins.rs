@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 
 use super::*;
 use crate::origins::{
-    client::{AddressPolicy, Connector, UpstreamClients},
+    client::{AddressPolicy, Connector, UpstreamClients, trusting_nothing},
     hub::{HubClient, HubSettings, Mapping, PasswordSource},
     upstream::Upstream,
 };
@@ -127,16 +127,11 @@ fn not_found() -> Response<Full<Bytes>> {
 /// Outbound connections as pullproxy makes them, except that loopback may be dialled (the
 /// servers of these tests are there; production upstreams never are).
 fn connector() -> Connector {
-    let tls = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth(),
-    );
-    Connector::new(tls, AddressPolicy::Any, Duration::from_secs(5))
+    Connector::new(
+        trusting_nothing(),
+        AddressPolicy::Any,
+        Duration::from_secs(5),
+    )
 }
 
 #[tokio::test]
