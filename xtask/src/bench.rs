@@ -52,7 +52,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let runs = |name: &str| args.only.is_empty() || args.only.iter().any(|b| b == name);
     setup::build_deps()?;
-    setup::bench_deps()?;
+    setup::test_deps()?;
     // One cargo invocation, so the proxy and the benchmarks share one feature resolution.
     run(cmd("cargo").args([
         "build",

@@ -33,6 +33,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("skopeo", "/usr/bin/skopeo"),
     ("podman", "/usr/bin/podman"),
     ("apache2-utils", "/usr/bin/htpasswd"),
+    // nginx with proxy_cache: a caching TLS reverse proxy, a peer of pullproxy in the
+    // benchmarks, whose world the ktls suite's fast path figure starts on a kernel with `tls`.
+    ("nginx-light", "/usr/sbin/nginx"),
     ("prometheus", "/usr/bin/promtool"),
     ("iproute2", "/usr/sbin/ip"),
     // Inspects attached programs in the redirect tests (an exclusive program on an ancestor).
@@ -128,21 +131,9 @@ fn ebpf_toolchain() -> anyhow::Result<PathBuf> {
     nightly_sysroot().context("the eBPF nightly has no sysroot")
 }
 
-/// Debian packages for the tests (and the demo).
+/// Debian packages for the tests, the benchmarks (and the demo).
 pub fn test_deps() -> anyhow::Result<()> {
     apt_install(TEST_PACKAGES, "the tests use")
-}
-
-/// Debian packages the benchmarks drive beyond the tests' own.
-const BENCH_PACKAGES: &[(&str, &str)] = &[
-    // nginx with proxy_cache: a caching TLS reverse proxy, a peer of pullproxy.
-    ("nginx-light", "/usr/sbin/nginx"),
-];
-
-/// What `cargo xtask bench` needs: the tests' packages and the benchmarks' peers.
-pub fn bench_deps() -> anyhow::Result<()> {
-    test_deps()?;
-    apt_install(BENCH_PACKAGES, "the benchmarks use")
 }
 
 /// Installs the packages whose proof file is missing; `why` finishes "Debian packages ...".

@@ -108,6 +108,10 @@ const GUEST_PACKAGES: &[(&str, &str)] = &[
     ("skopeo", "a client in the target cgroup"),
     ("podman", "a client in the target cgroup"),
     ("apache2-utils", "htpasswd for the registries"),
+    (
+        "nginx-light",
+        "the benchmark world the ktls suite's fast path figure starts",
+    ),
     ("prometheus", "promtool checks the metrics"),
     ("curl", "TLS clients in the proxy suite"),
     (
@@ -119,6 +123,7 @@ const GUEST_PACKAGES: &[(&str, &str)] = &[
 /// Units the image never starts: daemons the tests run themselves, and timers and gettys that
 /// only cost CPU in a guest that lives for one run.
 const MASKED_UNITS: &[&str] = &[
+    "nginx.service",
     "docker-registry.service",
     "prometheus.service",
     "apt-daily.timer",
