@@ -339,11 +339,13 @@ fn system_roots() -> Arc<ClientConfig> {
         roots.add_parsable_certificates(CertificateDer::pem_slice_iter(&pem).flatten());
     assert!(added > 0, "no usable certificate in the CA bundle");
     Arc::new(
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
+        ClientConfig::builder_with_provider(
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
     )
 }
 

@@ -141,7 +141,7 @@ impl TestCa {
     }
 }
 
-/// A rustls client configuration (ring) trusting only the CAs in `ca_pems`.
+/// A rustls client configuration (aws-lc-rs) trusting only the CAs in `ca_pems`.
 pub fn client_config(ca_pems: &[&str]) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     for pem in ca_pems {
@@ -149,12 +149,13 @@ pub fn client_config(ca_pems: &[&str]) -> Arc<ClientConfig> {
             roots.add(cert.expect("PEM certificate")).expect("add root");
         }
     }
-    let config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let config = ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     Arc::new(config)
 }
 

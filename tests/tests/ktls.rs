@@ -52,7 +52,7 @@ fn config(w: &World, versions: &[&'static rustls::SupportedProtocolVersion]) -> 
     for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
         roots.add(cert.expect("node CA")).expect("node CA");
     }
-    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_protocol_versions(versions)
         .expect("versions")
         .with_root_certificates(roots)

@@ -429,7 +429,7 @@ mod tests {
             panic!("no server name");
         };
         assert!(offer.tls13);
-        // rustls' ring provider, in its order: the TLS 1.3 suites first.
+        // rustls' aws-lc-rs provider, in its order: the TLS 1.3 suites first.
         assert_eq!(&offer.suites[..3], &[0x1302, 0x1301, 0x1303]);
         assert!(offer.alpn.is_empty(), "the test client offers no ALPN");
 

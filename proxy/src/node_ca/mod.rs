@@ -113,7 +113,7 @@ impl TlsSettings {
 /// The one crypto provider of this crate. Named explicitly everywhere so that nothing depends on
 /// a process-wide default being installed.
 pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// An I/O error with what was being done to which file: the node CA's, the trust store's, the

@@ -113,7 +113,7 @@ fn build(
     }
     let mut config = ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
-        .expect("the ring provider supports TLS 1.2 and 1.3")
+        .expect("the aws-lc-rs provider supports TLS 1.2 and 1.3")
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

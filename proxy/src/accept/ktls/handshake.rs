@@ -167,7 +167,7 @@ pub(super) mod tests {
 
     use std::sync::Arc;
 
-    use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+    use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
     use rustls::{ClientConfig, ClientConnection, RootCertStore, pki_types::ServerName};
     use tokio::net::TcpListener;
 
@@ -197,7 +197,7 @@ pub(super) mod tests {
     pub(crate) fn client(ca: &NodeCa, suites: Option<&[Cipher]>, alpn: &[&[u8]]) -> ClientConfig {
         let mut roots = RootCertStore::empty();
         roots.add(ca.cert_der().clone()).unwrap();
-        let mut provider = rustls::crypto::ring::default_provider();
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         if let Some(suites) = suites {
             provider
                 .cipher_suites

@@ -305,7 +305,7 @@ pub(crate) fn kernel_server_config(
     });
     let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("the ring provider supports TLS 1.3")
+        .expect("the aws-lc-rs provider supports TLS 1.3")
         .with_no_client_auth()
         .with_cert_resolver(minter);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
