@@ -282,6 +282,11 @@ pub struct FastpathRow {
     /// pullproxy's user plus system CPU seconds per GiB it served (warm-up included); none for
     /// the hub.
     pub cpu_s_per_gib: Option<Spread>,
+    /// The client's user plus system CPU seconds per GiB it received (warm-up included), the
+    /// hub's rows too: what the client itself spends on TLS. None in runs from before it was
+    /// measured.
+    #[serde(default)]
+    pub client_cpu_s_per_gib: Option<Spread>,
     /// Kernel TLS over user-space TLS (same system and client, same round): throughput. Only on
     /// kernel TLS rows.
     pub vs_user: Option<Spread>,

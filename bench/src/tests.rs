@@ -119,6 +119,7 @@ fn suite() -> BenchResults {
                 mib_s_spread: spread(900.0),
                 vs_hub: spread(0.875),
                 cpu_s_per_gib: Some(spread(0.75)),
+                client_cpu_s_per_gib: Some(spread(0.7)),
                 vs_user: Some(spread(1.25)),
                 cpu_vs_user: None,
             }],

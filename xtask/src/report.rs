@@ -335,7 +335,8 @@ fn fastpath(runs: &[FastpathRun]) -> String {
            pullproxy with its TLS in user space and, where the kernel has `tls`, in the kernel \
            (pullproxy restarted between the two, its cache kept). `× hub` is against the hub \
            (plain HTTP) with the same client in the same round; CPU is pullproxy's user plus \
-           system seconds per GiB it served; `kernel ÷ user` compares kernel TLS with user-space \
+           system seconds per GiB it served, and the client's per GiB it received (with curl it \
+           is the process; the load generator runs as one too); `kernel ÷ user` compares kernel TLS with user-space \
            TLS, same client, same round.\n";
     for FastpathRun { file, run, figure } in runs {
         let m = &run.machine;
@@ -348,15 +349,15 @@ fn fastpath(runs: &[FastpathRun]) -> String {
             measured_at(&run.measured_at),
             figure.kernel_tls,
         );
-        md += "| blob | system | client | TLS | × hub | MiB/s | pullproxy CPU s/GiB | kernel ÷ user: MiB/s | kernel ÷ user: CPU s/GiB |\n\
-               |---|---|---|---|---|---|---|---|---|\n";
+        md += "| blob | system | client | TLS | × hub | MiB/s | pullproxy CPU s/GiB | client CPU s/GiB | kernel ÷ user: MiB/s | kernel ÷ user: CPU s/GiB |\n\
+               |---|---|---|---|---|---|---|---|---|---|\n";
         let opt = |v: &Option<Spread>, digits| match v {
             Some(v) => fmt_spread(v, digits),
             None => "–".to_owned(),
         };
         for r in &figure.rows {
             md += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 size_label(r.size),
                 r.system,
                 r.client.name(),
@@ -364,6 +365,7 @@ fn fastpath(runs: &[FastpathRun]) -> String {
                 fmt_spread(&r.vs_hub, 2),
                 fmt_spread(&r.mib_s_spread, 0),
                 opt(&r.cpu_s_per_gib, 3),
+                opt(&r.client_cpu_s_per_gib, 3),
                 opt(&r.vs_user, 2),
                 opt(&r.cpu_vs_user, 2),
             );

@@ -12,7 +12,7 @@ use pullproxy::accept::ktls;
 use pullproxy_bench::{Client, Fastpath, FastpathRow, Settings, Spread, Tls, size_label};
 
 use crate::{
-    figures::{cpu_seconds, rotated, warm_repeat},
+    figures::{children_cpu_seconds, cpu_seconds, rotated, warm_repeat},
     world::{Fixture, HUB_PASSWORD, HUB_USER, Via, World},
 };
 
@@ -55,9 +55,11 @@ pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
     };
     let kernel_capable = modes.contains(&Tls::Kernel);
     eprintln!("pp-bench: fast path: {kernel_tls}");
-    // (fixture, system, tls, client) -> per round MiB/s and CPU s/GiB
+    // (fixture, system, cold, tls, client) -> per round MiB/s, pullproxy's and the client's CPU
+    // s/GiB
     let mut mib_s: BTreeMap<(usize, Via, bool, Tls, Client), Vec<f64>> = BTreeMap::new();
     let mut cpu: BTreeMap<(usize, Via, bool, Tls, Client), Vec<f64>> = BTreeMap::new();
+    let mut client_cpu: BTreeMap<(usize, Via, bool, Tls, Client), Vec<f64>> = BTreeMap::new();
     let clients = [Client::Loadgen, Client::Curl];
     for round in 0..s.rounds {
         for (i, f) in fixtures.iter().enumerate() {
@@ -69,10 +71,9 @@ pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
             );
             for client in rotated(&clients, round) {
                 let hub = measure(w, Via::Hub, client, f);
-                mib_s
-                    .entry((i, Via::Hub, false, Tls::None, client))
-                    .or_default()
-                    .push(hub.0);
+                let key = (i, Via::Hub, false, Tls::None, client);
+                mib_s.entry(key).or_default().push(hub.rate);
+                client_cpu.entry(key).or_default().push(hub.client_cpu);
             }
             for tls in rotated(&modes, round + i) {
                 if kernel_capable {
@@ -81,20 +82,22 @@ pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
                 let before = offload(w);
                 for client in rotated(&clients, round + 1) {
                     for via in rotated(&[Via::PullproxyHub, Via::Pullproxy], round) {
-                        let (rate, cpu_per_gib) = measure(w, via, client, f);
+                        let m = measure(w, via, client, f);
                         let key = (i, via, false, tls, client);
-                        mib_s.entry(key).or_default().push(rate);
+                        mib_s.entry(key).or_default().push(m.rate);
                         cpu.entry(key)
                             .or_default()
-                            .push(cpu_per_gib.expect("pullproxy's CPU"));
+                            .push(m.proxy_cpu.expect("pullproxy's CPU"));
+                        client_cpu.entry(key).or_default().push(m.client_cpu);
                     }
                 }
                 check_path(w, tls, kernel_capable, before, f);
                 for client in rotated(&clients, round) {
-                    let (rate, cpu_per_gib) = cold_hub_hit(w, tls, client, f);
+                    let m = cold_hub_hit(w, tls, client, f);
                     let key = (i, Via::PullproxyHub, true, tls, client);
-                    mib_s.entry(key).or_default().push(rate);
-                    cpu.entry(key).or_default().push(cpu_per_gib);
+                    mib_s.entry(key).or_default().push(m.rate);
+                    cpu.entry(key).or_default().push(m.proxy_cpu());
+                    client_cpu.entry(key).or_default().push(m.client_cpu);
                 }
             }
         }
@@ -124,6 +127,9 @@ pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
                 mib_s_spread: Spread::of(values),
                 vs_hub: ratio(values, hub),
                 cpu_s_per_gib: this_cpu.map(|c| Spread::of(c)),
+                client_cpu_s_per_gib: client_cpu
+                    .get(&(i, via, cold, tls, client))
+                    .map(|c| Spread::of(c)),
                 vs_user: user.map(|k| ratio(values, &mib_s[&k])),
                 cpu_vs_user: user.zip(this_cpu).map(|(k, c)| ratio(c, &cpu[&k])),
                 mib_s: values.clone(),
@@ -154,9 +160,8 @@ const COLD_HUB_HIT: &str = "pullproxy hub hit, cold (streamed from the hub)";
 /// One GET of `f`'s blob through pullproxy from the hub while the node has no copy of it:
 /// pullproxy restarted (TLS where `tls` says) after its copy was deleted, the hub's copy read
 /// into the page cache, so the body streams from the hub over plain HTTP while it is stored.
-/// MiB/s, and pullproxy's CPU seconds per GiB. Returns once the blob is stored again, so the
-/// warm measurements that follow find it.
-fn cold_hub_hit(w: &mut World, tls: Tls, client: Client, f: &Fixture) -> (f64, f64) {
+/// Returns once the blob is stored again, so the warm measurements that follow find it.
+fn cold_hub_hit(w: &mut World, tls: Tls, client: Client, f: &Fixture) -> Gets {
     let digest = &f.layer().digest;
     w.stop_proxy();
     let copy = w.node.cache_dir().join("blobs/sha256").join(digest.hex());
@@ -168,9 +173,9 @@ fn cold_hub_hit(w: &mut World, tls: Tls, client: Client, f: &Fixture) -> (f64, f
     }
     start(w, tls);
     w.page_in_hub(digest);
-    let (rate, cpu) = timed_gets(w, Via::PullproxyHub, client, f, 0, 1);
+    let gets = timed_gets(w, Via::PullproxyHub, client, f, 0, 1);
     w.settle_cached(Via::Pullproxy, digest);
-    (rate, cpu.expect("pullproxy served it"))
+    gets
 }
 
 /// Repeats [`cold_hub_hit`] of a 256 MiB blob with user-space TLS and the load generator for
@@ -181,7 +186,8 @@ pub fn profile_cold_hub_hits(seconds: f64) {
     let started = std::time::Instant::now();
     let (mut runs, mut rate, mut cpu) = (0, 0.0, 0.0);
     while started.elapsed().as_secs_f64() < seconds {
-        let (r, c) = cold_hub_hit(&mut w, Tls::User, Client::Loadgen, &f);
+        let gets = cold_hub_hit(&mut w, Tls::User, Client::Loadgen, &f);
+        let (r, c) = (gets.rate, gets.proxy_cpu());
         eprintln!("pp-bench: pullproxy pid {}", w.proxy().pid());
         eprintln!(
             "pp-bench: hub-cold run {}: {r:.0} MiB/s, {c:.3} CPU s per GiB",
@@ -203,13 +209,28 @@ fn start(w: &mut World, tls: Tls) {
 }
 
 /// Warm GETs of `f`'s blob through `via` with `client` (one untimed first).
-fn measure(w: &World, via: Via, client: Client, f: &Fixture) -> (f64, Option<f64>) {
+fn measure(w: &World, via: Via, client: Client, f: &Fixture) -> Gets {
     timed_gets(w, via, client, f, 1, warm_repeat(f.layer().size))
 }
 
+/// What one client's GETs measured.
+struct Gets {
+    /// MiB/s over the timed GETs.
+    rate: f64,
+    /// pullproxy's CPU seconds per GiB over all the GETs, when pullproxy served them.
+    proxy_cpu: Option<f64>,
+    /// The client's CPU seconds per GiB over all the GETs.
+    client_cpu: f64,
+}
+
+impl Gets {
+    fn proxy_cpu(&self) -> f64 {
+        self.proxy_cpu.expect("pullproxy served the GETs")
+    }
+}
+
 /// `repeat` timed GETs of `f`'s blob through `via` with `client`, after `untimed` ones, on one
-/// connection: MiB/s over the timed ones, and pullproxy's CPU seconds per GiB over all of them
-/// when pullproxy served them.
+/// connection.
 fn timed_gets(
     w: &World,
     via: Via,
@@ -217,11 +238,14 @@ fn timed_gets(
     f: &Fixture,
     untimed: usize,
     repeat: usize,
-) -> (f64, Option<f64>) {
+) -> Gets {
     let size = f.layer().size;
     let path = f.blob_path(via);
     let pid = (via != Via::Hub).then(|| w.proxy().pid());
     let cpu_before = pid.map(cpu_seconds);
+    // The client runs as a child of this process, alone: the CPU its exit adds to this
+    // process's children's is its own.
+    let client_before = children_cpu_seconds();
     let rate = match client {
         Client::Loadgen => {
             let mut job = w.job(via, "GET", vec![path]);
@@ -233,10 +257,14 @@ fn timed_gets(
         }
         Client::Curl => curl(w, via, &path, untimed, repeat, size),
     };
-    let cpu = pid.zip(cpu_before).map(|(pid, before)| {
-        (cpu_seconds(pid) - before) / ((untimed + repeat) as f64 * size as f64 / GIB)
-    });
-    (rate, cpu)
+    let gib = (untimed + repeat) as f64 * size as f64 / GIB;
+    Gets {
+        rate,
+        proxy_cpu: pid
+            .zip(cpu_before)
+            .map(|(pid, before)| (cpu_seconds(pid) - before) / gib),
+        client_cpu: (children_cpu_seconds() - client_before) / gib,
+    }
 }
 
 /// `repeat` timed GETs (after `untimed` ones) of `path` through `via` by one curl on one

@@ -436,6 +436,22 @@ pub fn profile(workload: &str, seconds: f64) {
     }
 }
 
+/// User plus system CPU seconds of this process's children that have exited and been waited
+/// for.
+#[expect(
+    unsafe_code,
+    reason = "getrusage: libc exposes it only as an unsafe fn"
+)]
+pub fn children_cpu_seconds() -> f64 {
+    // SAFETY: rusage is plain integers, for which all zeroes is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage into the one it is given, which outlives the call.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    assert_eq!(rc, 0, "getrusage: {}", std::io::Error::last_os_error());
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 /// User plus system CPU seconds of a process so far (`/proc/<pid>/stat`, in clock ticks).
 #[expect(
     unsafe_code,
