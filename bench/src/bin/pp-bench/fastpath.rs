@@ -85,9 +85,7 @@ pub fn fastpath(w: &mut World, s: &Settings, fixtures: &[Fixture]) -> Fastpath {
                         let m = measure(w, via, client, f);
                         let key = (i, via, false, tls, client);
                         mib_s.entry(key).or_default().push(m.rate);
-                        cpu.entry(key)
-                            .or_default()
-                            .push(m.proxy_cpu.expect("pullproxy's CPU"));
+                        cpu.entry(key).or_default().push(m.proxy_cpu());
                         client_cpu.entry(key).or_default().push(m.client_cpu);
                     }
                 }
