@@ -250,7 +250,7 @@ impl ResolvesServerCert for LeafMinter {
 /// (most list AES-256 first).
 pub(crate) fn server_provider() -> rustls::crypto::CryptoProvider {
     use rustls::CipherSuite as S;
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    let mut provider = (*super::crypto_provider()).clone();
     let rank = |s: &rustls::SupportedCipherSuite| {
         let aead = match s.suite() {
             S::TLS13_AES_128_GCM_SHA256

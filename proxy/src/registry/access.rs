@@ -20,7 +20,7 @@ pub(crate) struct Approvals {
 impl Default for Approvals {
     fn default() -> Self {
         let mut key = [0u8; 32];
-        rustls::crypto::aws_lc_rs::default_provider()
+        crate::node_ca::crypto_provider()
             .secure_random
             .fill(&mut key)
             .expect("the system random source works");

@@ -197,7 +197,7 @@ pub(super) mod tests {
     pub(crate) fn client(ca: &NodeCa, suites: Option<&[Cipher]>, alpn: &[&[u8]]) -> ClientConfig {
         let mut roots = RootCertStore::empty();
         roots.add(ca.cert_der().clone()).unwrap();
-        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        let mut provider = (*crate::node_ca::crypto_provider()).clone();
         if let Some(suites) = suites {
             provider
                 .cipher_suites
